@@ -1,0 +1,346 @@
+// Package esbridge is the core of entity-sync: it keeps the index of which
+// local client subscribes to which key, publishes change notifications to the
+// queue, and turns each notification that arrives into one fetch per server
+// (per distinct secret for the seed's handlers) whose result is fanned out to
+// the key's local subscribers.
+//
+// Per key, at most one fetch round runs at a time; notifications that arrive
+// during a round cause exactly one follow-up round. Rounds are numbered, and a
+// client is only ever sent a round newer than the last one it got for the key,
+// so pushes for one key never go back in time. A round whose rows equal the
+// previous ones sends nothing to clients that already have them.
+package esbridge
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/maphash"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/entity-sync/entity-sync/esdb"
+	"github.com/entity-sync/entity-sync/esq"
+	"github.com/entity-sync/entity-sync/shared"
+)
+
+// Fetcher is what the bridge needs from the entity registry;
+// *esdb.DatabaseHub implements it.
+type Fetcher interface {
+	// Fetch returns the key's rows as the holder of secret may see them.
+	Fetch(ctx context.Context, key shared.EntityKey, secret string) ([][]byte, error)
+	// PerSecret reports whether the entity's rows depend on the secret. If
+	// not, the bridge fetches once per change for all subscribers.
+	PerSecret(entity shared.EntityType) bool
+}
+
+// Options tunes a Bridge. Zero values take the documented defaults.
+type Options struct {
+	// Logger receives the bridge's log lines. Default: logrus's standard logger.
+	Logger logrus.FieldLogger
+	// MaxConcurrentFetches bounds the fetch rounds running at once across all
+	// keys, so a resync of many keys cannot flood the database. Default 32.
+	MaxConcurrentFetches int
+	// FetchTimeout bounds one call to the fetch function. Default 10s.
+	FetchTimeout time.Duration
+	// RetryDelay is the first wait before re-running a failed fetch; it
+	// doubles up to MaxRetryDelay while the fetch keeps failing and the key
+	// has subscribers. Defaults 500ms and 30s.
+	RetryDelay, MaxRetryDelay time.Duration
+}
+
+func (o *Options) setDefaults() {
+	if o.Logger == nil {
+		o.Logger = logrus.StandardLogger()
+	}
+	if o.MaxConcurrentFetches <= 0 {
+		o.MaxConcurrentFetches = 32
+	}
+	if o.FetchTimeout <= 0 {
+		o.FetchTimeout = 10 * time.Second
+	}
+	if o.RetryDelay <= 0 {
+		o.RetryDelay = 500 * time.Millisecond
+	}
+	if o.MaxRetryDelay < o.RetryDelay {
+		o.MaxRetryDelay = 30 * time.Second
+	}
+}
+
+// ErrClosed is returned once the bridge has been closed.
+var ErrClosed = errors.New("esbridge: closed")
+
+// ErrEntityNotServed is returned when a client subscribes to an entity type
+// the bridge was not told to serve.
+var ErrEntityNotServed = errors.New("esbridge: entity type not served")
+
+const shardCount = 64
+
+// Bridge connects the queue, the fetcher and the local clients.
+type Bridge struct {
+	queue   esq.Queue
+	fetcher Fetcher
+	opts    Options
+	log     logrus.FieldLogger
+
+	seed   maphash.Seed
+	shards [shardCount]shard
+
+	fetchSlots chan struct{}
+	ctx        context.Context
+	cancel     context.CancelFunc
+
+	// life guards closed and the WaitGroup's Add, so no round starts once
+	// Close is waiting for the running ones.
+	life    sync.RWMutex
+	closed  bool
+	rounds  sync.WaitGroup
+	served  map[shared.EntityType]bool
+	stats   counters
+	clients atomic.Int64
+}
+
+type shard struct {
+	mu   sync.Mutex
+	keys map[shared.EntityKey]*keyState
+}
+
+type counters struct {
+	notifications, received, fetches, fetchErrors, deliveries, resyncs atomic.Uint64
+}
+
+// Stats is a snapshot of the bridge's counters since it started.
+type Stats struct {
+	Notifications uint64 // NotifyAllOfChange calls that reached the queue
+	Received      uint64 // notifications received from the queue
+	Fetches       uint64 // calls to the fetch function
+	FetchErrors   uint64 // of which failed
+	Deliveries    uint64 // updates handed to clients' outbound queues
+	Resyncs       uint64 // times every key of an entity type was re-fetched after broker loss
+	Keys          int    // keys with at least one local subscriber
+	Clients       int64  // connected clients
+}
+
+// New returns a bridge that publishes to and receives from queue and looks
+// entities up through fetcher. Call ServeEntity for each entity type.
+func New(queue esq.Queue, fetcher Fetcher, opts Options) *Bridge {
+	opts.setDefaults()
+	ctx, cancel := context.WithCancel(context.Background())
+	b := &Bridge{
+		queue:      queue,
+		fetcher:    fetcher,
+		opts:       opts,
+		log:        opts.Logger.WithField("component", "esbridge"),
+		seed:       maphash.MakeSeed(),
+		fetchSlots: make(chan struct{}, opts.MaxConcurrentFetches),
+		ctx:        ctx,
+		cancel:     cancel,
+		served:     make(map[shared.EntityType]bool),
+	}
+	for i := range b.shards {
+		b.shards[i].keys = make(map[shared.EntityKey]*keyState)
+	}
+	return b
+}
+
+// BuildBridge is the seed's constructor: a publisher builder, a subscriber
+// builder and the seed's lookup function (such as
+// esdb.DatabaseHub.PullDataAndPush), which is called once per distinct secret
+// among a key's subscribers. Call ServeEntity for each entity type.
+func BuildBridge(publisher shared.EntityHandler, subscriber shared.EntityByteHandler, pull shared.SecretDBHandler) *Bridge {
+	return New(esq.FromBuilders(publisher, subscriber), seedFetcher(pull), Options{})
+}
+
+// seedFetcher adapts the seed's lookup function to Fetcher.
+type seedFetcher shared.SecretDBHandler
+
+func (f seedFetcher) Fetch(_ context.Context, key shared.EntityKey, secret string) (rows [][]byte, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			rows, err = nil, fmt.Errorf("esbridge: lookup for %s panicked: %v", key, r)
+		}
+	}()
+	f(key, secret, func(b []byte) { rows = append(rows, append([]byte(nil), b...)) })
+	return rows, nil
+}
+
+func (seedFetcher) PerSecret(shared.EntityType) bool { return true }
+
+var _ Fetcher = (*esdb.DatabaseHub)(nil)
+
+// ServeEntity subscribes the bridge to the entity type's notifications. It
+// returns once notifications published anywhere reach this server, or with
+// the queue's error (an entity type that makes an invalid topic name, an
+// unreachable broker).
+func (b *Bridge) ServeEntity(entity shared.EntityType) error {
+	if entity == "" {
+		return errors.New("esbridge: empty entity type")
+	}
+	b.life.Lock()
+	if b.closed {
+		b.life.Unlock()
+		return ErrClosed
+	}
+	if b.served[entity] {
+		b.life.Unlock()
+		return fmt.Errorf("esbridge: entity type %q served twice", entity)
+	}
+	b.served[entity] = true
+	b.life.Unlock()
+
+	err := b.queue.Subscribe(entity,
+		func(body []byte) { b.receive(entity, body) },
+		func() { b.resync(entity) })
+	if err != nil {
+		b.life.Lock()
+		delete(b.served, entity)
+		b.life.Unlock()
+		return err
+	}
+	return nil
+}
+
+func (b *Bridge) serves(entity shared.EntityType) bool {
+	b.life.RLock()
+	defer b.life.RUnlock()
+	return b.served[entity]
+}
+
+// NotifyAllOfChange tells every server that the entity behind key changed.
+// Call it after the change is committed. It returns an error when the
+// notification could not be handed to the queue.
+func (b *Bridge) NotifyAllOfChange(key shared.EntityKey) error {
+	return b.Notify(context.Background(), key)
+}
+
+// Notify is NotifyAllOfChange with a context for the publish.
+func (b *Bridge) Notify(ctx context.Context, key shared.EntityKey) error {
+	if err := key.Validate(); err != nil {
+		return err
+	}
+	b.life.RLock()
+	closed := b.closed
+	b.life.RUnlock()
+	if closed {
+		return ErrClosed
+	}
+	body, err := json.Marshal(key)
+	if err != nil {
+		return fmt.Errorf("esbridge: encode key: %w", err)
+	}
+	if err := b.queue.Publish(ctx, key.Entity, body); err != nil {
+		return fmt.Errorf("esbridge: notify %s: %w", key, err)
+	}
+	b.stats.notifications.Add(1)
+	return nil
+}
+
+// receive handles one message from the entity type's topic. A key with no
+// local subscriber costs nothing more than the decode.
+func (b *Bridge) receive(entity shared.EntityType, body []byte) {
+	b.stats.received.Add(1)
+	var key shared.EntityKey
+	if err := json.Unmarshal(body, &key); err != nil {
+		b.log.WithError(err).WithField("entity", entity).Warnf("dropping queue message that is not a key: %.200q", body)
+		return
+	}
+	if key.Entity == "" {
+		key.Entity = entity // a producer outside Go may send {"id":"100"} alone
+	}
+	if key.Entity != entity || key.ID == "" {
+		b.log.WithField("entity", entity).Warnf("dropping queue message with a wrong or empty key: %.200q", body)
+		return
+	}
+	sh := b.shard(key)
+	sh.mu.Lock()
+	ks := sh.keys[key]
+	if ks == nil {
+		sh.mu.Unlock()
+		return
+	}
+	ks.mu.Lock()
+	sh.mu.Unlock()
+	b.request(ks)
+	ks.mu.Unlock()
+}
+
+// resync re-fetches every locally subscribed key of the entity type: called
+// when the queue may have lost messages.
+func (b *Bridge) resync(entity shared.EntityType) {
+	b.stats.resyncs.Add(1)
+	n := 0
+	for i := range b.shards {
+		sh := &b.shards[i]
+		sh.mu.Lock()
+		for key, ks := range sh.keys {
+			if key.Entity != entity {
+				continue
+			}
+			ks.mu.Lock()
+			b.request(ks)
+			ks.mu.Unlock()
+			n++
+		}
+		sh.mu.Unlock()
+	}
+	b.log.WithField("entity", entity).Infof("broker connection regained: re-fetching %d subscribed keys", n)
+}
+
+func (b *Bridge) shard(key shared.EntityKey) *shard {
+	var h maphash.Hash
+	h.SetSeed(b.seed)
+	h.WriteString(string(key.Entity))
+	h.WriteByte(0)
+	h.WriteString(key.ID)
+	return &b.shards[h.Sum64()%shardCount]
+}
+
+// Stats returns the bridge's counters.
+func (b *Bridge) Stats() Stats {
+	s := Stats{
+		Notifications: b.stats.notifications.Load(),
+		Received:      b.stats.received.Load(),
+		Fetches:       b.stats.fetches.Load(),
+		FetchErrors:   b.stats.fetchErrors.Load(),
+		Deliveries:    b.stats.deliveries.Load(),
+		Resyncs:       b.stats.resyncs.Load(),
+		Clients:       b.clients.Load(),
+	}
+	for i := range b.shards {
+		b.shards[i].mu.Lock()
+		s.Keys += len(b.shards[i].keys)
+		b.shards[i].mu.Unlock()
+	}
+	return s
+}
+
+// Close stops taking notifications, closes the queue and waits for running
+// fetch rounds (their contexts are cancelled) or for ctx. Clients are the
+// transport's to close (see esweb.Server.Close), before the bridge.
+func (b *Bridge) Close(ctx context.Context) error {
+	b.life.Lock()
+	if b.closed {
+		b.life.Unlock()
+		return nil
+	}
+	b.closed = true
+	b.life.Unlock()
+
+	qerr := b.queue.Close(ctx)
+	b.cancel()
+	done := make(chan struct{})
+	go func() { b.rounds.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		return fmt.Errorf("esbridge: close: fetches still running: %w", ctx.Err())
+	}
+	if qerr != nil {
+		return fmt.Errorf("esbridge: close queue: %w", qerr)
+	}
+	return nil
+}

@@ -1,0 +1,551 @@
+package esq
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nsqio/go-nsq"
+	"github.com/sirupsen/logrus"
+
+	"github.com/entity-sync/entity-sync/shared"
+)
+
+// NSQConfig configures the NSQ queue. Zero values take the defaults documented
+// on each field; NewNSQ validates the whole struct once.
+type NSQConfig struct {
+	// NSQDAddrs are nsqd TCP addresses ("127.0.0.1:4150"). At least one is
+	// required: Publish sends to the first that accepts the message. Without
+	// LookupdHTTPAddrs, every server also consumes from each of them.
+	NSQDAddrs []string
+	// LookupdHTTPAddrs are nsqlookupd HTTP addresses ("127.0.0.1:4161"). When
+	// set, consumers discover every nsqd holding a topic through them instead
+	// of connecting to NSQDAddrs.
+	LookupdHTTPAddrs []string
+	// TopicPrefix is put before every entity type to make its topic name, so
+	// several applications can share one NSQ cluster. The whole topic name
+	// must match ^[.a-zA-Z0-9_-]+$ and be at most 64 characters.
+	TopicPrefix string
+	// MaxInFlight is how many messages nsqd may send this server before it
+	// acknowledges them. Default 64. Output buffering is always disabled, so a
+	// value above 1 adds no latency.
+	MaxInFlight int
+	// ReconnectInterval is how long go-nsq waits between attempts to reach a
+	// lost nsqd, and how often it polls nsqlookupd. Default 5s (go-nsq's
+	// default of 60s would leave a server deaf for a minute after nsqd
+	// restarts). Must be at least twice WatchInterval.
+	ReconnectInterval time.Duration
+	// WatchInterval is how often each consumer's connection count is checked
+	// to detect a lost and regained nsqd. Default 100ms.
+	WatchInterval time.Duration
+	// LiveTimeout bounds how long Subscribe waits for the subscription to be
+	// live on every nsqd (and how long a resync waits after a reconnect).
+	// Default 10s.
+	LiveTimeout time.Duration
+	// Logger receives this package's and go-nsq's log lines. Default: logrus's
+	// standard logger.
+	Logger logrus.FieldLogger
+}
+
+const (
+	defaultMaxInFlight       = 64
+	defaultReconnectInterval = 5 * time.Second
+	defaultWatchInterval     = 100 * time.Millisecond
+	defaultLiveTimeout       = 10 * time.Second
+	probeRetryInterval       = 50 * time.Millisecond
+	maxTopicLength           = 64
+)
+
+var topicPattern = regexp.MustCompile(`^[.a-zA-Z0-9_-]+$`)
+
+// TopicName returns the NSQ topic for an entity type under prefix, or an error
+// naming the rule it breaks.
+func TopicName(prefix string, entity shared.EntityType) (string, error) {
+	topic := prefix + entity.GetQueueName()
+	if len(topic) == 0 || len(topic) > maxTopicLength || !topicPattern.MatchString(topic) {
+		return "", fmt.Errorf("esq: entity type %q gives NSQ topic %q, which is not valid: NSQ topics are 1 to %d characters from [.a-zA-Z0-9_-], prefix included",
+			entity, topic, maxTopicLength)
+	}
+	return topic, nil
+}
+
+func (c *NSQConfig) setDefaults() error {
+	if len(c.NSQDAddrs) == 0 {
+		return errors.New("esq: NSQConfig.NSQDAddrs needs at least one nsqd TCP address to publish to")
+	}
+	if c.MaxInFlight == 0 {
+		c.MaxInFlight = defaultMaxInFlight
+	}
+	if c.MaxInFlight < 0 {
+		return fmt.Errorf("esq: NSQConfig.MaxInFlight is %d, must be positive", c.MaxInFlight)
+	}
+	if c.ReconnectInterval == 0 {
+		c.ReconnectInterval = defaultReconnectInterval
+	}
+	if c.WatchInterval == 0 {
+		c.WatchInterval = defaultWatchInterval
+	}
+	if c.LiveTimeout == 0 {
+		c.LiveTimeout = defaultLiveTimeout
+	}
+	if c.ReconnectInterval < 2*c.WatchInterval {
+		return fmt.Errorf("esq: NSQConfig.ReconnectInterval (%s) must be at least twice WatchInterval (%s), or a reconnect could go unnoticed",
+			c.ReconnectInterval, c.WatchInterval)
+	}
+	if c.LiveTimeout < 0 {
+		return errors.New("esq: NSQConfig.LiveTimeout must not be negative")
+	}
+	if c.Logger == nil {
+		c.Logger = logrus.StandardLogger()
+	}
+	if c.TopicPrefix != "" && !topicPattern.MatchString(c.TopicPrefix) {
+		return fmt.Errorf("esq: NSQConfig.TopicPrefix %q has characters NSQ does not allow in topic names ([.a-zA-Z0-9_-])", c.TopicPrefix)
+	}
+	return nil
+}
+
+// NSQ is a Queue over NSQ. Each NSQ value consumes on its own ephemeral channel,
+// so every server receives every message (a shared channel name would load
+// balance between servers instead). Ephemeral channels keep nothing when the
+// server is gone; a server that loses its nsqd connection re-fetches its
+// subscribed keys once the connection is back (see Subscribe's onLoss).
+type NSQ struct {
+	cfg     NSQConfig
+	log     logrus.FieldLogger
+	channel string
+	nsqCfg  *nsq.Config
+	http    *http.Client
+
+	mu        sync.Mutex
+	producers map[string]*nsq.Producer // by nsqd TCP address
+	subs      map[shared.EntityType]*nsqSubscription
+	closed    bool
+	closing   chan struct{}
+	watchers  sync.WaitGroup
+}
+
+type nsqSubscription struct {
+	topic     string
+	consumer  *nsq.Consumer
+	onMessage func([]byte)
+	onLoss    func()
+
+	probeMu sync.Mutex
+	probes  map[string]chan struct{}
+}
+
+// NewNSQ validates cfg and returns a queue ready to publish. Connections to
+// nsqd are made lazily on the first Publish and by Subscribe.
+func NewNSQ(cfg NSQConfig) (*NSQ, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, err
+	}
+	nc := nsq.NewConfig()
+	nc.MaxInFlight = cfg.MaxInFlight
+	// -1 disables nsqd's output buffering; with MaxInFlight > 1 the default
+	// (250ms) would hold every message back that long.
+	nc.OutputBufferTimeout = -1
+	nc.LookupdPollInterval = cfg.ReconnectInterval
+	nc.LookupdPollJitter = 0.1
+	if err := nc.Validate(); err != nil {
+		return nil, fmt.Errorf("esq: go-nsq rejected the configuration: %w", err)
+	}
+	id, err := randomHex(8)
+	if err != nil {
+		return nil, err
+	}
+	return &NSQ{
+		cfg:       cfg,
+		log:       cfg.Logger.WithField("component", "esq.nsq"),
+		channel:   "es-" + id + "#ephemeral",
+		nsqCfg:    nc,
+		http:      &http.Client{Timeout: 5 * time.Second},
+		producers: make(map[string]*nsq.Producer),
+		subs:      make(map[shared.EntityType]*nsqSubscription),
+		closing:   make(chan struct{}),
+	}, nil
+}
+
+// Channel returns the ephemeral channel name this server consumes on.
+func (q *NSQ) Channel() string { return q.channel }
+
+// producer returns the (cached) producer for an nsqd TCP address.
+func (q *NSQ) producer(addr string) (*nsq.Producer, error) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.closed {
+		return nil, ErrClosed
+	}
+	if p, ok := q.producers[addr]; ok {
+		return p, nil
+	}
+	p, err := nsq.NewProducer(addr, q.nsqCfg)
+	if err != nil {
+		return nil, fmt.Errorf("esq: producer for nsqd %s: %w", addr, err)
+	}
+	p.SetLogger(nsqLogger{q.log.WithField("nsqd", addr)}, nsq.LogLevelInfo)
+	q.producers[addr] = p
+	return p, nil
+}
+
+// Publish sends body to the entity type's topic on the first nsqd in
+// NSQDAddrs that accepts it.
+func (q *NSQ) Publish(_ context.Context, entity shared.EntityType, body []byte) error {
+	topic, err := TopicName(q.cfg.TopicPrefix, entity)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, addr := range q.cfg.NSQDAddrs {
+		p, err := q.producer(addr)
+		if err != nil {
+			return err
+		}
+		if err = p.Publish(topic, body); err == nil {
+			return nil
+		}
+		errs = append(errs, fmt.Errorf("nsqd %s: %w", addr, err))
+	}
+	return fmt.Errorf("esq: publish to topic %q failed on every nsqd: %w", topic, errors.Join(errs...))
+}
+
+// Subscribe consumes the entity type's topic on this server's ephemeral
+// channel and returns once a probe message published through each nsqd has
+// come back, which proves the subscription is live there (go-nsq's connect
+// returns before nsqd has processed the SUB). Probes are ignored by every
+// other server.
+func (q *NSQ) Subscribe(entity shared.EntityType, onMessage func([]byte), onLoss func()) error {
+	topic, err := TopicName(q.cfg.TopicPrefix, entity)
+	if err != nil {
+		return err
+	}
+	consumer, err := nsq.NewConsumer(topic, q.channel, q.nsqCfg)
+	if err != nil {
+		return fmt.Errorf("esq: consumer for topic %q: %w", topic, err)
+	}
+	consumer.SetLogger(nsqLogger{q.log.WithField("topic", topic)}, nsq.LogLevelInfo)
+	s := &nsqSubscription{topic: topic, consumer: consumer, onMessage: onMessage, onLoss: onLoss,
+		probes: make(map[string]chan struct{})}
+	consumer.AddHandler(nsq.HandlerFunc(s.handle))
+
+	q.mu.Lock()
+	if q.closed {
+		q.mu.Unlock()
+		return ErrClosed
+	}
+	if _, ok := q.subs[entity]; ok {
+		q.mu.Unlock()
+		return ErrAlreadySubscribed
+	}
+	q.subs[entity] = s
+	q.mu.Unlock()
+
+	if err := q.connect(s); err != nil {
+		q.mu.Lock()
+		delete(q.subs, entity)
+		q.mu.Unlock()
+		consumer.Stop()
+		<-consumer.StopChan
+		return err
+	}
+	q.watchers.Add(1)
+	go q.watch(s)
+	return nil
+}
+
+func (q *NSQ) connect(s *nsqSubscription) error {
+	if len(q.cfg.LookupdHTTPAddrs) == 0 {
+		if err := s.consumer.ConnectToNSQDs(q.cfg.NSQDAddrs); err != nil {
+			return fmt.Errorf("esq: connect to nsqd for topic %q: %w", s.topic, err)
+		}
+		return q.waitLive(s)
+	}
+	// Make sure the topic exists on the nsqd we publish to, and that
+	// nsqlookupd knows it, before the consumer asks nsqlookupd where it is.
+	if err := q.ensureTopic(s); err != nil {
+		return err
+	}
+	if err := s.consumer.ConnectToNSQLookupds(q.cfg.LookupdHTTPAddrs); err != nil {
+		return fmt.Errorf("esq: connect to nsqlookupd for topic %q: %w", s.topic, err)
+	}
+	return q.waitLive(s)
+}
+
+// ensureTopic creates the topic on the first nsqd by publishing a probe to it,
+// then waits until nsqlookupd lists at least one nsqd for the topic.
+func (q *NSQ) ensureTopic(s *nsqSubscription) error {
+	body, _, err := newProbe()
+	if err != nil {
+		return err
+	}
+	p, err := q.producer(q.cfg.NSQDAddrs[0])
+	if err != nil {
+		return err
+	}
+	if err := p.Publish(s.topic, body); err != nil {
+		return fmt.Errorf("esq: create topic %q on nsqd %s: %w", s.topic, q.cfg.NSQDAddrs[0], err)
+	}
+	deadline := time.Now().Add(q.cfg.LiveTimeout)
+	for {
+		addrs, err := q.lookup(s.topic)
+		if err == nil && len(addrs) > 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("esq: nsqlookupd did not list topic %q within %s (last error: %v)", s.topic, q.cfg.LiveTimeout, err)
+		}
+		select {
+		case <-q.closing:
+			return ErrClosed
+		case <-time.After(probeRetryInterval):
+		}
+	}
+}
+
+// lookup asks each nsqlookupd which nsqd hold topic and returns their TCP
+// addresses.
+func (q *NSQ) lookup(topic string) ([]string, error) {
+	seen := make(map[string]bool)
+	var out []string
+	var lastErr error
+	for _, lookupd := range q.cfg.LookupdHTTPAddrs {
+		base := lookupd
+		if !strings.Contains(base, "://") {
+			base = "http://" + base
+		}
+		resp, err := q.http.Get(base + "/lookup?topic=" + url.QueryEscape(topic))
+		if err != nil {
+			lastErr = err
+			continue
+		}
+		var body struct {
+			Producers []struct {
+				BroadcastAddress string `json:"broadcast_address"`
+				TCPPort          int    `json:"tcp_port"`
+			} `json:"producers"`
+		}
+		err = json.NewDecoder(resp.Body).Decode(&body)
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusNotFound {
+			continue // topic not registered yet
+		}
+		if err != nil {
+			lastErr = fmt.Errorf("nsqlookupd %s: %w", lookupd, err)
+			continue
+		}
+		for _, p := range body.Producers {
+			addr := p.BroadcastAddress + ":" + strconv.Itoa(p.TCPPort)
+			if !seen[addr] {
+				seen[addr] = true
+				out = append(out, addr)
+			}
+		}
+	}
+	return out, lastErr
+}
+
+// targets returns the nsqd addresses the subscription consumes from.
+func (q *NSQ) targets(s *nsqSubscription) ([]string, error) {
+	if len(q.cfg.LookupdHTTPAddrs) == 0 {
+		return q.cfg.NSQDAddrs, nil
+	}
+	return q.lookup(s.topic)
+}
+
+// waitLive publishes a probe through every nsqd the subscription consumes
+// from, repeating until it arrives on this server's channel or LiveTimeout
+// passes.
+func (q *NSQ) waitLive(s *nsqSubscription) error {
+	addrs, err := q.targets(s)
+	if err != nil && len(addrs) == 0 {
+		return fmt.Errorf("esq: find nsqd for topic %q: %w", s.topic, err)
+	}
+	deadline := time.Now().Add(q.cfg.LiveTimeout)
+	for _, addr := range addrs {
+		if err := q.probe(s, addr, deadline); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (q *NSQ) probe(s *nsqSubscription, addr string, deadline time.Time) error {
+	body, token, err := newProbe()
+	if err != nil {
+		return err
+	}
+	arrived := make(chan struct{})
+	s.probeMu.Lock()
+	s.probes[token] = arrived
+	s.probeMu.Unlock()
+	defer func() {
+		s.probeMu.Lock()
+		delete(s.probes, token)
+		s.probeMu.Unlock()
+	}()
+	p, err := q.producer(addr)
+	if err != nil {
+		return err
+	}
+	var lastErr error
+	for {
+		if err := p.Publish(s.topic, body); err != nil {
+			lastErr = err
+		}
+		select {
+		case <-arrived:
+			return nil
+		case <-q.closing:
+			return ErrClosed
+		case <-time.After(probeRetryInterval):
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("esq: subscription to topic %q on nsqd %s not live after %s (last publish error: %v)",
+				s.topic, addr, q.cfg.LiveTimeout, lastErr)
+		}
+	}
+}
+
+// watch detects a lost and regained nsqd connection (go-nsq reconnects on its
+// own but says nothing), waits until the subscription is live again and then
+// reports the possible loss.
+func (q *NSQ) watch(s *nsqSubscription) {
+	defer q.watchers.Done()
+	ticker := time.NewTicker(q.cfg.WatchInterval)
+	defer ticker.Stop()
+	last := s.consumer.Stats().Connections
+	for {
+		select {
+		case <-q.closing:
+			return
+		case <-ticker.C:
+		}
+		n := s.consumer.Stats().Connections
+		switch {
+		case n < last:
+			q.log.WithField("topic", s.topic).Warnf("lost an nsqd connection (%d left); changes published meanwhile will be recovered by a resync", n)
+		case n > last:
+			if err := q.waitLive(s); err != nil {
+				if errors.Is(err, ErrClosed) {
+					return
+				}
+				q.log.WithField("topic", s.topic).WithError(err).Error("nsqd connection regained but subscription not confirmed; resyncing anyway")
+			}
+			if s.onLoss != nil {
+				s.onLoss()
+			}
+		}
+		last = n
+	}
+}
+
+// probeMessage is the body of a liveness probe. Real notifications are keys
+// and never carry a "probe" field.
+type probeMessage struct {
+	Probe string `json:"probe"`
+}
+
+var probePrefix = []byte(`{"probe":`)
+
+func newProbe() (body []byte, token string, err error) {
+	token, err = randomHex(12)
+	if err != nil {
+		return nil, "", err
+	}
+	body, err = json.Marshal(probeMessage{Probe: token})
+	return body, token, err
+}
+
+func (s *nsqSubscription) handle(m *nsq.Message) error {
+	if bytes.HasPrefix(m.Body, probePrefix) {
+		var p probeMessage
+		if json.Unmarshal(m.Body, &p) == nil {
+			s.probeMu.Lock()
+			if ch, ok := s.probes[p.Probe]; ok {
+				close(ch)
+				delete(s.probes, p.Probe)
+			}
+			s.probeMu.Unlock()
+		}
+		return nil
+	}
+	s.onMessage(m.Body)
+	return nil
+}
+
+// Close stops every consumer and producer and waits for them, or for ctx.
+func (q *NSQ) Close(ctx context.Context) error {
+	q.mu.Lock()
+	if q.closed {
+		q.mu.Unlock()
+		return nil
+	}
+	q.closed = true
+	close(q.closing)
+	subs := q.subs
+	producers := q.producers
+	q.subs = nil
+	q.producers = nil
+	q.mu.Unlock()
+
+	for _, s := range subs {
+		s.consumer.Stop()
+	}
+	for _, s := range subs {
+		select {
+		case <-s.consumer.StopChan:
+		case <-ctx.Done():
+			return fmt.Errorf("esq: close: consumer for %q did not stop: %w", s.topic, ctx.Err())
+		}
+	}
+	for _, p := range producers {
+		p.Stop()
+	}
+	done := make(chan struct{})
+	go func() { q.watchers.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("esq: close: watchers did not stop: %w", ctx.Err())
+	}
+}
+
+// nsqLogger routes go-nsq's log lines ("INF    1 [topic/channel] ...") into
+// logrus at the matching level.
+type nsqLogger struct{ log logrus.FieldLogger }
+
+func (l nsqLogger) Output(_ int, s string) error {
+	level, msg, _ := strings.Cut(s, " ")
+	msg = strings.TrimSpace(msg)
+	switch level {
+	case "DBG":
+		l.log.Debug(msg)
+	case "INF":
+		l.log.Info(msg)
+	case "WRN":
+		l.log.Warn(msg)
+	default:
+		l.log.Error(msg)
+	}
+	return nil
+}
+
+func randomHex(n int) (string, error) {
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		return "", fmt.Errorf("esq: random id: %w", err)
+	}
+	return hex.EncodeToString(b), nil
+}
