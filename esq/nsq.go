@@ -38,8 +38,8 @@ type NSQConfig struct {
 	// must match ^[.a-zA-Z0-9_-]+$ and be at most 64 characters.
 	TopicPrefix string
 	// MaxInFlight is how many messages nsqd may send this server before it
-	// acknowledges them. Default 64. Output buffering is always disabled, so a
-	// value above 1 adds no latency.
+	// acknowledges them. Default 64. nsqd's output buffering is always
+	// disabled, so a value above 1 adds no latency.
 	MaxInFlight int
 	// ReconnectInterval is how long go-nsq waits between attempts to reach a
 	// lost nsqd, and how often it polls nsqlookupd. Default 5s (go-nsq's
@@ -153,8 +153,11 @@ func NewNSQ(cfg NSQConfig) (*NSQ, error) {
 	}
 	nc := nsq.NewConfig()
 	nc.MaxInFlight = cfg.MaxInFlight
-	// -1 disables nsqd's output buffering; with MaxInFlight > 1 the default
-	// (250ms) would hold every message back that long.
+	// Disable nsqd's output buffering. With MaxInFlight > 1 the default
+	// (16 KiB flushed every 250ms) holds each message back up to 250ms, and
+	// a timeout of -1 alone is worse: nsqd then never flushes on a timer.
+	// A size of -1 makes nsqd write every message straight to the socket.
+	nc.OutputBufferSize = -1
 	nc.OutputBufferTimeout = -1
 	nc.LookupdPollInterval = cfg.ReconnectInterval
 	nc.LookupdPollJitter = 0.1
@@ -530,10 +533,8 @@ func (l nsqLogger) Output(_ int, s string) error {
 	level, msg, _ := strings.Cut(s, " ")
 	msg = strings.TrimSpace(msg)
 	switch level {
-	case "DBG":
+	case "DBG", "INF": // go-nsq narrates every connection step at INF
 		l.log.Debug(msg)
-	case "INF":
-		l.log.Info(msg)
 	case "WRN":
 		l.log.Warn(msg)
 	default:
