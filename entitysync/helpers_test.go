@@ -2,6 +2,7 @@ package entitysync_test
 
 import (
 	"context"
+	"net/http/httptest"
 	"testing"
 	"time"
 
@@ -15,4 +16,12 @@ func closeES(t *testing.T, e *es.EntitySync) {
 	if err := e.Close(ctx); err != nil {
 		t.Errorf("close: %v", err)
 	}
+}
+
+// newHTTPServer serves e's router without closing e at cleanup (the test
+// closes it itself).
+func newHTTPServer(t *testing.T, e *es.EntitySync) *httptest.Server {
+	srv := httptest.NewServer(e.Mux)
+	t.Cleanup(srv.Close)
+	return srv
 }

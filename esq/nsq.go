@@ -238,6 +238,8 @@ func (q *NSQ) Subscribe(entity shared.EntityType, onMessage func([]byte), onLoss
 		return fmt.Errorf("esq: consumer for topic %q: %w", topic, err)
 	}
 	consumer.SetLogger(nsqLogger{q.log.WithField("topic", topic)}, nsq.LogLevelInfo)
+	// Our client, so Close can drop its idle keep-alive connections.
+	consumer.SetLookupdHttpClient(q.http)
 	s := &nsqSubscription{topic: topic, consumer: consumer, onMessage: onMessage, onLoss: onLoss,
 		probes: make(map[string]chan struct{})}
 	consumer.AddHandler(nsq.HandlerFunc(s.handle))
@@ -515,6 +517,7 @@ func (q *NSQ) Close(ctx context.Context) error {
 	for _, p := range producers {
 		p.Stop()
 	}
+	q.http.CloseIdleConnections()
 	done := make(chan struct{})
 	go func() { q.watchers.Wait(); close(done) }()
 	select {

@@ -121,6 +121,25 @@ func (w *WS) Await(timeout time.Duration, what string, match func(Row) bool) []R
 	}
 }
 
+// AwaitKeys reads frames until it has seen a row of each key (in any order),
+// failing the test after timeout. Every frame read is consumed.
+func (w *WS) AwaitKeys(timeout time.Duration, keys ...shared.EntityKey) {
+	w.t.Helper()
+	missing := make(map[shared.EntityKey]bool, len(keys))
+	for _, k := range keys {
+		missing[k] = true
+	}
+	deadline := time.After(timeout)
+	for len(missing) > 0 {
+		select {
+		case b := <-w.frames:
+			delete(missing, ParseRow(b).Key())
+		case <-deadline:
+			w.t.Fatalf("timed out after %s waiting for rows of %v", timeout, missing)
+		}
+	}
+}
+
 // Row is the shape of the rows the test store emits.
 type Row struct {
 	Entity  string `json:"entity"`

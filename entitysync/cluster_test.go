@@ -1,0 +1,110 @@
+package entitysync_test
+
+import (
+	"fmt"
+	"net/http/httptest"
+	"testing"
+	"time"
+
+	es "github.com/entity-sync/entity-sync/entitysync"
+	"github.com/entity-sync/entity-sync/esq"
+	"github.com/entity-sync/entity-sync/internal/nsqtest"
+	"github.com/entity-sync/entity-sync/internal/testkit"
+	"github.com/entity-sync/entity-sync/shared"
+)
+
+const wait = 10 * time.Second
+
+type server struct {
+	es  *es.EntitySync
+	srv *httptest.Server
+}
+
+// startServers starts n servers sharing store, each configured by cfg(i),
+// serving the entity types "items" and "users".
+func startServers(t *testing.T, n int, store *testkit.Store, cfg func(i int) es.Config) []server {
+	t.Helper()
+	out := make([]server, n)
+	for i := range out {
+		e, srv := testkit.Serve(t, cfg(i))
+		for _, entity := range []shared.EntityType{"items", "users"} {
+			if err := e.Register(entity, store.Fetch); err != nil {
+				t.Fatalf("server %d: register %s: %v", i, entity, err)
+			}
+		}
+		out[i] = server{e, srv}
+	}
+	return out
+}
+
+// checkBroadcast runs the cluster scenario: a change notified on server 0
+// reaches the key's subscribers on every server, and nobody else.
+func checkBroadcast(t *testing.T, servers []server, store *testkit.Store) {
+	t.Helper()
+	changed := shared.EntityKey{Entity: "items", ID: "1"}
+	other := shared.EntityKey{Entity: "items", ID: "2"}
+	fence := shared.EntityKey{Entity: "users", ID: "fence"}
+
+	type trio struct{ sub, otherKey, none *testkit.WS }
+	clients := make([]trio, len(servers))
+	for i, s := range servers {
+		c := trio{testkit.Dial(t, s.srv), testkit.Dial(t, s.srv), testkit.Dial(t, s.srv)}
+		c.sub.Subscribe("items", "1")
+		c.otherKey.Subscribe("items", "2")
+		for _, ws := range []*testkit.WS{c.sub, c.otherKey, c.none} {
+			ws.Subscribe("users", "fence")
+		}
+		c.sub.AwaitKeys(wait, changed, fence)
+		c.otherKey.AwaitKeys(wait, other, fence)
+		c.none.AwaitKeys(wait, fence)
+		clients[i] = c
+	}
+
+	v := store.Bump(changed)
+	if err := servers[0].es.NotifyAllOfChange(changed); err != nil {
+		t.Fatal(err)
+	}
+	for i, c := range clients {
+		before := c.sub.Await(wait, fmt.Sprintf("items/1 v%d on server %d", v, i), testkit.Is("items", "1", v))
+		if len(before) != 0 {
+			t.Errorf("server %d: subscriber got unexpected frames first: %v", i, before)
+		}
+	}
+	// Every server has pushed items/1 to its subscriber, so any stray push to
+	// the others is already in their queues, ahead of the fence.
+	fv := store.Bump(fence)
+	if err := servers[len(servers)-1].es.NotifyAllOfChange(fence); err != nil {
+		t.Fatal(err)
+	}
+	for i, c := range clients {
+		for _, ws := range []*testkit.WS{c.otherKey, c.none} {
+			for _, r := range ws.Await(wait, "fence", testkit.Is("users", "fence", fv)) {
+				t.Errorf("server %d: client not subscribed to items/1 got %s", i, r.Raw)
+			}
+		}
+	}
+	if got := store.FetchesOf(other); got != int64(len(servers)) {
+		t.Errorf("items/2 fetched %d times, want %d (one initial fetch per server, none for the change)", got, len(servers))
+	}
+}
+
+func TestThreeServersOneNSQD(t *testing.T) {
+	nsqd := nsqtest.StartNSQD(t)
+	store := testkit.NewStore()
+	servers := startServers(t, 3, store, func(int) es.Config { return es.Config{NSQAddr: nsqd.TCPAddr()} })
+	checkBroadcast(t, servers, store)
+}
+
+func TestThreeServersTwoNSQDThroughLookupd(t *testing.T) {
+	lookupd := nsqtest.StartLookupd(t)
+	nsqds := []*nsqtest.NSQD{nsqtest.StartNSQD(t, lookupd.TCPAddr()), nsqtest.StartNSQD(t, lookupd.TCPAddr())}
+	store := testkit.NewStore()
+	servers := startServers(t, 3, store, func(i int) es.Config {
+		return es.Config{
+			NSQAddr:         nsqds[i%2].TCPAddr(), // each server publishes to "its host's" nsqd
+			NSQLookupdAddrs: []string{lookupd.HTTPAddr()},
+			NSQ:             esq.NSQConfig{ReconnectInterval: 200 * time.Millisecond},
+		}
+	})
+	checkBroadcast(t, servers, store)
+}
