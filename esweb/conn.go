@@ -20,9 +20,21 @@ type conn struct {
 	client *esbridge.Client
 	log    logrus.FieldLogger
 
+	envelope bool          // the client negotiated Subprotocol
+	controls chan []byte   // acks and errors, written before updates
+	kicked   chan kick     // a reason to close the connection, from the reader
 	shutdown chan struct{} // closed by Server.Close: say 1001 and go
 	readDone chan struct{} // closed when readPump returns
 }
+
+// kick is a close code and reason the writer sends before hanging up.
+type kick struct {
+	code   int
+	reason string
+}
+
+// maxControlBacklog bounds the acks and errors waiting to be written.
+const maxControlBacklog = 64
 
 func (c *conn) readPump() {
 	defer func() {
@@ -51,44 +63,89 @@ func (c *conn) readPump() {
 	}
 }
 
-// handle applies one client frame. Bad frames are logged and ignored: the
-// raw protocol has no error frame, and one bad request must not cost the
-// connection its other subscriptions.
+// handle applies one client frame. A refused request is answered with an
+// error frame in the envelope protocol and logged in the raw one (which has
+// no error frame); either way the connection and its other subscriptions
+// carry on.
 func (c *conn) handle(data []byte) {
-	var m shared.Message
-	if err := json.Unmarshal(data, &m); err != nil {
-		c.log.WithError(err).Warnf("ignoring frame that is not a JSON request: %.100q", data)
+	var req request
+	if err := json.Unmarshal(data, &req); err != nil {
+		c.refused("", refuse(CodeBadRequest, "frame is not a JSON request: %v", err))
 		return
 	}
-	switch m.Action {
+	if err := c.apply(req, data); err != nil {
+		c.refused(req.Ref, err)
+		return
+	}
+	if req.Ref != "" && c.envelope {
+		c.sendControl(ackFrame{Type: "ack", Ref: req.Ref})
+	}
+}
+
+func (c *conn) apply(req request, data []byte) *requestError {
+	switch req.Action {
 	case shared.ActionSubscribe, shared.ActionUnsubscribe:
 		var key shared.EntityKey
-		if err := json.Unmarshal(m.Body, &key); err != nil {
-			c.log.WithError(err).Warnf("ignoring %s: body must be {\"entity\":\"...\",\"id\":\"...\"}", m.Action)
-			return
+		if err := json.Unmarshal(req.Body, &key); err != nil {
+			return refuse(CodeBadRequest, `%s body must be {"entity":"...","id":"..."}`, req.Action)
 		}
 		if err := key.Validate(); err != nil {
-			c.log.WithError(err).Warnf("ignoring %s", m.Action)
-			return
+			return refuse(CodeInvalidKey, "%v", err)
 		}
-		if m.Action == shared.ActionUnsubscribe {
+		if req.Action == shared.ActionUnsubscribe {
 			c.client.Unsubscribe(key)
-			return
+			return nil
 		}
 		if err := c.client.Subscribe(key); err != nil {
-			c.log.WithError(err).WithField("key", key.String()).Warn("subscribe refused")
+			if errors.Is(err, esbridge.ErrEntityNotServed) {
+				return refuse(CodeUnknownEntity, "entity type %q is not served here", key.Entity)
+			}
+			return refuse(CodeInternal, "subscribe %s: %v", key, err)
 		}
 	case shared.ActionSecret:
 		var secret string
-		if err := json.Unmarshal(m.Body, &secret); err != nil {
-			c.log.Warn("ignoring secret: body must be a JSON string")
-			return
+		if err := json.Unmarshal(req.Body, &secret); err != nil {
+			return refuse(CodeBadRequest, "secret body must be a JSON string")
 		}
 		c.client.SetSecret(secret)
 	case "":
 		c.passThrough(data)
 	default:
-		c.log.Warnf("ignoring unknown action %.50q", m.Action)
+		return refuse(CodeUnknownAction, "unknown action %.50q", req.Action)
+	}
+	return nil
+}
+
+func (c *conn) refused(ref string, err *requestError) {
+	c.log.WithField("code", err.code).Warnf("request refused: %s", err.msg)
+	if c.envelope {
+		c.sendControl(errorFrame{Type: "error", Ref: ref, Code: err.code, Message: err.msg})
+	}
+}
+
+// sendControl queues a control frame (welcome, ack, error) for the writer. A
+// client that sends requests faster than it reads the answers fills the
+// bounded queue and is disconnected: its memory must stay bounded.
+func (c *conn) sendControl(v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		c.log.WithError(err).Error("cannot encode control frame")
+		return
+	}
+	select {
+	case c.controls <- b:
+	default:
+		c.log.Warn("dropping connection: it does not read the answers to its requests")
+		c.kick(websocket.ClosePolicyViolation, "too many unread control frames")
+	}
+}
+
+// kick asks the writer to close the connection with code; the first reason
+// wins.
+func (c *conn) kick(code int, reason string) {
+	select {
+	case c.kicked <- kick{code, reason}:
+	default:
 	}
 }
 
@@ -117,6 +174,10 @@ func (c *conn) writePump() {
 	var batch []*esbridge.Update
 	for {
 		select {
+		case b := <-c.controls:
+			if err := c.write(websocket.TextMessage, b); err != nil {
+				return
+			}
 		case <-c.client.Ready():
 			batch = c.client.Take(batch[:0])
 			for _, u := range batch {
@@ -131,27 +192,47 @@ func (c *conn) writePump() {
 				c.log.WithError(err).Debug("dropping connection: ping failed")
 				return
 			}
+		case k := <-c.kicked:
+			c.closeWith(k.code, k.reason)
+			return
 		case <-c.readDone:
 			return
 		case <-c.shutdown:
-			msg := websocket.FormatCloseMessage(websocket.CloseGoingAway, errShutdown.Error())
-			_ = c.ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(c.s.opts.WriteWait))
-			// Give the client a moment to answer the close handshake.
-			select {
-			case <-c.readDone:
-			case <-time.After(time.Second):
-			}
+			c.closeWith(websocket.CloseGoingAway, errShutdown.Error())
 			return
 		}
 	}
 }
 
-// rawFrames is the Memo id of an update's frames in the seed's protocol: one
-// text frame per row, prepared once for all connections.
-type rawFramesID struct{}
+func (c *conn) write(messageType int, b []byte) error {
+	_ = c.ws.SetWriteDeadline(time.Now().Add(c.s.opts.WriteWait))
+	err := c.ws.WriteMessage(messageType, b)
+	if err != nil {
+		c.log.WithError(err).Info("dropping connection: write failed or timed out")
+	}
+	return err
+}
+
+// closeWith sends a close frame and gives the client a moment to answer the
+// close handshake before the connection is dropped.
+func (c *conn) closeWith(code int, reason string) {
+	msg := websocket.FormatCloseMessage(code, reason)
+	_ = c.ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(c.s.opts.WriteWait))
+	select {
+	case <-c.readDone:
+	case <-time.After(time.Second):
+	}
+}
 
 func (c *conn) writeUpdate(u *esbridge.Update) error {
-	frames := u.Memo(rawFramesID{}, prepareRaw).([]*websocket.PreparedMessage)
+	var frames []*websocket.PreparedMessage
+	if c.envelope {
+		if pm := u.Memo(envelopeID{}, prepareEnvelope).(*websocket.PreparedMessage); pm != nil {
+			frames = []*websocket.PreparedMessage{pm}
+		}
+	} else {
+		frames = u.Memo(rawFramesID{}, prepareRaw).([]*websocket.PreparedMessage)
+	}
 	for _, f := range frames {
 		_ = c.ws.SetWriteDeadline(time.Now().Add(c.s.opts.WriteWait))
 		if err := c.ws.WritePreparedMessage(f); err != nil {
@@ -159,17 +240,4 @@ func (c *conn) writeUpdate(u *esbridge.Update) error {
 		}
 	}
 	return nil
-}
-
-func prepareRaw(u *esbridge.Update) any {
-	frames := make([]*websocket.PreparedMessage, 0, len(u.Rows))
-	for _, row := range u.Rows {
-		pm, err := websocket.NewPreparedMessage(websocket.TextMessage, row)
-		if err != nil { // only compression can fail, and it is off
-			logrus.WithError(err).WithField("key", u.Key.String()).Error("esweb: cannot prepare frame")
-			continue
-		}
-		frames = append(frames, pm)
-	}
-	return frames
 }

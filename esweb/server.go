@@ -110,6 +110,7 @@ func NewServer(build ClientBuilder, opts Options) *Server {
 		WriteBufferSize: opts.WriteBufferSize,
 		WriteBufferPool: &sync.Pool{},
 		CheckOrigin:     opts.CheckOrigin,
+		Subprotocols:    []string{Subprotocol},
 	}
 	return s
 }
@@ -146,8 +147,14 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s:        s,
 		ws:       ws,
 		log:      s.log.WithFields(logrus.Fields{"conn": id, "remote": r.RemoteAddr}),
+		envelope: ws.Subprotocol() == Subprotocol,
+		controls: make(chan []byte, maxControlBacklog),
+		kicked:   make(chan kick, 1),
 		shutdown: make(chan struct{}),
 		readDone: make(chan struct{}),
+	}
+	if c.envelope {
+		c.sendControl(welcomeFrame{Type: "welcome", Protocol: Subprotocol, Limits: Limits{MaxFrameBytes: s.opts.ReadLimit}})
 	}
 	s.mu.Lock()
 	if s.closed {

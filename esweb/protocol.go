@@ -1,0 +1,133 @@
+package esweb
+
+import (
+	"encoding/json"
+	"fmt"
+
+	"github.com/gorilla/websocket"
+	"github.com/sirupsen/logrus"
+
+	"github.com/entity-sync/entity-sync/esbridge"
+	"github.com/entity-sync/entity-sync/shared"
+)
+
+// Subprotocol is the websocket subprotocol of the envelope protocol
+// (docs/protocol.md). A client that does not offer it speaks the seed's raw
+// protocol: one text frame per row, no acks, no errors.
+const Subprotocol = "entitysync.v1"
+
+// ErrorCode is the typed reason in an envelope error frame.
+type ErrorCode string
+
+// The error codes of the envelope protocol; docs/protocol.md says when each
+// is sent.
+const (
+	CodeBadRequest           ErrorCode = "bad_request"
+	CodeUnknownAction        ErrorCode = "unknown_action"
+	CodeInvalidKey           ErrorCode = "invalid_key"
+	CodeUnknownEntity        ErrorCode = "unknown_entity"
+	CodeForbidden            ErrorCode = "forbidden"
+	CodeTooManySubscriptions ErrorCode = "too_many_subscriptions"
+	CodeRateLimited          ErrorCode = "rate_limited"
+	CodeInternal             ErrorCode = "internal"
+)
+
+// requestError is a refused client request: logged in raw mode, sent as an
+// error frame in envelope mode.
+type requestError struct {
+	code ErrorCode
+	msg  string
+}
+
+func (e *requestError) Error() string { return string(e.code) + ": " + e.msg }
+
+func refuse(code ErrorCode, format string, args ...any) *requestError {
+	return &requestError{code: code, msg: fmt.Sprintf(format, args...)}
+}
+
+// request is a client frame: the seed's Message plus an optional reference
+// the server echoes in the ack or error.
+type request struct {
+	Action shared.Action   `json:"action"`
+	Body   json.RawMessage `json:"body"`
+	Ref    string          `json:"ref,omitempty"`
+}
+
+// Server -> client envelope frames.
+type (
+	welcomeFrame struct {
+		Type     string `json:"type"` // "welcome"
+		Protocol string `json:"protocol"`
+		Limits   Limits `json:"limits"`
+	}
+	rowsFrame struct {
+		Type string            `json:"type"` // "rows" or "gone"
+		Key  shared.EntityKey  `json:"key"`
+		Seq  uint64            `json:"seq"`
+		Rows []json.RawMessage `json:"rows,omitempty"`
+	}
+	ackFrame struct {
+		Type string `json:"type"` // "ack"
+		Ref  string `json:"ref"`
+	}
+	errorFrame struct {
+		Type    string            `json:"type"` // "error"
+		Ref     string            `json:"ref,omitempty"`
+		Code    ErrorCode         `json:"code"`
+		Message string            `json:"message"`
+		Key     *shared.EntityKey `json:"key,omitempty"`
+	}
+)
+
+// Limits are the limits the server enforces, announced in the welcome frame.
+type Limits struct {
+	MaxFrameBytes int64 `json:"maxFrameBytes"`
+}
+
+// envelopeID is the Memo id of an update's envelope frame.
+type envelopeID struct{}
+
+// prepareEnvelope encodes an update as one "rows" (or "gone") frame, once for
+// every connection that receives it. Rows that are valid JSON are embedded
+// as they are; any other row is embedded as a JSON string.
+func prepareEnvelope(u *esbridge.Update) any {
+	f := rowsFrame{Type: "rows", Key: u.Key, Seq: u.Seq, Rows: make([]json.RawMessage, len(u.Rows))}
+	if len(u.Rows) == 0 {
+		f.Type = "gone"
+	}
+	for i, row := range u.Rows {
+		if json.Valid(row) {
+			f.Rows[i] = row
+		} else {
+			f.Rows[i], _ = json.Marshal(string(row))
+		}
+	}
+	b, err := json.Marshal(f)
+	if err != nil {
+		logrus.WithError(err).WithField("key", u.Key.String()).Error("esweb: cannot encode envelope")
+		return (*websocket.PreparedMessage)(nil)
+	}
+	pm, err := websocket.NewPreparedMessage(websocket.TextMessage, b)
+	if err != nil {
+		logrus.WithError(err).WithField("key", u.Key.String()).Error("esweb: cannot prepare envelope")
+		return (*websocket.PreparedMessage)(nil)
+	}
+	return pm
+}
+
+// rawFramesID is the Memo id of an update's frames in the seed's protocol:
+// one text frame per row, prepared once for all connections.
+type rawFramesID struct{}
+
+func prepareRaw(u *esbridge.Update) any {
+	frames := make([]*websocket.PreparedMessage, 0, len(u.Rows))
+	for _, row := range u.Rows {
+		pm, err := websocket.NewPreparedMessage(websocket.TextMessage, row)
+		if err != nil { // only compression can fail, and it is off
+			logrus.WithError(err).WithField("key", u.Key.String()).Error("esweb: cannot prepare frame")
+			continue
+		}
+		frames = append(frames, pm)
+	}
+	return frames
+}
