@@ -202,6 +202,23 @@ func (q *NSQ) producer(addr string) (*nsq.Producer, error) {
 	return p, nil
 }
 
+// discardProducer stops a producer whose publish failed, so the next publish
+// dials afresh with a new one. go-nsq v1.1.0's Producer has a data race when
+// it reconnects by itself (connect writes fields its old router goroutine
+// still reads), so it is never given the chance.
+func (q *NSQ) discardProducer(addr string, p *nsq.Producer) {
+	q.mu.Lock()
+	if q.producers[addr] == p {
+		delete(q.producers, addr)
+	} else {
+		p = nil // someone else already replaced it
+	}
+	q.mu.Unlock()
+	if p != nil {
+		p.Stop()
+	}
+}
+
 // Publish sends body to the entity type's topic on the first nsqd in
 // NSQDAddrs that accepts it.
 func (q *NSQ) Publish(_ context.Context, entity shared.EntityType, body []byte) error {
@@ -218,6 +235,7 @@ func (q *NSQ) Publish(_ context.Context, entity shared.EntityType, body []byte) 
 		if err = p.Publish(topic, body); err == nil {
 			return nil
 		}
+		q.discardProducer(addr, p)
 		errs = append(errs, fmt.Errorf("nsqd %s: %w", addr, err))
 	}
 	return fmt.Errorf("esq: publish to topic %q failed on every nsqd: %w", topic, errors.Join(errs...))
@@ -299,6 +317,7 @@ func (q *NSQ) ensureTopic(s *nsqSubscription) error {
 		return err
 	}
 	if err := p.Publish(s.topic, body); err != nil {
+		q.discardProducer(q.cfg.NSQDAddrs[0], p)
 		return fmt.Errorf("esq: create topic %q on nsqd %s: %w", s.topic, q.cfg.NSQDAddrs[0], err)
 	}
 	deadline := time.Now().Add(q.cfg.LiveTimeout)
@@ -407,6 +426,10 @@ func (q *NSQ) probe(s *nsqSubscription, addr string, deadline time.Time) error {
 	for {
 		if err := p.Publish(s.topic, body); err != nil {
 			lastErr = err
+			q.discardProducer(addr, p)
+			if p, err = q.producer(addr); err != nil {
+				return err
+			}
 		}
 		select {
 		case <-arrived:
