@@ -51,7 +51,29 @@ type Options struct {
 	// doubles up to MaxRetryDelay while the fetch keeps failing and the key
 	// has subscribers. Defaults 500ms and 30s.
 	RetryDelay, MaxRetryDelay time.Duration
+	// Authorize decides whether the connection in ctx (see
+	// shared.ConnectionFrom: principal, secret, upgrade request) may
+	// subscribe to key; an error refuses the subscription, and no byte of
+	// the key is ever sent to that client. It runs on subscribe, for every
+	// subscription of a client that sets a new secret, and for the keys
+	// Reauthorize selects. Default: every subscription is allowed. It must
+	// not call back into the bridge or the client.
+	Authorize func(ctx context.Context, key shared.EntityKey) error
+	// Filter, if set, trims the rows of each change for each client (row
+	// level visibility) in memory, without another fetch: it gets the
+	// client's context and the fetched rows and returns the rows that client
+	// may see. Returning the same slice keeps the shared, encode-once frame;
+	// any other slice costs one encoding per client. It runs while the key
+	// is locked: keep it fast and pure. A panic sends that client nothing.
+	Filter func(ctx context.Context, key shared.EntityKey, rows [][]byte) [][]byte
+	// MaxPendingBytes bounds the bytes of updates waiting to be written to
+	// one client. A client that falls that far behind is disconnected
+	// (close code 1008) instead of holding more memory. Default 32 MiB.
+	MaxPendingBytes int
 }
+
+// ErrForbidden wraps an Authorize refusal.
+var ErrForbidden = errors.New("esbridge: access denied")
 
 func (o *Options) setDefaults() {
 	if o.Logger == nil {
@@ -68,6 +90,9 @@ func (o *Options) setDefaults() {
 	}
 	if o.MaxRetryDelay < o.RetryDelay {
 		o.MaxRetryDelay = 30 * time.Second
+	}
+	if o.MaxPendingBytes <= 0 {
+		o.MaxPendingBytes = 32 << 20
 	}
 }
 
@@ -96,12 +121,14 @@ type Bridge struct {
 
 	// life guards closed and the WaitGroup's Add, so no round starts once
 	// Close is waiting for the running ones.
-	life    sync.RWMutex
-	closed  bool
-	rounds  sync.WaitGroup
-	served  map[shared.EntityType]bool
-	stats   counters
-	clients atomic.Int64
+	life   sync.RWMutex
+	closed bool
+	rounds sync.WaitGroup
+	served map[shared.EntityType]bool
+	stats  counters
+
+	clientsMu sync.Mutex
+	clients   map[*Client]struct{}
 }
 
 type shard struct {
@@ -110,7 +137,7 @@ type shard struct {
 }
 
 type counters struct {
-	notifications, received, fetches, fetchErrors, deliveries, resyncs atomic.Uint64
+	notifications, received, fetches, fetchErrors, deliveries, resyncs, revocations, overflows atomic.Uint64
 }
 
 // Stats is a snapshot of the bridge's counters since it started.
@@ -121,8 +148,10 @@ type Stats struct {
 	FetchErrors   uint64 // of which failed
 	Deliveries    uint64 // updates handed to clients' outbound queues
 	Resyncs       uint64 // times every key of an entity type was re-fetched after broker loss
+	Revocations   uint64 // subscriptions withdrawn after a failed re-authorization
+	Overflows     uint64 // updates dropped for clients over MaxPendingBytes (then disconnected)
 	Keys          int    // keys with at least one local subscriber
-	Clients       int64  // connected clients
+	Clients       int    // connected clients
 }
 
 // New returns a bridge that publishes to and receives from queue and looks
@@ -140,6 +169,7 @@ func New(queue esq.Queue, fetcher Fetcher, opts Options) *Bridge {
 		ctx:        ctx,
 		cancel:     cancel,
 		served:     make(map[shared.EntityType]bool),
+		clients:    make(map[*Client]struct{}),
 	}
 	for i := range b.shards {
 		b.shards[i].keys = make(map[shared.EntityKey]*keyState)
@@ -299,6 +329,28 @@ func (b *Bridge) shard(key shared.EntityKey) *shard {
 	return &b.shards[h.Sum64()%shardCount]
 }
 
+// Reauthorize runs Authorize again for every subscription of every client
+// whose key match selects (nil: all), and withdraws the ones it now refuses:
+// the client gets a "revoked" signal and nothing more for that key. Call it
+// when access rules change (a user removed from a team, a document made
+// private). It returns how many subscriptions were withdrawn.
+func (b *Bridge) Reauthorize(match func(shared.EntityKey) bool) int {
+	if b.opts.Authorize == nil {
+		return 0
+	}
+	b.clientsMu.Lock()
+	clients := make([]*Client, 0, len(b.clients))
+	for c := range b.clients {
+		clients = append(clients, c)
+	}
+	b.clientsMu.Unlock()
+	n := 0
+	for _, c := range clients {
+		n += c.reauthorize(match)
+	}
+	return n
+}
+
 // Stats returns the bridge's counters.
 func (b *Bridge) Stats() Stats {
 	s := Stats{
@@ -308,8 +360,12 @@ func (b *Bridge) Stats() Stats {
 		FetchErrors:   b.stats.fetchErrors.Load(),
 		Deliveries:    b.stats.deliveries.Load(),
 		Resyncs:       b.stats.resyncs.Load(),
-		Clients:       b.clients.Load(),
+		Revocations:   b.stats.revocations.Load(),
+		Overflows:     b.stats.overflows.Load(),
 	}
+	b.clientsMu.Lock()
+	s.Clients = len(b.clients)
+	b.clientsMu.Unlock()
 	for i := range b.shards {
 		b.shards[i].mu.Lock()
 		s.Keys += len(b.shards[i].keys)

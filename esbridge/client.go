@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sync"
+	"sync/atomic"
 
 	"github.com/entity-sync/entity-sync/shared"
 )
@@ -15,37 +16,51 @@ type Client struct {
 	b   *Bridge
 	ctx context.Context
 
-	mu     sync.Mutex
-	secret string
+	mu     sync.Mutex // serialises subscription changes of this client
 	subs   map[shared.EntityKey]*keyState
 	closed bool
+	// secret is written under mu and read without it, so the hooks can ask
+	// for it (shared.Connection.Secret) while mu is held.
+	secret atomic.Pointer[string]
 
 	out outbox
 }
 
-// ClientBuilder returns a new client of the bridge. ctx carries the
-// connection's details for the application's hooks; it may be nil.
+// ClientBuilder returns a new client of the bridge. ctx is handed to the
+// Authorize and Filter hooks; the transport puts a shared.Connection in it.
+// It may be nil.
 func (b *Bridge) ClientBuilder(ctx context.Context) *Client {
 	if ctx == nil {
 		ctx = context.Background()
 	}
-	b.clients.Add(1)
-	return &Client{b: b, ctx: ctx, subs: make(map[shared.EntityKey]*keyState), out: newOutbox()}
+	c := &Client{b: b, ctx: ctx, subs: make(map[shared.EntityKey]*keyState), out: newOutbox(b.opts.MaxPendingBytes)}
+	c.secret.Store(new(string))
+	b.clientsMu.Lock()
+	b.clients[c] = struct{}{}
+	b.clientsMu.Unlock()
+	return c
 }
 
 // Context returns the context the client was built with.
 func (c *Client) Context() context.Context { return c.ctx }
 
 // Secret returns the secret the client set, or "".
-func (c *Client) Secret() string {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.secret
+func (c *Client) Secret() string { return *c.secret.Load() }
+
+func (c *Client) authorize(key shared.EntityKey) error {
+	if c.b.opts.Authorize == nil {
+		return nil
+	}
+	if err := c.b.opts.Authorize(c.ctx, key); err != nil {
+		return fmt.Errorf("%w: %s: %w", ErrForbidden, key, err)
+	}
+	return nil
 }
 
 // Subscribe adds key to the client's subscriptions and requests its current
-// state, which arrives through the outbound queue like any change. Subscribing
-// again to a key re-sends its current state.
+// state, which arrives through the outbound queue like any change.
+// Subscribing again to a key re-sends its current state. A refusal by the
+// Authorize hook is returned wrapping ErrForbidden.
 func (c *Client) Subscribe(key shared.EntityKey) error {
 	if err := key.Validate(); err != nil {
 		return err
@@ -58,15 +73,19 @@ func (c *Client) Subscribe(key shared.EntityKey) error {
 	if c.closed {
 		return ErrClosed
 	}
-	if old := c.subs[key]; old != nil {
-		old.mu.Lock()
-		if !old.removed {
-			old.add(c, c.secret)
-			c.b.request(old)
-			old.mu.Unlock()
-			return nil
+	if err := c.authorize(key); err != nil {
+		if ks := c.subs[key]; ks != nil { // no longer allowed: withdraw it too
+			c.revokeLocked(key, ks, c.Secret())
 		}
-		old.mu.Unlock()
+		return err
+	}
+	secret := c.Secret()
+	if ks := c.subs[key]; ks != nil {
+		ks.mu.Lock()
+		ks.add(c, secret)
+		c.b.request(ks)
+		ks.mu.Unlock()
+		return nil
 	}
 	sh := c.b.shard(key)
 	sh.mu.Lock()
@@ -77,7 +96,7 @@ func (c *Client) Subscribe(key shared.EntityKey) error {
 	}
 	ks.mu.Lock()
 	sh.mu.Unlock()
-	ks.add(c, c.secret)
+	ks.add(c, secret)
 	c.b.request(ks)
 	ks.mu.Unlock()
 	c.subs[key] = ks
@@ -92,14 +111,16 @@ func (c *Client) Unsubscribe(key shared.EntityKey) {
 	defer c.mu.Unlock()
 	if ks := c.subs[key]; ks != nil {
 		delete(c.subs, key)
-		c.unsubscribeLocked(ks)
+		c.leave(ks, c.Secret())
 	}
 	c.out.drop(key)
 }
 
-func (c *Client) unsubscribeLocked(ks *keyState) {
+// leave takes the client out of ks, where it is in the group of secret.
+// With c.mu held.
+func (c *Client) leave(ks *keyState, secret string) {
 	ks.mu.Lock()
-	ks.remove(c, c.secret)
+	ks.remove(c, secret)
 	empty := ks.nsubs == 0 && !ks.running
 	ks.mu.Unlock()
 	if empty {
@@ -107,18 +128,33 @@ func (c *Client) unsubscribeLocked(ks *keyState) {
 	}
 }
 
-// SetSecret sets the secret passed to the seed's lookup handlers. Keys whose
-// rows depend on the secret are fetched again for the new one.
+// revokeLocked withdraws a subscription: out of the index first, so no
+// later change reaches the client, then a revoked signal that replaces any
+// update still pending for the key. With c.mu held.
+func (c *Client) revokeLocked(key shared.EntityKey, ks *keyState, secret string) {
+	delete(c.subs, key)
+	c.leave(ks, secret)
+	c.out.push(&Update{Key: key, Revoked: true})
+	c.b.stats.revocations.Add(1)
+}
+
+// SetSecret sets the secret passed to the seed's lookup handlers and to the
+// hooks. Every subscription is authorized again under the new secret
+// (refused ones are revoked), and keys whose rows depend on the secret are
+// fetched again for it.
 func (c *Client) SetSecret(secret string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.closed || secret == c.secret {
-		c.secret = secret
+	old := c.Secret()
+	c.secret.Store(&secret)
+	if c.closed || secret == old {
 		return
 	}
-	old := c.secret
-	c.secret = secret
-	for _, ks := range c.subs {
+	for key, ks := range c.subs {
+		if err := c.authorize(key); err != nil {
+			c.revokeLocked(key, ks, old)
+			continue
+		}
 		if !ks.perSecret {
 			continue
 		}
@@ -130,6 +166,30 @@ func (c *Client) SetSecret(secret string) {
 	}
 }
 
+func (c *Client) reauthorize(match func(shared.EntityKey) bool) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for key, ks := range c.subs {
+		if match != nil && !match(key) {
+			continue
+		}
+		if c.authorize(key) != nil {
+			c.revokeLocked(key, ks, c.Secret())
+			n++
+		}
+	}
+	return n
+}
+
+// Subscribed reports whether the client holds key.
+func (c *Client) Subscribed(key shared.EntityKey) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	_, ok := c.subs[key]
+	return ok
+}
+
 // Subscriptions returns how many keys the client subscribes to.
 func (c *Client) Subscriptions() int {
 	c.mu.Lock()
@@ -137,12 +197,22 @@ func (c *Client) Subscriptions() int {
 	return len(c.subs)
 }
 
-// Ready is signalled when updates are waiting to be taken.
+// Ready is signalled when updates are waiting to be taken, or when the
+// client overflowed (see Overflowed).
 func (c *Client) Ready() <-chan struct{} { return c.out.wake }
 
 // Take appends the waiting updates to buf, oldest key first, and returns it.
 // Each key appears at most once, with its newest state.
 func (c *Client) Take(buf []*Update) []*Update { return c.out.take(buf) }
+
+// Overflowed reports whether the client fell more than MaxPendingBytes
+// behind. Its queue has then been emptied and the transport should close
+// the connection.
+func (c *Client) Overflowed() bool {
+	c.out.mu.Lock()
+	defer c.out.mu.Unlock()
+	return c.out.overflowed
+}
 
 // Close removes every subscription. The client receives nothing afterwards.
 func (c *Client) Close() {
@@ -154,37 +224,58 @@ func (c *Client) Close() {
 	c.closed = true
 	for key, ks := range c.subs {
 		delete(c.subs, key)
-		c.unsubscribeLocked(ks)
+		c.leave(ks, c.Secret())
 	}
 	c.out.clear()
-	c.b.clients.Add(-1)
+	c.b.clientsMu.Lock()
+	delete(c.b.clients, c)
+	c.b.clientsMu.Unlock()
 }
 
 // outbox is a client's latest-wins outbound queue: at most one pending update
 // per key, so its size is bounded by the client's subscriptions however slowly
 // the client reads, and what it finally reads is each key's newest state.
 type outbox struct {
-	mu      sync.Mutex
-	pending map[shared.EntityKey]*Update
-	order   []shared.EntityKey // may hold keys no longer pending; skipped on take
-	wake    chan struct{}
+	mu         sync.Mutex
+	pending    map[shared.EntityKey]*Update
+	order      []shared.EntityKey // may hold keys no longer pending; skipped on take
+	bytes      int                // row bytes pending
+	maxBytes   int
+	overflowed bool
+	wake       chan struct{}
 }
 
-func newOutbox() outbox {
-	return outbox{pending: make(map[shared.EntityKey]*Update), wake: make(chan struct{}, 1)}
+func newOutbox(maxBytes int) outbox {
+	return outbox{pending: make(map[shared.EntityKey]*Update), maxBytes: maxBytes, wake: make(chan struct{}, 1)}
 }
 
-func (o *outbox) push(u *Update) {
+// push queues u, replacing the key's pending update; it reports false once
+// the client has overflowed.
+func (o *outbox) push(u *Update) bool {
 	o.mu.Lock()
-	if _, ok := o.pending[u.Key]; !ok {
+	if o.overflowed {
+		o.mu.Unlock()
+		return false
+	}
+	if old, ok := o.pending[u.Key]; ok {
+		o.bytes -= old.size()
+	} else {
 		o.order = append(o.order, u.Key)
 	}
 	o.pending[u.Key] = u
+	o.bytes += u.size()
+	if o.bytes > o.maxBytes {
+		o.overflowed = true
+		clear(o.pending)
+		o.order, o.bytes = nil, 0
+	}
+	ok := !o.overflowed
 	o.mu.Unlock()
 	select {
 	case o.wake <- struct{}{}:
 	default:
 	}
+	return ok
 }
 
 func (o *outbox) take(buf []*Update) []*Update {
@@ -197,13 +288,17 @@ func (o *outbox) take(buf []*Update) []*Update {
 		}
 	}
 	o.order = o.order[:0]
+	o.bytes = 0
 	return buf
 }
 
 func (o *outbox) drop(key shared.EntityKey) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
-	delete(o.pending, key)
+	if u, ok := o.pending[key]; ok {
+		o.bytes -= u.size()
+		delete(o.pending, key)
+	}
 	if len(o.order) > 2*len(o.pending)+16 { // keep stale entries bounded
 		seen := make(map[shared.EntityKey]bool, len(o.pending))
 		kept := o.order[:0]
@@ -221,5 +316,5 @@ func (o *outbox) clear() {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	clear(o.pending)
-	o.order = nil
+	o.order, o.bytes = nil, 0
 }

@@ -19,12 +19,24 @@ type Update struct {
 	// Seq numbers the fetch rounds of the key on this server; a client never
 	// receives a lower Seq after a higher one for the same key.
 	Seq uint64
+	// Revoked means the client lost access to the key: no rows, and nothing
+	// more will come for it.
+	Revoked bool
 
 	memoMu sync.Mutex
 	memo   []memoEntry
 }
 
 type memoEntry struct{ id, value any }
+
+// size is the update's weight against a client's MaxPendingBytes.
+func (u *Update) size() int {
+	n := 64
+	for _, r := range u.Rows {
+		n += len(r)
+	}
+	return n
+}
 
 // Memo returns the value build made for id on this update, calling build only
 // the first time: transports use it to encode a frame once for all
@@ -205,10 +217,35 @@ func (b *Bridge) fanOut(ks *keyState, g *group, rows [][]byte, seq uint64) {
 			continue
 		}
 		g.clients[c] = u.Seq
-		c.out.push(u)
+		cu := u
+		if b.opts.Filter != nil {
+			if cu = b.filter(c, u); cu == nil {
+				continue
+			}
+		}
+		if !c.out.push(cu) {
+			b.stats.overflows.Add(1)
+			continue
+		}
 		n++
 	}
 	b.stats.deliveries.Add(uint64(n))
+}
+
+// filter applies Options.Filter for one client. It returns u itself when the
+// filter kept every row, and nil (send nothing) when the filter panicked.
+func (b *Bridge) filter(c *Client, u *Update) (out *Update) {
+	defer func() {
+		if r := recover(); r != nil {
+			b.log.WithField("key", u.Key.String()).Errorf("row filter panicked; client gets nothing for this change: %v", r)
+			out = nil
+		}
+	}()
+	rows := b.opts.Filter(c.ctx, u.Key, u.Rows)
+	if len(rows) == len(u.Rows) && (len(rows) == 0 || &rows[0] == &u.Rows[0]) {
+		return u
+	}
+	return &Update{Key: u.Key, Rows: rows, Seq: u.Seq}
 }
 
 func sameRows(a, b [][]byte) bool {

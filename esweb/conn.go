@@ -1,8 +1,10 @@
 package esweb
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
+	"net"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -19,6 +21,12 @@ type conn struct {
 	ws     *websocket.Conn
 	client *esbridge.Client
 	log    logrus.FieldLogger
+	info   *shared.Connection
+	ctx    context.Context // carries info, for the hooks
+
+	// Token bucket of the request rate limit; only the reader touches it.
+	tokens   float64
+	refilled time.Time
 
 	envelope bool          // the client negotiated Subprotocol
 	controls chan []byte   // acks and errors, written before updates
@@ -51,6 +59,7 @@ func (c *conn) readPump() {
 		if err != nil {
 			switch {
 			case errors.Is(err, websocket.ErrReadLimit):
+				c.s.stats.tooLarge.Add(1)
 				c.log.Warnf("closing connection: frame larger than the %d byte limit", c.s.opts.ReadLimit)
 			case websocket.IsCloseError(err, websocket.CloseNormalClosure, websocket.CloseGoingAway, websocket.CloseNoStatusReceived):
 			default:
@@ -58,9 +67,37 @@ func (c *conn) readPump() {
 			}
 			return
 		}
-		_ = c.ws.SetReadDeadline(time.Now().Add(pongWait))
+		now := time.Now()
+		_ = c.ws.SetReadDeadline(now.Add(pongWait))
+		if !c.allow(now) {
+			c.s.stats.rateLimited.Add(1)
+			c.refused(peekRef(data), refuse(CodeRateLimited, "more than %d requests per second; request dropped", c.s.opts.MessagesPerSecond))
+			continue
+		}
 		c.handle(data)
 	}
+}
+
+// allow takes a token from the connection's rate limit bucket.
+func (c *conn) allow(now time.Time) bool {
+	burst := float64(c.s.opts.MessageBurst)
+	c.tokens = min(burst, c.tokens+now.Sub(c.refilled).Seconds()*float64(c.s.opts.MessagesPerSecond))
+	c.refilled = now
+	if c.tokens < 1 {
+		return false
+	}
+	c.tokens--
+	return true
+}
+
+// peekRef returns the ref of a frame the server will not otherwise decode,
+// so a rate_limited error can still be correlated.
+func peekRef(data []byte) string {
+	var r struct {
+		Ref string `json:"ref"`
+	}
+	_ = json.Unmarshal(data, &r)
+	return r.Ref
 }
 
 // handle applies one client frame. A refused request is answered with an
@@ -92,13 +129,27 @@ func (c *conn) apply(req request, data []byte) *requestError {
 		if err := key.Validate(); err != nil {
 			return refuse(CodeInvalidKey, "%v", err)
 		}
+		if len(key.ID) > c.s.opts.MaxIDLength {
+			return refuse(CodeInvalidKey, "id longer than %d bytes", c.s.opts.MaxIDLength)
+		}
 		if req.Action == shared.ActionUnsubscribe {
 			c.client.Unsubscribe(key)
 			return nil
 		}
+		if n := c.client.Subscriptions(); n >= c.s.opts.MaxSubscriptions && !c.client.Subscribed(key) {
+			c.s.stats.subscriptionLimit.Add(1)
+			return refuse(CodeTooManySubscriptions, "connection already holds %d keys", n)
+		}
 		if err := c.client.Subscribe(key); err != nil {
-			if errors.Is(err, esbridge.ErrEntityNotServed) {
+			switch {
+			case errors.Is(err, esbridge.ErrEntityNotServed):
 				return refuse(CodeUnknownEntity, "entity type %q is not served here", key.Entity)
+			case errors.Is(err, esbridge.ErrForbidden):
+				c.s.stats.forbidden.Add(1)
+				// The hook's reason stays in the server log: it may say
+				// more about the data than the client should learn.
+				c.log.WithError(err).Info("subscription refused by Authorize")
+				return refuse(CodeForbidden, "not allowed to subscribe to %s", key)
 			}
 			return refuse(CodeInternal, "subscribe %s: %v", key, err)
 		}
@@ -150,17 +201,19 @@ func (c *conn) kick(code int, reason string) {
 }
 
 func (c *conn) passThrough(data []byte) {
-	pt := c.s.opts.PassThrough
-	if pt == nil {
-		c.log.Debug("dropping frame without action: no pass-through function configured")
-		return
-	}
 	defer func() {
 		if r := recover(); r != nil {
 			c.log.Errorf("pass-through function panicked: %v", r)
 		}
 	}()
-	pt(c.client.Secret(), data)
+	switch {
+	case c.s.opts.PassThroughContext != nil:
+		c.s.opts.PassThroughContext(c.ctx, data)
+	case c.s.opts.PassThrough != nil:
+		c.s.opts.PassThrough(c.client.Secret(), data)
+	default:
+		c.log.Debug("dropping frame without action: no pass-through function configured")
+	}
 }
 
 func (c *conn) writePump() {
@@ -179,10 +232,16 @@ func (c *conn) writePump() {
 				return
 			}
 		case <-c.client.Ready():
+			if c.client.Overflowed() {
+				c.s.stats.slowClients.Add(1)
+				c.log.Warn("dropping connection: too far behind (MaxPendingBytes)")
+				c.closeWith(websocket.ClosePolicyViolation, "client too slow")
+				return
+			}
 			batch = c.client.Take(batch[:0])
 			for _, u := range batch {
 				if err := c.writeUpdate(u); err != nil {
-					c.log.WithError(err).Info("dropping connection: write failed or timed out")
+					c.dropped(err)
 					return
 				}
 			}
@@ -193,6 +252,7 @@ func (c *conn) writePump() {
 				return
 			}
 		case k := <-c.kicked:
+			c.s.stats.protocolViolations.Add(1)
 			c.closeWith(k.code, k.reason)
 			return
 		case <-c.readDone:
@@ -208,9 +268,21 @@ func (c *conn) write(messageType int, b []byte) error {
 	_ = c.ws.SetWriteDeadline(time.Now().Add(c.s.opts.WriteWait))
 	err := c.ws.WriteMessage(messageType, b)
 	if err != nil {
-		c.log.WithError(err).Info("dropping connection: write failed or timed out")
+		c.dropped(err)
 	}
 	return err
+}
+
+// dropped logs and counts a connection lost to a failed write; a timeout
+// means the client stopped reading.
+func (c *conn) dropped(err error) {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		c.s.stats.slowClients.Add(1)
+		c.log.Info("dropping connection: client did not read within WriteWait")
+		return
+	}
+	c.log.WithError(err).Debug("dropping connection: write failed")
 }
 
 // closeWith sends a close frame and gives the client a moment to answer the
@@ -225,6 +297,15 @@ func (c *conn) closeWith(code int, reason string) {
 }
 
 func (c *conn) writeUpdate(u *esbridge.Update) error {
+	if u.Revoked {
+		c.log.WithField("key", u.Key.String()).Info("subscription revoked")
+		if !c.envelope {
+			return nil // the raw protocol cannot say it; the pushes just stop
+		}
+		b, _ := json.Marshal(revokedFrame{Type: "revoked", Key: u.Key, Reason: "access withdrawn"})
+		_ = c.ws.SetWriteDeadline(time.Now().Add(c.s.opts.WriteWait))
+		return c.ws.WriteMessage(websocket.TextMessage, b)
+	}
 	var frames []*websocket.PreparedMessage
 	if c.envelope {
 		if pm := u.Memo(envelopeID{}, prepareEnvelope).(*websocket.PreparedMessage); pm != nil {

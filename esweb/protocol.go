@@ -66,6 +66,11 @@ type (
 		Seq  uint64            `json:"seq"`
 		Rows []json.RawMessage `json:"rows,omitempty"`
 	}
+	revokedFrame struct {
+		Type   string           `json:"type"` // "revoked"
+		Key    shared.EntityKey `json:"key"`
+		Reason string           `json:"reason"`
+	}
 	ackFrame struct {
 		Type string `json:"type"` // "ack"
 		Ref  string `json:"ref"`
@@ -81,7 +86,11 @@ type (
 
 // Limits are the limits the server enforces, announced in the welcome frame.
 type Limits struct {
-	MaxFrameBytes int64 `json:"maxFrameBytes"`
+	MaxFrameBytes     int64 `json:"maxFrameBytes"`
+	MaxSubscriptions  int   `json:"maxSubscriptions"`
+	MessagesPerSecond int   `json:"messagesPerSecond"`
+	MessageBurst      int   `json:"messageBurst"`
+	MaxIDLength       int   `json:"maxIdLength"`
 }
 
 // envelopeID is the Memo id of an update's envelope frame.

@@ -13,6 +13,10 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
+	"path"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -51,10 +55,40 @@ type Options struct {
 	// buffers keep an idle connection cheap; larger frames are written in
 	// several chunks.
 	ReadBufferSize, WriteBufferSize int
-	// CheckOrigin decides whether a cross-origin upgrade is allowed. Default:
-	// only same-origin browsers (requests without an Origin header, from
-	// non-browser clients, are allowed).
+	// PassThroughContext, if set, receives frames that carry no action with
+	// a context holding the connection (shared.ConnectionFrom); it takes
+	// precedence over PassThrough.
+	PassThroughContext func(ctx context.Context, frame []byte)
+	// Authenticate, if set, checks the upgrade request (cookie, header,
+	// token) before the upgrade and returns the principal the hooks will see
+	// in shared.Connection. An error refuses the request with 401, or with
+	// 403 when it wraps ErrForbidden.
+	Authenticate func(r *http.Request) (principal any, err error)
+	// AllowedOrigins lists the browser origins, besides the server's own,
+	// that may open a connection: exact ("https://app.example.com") or
+	// path.Match patterns ("https://*.example.com"). Default: same-origin
+	// only. Requests without an Origin header (non-browser clients) are
+	// always allowed: the check exists to stop cross-site websocket
+	// hijacking, which only browsers can be made to do.
+	AllowedOrigins []string
+	// AllowAnyOrigin turns the origin check off. Only for endpoints that do
+	// not rely on cookies or other ambient browser credentials.
+	AllowAnyOrigin bool
+	// CheckOrigin, if set, replaces the origin check (AllowedOrigins and
+	// AllowAnyOrigin are then ignored).
 	CheckOrigin func(r *http.Request) bool
+	// MaxConnections bounds the open connections of this server; further
+	// upgrade requests get 503. Default 10,000.
+	MaxConnections int
+	// MaxSubscriptions bounds the keys one connection may hold. Default 1,000.
+	MaxSubscriptions int
+	// MessagesPerSecond and MessageBurst rate-limit each connection's
+	// requests (token bucket); a request over the limit is dropped with a
+	// rate_limited error. Defaults 50 per second, bursts of 100.
+	MessagesPerSecond, MessageBurst int
+	// MaxIDLength bounds the id of a key a client may subscribe to, in
+	// bytes. Default and maximum shared.MaxIDLength (256).
+	MaxIDLength int
 	// Logger receives the transport's log lines. Default: logrus's standard
 	// logger.
 	Logger logrus.FieldLogger
@@ -79,7 +113,26 @@ func (o *Options) setDefaults() {
 	if o.Logger == nil {
 		o.Logger = logrus.StandardLogger()
 	}
+	if o.MaxConnections <= 0 {
+		o.MaxConnections = 10000
+	}
+	if o.MaxSubscriptions <= 0 {
+		o.MaxSubscriptions = 1000
+	}
+	if o.MessagesPerSecond <= 0 {
+		o.MessagesPerSecond = 50
+	}
+	if o.MessageBurst <= 0 {
+		o.MessageBurst = 2 * o.MessagesPerSecond
+	}
+	if o.MaxIDLength <= 0 || o.MaxIDLength > shared.MaxIDLength {
+		o.MaxIDLength = shared.MaxIDLength
+	}
 }
+
+// ErrForbidden, wrapped in an Authenticate error, makes the refusal a 403
+// instead of a 401.
+var ErrForbidden = errors.New("esweb: forbidden")
 
 // Server is an http.Handler that serves entity-sync websocket connections.
 type Server struct {
@@ -93,6 +146,44 @@ type Server struct {
 	conns  map[*conn]struct{}
 	closed bool
 	wg     sync.WaitGroup
+	stats  counters
+}
+
+type counters struct {
+	accepted, refusedOrigin, refusedAuth, refusedFull, tooLarge, rateLimited,
+	subscriptionLimit, forbidden, slowClients, protocolViolations atomic.Uint64
+}
+
+// Stats counts what the transport accepted and refused since it started.
+type Stats struct {
+	Connections        int    // open now
+	Accepted           uint64 // connections upgraded
+	RefusedOrigin      uint64 // upgrades refused by the origin check (403)
+	RefusedAuth        uint64 // upgrades refused by Authenticate (401/403)
+	RefusedFull        uint64 // upgrades refused at MaxConnections (503)
+	FramesTooLarge     uint64 // connections closed with 1009
+	RateLimited        uint64 // requests dropped over the rate limit
+	SubscriptionLimit  uint64 // subscribes refused at MaxSubscriptions
+	Forbidden          uint64 // subscribes refused by Authorize
+	SlowClients        uint64 // connections dropped for not reading (write deadline or pending bytes)
+	ProtocolViolations uint64 // connections closed with 1008
+}
+
+// Stats returns the transport's counters.
+func (s *Server) Stats() Stats {
+	return Stats{
+		Connections:        s.Connections(),
+		Accepted:           s.stats.accepted.Load(),
+		RefusedOrigin:      s.stats.refusedOrigin.Load(),
+		RefusedAuth:        s.stats.refusedAuth.Load(),
+		RefusedFull:        s.stats.refusedFull.Load(),
+		FramesTooLarge:     s.stats.tooLarge.Load(),
+		RateLimited:        s.stats.rateLimited.Load(),
+		SubscriptionLimit:  s.stats.subscriptionLimit.Load(),
+		Forbidden:          s.stats.forbidden.Load(),
+		SlowClients:        s.stats.slowClients.Load(),
+		ProtocolViolations: s.stats.protocolViolations.Load(),
+	}
 }
 
 // NewServer returns a transport that makes a bridge client per connection
@@ -109,8 +200,9 @@ func NewServer(build ClientBuilder, opts Options) *Server {
 		ReadBufferSize:  opts.ReadBufferSize,
 		WriteBufferSize: opts.WriteBufferSize,
 		WriteBufferPool: &sync.Pool{},
-		CheckOrigin:     opts.CheckOrigin,
-		Subprotocols:    []string{Subprotocol},
+		// ServeHTTP checks the origin before authenticating; see originAllowed.
+		CheckOrigin:  func(*http.Request) bool { return true },
+		Subprotocols: []string{Subprotocol},
 	}
 	return s
 }
@@ -127,22 +219,52 @@ func SetupMuxBridge(router *mux.Router, build ClientBuilder, passThrough ...shar
 	return s
 }
 
-// ServeHTTP upgrades the request to a websocket connection.
+// ServeHTTP checks the request (server open, connection limit, origin,
+// authentication), upgrades it and starts the connection's reader and writer.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	log := s.log.WithField("remote", r.RemoteAddr)
 	s.mu.Lock()
-	closed := s.closed
+	closed, full := s.closed, len(s.conns) >= s.opts.MaxConnections
 	s.mu.Unlock()
-	if closed {
+	switch {
+	case closed:
 		http.Error(w, "entity-sync: server shutting down", http.StatusServiceUnavailable)
 		return
+	case full:
+		s.stats.refusedFull.Add(1)
+		log.Warnf("refusing connection: %d connections open (MaxConnections)", s.opts.MaxConnections)
+		http.Error(w, "entity-sync: too many connections", http.StatusServiceUnavailable)
+		return
+	case !s.originAllowed(r):
+		s.stats.refusedOrigin.Add(1)
+		log.WithField("origin", r.Header.Get("Origin")).Warn("refusing cross-origin websocket request")
+		http.Error(w, "entity-sync: origin not allowed", http.StatusForbidden)
+		return
+	}
+	var principal any
+	if s.opts.Authenticate != nil {
+		p, err := s.opts.Authenticate(r)
+		if err != nil {
+			s.stats.refusedAuth.Add(1)
+			status := http.StatusUnauthorized
+			if errors.Is(err, ErrForbidden) {
+				status = http.StatusForbidden
+			}
+			// The hook's error may describe credentials: log it, but tell
+			// the client only the status.
+			log.WithError(err).Info("refusing unauthenticated websocket request")
+			http.Error(w, http.StatusText(status), status)
+			return
+		}
+		principal = p
 	}
 	ws, err := s.upgrader.Upgrade(w, r, nil)
 	if err != nil {
 		// The upgrader has already answered with an HTTP error.
-		s.log.WithError(err).WithField("remote", r.RemoteAddr).Debug("websocket upgrade refused")
+		log.WithError(err).Debug("websocket upgrade failed")
 		return
 	}
-	id := s.nextID.Add(1)
+	id := strconv.FormatUint(s.nextID.Add(1), 10)
 	c := &conn{
 		s:        s,
 		ws:       ws,
@@ -152,10 +274,13 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		kicked:   make(chan kick, 1),
 		shutdown: make(chan struct{}),
 		readDone: make(chan struct{}),
+		tokens:   float64(s.opts.MessageBurst),
+		refilled: time.Now(),
 	}
-	if c.envelope {
-		c.sendControl(welcomeFrame{Type: "welcome", Protocol: Subprotocol, Limits: Limits{MaxFrameBytes: s.opts.ReadLimit}})
-	}
+	// The client is built below; its secret is read only once hooks run,
+	// after the goroutines that call them have started.
+	c.info = shared.NewConnection(id, r, principal, func() string { return c.client.Secret() })
+	c.ctx = shared.WithConnection(context.WithoutCancel(r.Context()), c.info)
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -165,9 +290,48 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.conns[c] = struct{}{}
 	s.wg.Add(2)
 	s.mu.Unlock()
-	c.client = s.build(context.WithoutCancel(r.Context()))
+	s.stats.accepted.Add(1)
+	c.client = s.build(c.ctx)
+	if c.envelope {
+		c.sendControl(welcomeFrame{Type: "welcome", Protocol: Subprotocol, Limits: s.limits()})
+	}
 	go c.writePump()
 	go c.readPump()
+}
+
+func (s *Server) limits() Limits {
+	return Limits{
+		MaxFrameBytes:     s.opts.ReadLimit,
+		MaxSubscriptions:  s.opts.MaxSubscriptions,
+		MessagesPerSecond: s.opts.MessagesPerSecond,
+		MessageBurst:      s.opts.MessageBurst,
+		MaxIDLength:       s.opts.MaxIDLength,
+	}
+}
+
+// originAllowed implements the origin policy described on Options.
+func (s *Server) originAllowed(r *http.Request) bool {
+	if s.opts.CheckOrigin != nil {
+		return s.opts.CheckOrigin(r)
+	}
+	origin := r.Header.Get("Origin")
+	if origin == "" || s.opts.AllowAnyOrigin {
+		return true
+	}
+	u, err := url.Parse(origin)
+	if err != nil {
+		return false
+	}
+	if strings.EqualFold(u.Host, r.Host) {
+		return true
+	}
+	origin = strings.ToLower(origin)
+	for _, pattern := range s.opts.AllowedOrigins {
+		if ok, _ := path.Match(strings.ToLower(pattern), origin); ok {
+			return true
+		}
+	}
+	return false
 }
 
 func (s *Server) forget(c *conn) {

@@ -7,6 +7,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"unicode"
+	"unicode/utf8"
 )
 
 // EntityType names a kind of entity ("items", "users"). It doubles as the queue
@@ -32,15 +34,46 @@ func (k EntityKey) String() string { return string(k.Entity) + "/" + k.ID }
 // seed API; EntityKey is comparable and can be used as a map key directly.
 func (k EntityKey) Hash() string { return fmt.Sprintf("%d:%s/%s", len(k.Entity), k.Entity, k.ID) }
 
+// Limits on the parts of a key. Clients choose keys, so both are bounded to
+// keep one request's cost bounded.
+const (
+	MaxEntityLength = 64  // bytes; also NSQ's topic name limit
+	MaxIDLength     = 256 // bytes
+)
+
 // ErrEmptyKey is returned for a key whose entity type or id is empty.
 var ErrEmptyKey = errors.New("entity key needs a non-empty entity and id")
 
-// Validate reports whether the key names something: both parts non-empty.
+// ErrInvalidKey is returned for a key that is too long or holds characters
+// that are not printable UTF-8.
+var ErrInvalidKey = errors.New("invalid entity key")
+
+// Validate reports whether the key is usable: both parts non-empty, at most
+// MaxEntityLength and MaxIDLength bytes, valid UTF-8 without control
+// characters.
 func (k EntityKey) Validate() error {
 	if k.Entity == "" || k.ID == "" {
 		return ErrEmptyKey
 	}
+	if len(k.Entity) > MaxEntityLength || len(k.ID) > MaxIDLength {
+		return fmt.Errorf("%w: entity type at most %d bytes, id at most %d", ErrInvalidKey, MaxEntityLength, MaxIDLength)
+	}
+	if !printable(string(k.Entity)) || !printable(k.ID) {
+		return fmt.Errorf("%w: only printable UTF-8 is allowed", ErrInvalidKey)
+	}
 	return nil
+}
+
+func printable(s string) bool {
+	if !utf8.ValidString(s) {
+		return false
+	}
+	for _, r := range s {
+		if unicode.IsControl(r) {
+			return false
+		}
+	}
+	return true
 }
 
 // Action names what a client asks for in a Message.
