@@ -8,11 +8,14 @@
 //	go run ./examples/basic
 //	go run ./examples/basic/client        # in another terminal
 //
-// Or point several instances at NSQ so a change made on one reaches the
-// clients of all (see `make cluster` and docker-compose.yml):
+// Or run several instances on NSQ, sharing one item file as servers share a
+// database: instance 8080 changes the item, and the clients of 8081 see it
+// because the notification travels through NSQ (see `make cluster` and
+// docker-compose.yml):
 //
-//	go run ./examples/basic -listen 127.0.0.1:8080 -nsqd 127.0.0.1:4150 -lookupd 127.0.0.1:4161
-//	go run ./examples/basic -listen 127.0.0.1:8081 -nsqd 127.0.0.1:4150 -lookupd 127.0.0.1:4161
+//	go run ./examples/basic -listen 127.0.0.1:8080 -nsqd 127.0.0.1:4150 -store /tmp/items.json
+//	go run ./examples/basic -listen 127.0.0.1:8081 -nsqd 127.0.0.1:4150 -store /tmp/items.json -every 0
+//	go run ./examples/basic/client -url ws://127.0.0.1:8081/ws/entity-sync/
 //
 // Any websocket client speaks the same protocol: send
 //
@@ -27,10 +30,12 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io/fs"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -65,8 +70,9 @@ type config struct {
 	// Every is how often item 100 changes; 0 turns the changer off (an
 	// instance that only serves clients).
 	Every time.Duration
-	// Items is the data the app syncs. Nil means a fresh store with item 100.
-	// Instances given the same store behave like servers sharing a database.
+	// Items is the data the app syncs. Nil means a fresh in-memory store
+	// with item 100. Instances given the same store behave like servers
+	// sharing a database.
 	Items *itemStore
 	// Log receives the demo's and the library's log lines. Nil means logrus's
 	// standard logger.
@@ -79,12 +85,17 @@ func main() {
 	flag.Var((*addrList)(&cfg.NSQDAddrs), "nsqd", "nsqd TCP address (host:port); repeat or comma-separate for several. Default: in-process queue")
 	flag.Var((*addrList)(&cfg.LookupdAddrs), "lookupd", "nsqlookupd HTTP address (host:port); repeat or comma-separate for several. Needs -nsqd too")
 	flag.DurationVar(&cfg.Every, "every", time.Second, "how often item "+demoItemID+" changes (0 = never)")
+	store := flag.String("store", "", "JSON file to keep items in, shared by the instances on one host (default: in memory)")
 	debug := flag.Bool("debug", false, "log at debug level")
 	flag.Parse()
 
 	cfg.Log = logrus.StandardLogger()
 	if *debug {
 		cfg.Log.SetLevel(logrus.DebugLevel)
+	}
+	var err error
+	if cfg.Items, err = openItemStore(*store); err != nil {
+		cfg.Log.WithError(err).Fatal("open item store")
 	}
 
 	// Ctrl-C (SIGINT) and `docker stop` (SIGTERM) both cancel ctx, which
@@ -104,13 +115,15 @@ func main() {
 
 // run serves the demo on ln until ctx ends, then shuts down gracefully: no new
 // connections, websocket clients get a close frame (1001 going away), and
-// queue connections are released. It returns nil after a clean shutdown.
+// queue connections are released. It returns nil after a clean shutdown. run
+// owns ln and closes it; taking a listener rather than an address lets tests
+// use port 0 and know the address before anything connects.
 func run(ctx context.Context, cfg config, ln net.Listener) error {
 	if cfg.Log == nil {
 		cfg.Log = logrus.StandardLogger()
 	}
 	if cfg.Items == nil {
-		cfg.Items = newItemStore()
+		cfg.Items, _ = openItemStore("") // in memory: cannot fail
 	}
 	log := cfg.Log.WithField("addr", ln.Addr().String())
 
@@ -130,11 +143,11 @@ func run(ctx context.Context, cfg config, ln net.Listener) error {
 	// per change on each server that has subscribers for the key, and its rows
 	// go to all of them. One item, one JSON row; no rows means "gone".
 	err = es.Register(entityItems, func(_ context.Context, key shared.EntityKey) ([][]byte, error) {
-		item, ok := cfg.Items.get(key.ID)
-		if !ok {
-			return nil, nil
+		it, ok, err := cfg.Items.get(key.ID)
+		if err != nil || !ok {
+			return nil, err
 		}
-		row, err := json.Marshal(item)
+		row, err := json.Marshal(it)
 		if err != nil {
 			return nil, err
 		}
@@ -165,12 +178,13 @@ func run(ctx context.Context, cfg config, ln net.Listener) error {
 		WithField("queue", queueName(cfg)).
 		Info("serving; subscribe to items/" + demoItemID)
 
+	var failed error
 	select {
 	case <-ctx.Done():
 		log.Info("shutting down")
-	case err := <-serveErr:
+	case failed = <-serveErr:
 		// Serve only returns early on a listener failure: still clean up.
-		log.WithError(err).Error("http server stopped")
+		log.WithError(failed).Error("http server stopped; shutting down")
 	}
 
 	shutdownCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), shutdownTimeout)
@@ -183,9 +197,9 @@ func run(ctx context.Context, cfg config, ln net.Listener) error {
 	herr := srv.Shutdown(shutdownCtx)
 	eerr := es.Close(shutdownCtx)
 	if err := errors.Join(herr, eerr); err != nil {
-		return fmt.Errorf("shutdown: %w", err)
+		failed = errors.Join(failed, fmt.Errorf("shutdown: %w", err))
 	}
-	return nil
+	return failed
 }
 
 // changeEvery bumps item 100 every interval and notifies all servers, until
@@ -200,13 +214,17 @@ func changeEvery(ctx context.Context, every time.Duration, items *itemStore, es 
 			return
 		case <-ticker.C:
 		}
-		item := items.bump(demoItemID)
+		it, err := items.bump(demoItemID)
+		if err != nil {
+			log.WithError(err).Error("change failed")
+			continue
+		}
 		// Only the key travels; each server fetches the data itself.
 		if err := es.NotifyAllOfChange(key); err != nil {
 			log.WithError(err).Warn("notify failed; subscribers catch up on the next change")
 			continue
 		}
-		log.WithField("counter", item.Counter).Debug("item changed")
+		log.WithField("counter", it.Counter).Debug("item changed")
 	}
 }
 
@@ -225,35 +243,103 @@ type item struct {
 	UpdatedAt time.Time `json:"updated_at"`
 }
 
-// itemStore is an in-memory stand-in for the app's database.
+// itemStore stands in for the app's database. It lives in memory, or, with a
+// file path, in a JSON file that several instances on one host share the way
+// real servers share a database: then a change one instance makes is what the
+// others fetch when its notification reaches them.
 type itemStore struct {
 	mu    sync.Mutex
-	items map[string]item
+	path  string          // "" keeps items in memory only
+	items map[string]item // the items; reloaded from path on every access
 }
 
-func newItemStore() *itemStore {
-	return &itemStore{items: map[string]item{
+// openItemStore returns a store holding item 100, kept in the file at path,
+// or in memory when path is "". An existing file is used as is.
+func openItemStore(path string) (*itemStore, error) {
+	s := &itemStore{path: path, items: map[string]item{
 		demoItemID: {ID: demoItemID, Name: "demo counter", UpdatedAt: time.Now().UTC()},
 	}}
-}
-
-func (s *itemStore) get(id string) (item, bool) {
+	if path == "" {
+		return s, nil
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if err := s.load(); errors.Is(err, fs.ErrNotExist) {
+		return s, s.save()
+	} else if err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+func (s *itemStore) get(id string) (item, bool, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.load(); err != nil {
+		return item{}, false, err
+	}
 	it, ok := s.items[id]
-	return it, ok
+	return it, ok, nil
 }
 
 // bump increments an item's counter, creating the item if needed.
-func (s *itemStore) bump(id string) item {
+func (s *itemStore) bump(id string) (item, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if err := s.load(); err != nil {
+		return item{}, err
+	}
 	it := s.items[id]
 	it.ID = id
 	it.Counter++
 	it.UpdatedAt = time.Now().UTC()
 	s.items[id] = it
-	return it
+	return it, s.save()
+}
+
+// load rereads the file, if any, so writes by other instances are seen.
+func (s *itemStore) load() error {
+	if s.path == "" {
+		return nil
+	}
+	b, err := os.ReadFile(s.path)
+	if err != nil {
+		return err
+	}
+	items := make(map[string]item)
+	if err := json.Unmarshal(b, &items); err != nil {
+		return fmt.Errorf("item store %s: %w", s.path, err)
+	}
+	s.items = items
+	return nil
+}
+
+// save writes the file, if any, through a rename so that a reader in another
+// process never sees half a file.
+func (s *itemStore) save() error {
+	if s.path == "" {
+		return nil
+	}
+	b, err := json.Marshal(s.items)
+	if err != nil {
+		return err
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(s.path), ".items-*.json")
+	if err != nil {
+		return err
+	}
+	_, err = tmp.Write(b)
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp.Name(), s.path)
+	}
+	if err != nil {
+		os.Remove(tmp.Name())
+		return fmt.Errorf("item store %s: %w", s.path, err)
+	}
+	return nil
 }
 
 // addrList is a flag that may be repeated or comma-separated:

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"net"
 	"os"
+	"path/filepath"
 	"slices"
 	"sync"
 	"testing"
@@ -36,22 +37,25 @@ func TestDemoPushesChanges(t *testing.T) {
 	}
 	awaitNewer(t, ws, first)
 
-	d.stop(t)
+	// Read the goodbye while run shuts down: the server waits for the
+	// client's close reply, so reading it first keeps shutdown fast.
+	d.cancel()
 	expectGoingAway(t, ws)
+	d.wait(t)
 }
 
 // TestDemoAcrossServersOverNSQ runs two demo instances on one real nsqd
-// (embedded in the test) sharing one store, as two servers share a database.
-// Only instance A changes item 100; a client of instance B still sees the
-// changes, so the notification went A -> nsqd -> B.
+// (embedded in the test) sharing one item file (-store), as two servers share
+// a database. Only instance A changes item 100; a client of instance B still
+// sees the changes, so the notification went A -> nsqd -> B.
 func TestDemoAcrossServersOverNSQ(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts an nsqd")
 	}
 	nsqd := nsqtest.StartNSQD(t)
-	items := newItemStore()
-	startDemo(t, config{NSQDAddrs: []string{nsqd.TCPAddr()}, Every: tick, Items: items})
-	b := startDemo(t, config{NSQDAddrs: []string{nsqd.TCPAddr()}, Every: 0, Items: items})
+	path := filepath.Join(t.TempDir(), "items.json")
+	startDemo(t, config{NSQDAddrs: []string{nsqd.TCPAddr()}, Every: tick, Items: openStore(t, path)})
+	b := startDemo(t, config{NSQDAddrs: []string{nsqd.TCPAddr()}, Every: 0, Items: openStore(t, path)})
 
 	ws := subscribe(t, b.addr, "100")
 	awaitNewer(t, ws, nextItem(t, ws))
@@ -73,6 +77,29 @@ func TestUnknownItemIsEmpty(t *testing.T) {
 	}
 }
 
+// TestFileStoreIsShared checks that two stores on one file see each other's
+// writes, which is what makes the cluster demo show the same item everywhere.
+func TestFileStoreIsShared(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "items.json")
+	a, b := openStore(t, path), openStore(t, path)
+	if _, err := a.bump(demoItemID); err != nil {
+		t.Fatal(err)
+	}
+	it, ok, err := b.get(demoItemID)
+	if err != nil || !ok || it.Counter != 1 {
+		t.Fatalf("b.get = %+v, %v, %v; want counter 1", it, ok, err)
+	}
+}
+
+func openStore(t *testing.T, path string) *itemStore {
+	t.Helper()
+	s, err := openItemStore(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
 func TestAddrListFlag(t *testing.T) {
 	var a addrList
 	for _, v := range []string{"a:4150", " b:4150 , c:4150,", ""} {
@@ -90,12 +117,13 @@ func TestAddrListFlag(t *testing.T) {
 
 // demo is one running instance of the demo server.
 type demo struct {
-	addr string
-	stop func(t *testing.T) // cancels run and checks it returned nil
+	addr   string
+	cancel context.CancelFunc // starts run's graceful shutdown
+	wait   func(t *testing.T) // waits for run and checks it returned nil
 }
 
 // startDemo runs the demo on a random loopback port until the test ends (or
-// stop is called).
+// cancel is called).
 func startDemo(t *testing.T, cfg config) demo {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -110,10 +138,9 @@ func startDemo(t *testing.T, cfg config) demo {
 	go func() { done <- run(ctx, cfg, ln) }()
 
 	var once sync.Once
-	stop := func(t *testing.T) {
+	wait := func(t *testing.T) {
 		t.Helper()
 		once.Do(func() {
-			cancel()
 			select {
 			case err := <-done:
 				if err != nil {
@@ -124,8 +151,8 @@ func startDemo(t *testing.T, cfg config) demo {
 			}
 		})
 	}
-	t.Cleanup(func() { stop(t) })
-	return demo{addr: ln.Addr().String(), stop: stop}
+	t.Cleanup(func() { cancel(); wait(t) })
+	return demo{addr: ln.Addr().String(), cancel: cancel, wait: wait}
 }
 
 // quietLogger keeps passing runs silent; -v shows everything.

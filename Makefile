@@ -1,0 +1,98 @@
+# entity-sync developer tasks. `make help` lists them.
+#
+# NSQ is embedded in the tests, so `make test` needs nothing but Go. The
+# broker binaries (`make nsq`) are only for running a real local cluster.
+
+# bash for /dev/tcp in `cluster` (waiting for nsqlookupd before starting
+# nsqd, which would otherwise retry only after 15s).
+SHELL := /bin/bash
+
+GO    ?= go
+BIN   := $(CURDIR)/bin
+# Extra flags for the demo, e.g. make run ARGS='-nsqd 127.0.0.1:4150 -every 200ms'
+ARGS  ?=
+
+# Ports of the local cluster (`make cluster`); override to avoid clashes.
+LOOKUPD_TCP  ?= 4160
+LOOKUPD_HTTP ?= 4161
+NSQD1_TCP    ?= 4150
+NSQD1_HTTP   ?= 4151
+NSQD2_TCP    ?= 4152
+NSQD2_HTTP   ?= 4153
+
+.PHONY: help run client test fmt vet nsq cluster clean
+
+help:
+	@echo 'make run      run the demo server (in-process queue; ARGS=... for flags)'
+	@echo 'make client   run the demo client (subscribes to items/100)'
+	@echo 'make test     run every test with the race detector'
+	@echo 'make fmt      gofmt the tree'
+	@echo 'make vet      go vet the module'
+	@echo 'make nsq      build nsqd and nsqlookupd v1.3.0 into ./bin'
+	@echo 'make cluster  run nsqlookupd + two nsqd locally until Ctrl-C'
+
+run:
+	$(GO) run ./examples/basic $(ARGS)
+
+client:
+	$(GO) run ./examples/basic/client $(ARGS)
+
+# The same command the README and .ci/run use.
+test:
+	go test -race -count=1 ./...
+
+fmt:
+	gofmt -w .
+
+vet:
+	$(GO) vet ./...
+
+# The brokers come from their own module (tools/), which carries the go-svc
+# replace that building nsq's apps needs; the library's go.mod stays clean.
+nsq:
+	cd tools && $(GO) build -o $(BIN)/ github.com/nsqio/nsq/apps/nsqd github.com/nsqio/nsq/apps/nsqlookupd
+
+# A local NSQ cluster: one nsqlookupd and two nsqd registering with it, data
+# in a temp dir that is removed on exit. Runs in the foreground; Ctrl-C stops
+# the brokers. Broker logs go to files in the temp dir to keep the terminal
+# free for the instructions.
+cluster: nsq
+	@set -eu; \
+	dir=$$(mktemp -d "$${TMPDIR:-/tmp}/entity-sync-cluster.XXXXXX"); \
+	mkdir -p "$$dir/nsqd1" "$$dir/nsqd2"; \
+	pids=; \
+	cleanup() { \
+		[ -z "$$pids" ] || kill $$pids 2>/dev/null || true; \
+		wait 2>/dev/null || true; \
+		rm -rf "$$dir"; \
+		echo 'cluster stopped'; \
+	}; \
+	trap cleanup EXIT; \
+	trap 'exit 0' INT TERM; \
+	"$(BIN)/nsqlookupd" --tcp-address=127.0.0.1:$(LOOKUPD_TCP) --http-address=127.0.0.1:$(LOOKUPD_HTTP) \
+		--broadcast-address=127.0.0.1 >"$$dir/nsqlookupd.log" 2>&1 & pids="$$pids $$!"; \
+	for _ in $$(seq 50); do (exec 3<>/dev/tcp/127.0.0.1/$(LOOKUPD_TCP)) 2>/dev/null && break; sleep 0.1; done; \
+	"$(BIN)/nsqd" --tcp-address=127.0.0.1:$(NSQD1_TCP) --http-address=127.0.0.1:$(NSQD1_HTTP) \
+		--broadcast-address=127.0.0.1 --lookupd-tcp-address=127.0.0.1:$(LOOKUPD_TCP) \
+		--data-path="$$dir/nsqd1" >"$$dir/nsqd1.log" 2>&1 & pids="$$pids $$!"; \
+	"$(BIN)/nsqd" --tcp-address=127.0.0.1:$(NSQD2_TCP) --http-address=127.0.0.1:$(NSQD2_HTTP) \
+		--broadcast-address=127.0.0.1 --lookupd-tcp-address=127.0.0.1:$(LOOKUPD_TCP) \
+		--data-path="$$dir/nsqd2" >"$$dir/nsqd2.log" 2>&1 & pids="$$pids $$!"; \
+	echo "NSQ cluster running (logs in $$dir):"; \
+	echo "  nsqlookupd  tcp 127.0.0.1:$(LOOKUPD_TCP)  http 127.0.0.1:$(LOOKUPD_HTTP)"; \
+	echo "  nsqd 1      tcp 127.0.0.1:$(NSQD1_TCP)  http 127.0.0.1:$(NSQD1_HTTP)"; \
+	echo "  nsqd 2      tcp 127.0.0.1:$(NSQD2_TCP)  http 127.0.0.1:$(NSQD2_HTTP)"; \
+	echo; \
+	echo "In other terminals, start demo instances that publish to their own nsqd,"; \
+	echo "find every nsqd through nsqlookupd and share one item file (their"; \
+	echo "\"database\"). The first changes item 100; the second only serves, so"; \
+	echo "its client sees changes that crossed NSQ:"; \
+	echo "  go run ./examples/basic -listen 127.0.0.1:8080 -nsqd 127.0.0.1:$(NSQD1_TCP) -lookupd 127.0.0.1:$(LOOKUPD_HTTP) -store $$dir/items.json"; \
+	echo "  go run ./examples/basic -listen 127.0.0.1:8081 -nsqd 127.0.0.1:$(NSQD2_TCP) -lookupd 127.0.0.1:$(LOOKUPD_HTTP) -store $$dir/items.json -every 0"; \
+	echo "  go run ./examples/basic/client -url ws://127.0.0.1:8081/ws/entity-sync/"; \
+	echo; \
+	echo "Ctrl-C stops the cluster."; \
+	wait
+
+clean:
+	rm -rf $(BIN)
