@@ -105,64 +105,45 @@ func peekRef(data []byte) string {
 // no error frame); either way the connection and its other subscriptions
 // carry on.
 func (c *conn) handle(data []byte) {
-	var req request
-	if err := json.Unmarshal(data, &req); err != nil {
-		c.refused("", refuse(CodeBadRequest, "frame is not a JSON request: %v", err))
+	req, err := parseRequest(data, c.s.opts.MaxIDLength)
+	if err == nil {
+		err = c.apply(req, data)
+	}
+	if err != nil {
+		c.refused(req.ref, err)
 		return
 	}
-	if err := c.apply(req, data); err != nil {
-		c.refused(req.Ref, err)
-		return
-	}
-	if req.Ref != "" && c.envelope {
-		c.sendControl(ackFrame{Type: "ack", Ref: req.Ref})
+	if req.ref != "" && c.envelope {
+		c.sendControl(ackFrame{Type: "ack", Ref: req.ref})
 	}
 }
 
-func (c *conn) apply(req request, data []byte) *requestError {
-	switch req.Action {
-	case shared.ActionSubscribe, shared.ActionUnsubscribe:
-		var key shared.EntityKey
-		if err := json.Unmarshal(req.Body, &key); err != nil {
-			return refuse(CodeBadRequest, `%s body must be {"entity":"...","id":"..."}`, req.Action)
-		}
-		if err := key.Validate(); err != nil {
-			return refuse(CodeInvalidKey, "%v", err)
-		}
-		if len(key.ID) > c.s.opts.MaxIDLength {
-			return refuse(CodeInvalidKey, "id longer than %d bytes", c.s.opts.MaxIDLength)
-		}
-		if req.Action == shared.ActionUnsubscribe {
-			c.client.Unsubscribe(key)
-			return nil
-		}
-		if n := c.client.Subscriptions(); n >= c.s.opts.MaxSubscriptions && !c.client.Subscribed(key) {
+func (c *conn) apply(req parsedRequest, data []byte) *requestError {
+	switch req.action {
+	case shared.ActionUnsubscribe:
+		c.client.Unsubscribe(req.key)
+	case shared.ActionSubscribe:
+		if n := c.client.Subscriptions(); n >= c.s.opts.MaxSubscriptions && !c.client.Subscribed(req.key) {
 			c.s.stats.subscriptionLimit.Add(1)
 			return refuse(CodeTooManySubscriptions, "connection already holds %d keys", n)
 		}
-		if err := c.client.Subscribe(key); err != nil {
+		if err := c.client.Subscribe(req.key); err != nil {
 			switch {
 			case errors.Is(err, esbridge.ErrEntityNotServed):
-				return refuse(CodeUnknownEntity, "entity type %q is not served here", key.Entity)
+				return refuse(CodeUnknownEntity, "entity type %q is not served here", req.key.Entity)
 			case errors.Is(err, esbridge.ErrForbidden):
 				c.s.stats.forbidden.Add(1)
 				// The hook's reason stays in the server log: it may say
 				// more about the data than the client should learn.
 				c.log.WithError(err).Info("subscription refused by Authorize")
-				return refuse(CodeForbidden, "not allowed to subscribe to %s", key)
+				return refuse(CodeForbidden, "not allowed to subscribe to %s", req.key)
 			}
-			return refuse(CodeInternal, "subscribe %s: %v", key, err)
+			return refuse(CodeInternal, "subscribe %s: %v", req.key, err)
 		}
 	case shared.ActionSecret:
-		var secret string
-		if err := json.Unmarshal(req.Body, &secret); err != nil {
-			return refuse(CodeBadRequest, "secret body must be a JSON string")
-		}
-		c.client.SetSecret(secret)
+		c.client.SetSecret(req.secret)
 	case "":
 		c.passThrough(data)
-	default:
-		return refuse(CodeUnknownAction, "unknown action %.50q", req.Action)
 	}
 	return nil
 }

@@ -53,6 +53,46 @@ type request struct {
 	Ref    string          `json:"ref,omitempty"`
 }
 
+// parsedRequest is a decoded and validated client frame.
+type parsedRequest struct {
+	action shared.Action
+	ref    string           // echoed in the ack or error; set even when parsing fails later
+	key    shared.EntityKey // subscribe, unsubscribe
+	secret string           // secret
+}
+
+// parseRequest is the frame decoder: it turns one client frame into a
+// request or says precisely what is wrong with it. It does no I/O and holds
+// no state, so it is fuzzed on its own (FuzzParseRequest).
+func parseRequest(data []byte, maxIDLength int) (parsedRequest, *requestError) {
+	var req request
+	if err := json.Unmarshal(data, &req); err != nil {
+		return parsedRequest{}, refuse(CodeBadRequest, "frame is not a JSON request: %v", err)
+	}
+	p := parsedRequest{action: req.Action, ref: req.Ref}
+	switch req.Action {
+	case shared.ActionSubscribe, shared.ActionUnsubscribe:
+		if err := json.Unmarshal(req.Body, &p.key); err != nil {
+			return p, refuse(CodeBadRequest, `%s body must be {"entity":"...","id":"..."}`, req.Action)
+		}
+		if err := p.key.Validate(); err != nil {
+			return p, refuse(CodeInvalidKey, "%v", err)
+		}
+		if len(p.key.ID) > maxIDLength {
+			return p, refuse(CodeInvalidKey, "id longer than %d bytes", maxIDLength)
+		}
+	case shared.ActionSecret:
+		if err := json.Unmarshal(req.Body, &p.secret); err != nil {
+			return p, refuse(CodeBadRequest, "secret body must be a JSON string")
+		}
+	case "":
+	default:
+		// The action is not echoed: client input stays out of the logs.
+		return p, refuse(CodeUnknownAction, "unknown action; the actions are subscribe, unsubscribe and secret")
+	}
+	return p, nil
+}
+
 // Server -> client envelope frames.
 type (
 	welcomeFrame struct {
