@@ -317,7 +317,7 @@ func (b *Bridge) resync(entity shared.EntityType) {
 		}
 		sh.mu.Unlock()
 	}
-	b.log.WithField("entity", entity).Infof("broker connection regained: re-fetching %d subscribed keys", n)
+	b.log.WithField("entity", entity).Infof("queue connection regained or new broker found: re-fetching %d subscribed keys", n)
 }
 
 func (b *Bridge) shard(key shared.EntityKey) *shard {

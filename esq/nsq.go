@@ -558,6 +558,9 @@ type nsqLogger struct{ log logrus.FieldLogger }
 func (l nsqLogger) Output(_ int, s string) error {
 	level, msg, _ := strings.Cut(s, " ")
 	msg = strings.TrimSpace(msg)
+	if strings.Contains(msg, "connections left alive") {
+		level = "DBG" // said on every clean stop; watch() reports real losses
+	}
 	switch level {
 	case "DBG", "INF": // go-nsq narrates every connection step at INF
 		l.log.Debug(msg)

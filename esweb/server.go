@@ -348,8 +348,10 @@ func (s *Server) Connections() int {
 }
 
 // Close refuses new connections, sends every client a close frame with code
-// 1001 (going away) and waits until every connection's goroutines are gone,
-// or ctx ends.
+// 1001 (going away) and waits until every connection's goroutines are gone.
+// If ctx ends first, the remaining connections are cut without a close
+// frame (a client that stopped reading can hold its writer until WriteWait),
+// and Close returns ctx's error once their goroutines are gone.
 func (s *Server) Close(ctx context.Context) error {
 	s.mu.Lock()
 	if !s.closed {
@@ -365,8 +367,14 @@ func (s *Server) Close(ctx context.Context) error {
 	case <-done:
 		return nil
 	case <-ctx.Done():
-		return fmt.Errorf("esweb: close: connections still open: %w", ctx.Err())
 	}
+	s.mu.Lock()
+	for c := range s.conns {
+		c.ws.NetConn().Close() // unblocks a writer stuck on a client that does not read
+	}
+	s.mu.Unlock()
+	<-done
+	return fmt.Errorf("esweb: close: connections cut before they closed cleanly: %w", ctx.Err())
 }
 
 // errShutdown marks a connection closed because the server is going away.
