@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/entity-sync/entity-sync/shared"
@@ -23,11 +24,45 @@ type Update struct {
 	// more will come for it.
 	Revoked bool
 
-	memoMu sync.Mutex
-	memo   []memoEntry
+	memoMu sync.Mutex                  // serialises building
+	memo   atomic.Pointer[[]memoEntry] // copy-on-write: read without the lock
 }
 
 type memoEntry struct{ id, value any }
+
+// Memo returns the value build made for id on this update, calling build only
+// the first time: transports use it to encode a frame once for all
+// subscribers. After the first call it takes no lock, so the writers of many
+// connections do not queue up on a popular update.
+func (u *Update) Memo(id any, build func(*Update) any) any {
+	if v, ok := u.memoLookup(id); ok {
+		return v
+	}
+	u.memoMu.Lock()
+	defer u.memoMu.Unlock()
+	if v, ok := u.memoLookup(id); ok {
+		return v
+	}
+	v := build(u)
+	var entries []memoEntry
+	if old := u.memo.Load(); old != nil {
+		entries = append(entries, *old...)
+	}
+	entries = append(entries, memoEntry{id, v})
+	u.memo.Store(&entries)
+	return v
+}
+
+func (u *Update) memoLookup(id any) (any, bool) {
+	if p := u.memo.Load(); p != nil {
+		for _, e := range *p {
+			if e.id == id {
+				return e.value, true
+			}
+		}
+	}
+	return nil, false
+}
 
 // size is the update's weight against a client's MaxPendingBytes.
 func (u *Update) size() int {
@@ -36,22 +71,6 @@ func (u *Update) size() int {
 		n += len(r)
 	}
 	return n
-}
-
-// Memo returns the value build made for id on this update, calling build only
-// the first time: transports use it to encode a frame once for all
-// subscribers.
-func (u *Update) Memo(id any, build func(*Update) any) any {
-	u.memoMu.Lock()
-	defer u.memoMu.Unlock()
-	for _, e := range u.memo {
-		if e.id == id {
-			return e.value
-		}
-	}
-	v := build(u)
-	u.memo = append(u.memo, memoEntry{id, v})
-	return v
 }
 
 // keyState is everything the bridge knows about one key with local

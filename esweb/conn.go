@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"net"
+	"sync"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -23,6 +24,11 @@ type conn struct {
 	log    logrus.FieldLogger
 	info   *shared.Connection
 	ctx    context.Context // carries info, for the hooks
+
+	// order is held by the reader while it applies a request and queues
+	// its ack, and by the writer while it takes updates, so an ack is never
+	// written after the update its request caused.
+	order sync.Mutex
 
 	// Token bucket of the request rate limit; only the reader touches it.
 	tokens   float64
@@ -105,6 +111,8 @@ func peekRef(data []byte) string {
 // no error frame); either way the connection and its other subscriptions
 // carry on.
 func (c *conn) handle(data []byte) {
+	c.order.Lock()
+	defer c.order.Unlock()
 	req, err := parseRequest(data, c.s.opts.MaxIDLength)
 	if err == nil {
 		err = c.apply(req, data)
@@ -206,6 +214,7 @@ func (c *conn) writePump() {
 		c.s.wg.Done()
 	}()
 	var batch []*esbridge.Update
+	var controls [][]byte
 	for {
 		select {
 		case b := <-c.controls:
@@ -219,7 +228,15 @@ func (c *conn) writePump() {
 				c.closeWith(websocket.ClosePolicyViolation, "client too slow")
 				return
 			}
+			c.order.Lock()
 			batch = c.client.Take(batch[:0])
+			controls = c.drainControls(controls[:0])
+			c.order.Unlock()
+			for _, b := range controls {
+				if err := c.write(websocket.TextMessage, b); err != nil {
+					return
+				}
+			}
 			for _, u := range batch {
 				if err := c.writeUpdate(u); err != nil {
 					c.dropped(err)
@@ -241,6 +258,18 @@ func (c *conn) writePump() {
 		case <-c.shutdown:
 			c.closeWith(websocket.CloseGoingAway, errShutdown.Error())
 			return
+		}
+	}
+}
+
+// drainControls appends the queued control frames to buf.
+func (c *conn) drainControls(buf [][]byte) [][]byte {
+	for {
+		select {
+		case b := <-c.controls:
+			buf = append(buf, b)
+		default:
+			return buf
 		}
 	}
 }

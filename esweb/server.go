@@ -142,11 +142,12 @@ type Server struct {
 	upgrader websocket.Upgrader
 	nextID   atomic.Uint64
 
-	mu     sync.Mutex
-	conns  map[*conn]struct{}
-	closed bool
-	wg     sync.WaitGroup
-	stats  counters
+	mu        sync.Mutex
+	conns     map[*conn]struct{}
+	upgrading int // requests past the connection limit check, not yet in conns
+	closed    bool
+	wg        sync.WaitGroup
+	stats     counters
 }
 
 type counters struct {
@@ -224,7 +225,10 @@ func SetupMuxBridge(router *mux.Router, build ClientBuilder, passThrough ...shar
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	log := s.log.WithField("remote", r.RemoteAddr)
 	s.mu.Lock()
-	closed, full := s.closed, len(s.conns) >= s.opts.MaxConnections
+	closed, full := s.closed, len(s.conns)+s.upgrading >= s.opts.MaxConnections
+	if !closed && !full {
+		s.upgrading++ // hold a slot until the connection is registered
+	}
 	s.mu.Unlock()
 	switch {
 	case closed:
@@ -235,7 +239,13 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		log.Warnf("refusing connection: %d connections open (MaxConnections)", s.opts.MaxConnections)
 		http.Error(w, "entity-sync: too many connections", http.StatusServiceUnavailable)
 		return
-	case !s.originAllowed(r):
+	}
+	defer func() {
+		s.mu.Lock()
+		s.upgrading--
+		s.mu.Unlock()
+	}()
+	if !s.originAllowed(r) {
 		s.stats.refusedOrigin.Add(1)
 		log.WithField("origin", r.Header.Get("Origin")).Warn("refusing cross-origin websocket request")
 		http.Error(w, "entity-sync: origin not allowed", http.StatusForbidden)
