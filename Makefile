@@ -25,7 +25,8 @@ NSQD2_HTTP   ?= 4153
 help:
 	@echo 'make run      run the demo server (in-process queue; ARGS=... for flags)'
 	@echo 'make client   run the demo client (subscribes to items/100)'
-	@echo 'make test     run every test with the race detector'
+	@echo 'make test     run every test: Go with the race detector, then test-js'
+	@echo 'make test-js  run the JavaScript client tests (node + headless Chromium)'
 	@echo 'make fmt      gofmt the tree'
 	@echo 'make vet      go vet the module'
 	@echo 'make nsq      build nsqd and nsqlookupd v1.3.0 into ./bin'
@@ -37,9 +38,11 @@ run:
 client:
 	$(GO) run ./examples/basic/client $(ARGS)
 
-# The same command the README and .ci/run use.
+# The same command the README and .ci/run use: every Go test with the race
+# detector, then the JavaScript client's tests (test-js).
 test:
-	go test -race -count=1 ./...
+	$(GO) test -race -count=1 ./...
+	bash clients/js/scripts/test.sh
 
 fmt:
 	gofmt -w .
@@ -96,3 +99,21 @@ cluster: nsq
 
 clean:
 	rm -rf $(BIN)
+
+# End-to-end benchmark: embedded nsqd, two servers in one process, websocket
+# clients in another, all on 127.0.0.1; prints one markdown table (about a
+# minute). Flags via BENCH_ARGS, e.g. make bench BENCH_ARGS='-profile /tmp/prof'
+# (go run ./bench -h lists them). The in-process Go benchmarks are separate:
+# go test -run xxx -bench . ./esbridge/
+BENCH_ARGS ?=
+.PHONY: bench
+bench:
+	$(GO) run ./bench $(BENCH_ARGS)
+
+# The JavaScript client's tests: node tests against a scripted server and
+# against real Go servers (clients/js/testserver), and a browser test in
+# headless Chromium. Installs the npm devDependencies and Debian's chromium
+# when missing (see clients/js/scripts/test.sh).
+.PHONY: test-js
+test-js:
+	bash clients/js/scripts/test.sh

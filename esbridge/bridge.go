@@ -124,8 +124,10 @@ type Bridge struct {
 	life   sync.RWMutex
 	closed bool
 	rounds sync.WaitGroup
-	served map[shared.EntityType]bool
-	stats  counters
+	// roundSeq numbers fetch rounds across all keys (Update.Seq).
+	roundSeq atomic.Uint64
+	served   map[shared.EntityType]bool
+	stats    counters
 
 	clientsMu sync.Mutex
 	clients   map[*Client]struct{}

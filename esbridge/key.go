@@ -17,8 +17,10 @@ import (
 type Update struct {
 	Key  shared.EntityKey
 	Rows [][]byte
-	// Seq numbers the fetch rounds of the key on this server; a client never
-	// receives a lower Seq after a higher one for the same key.
+	// Seq numbers the fetch rounds of this server (one counter for all keys,
+	// so it keeps growing when a key is dropped from the index and
+	// subscribed again); a client never receives a lower Seq after a higher
+	// one for the same key.
 	Seq uint64
 	// Revoked means the client lost access to the key: no rows, and nothing
 	// more will come for it.
@@ -85,7 +87,6 @@ type keyState struct {
 	running bool // a round goroutine owns the key
 	dirty   bool // a notification arrived since the running round started
 	removed bool // dropped from the index; a new subscriber makes a new keyState
-	seq     uint64
 	retry   time.Duration
 	timer   *time.Timer
 }
@@ -175,8 +176,7 @@ func (b *Bridge) run(ks *keyState) {
 		}
 		ks.mu.Lock()
 		ks.dirty = false
-		ks.seq++
-		seq := ks.seq
+		seq := b.roundSeq.Add(1)
 		results := make([]fetched, 0, len(ks.groups))
 		for secret := range ks.groups {
 			results = append(results, fetched{secret: secret})

@@ -77,7 +77,7 @@ func (c *conn) readPump() {
 		_ = c.ws.SetReadDeadline(now.Add(pongWait))
 		if !c.allow(now) {
 			c.s.stats.rateLimited.Add(1)
-			c.refused(peekRef(data), refuse(CodeRateLimited, "more than %d requests per second; request dropped", c.s.opts.MessagesPerSecond))
+			c.refused(peekRef(data), nil, refuse(CodeRateLimited, "more than %d requests per second; request dropped", c.s.opts.MessagesPerSecond))
 			continue
 		}
 		c.handle(data)
@@ -118,7 +118,7 @@ func (c *conn) handle(data []byte) {
 		err = c.apply(req, data)
 	}
 	if err != nil {
-		c.refused(req.ref, err)
+		c.refused(req.ref, req.errorKey(), err)
 		return
 	}
 	if req.ref != "" && c.envelope {
@@ -156,10 +156,10 @@ func (c *conn) apply(req parsedRequest, data []byte) *requestError {
 	return nil
 }
 
-func (c *conn) refused(ref string, err *requestError) {
+func (c *conn) refused(ref string, key *shared.EntityKey, err *requestError) {
 	c.log.WithField("code", err.code).Warnf("request refused: %s", err.msg)
 	if c.envelope {
-		c.sendControl(errorFrame{Type: "error", Ref: ref, Code: err.code, Message: err.msg})
+		c.sendControl(errorFrame{Type: "error", Ref: ref, Code: err.code, Message: err.msg, Key: key})
 	}
 }
 

@@ -61,6 +61,15 @@ type parsedRequest struct {
 	secret string           // secret
 }
 
+// errorKey returns the key an error about this request is about, if the
+// request named a valid one (an invalid key is not echoed back).
+func (p parsedRequest) errorKey() *shared.EntityKey {
+	if (p.action == shared.ActionSubscribe || p.action == shared.ActionUnsubscribe) && p.key.Validate() == nil {
+		return &p.key
+	}
+	return nil
+}
+
 // parseRequest is the frame decoder: it turns one client frame into a
 // request or says precisely what is wrong with it. It does no I/O and holds
 // no state, so it is fuzzed on its own (FuzzParseRequest).

@@ -8,6 +8,9 @@
 //	go run ./examples/basic
 //	go run ./examples/basic/client        # in another terminal
 //
+// or open http://127.0.0.1:8080/ in a browser: the page there subscribes
+// with the JavaScript client (clients/js) and shows the item change live.
+//
 // Or run several instances on NSQ, sharing one item file as servers share a
 // database: instance 8080 changes the item, and the clients of 8081 see it
 // because the notification travels through NSQ (see `make cluster` and
@@ -168,6 +171,9 @@ func run(ctx context.Context, cfg config, ln net.Listener) error {
 		changer.Go(func() { changeEvery(changerCtx, cfg.Every, cfg.Items, es, log) })
 	}
 
+	// The page at / shows item 100 live through the JavaScript client.
+	addPage(es.Mux)
+
 	srv := &http.Server{
 		Handler:           es.Mux,
 		ReadHeaderTimeout: 10 * time.Second, // websocket upgrades are plain HTTP requests until they succeed
@@ -175,6 +181,7 @@ func run(ctx context.Context, cfg config, ln net.Listener) error {
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
 	log.WithField("endpoint", "ws://"+ln.Addr().String()+esweb.Path).
+		WithField("page", "http://"+ln.Addr().String()+"/").
 		WithField("queue", queueName(cfg)).
 		Info("serving; subscribe to items/" + demoItemID)
 

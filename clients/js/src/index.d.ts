@@ -1,0 +1,113 @@
+// Types of @entity-sync/client (src/index.js).
+
+/** The websocket subprotocol the client offers and requires. */
+export const SUBPROTOCOL: 'entitysync.v1';
+
+/** Where entity-sync servers serve their websocket endpoint by default. */
+export const PATH: '/ws/entity-sync/';
+
+/** Connection states. */
+export declare const State: {
+  readonly CONNECTING: 'connecting';
+  readonly CONNECTED: 'connected';
+  readonly DISCONNECTED: 'disconnected';
+  readonly CLOSED: 'closed';
+};
+export type ConnectionState = (typeof State)[keyof typeof State];
+
+/** An entity key: the entity type and the id. */
+export interface EntityKey {
+  entity: string;
+  id: string;
+}
+
+/** Error codes of the envelope protocol, plus the client's own. */
+export type ErrorCode =
+  | 'bad_request'
+  | 'unknown_action'
+  | 'invalid_key'
+  | 'unknown_entity'
+  | 'forbidden'
+  | 'too_many_subscriptions'
+  | 'rate_limited'
+  | 'internal'
+  | 'timeout'
+  | 'not_envelope'
+  | 'bad_frame'
+  | (string & {});
+
+/** A request the server refused, or a client-side protocol failure. */
+export declare class EntitySyncError extends Error {
+  constructor(code: string, message: string, about?: { action?: string; key?: EntityKey });
+  readonly name: 'EntitySyncError';
+  /** e.g. 'forbidden', 'unknown_entity', 'rate_limited'. */
+  readonly code: ErrorCode;
+  /** The refused request's action ('subscribe', 'unsubscribe', 'secret'), if known. */
+  readonly action?: string;
+  /** The key the request was about, if any. */
+  readonly key?: EntityKey;
+}
+
+/** What 'state' listeners get besides the state. */
+export interface StateInfo {
+  /** Close code, when the connection closed. */
+  code?: number;
+  /** Close reason, when the connection closed. */
+  reason?: string;
+  /** Why the attempt failed, when it did before the connection opened. */
+  error?: unknown;
+}
+
+export interface ClientOptions {
+  /** WebSocket constructor. Default: globalThis.WebSocket (browsers, Node.js 22+). */
+  WebSocket?: new (url: string, protocols?: string | string[]) => WebSocket | any;
+  /** Secret sent first on every connection. */
+  secret?: string;
+  /** Ceiling of the first reconnect delay in ms (default 500); doubles per failed attempt. */
+  minBackoff?: number;
+  /** Largest reconnect delay ceiling in ms (default 20000). Delays are uniform in [0, ceiling). */
+  maxBackoff?: number;
+  /** Milliseconds to open the websocket and receive the welcome (default 10000). */
+  handshakeTimeout?: number;
+  /** Same as client.on('state', fn). */
+  onStateChange?: (state: ConnectionState, info?: StateInfo) => void;
+  /** Same as client.on('error', fn). */
+  onError?: (err: unknown) => void;
+}
+
+/** The rows of one change: each row as the server's fetch function made it, parsed. */
+export type Rows<Row = unknown> = Row[];
+
+export interface SubscriptionHandlers<Row = unknown> {
+  /** The key's rows: now, and after every change. */
+  onRows?: (rows: Rows<Row>) => void;
+  /** The key has no rows (deleted / does not exist). The subscription stays. */
+  onGone?: () => void;
+  /** The server withdrew access; the subscription has ended. Default: onGone. */
+  onRevoked?: (reason: string) => void;
+  /** The server refused the subscription; it has ended. Default: the client's 'error' listeners. */
+  onError?: (err: EntitySyncError) => void;
+}
+
+export declare class EntitySyncClient {
+  constructor(url: string, options?: ClientOptions);
+  /** The current connection state. */
+  readonly state: ConnectionState;
+  /** Adds a listener; returns the function that removes it. */
+  on(event: 'state', fn: (state: ConnectionState, info?: StateInfo) => void): () => void;
+  on(event: 'error', fn: (err: unknown) => void): () => void;
+  /**
+   * Subscribes to (entity, id). Returns the function that ends this
+   * subscription. Throws a TypeError for an empty entity or id, an Error on a
+   * closed client.
+   */
+  subscribe<Row = unknown>(entity: string, id: string, onRows: (rows: Rows<Row>) => void, onGone?: () => void): () => void;
+  subscribe<Row = unknown>(entity: string, id: string, handlers: SubscriptionHandlers<Row>): () => void;
+  /** Sets the connection's secret; sent now if connected and on every reconnect. */
+  setSecret(secret: string): void;
+  /** Closes the connection (code 1000) and stops reconnecting. */
+  close(): void;
+}
+
+/** Opens a client that connects in the background and reconnects until close(). */
+export declare function connect(url: string, options?: ClientOptions): EntitySyncClient;

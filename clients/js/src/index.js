@@ -1,0 +1,512 @@
+// @entity-sync/client: the JavaScript client of entity-sync's envelope
+// protocol (websocket subprotocol "entitysync.v1"; see docs/protocol.md in
+// the entity-sync repository). No dependencies; runs in browsers and in
+// Node.js 20+ (pass a WebSocket constructor, such as the `ws` package's, where
+// there is no global one).
+
+/** The websocket subprotocol the client offers and requires. */
+export const SUBPROTOCOL = 'entitysync.v1';
+
+/** Where entity-sync servers serve their websocket endpoint by default. */
+export const PATH = '/ws/entity-sync/';
+
+/** Connection states, as passed to 'state' listeners. */
+export const State = Object.freeze({
+  /** Opening the websocket or waiting for the server's welcome. */
+  CONNECTING: 'connecting',
+  /** Welcomed; the secret and every subscription have been sent. */
+  CONNECTED: 'connected',
+  /** The connection ended or an attempt failed; a retry is scheduled. */
+  DISCONNECTED: 'disconnected',
+  /** close() was called. */
+  CLOSED: 'closed',
+});
+
+/** A request the server refused (an `error` frame), or a client-side failure. */
+export class EntitySyncError extends Error {
+  /**
+   * @param {string} code e.g. 'forbidden', 'unknown_entity', 'rate_limited'
+   * @param {string} message
+   * @param {{action?: string, key?: {entity: string, id: string}}} [about]
+   */
+  constructor(code, message, about = {}) {
+    super(message);
+    this.name = 'EntitySyncError';
+    this.code = code;
+    this.action = about.action;
+    this.key = about.key;
+  }
+}
+
+/**
+ * Opens a client. It connects in the background and keeps reconnecting
+ * until close(); subscribe right away, subscriptions are sent once connected.
+ * @param {string} url ws:, wss:, http:, https: or (in a browser) a path such as '/ws/entity-sync/'
+ * @param {object} [options] see EntitySyncClient
+ */
+export function connect(url, options = {}) {
+  return new EntitySyncClient(url, options);
+}
+
+const keyString = (entity, id) => JSON.stringify([entity, id]);
+
+/** The client. Use connect() to make one. */
+export class EntitySyncClient {
+  #url;
+  #WebSocket;
+  #minBackoff;
+  #maxBackoff;
+  #handshakeTimeout;
+  #state = State.CONNECTING;
+  #closed = false;
+  #secret;
+  /** @type {Map<string, Sub>} */
+  #subs = new Map();
+  #conn = null;
+  #attempt = 0;
+  #retryTimer = null;
+  #listeners = { state: new Set(), error: new Set() };
+  #onOnline = null;
+
+  /**
+   * @param {string} url
+   * @param {object} [options]
+   * @param {Function} [options.WebSocket] WebSocket constructor; default globalThis.WebSocket
+   * @param {string} [options.secret] sent first on every connection
+   * @param {number} [options.minBackoff=500] first reconnect delay ceiling, ms
+   * @param {number} [options.maxBackoff=20000] largest reconnect delay ceiling, ms
+   * @param {number} [options.handshakeTimeout=10000] ms to open and be welcomed
+   * @param {(state: string, info?: object) => void} [options.onStateChange]
+   * @param {(err: Error) => void} [options.onError]
+   */
+  constructor(url, options = {}) {
+    const WS = options.WebSocket ?? globalThis.WebSocket;
+    if (typeof WS !== 'function') {
+      throw new TypeError('entity-sync: no WebSocket available; pass options.WebSocket (e.g. the "ws" package on Node.js)');
+    }
+    this.#WebSocket = WS;
+    this.#url = resolveURL(url);
+    this.#minBackoff = positive(options.minBackoff, 500);
+    this.#maxBackoff = Math.max(positive(options.maxBackoff, 20000), this.#minBackoff);
+    this.#handshakeTimeout = positive(options.handshakeTimeout, 10000);
+    this.#secret = options.secret ?? '';
+    if (options.onStateChange) this.#listeners.state.add(options.onStateChange);
+    if (options.onError) this.#listeners.error.add(options.onError);
+    if (typeof globalThis.addEventListener === 'function') {
+      // A browser that comes back online retries at once instead of waiting
+      // out its backoff.
+      this.#onOnline = () => {
+        if (this.#retryTimer !== null) {
+          clearTimeout(this.#retryTimer);
+          this.#retryTimer = null;
+          this.#open();
+        }
+      };
+      globalThis.addEventListener('online', this.#onOnline);
+    }
+    this.#open();
+  }
+
+  /** The current connection state (see State). */
+  get state() {
+    return this.#state;
+  }
+
+  /**
+   * Adds a listener: 'state' listeners get (state, info) on every change of
+   * connection state (info holds {code, reason} or {error} when
+   * disconnected); 'error' listeners get errors that belong to no
+   * subscription. Returns a function that removes the listener.
+   * @param {'state'|'error'} event
+   * @param {Function} fn
+   * @returns {() => void}
+   */
+  on(event, fn) {
+    const set = this.#listeners[event];
+    if (!set) throw new TypeError(`entity-sync: unknown event ${event}`);
+    set.add(fn);
+    return () => set.delete(fn);
+  }
+
+  /**
+   * Subscribes to the entity key (entity, id). onRows receives the key's rows
+   * (an array of parsed JSON values: all rows of one change) now and after
+   * every change; onGone is called while the key has no rows. Instead of
+   * onRows a handlers object may be passed:
+   * {onRows, onGone, onRevoked(reason), onError(err)}.
+   *
+   * Several subscriptions to one key share one server subscription; a later
+   * one gets the last known rows at once (asynchronously). Returns the
+   * function that ends this subscription (calling it again does nothing).
+   *
+   * A refused subscription (unknown_entity, forbidden, ...) ends, and its
+   * onError (or the client's 'error' listeners) gets an EntitySyncError;
+   * rate_limited is retried instead. A revoked one ends too, with onRevoked,
+   * or onGone if there is no onRevoked. Ended subscriptions are not sent
+   * again on reconnect.
+   * @returns {() => void}
+   */
+  subscribe(entity, id, onRows, onGone) {
+    if (typeof entity !== 'string' || entity === '' || typeof id !== 'string' || id === '') {
+      throw new TypeError('entity-sync: subscribe needs a non-empty entity and id (strings)');
+    }
+    if (this.#closed) throw new Error('entity-sync: client closed');
+    const handlers = typeof onRows === 'object' && onRows !== null ? { ...onRows } : { onRows, onGone };
+    const handle = { handlers, active: true, cancelled: false };
+    const k = keyString(entity, id);
+    let sub = this.#subs.get(k);
+    if (!sub) {
+      sub = { key: { entity, id }, handles: [], has: false, gone: false, rows: null };
+      this.#subs.set(k, sub);
+      const conn = this.#conn;
+      if (conn && conn.ready) this.#sendSubscribe(conn, sub);
+    } else if (sub.has) {
+      const { gone, rows } = sub;
+      queueMicrotask(() => this.#deliver(handle, gone, rows));
+    }
+    sub.handles.push(handle);
+    return () => this.#unsubscribe(k, sub, handle);
+  }
+
+  /**
+   * Sets the secret the server hands the application's lookup handlers for
+   * this connection. Sent now if connected, and first on every reconnect.
+   * @param {string} secret
+   */
+  setSecret(secret) {
+    if (this.#closed) return;
+    this.#secret = String(secret);
+    const conn = this.#conn;
+    if (conn && conn.ready) this.#send(conn, 'secret', this.#secret, {});
+  }
+
+  /** Closes the connection (code 1000) and stops reconnecting. */
+  close() {
+    if (this.#closed) return;
+    this.#closed = true;
+    if (this.#retryTimer !== null) clearTimeout(this.#retryTimer);
+    this.#retryTimer = null;
+    if (this.#onOnline) globalThis.removeEventListener('online', this.#onOnline);
+    const conn = this.#conn;
+    this.#conn = null;
+    if (conn) {
+      this.#release(conn);
+      try {
+        conn.ws.close(1000, 'client closed');
+      } catch {
+        // already closed
+      }
+    }
+    this.#state = State.CLOSED;
+    this.#emit('state', State.CLOSED, undefined);
+  }
+
+  // --- connection ---
+
+  #open() {
+    this.#retryTimer = null;
+    if (this.#closed) return;
+    this.#setState(State.CONNECTING);
+    let ws;
+    try {
+      ws = new this.#WebSocket(this.#url, [SUBPROTOCOL]);
+    } catch (error) {
+      this.#lost(null, { error });
+      return;
+    }
+    const conn = {
+      ws,
+      ready: false,
+      nextRef: 0,
+      pending: new Map(), // ref -> {action, key, sub}
+      lastSeq: new Map(), // key -> seq last applied
+      unsubs: new Map(), // key -> unacknowledged unsubscribes
+      timers: new Set(),
+    };
+    this.#conn = conn;
+    conn.handshake = setTimeout(() => {
+      this.#lost(conn, { error: new EntitySyncError('timeout', 'entity-sync: no welcome within the handshake timeout') });
+      try {
+        ws.close();
+      } catch {
+        // nothing to do
+      }
+    }, this.#handshakeTimeout);
+    ws.onopen = () => {
+      if (ws.protocol !== SUBPROTOCOL) {
+        this.#lost(conn, { error: new EntitySyncError('not_envelope', `entity-sync: server did not accept subprotocol ${SUBPROTOCOL}`) });
+        ws.close(1000);
+      }
+    };
+    ws.onmessage = (ev) => this.#onMessage(conn, ev.data);
+    ws.onclose = (ev) => this.#lost(conn, { code: ev.code, reason: ev.reason });
+    ws.onerror = () => {}; // a close event follows
+  }
+
+  #lost(conn, info) {
+    if (conn !== null) {
+      if (conn !== this.#conn) return;
+      this.#release(conn);
+      this.#conn = null;
+    }
+    if (this.#closed) return;
+    this.#setState(State.DISCONNECTED, info);
+    const ceil = Math.min(this.#maxBackoff, this.#minBackoff * 2 ** Math.min(this.#attempt, 30));
+    this.#attempt++;
+    this.#retryTimer = setTimeout(() => this.#open(), Math.random() * ceil);
+  }
+
+  #release(conn) {
+    clearTimeout(conn.handshake);
+    for (const t of conn.timers) clearTimeout(t);
+    conn.timers.clear();
+    conn.ws.onopen = conn.ws.onmessage = conn.ws.onclose = null;
+    conn.ws.onerror = () => {};
+  }
+
+  #welcome(conn) {
+    clearTimeout(conn.handshake);
+    conn.ready = true;
+    this.#attempt = 0;
+    // Requests are processed in order: the secret applies to every
+    // subscription that follows it.
+    if (this.#secret !== '') this.#send(conn, 'secret', this.#secret, {});
+    for (const sub of this.#subs.values()) this.#sendSubscribe(conn, sub);
+    this.#setState(State.CONNECTED);
+  }
+
+  #send(conn, action, body, req) {
+    const ref = String(++conn.nextRef);
+    conn.pending.set(ref, { ...req, action });
+    try {
+      conn.ws.send(JSON.stringify({ action, body, ref }));
+    } catch {
+      // the connection is going away; everything is sent again on reconnect
+    }
+  }
+
+  #sendSubscribe(conn, sub) {
+    this.#send(conn, 'subscribe', sub.key, { key: sub.key, sub });
+  }
+
+  #sendUnsubscribe(conn, key) {
+    const k = keyString(key.entity, key.id);
+    conn.lastSeq.delete(k);
+    conn.unsubs.set(k, (conn.unsubs.get(k) ?? 0) + 1);
+    this.#send(conn, 'unsubscribe', key, { key });
+  }
+
+  #after(conn, ms, fn) {
+    const t = setTimeout(() => {
+      conn.timers.delete(t);
+      if (conn === this.#conn && !this.#closed) fn();
+    }, ms);
+    conn.timers.add(t);
+  }
+
+  // --- frames ---
+
+  #onMessage(conn, data) {
+    if (conn !== this.#conn) return;
+    let f;
+    try {
+      f = JSON.parse(typeof data === 'string' ? data : new TextDecoder().decode(data));
+    } catch (error) {
+      this.#emit('error', new EntitySyncError('bad_frame', `entity-sync: undecodable frame: ${error.message}`));
+      return;
+    }
+    if (f === null || typeof f !== 'object') return;
+    if (!conn.ready) {
+      if (f.type === 'welcome') {
+        this.#welcome(conn);
+      } else {
+        this.#lost(conn, { error: new EntitySyncError('bad_frame', `entity-sync: expected welcome, got ${String(f.type)}`) });
+        conn.ws.close();
+      }
+      return;
+    }
+    switch (f.type) {
+      case 'rows':
+      case 'gone':
+        if (f.key) this.#applyState(conn, f.key, Number(f.seq) || 0, f.type === 'gone', f.rows);
+        break;
+      case 'revoked':
+        if (f.key) this.#revoke(f.key, f.reason ?? '');
+        break;
+      case 'ack':
+        this.#acked(conn, f.ref);
+        break;
+      case 'error':
+        this.#refused(conn, f);
+        break;
+      default:
+      // a frame type from a newer server: ignored, as the protocol asks
+    }
+  }
+
+  #applyState(conn, key, seq, gone, rows) {
+    const k = keyString(key.entity, key.id);
+    const sub = this.#subs.get(k);
+    if (!sub) return;
+    if ((conn.unsubs.get(k) ?? 0) === 0) {
+      const last = conn.lastSeq.get(k);
+      if (last !== undefined && seq <= last) return; // older than what we have
+    }
+    conn.lastSeq.set(k, seq);
+    rows = gone ? null : Array.isArray(rows) ? rows : [];
+    sub.has = true;
+    sub.gone = gone;
+    sub.rows = rows;
+    for (const h of [...sub.handles]) this.#deliver(h, gone, rows);
+  }
+
+  #revoke(key, reason) {
+    const k = keyString(key.entity, key.id);
+    const sub = this.#subs.get(k);
+    if (!sub) return;
+    this.#end(k, sub);
+    for (const h of sub.handles) {
+      if (h.cancelled) continue;
+      const { onRevoked, onGone } = h.handlers;
+      if (onRevoked) this.#call(onRevoked, reason);
+      else if (onGone) this.#call(onGone);
+    }
+  }
+
+  #acked(conn, ref) {
+    const req = conn.pending.get(ref);
+    if (!req) return;
+    conn.pending.delete(ref);
+    if (req.action === 'unsubscribe') this.#unsubDone(conn, req.key);
+  }
+
+  #unsubDone(conn, key) {
+    const k = keyString(key.entity, key.id);
+    const n = (conn.unsubs.get(k) ?? 0) - 1;
+    if (n > 0) {
+      conn.unsubs.set(k, n);
+    } else {
+      // No frame of the old server subscription can follow: a subscription
+      // made since then numbers afresh.
+      conn.unsubs.delete(k);
+      conn.lastSeq.delete(k);
+    }
+  }
+
+  #refused(conn, f) {
+    const req = f.ref ? conn.pending.get(f.ref) : undefined;
+    const err = new EntitySyncError(String(f.code ?? 'error'), String(f.message ?? ''), {
+      action: req?.action,
+      key: req?.key ?? f.key,
+    });
+    if (!req) {
+      this.#emit('error', err);
+      return;
+    }
+    conn.pending.delete(f.ref);
+    const limited = f.code === 'rate_limited';
+    const retry = Math.random() * Math.min(this.#maxBackoff, this.#minBackoff * 4);
+    if (req.action === 'subscribe') {
+      const sub = req.sub;
+      const k = keyString(sub.key.entity, sub.key.id);
+      if (this.#subs.get(k) !== sub) return; // unsubscribed meanwhile
+      if (limited) {
+        this.#emit('error', err);
+        this.#after(conn, retry, () => {
+          if (this.#subs.get(k) === sub) this.#sendSubscribe(conn, sub);
+        });
+        return;
+      }
+      this.#end(k, sub);
+      for (const h of sub.handles) {
+        if (h.cancelled) continue;
+        if (h.handlers.onError) this.#call(h.handlers.onError, err);
+        else this.#emit('error', err);
+      }
+      return;
+    }
+    if (req.action === 'unsubscribe') {
+      this.#unsubDone(conn, req.key);
+      const k = keyString(req.key.entity, req.key.id);
+      if (limited) {
+        this.#after(conn, retry, () => {
+          if (!this.#subs.has(k)) this.#sendUnsubscribe(conn, req.key);
+        });
+      }
+    } else if (req.action === 'secret' && limited) {
+      this.#after(conn, retry, () => this.#send(conn, 'secret', this.#secret, {}));
+    }
+    this.#emit('error', err);
+  }
+
+  // --- subscriptions ---
+
+  #unsubscribe(k, sub, handle) {
+    handle.cancelled = true;
+    if (!handle.active) return;
+    handle.active = false;
+    sub.handles = sub.handles.filter((h) => h !== handle);
+    if (sub.handles.length > 0 || this.#subs.get(k) !== sub) return;
+    this.#subs.delete(k);
+    const conn = this.#conn;
+    if (conn && conn.ready && !this.#closed) this.#sendUnsubscribe(conn, sub.key);
+  }
+
+  #end(k, sub) {
+    this.#subs.delete(k);
+    this.#conn?.lastSeq.delete(k);
+    for (const h of sub.handles) h.active = false;
+  }
+
+  #deliver(handle, gone, rows) {
+    if (!handle.active) return;
+    const { onRows, onGone } = handle.handlers;
+    if (gone) {
+      if (onGone) this.#call(onGone);
+    } else if (onRows) {
+      this.#call(onRows, rows);
+    }
+  }
+
+  // --- events ---
+
+  #setState(state, info) {
+    this.#state = state;
+    this.#emit('state', state, info);
+  }
+
+  #emit(event, ...args) {
+    const set = this.#listeners[event];
+    if (event === 'error' && set.size === 0) {
+      console.error(...args);
+      return;
+    }
+    for (const fn of [...set]) this.#call(fn, ...args);
+  }
+
+  // #call runs application code; an exception it throws must not break the
+  // client's bookkeeping, so it is reported instead.
+  #call(fn, ...args) {
+    try {
+      fn(...args);
+    } catch (error) {
+      if (this.#listeners.error.size > 0 && !this.#listeners.error.has(fn)) this.#emit('error', error);
+      else console.error('entity-sync: callback threw', error);
+    }
+  }
+}
+
+function positive(v, dflt) {
+  return typeof v === 'number' && v > 0 && Number.isFinite(v) ? v : dflt;
+}
+
+function resolveURL(url) {
+  const base = globalThis.location?.href;
+  const u = base ? new URL(url, base) : new URL(url);
+  if (u.protocol === 'http:') u.protocol = 'ws:';
+  else if (u.protocol === 'https:') u.protocol = 'wss:';
+  if (u.protocol !== 'ws:' && u.protocol !== 'wss:') {
+    throw new TypeError(`entity-sync: URL ${url} must be ws:, wss:, http: or https:`);
+  }
+  return u.toString();
+}

@@ -1,0 +1,276 @@
+// The client against a scripted server (the ws package's WebSocketServer),
+// for protocol situations a real server produces only in races or through
+// features the test cannot trigger at will: out-of-order seq numbers,
+// revocation, refusals, rate limiting. Also checks the exact requests sent.
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import WebSocket, { WebSocketServer } from 'ws';
+
+import { connect, State, SUBPROTOCOL } from '../../src/index.js';
+import { Recorder } from '../helpers.js';
+
+/** A scripted server; each connection is handed to the test via accept(). */
+async function fakeServer(t, { subprotocol = true } = {}) {
+  const wss = new WebSocketServer({
+    host: '127.0.0.1',
+    port: 0,
+    handleProtocols: (protocols) => (subprotocol && protocols.has(SUBPROTOCOL) ? SUBPROTOCOL : false),
+  });
+  await new Promise((res) => wss.once('listening', res));
+  const conns = new Recorder();
+  wss.on('connection', (ws) => {
+    const reqs = new Recorder();
+    ws.on('message', (data) => reqs.push(JSON.parse(data.toString())));
+    const fc = {
+      ws,
+      send: (v) => ws.send(JSON.stringify(v)),
+      /** The next request; must have this action (and key). */
+      async expect(action, key) {
+        const r = await reqs.next(`${action} ${JSON.stringify(key ?? '')}`);
+        assert.equal(r.action, action, `got ${JSON.stringify(r)}`);
+        if (key) assert.deepEqual(r.body, key);
+        assert.ok(r.ref, 'request carries a ref');
+        return r;
+      },
+      ack: (r) => fc.send({ type: 'ack', ref: r.ref }),
+      rows: (key, seq, ...rows) => fc.send({ type: 'rows', key, seq, rows }),
+      gone: (key, seq) => fc.send({ type: 'gone', key, seq }),
+      drain: () => reqs.drain(),
+    };
+    fc.send({ type: 'welcome', protocol: SUBPROTOCOL, limits: { maxFrameBytes: 32768 } });
+    conns.push(fc);
+  });
+  t.after(async () => {
+    for (const ws of wss.clients) ws.terminate();
+    await new Promise((res) => wss.close(res));
+  });
+  const url = `ws://127.0.0.1:${wss.address().port}/ws/entity-sync/`;
+  return { url, accept: () => conns.next('a connection') };
+}
+
+function client(t, url, extra = {}) {
+  const states = new Recorder();
+  const c = connect(url, {
+    WebSocket,
+    minBackoff: 5,
+    maxBackoff: 50,
+    onStateChange: (state, info) => states.push({ kind: state, info }),
+    ...extra,
+  });
+  t.after(() => c.close());
+  return { c, states };
+}
+
+const key = (id) => ({ entity: 'items', id });
+
+async function expectRows(rec, value) {
+  const e = await rec.next(`rows ${JSON.stringify(value)}`);
+  assert.equal(e.kind, 'rows', `got ${JSON.stringify(e)}`);
+  assert.deepEqual(e.rows, [value]);
+}
+
+test('a stale seq is dropped; numbering restarts on a new connection', async (t) => {
+  const f = await fakeServer(t);
+  const { c, states } = client(t, f.url);
+  const rec = new Recorder();
+  c.subscribe('items', '1', rec.handlers());
+  let fc = await f.accept();
+  fc.ack(await fc.expect('subscribe', key('1')));
+  fc.rows(key('1'), 5, 'v5');
+  fc.rows(key('1'), 3, 'v3'); // older: dropped
+  fc.rows(key('1'), 5, 'v5 again'); // same: dropped
+  fc.gone(key('1'), 6);
+  fc.rows(key('1'), 4, 'v4');
+  fc.rows(key('1'), 7, 'v7');
+  await expectRows(rec, 'v5');
+  assert.equal((await rec.next('gone')).kind, 'gone');
+  await expectRows(rec, 'v7');
+
+  fc.ws.terminate();
+  await states.until((e) => e.kind === State.DISCONNECTED, 'disconnected');
+  fc = await f.accept();
+  fc.ack(await fc.expect('subscribe', key('1')));
+  fc.rows(key('1'), 1, 'new v1');
+  await expectRows(rec, 'new v1');
+});
+
+test('duplicate subscriptions: one subscribe, one unsubscribe after the last', async (t) => {
+  const f = await fakeServer(t);
+  const { c } = client(t, f.url);
+  const fc = await f.accept();
+  const a = new Recorder();
+  const b = new Recorder();
+  const unsubA = c.subscribe('items', '1', a.handlers());
+  fc.ack(await fc.expect('subscribe', key('1')));
+  fc.rows(key('1'), 1, 'one');
+  await expectRows(a, 'one');
+  const unsubB = c.subscribe('items', '1', b.handlers());
+  await expectRows(b, 'one'); // from the cache, no request
+  unsubA();
+  unsubB();
+  fc.ack(await fc.expect('unsubscribe', key('1')));
+  c.subscribe('items', 'fence', () => {});
+  await fc.expect('subscribe', key('fence')); // nothing in between
+  assert.deepEqual(a.drain(), []);
+  assert.deepEqual(b.drain(), []);
+});
+
+test('resubscribing while the unsubscribe is in flight accepts the new numbering', async (t) => {
+  const f = await fakeServer(t);
+  const { c } = client(t, f.url);
+  const fc = await f.accept();
+  const r1 = new Recorder();
+  const unsub = c.subscribe('items', '1', r1.handlers());
+  fc.ack(await fc.expect('subscribe', key('1')));
+  fc.rows(key('1'), 5, 'old 5');
+  await expectRows(r1, 'old 5');
+
+  unsub();
+  const unsubReq = await fc.expect('unsubscribe', key('1'));
+  const r2 = new Recorder();
+  c.subscribe('items', '1', r2.handlers());
+  const subReq = await fc.expect('subscribe', key('1'));
+  fc.rows(key('1'), 6, 'old 6'); // written before the server saw the unsubscribe
+  fc.rows(key('1'), 1, 'new 1'); // the new server subscription starts at 1
+  fc.ack(unsubReq);
+  fc.ack(subReq);
+  fc.rows(key('1'), 2, 'new 2');
+  fc.rows(key('1'), 2, 'new 2 again'); // strict again
+  await expectRows(r2, 'old 6');
+  await expectRows(r2, 'new 1');
+  await expectRows(r2, 'new 2');
+  const fence = new Recorder();
+  c.subscribe('items', 'fence', fence.handlers());
+  fc.ack(await fc.expect('subscribe', key('fence')));
+  fc.rows(key('fence'), 1, 'f');
+  await expectRows(fence, 'f');
+  assert.deepEqual(r2.drain(), []);
+  assert.deepEqual(r1.drain(), []);
+});
+
+test('revoked ends the subscription; it is not sent again on reconnect', async (t) => {
+  const f = await fakeServer(t);
+  const { c, states } = client(t, f.url);
+  let fc = await f.accept();
+  const full = new Recorder();
+  const goneOnly = new Recorder();
+  const pub = new Recorder();
+  c.subscribe('items', 'secret', full.handlers());
+  c.subscribe('items', 'secret', () => {}, () => goneOnly.push({ kind: 'gone' }));
+  c.subscribe('items', 'public', pub.handlers());
+  fc.ack(await fc.expect('subscribe', key('secret')));
+  fc.ack(await fc.expect('subscribe', key('public')));
+  fc.send({ type: 'revoked', key: key('secret'), reason: 'access withdrawn' });
+  fc.rows(key('secret'), 9, 'must not arrive');
+  fc.rows(key('public'), 1, 'public');
+  const e = await full.next('revoked');
+  assert.deepEqual(e, { kind: 'revoked', reason: 'access withdrawn' });
+  assert.equal((await goneOnly.next('gone')).kind, 'gone');
+  await expectRows(pub, 'public');
+
+  fc.ws.terminate();
+  await states.until((e) => e.kind === State.DISCONNECTED, 'disconnected');
+  fc = await f.accept();
+  await fc.expect('subscribe', key('public'));
+  c.subscribe('items', 'fence', () => {});
+  await fc.expect('subscribe', key('fence')); // and not the revoked key
+  assert.deepEqual(full.drain(), []);
+});
+
+test('refusals: forbidden ends the subscription, rate_limited is retried, ref-less errors go to the client', async (t) => {
+  const f = await fakeServer(t);
+  const errors = new Recorder();
+  const { c, states } = client(t, f.url, { onError: (err) => errors.push({ kind: 'error', err }) });
+  let fc = await f.accept();
+
+  const forbidden = new Recorder();
+  c.subscribe('items', 'forbidden', forbidden.handlers());
+  let r = await fc.expect('subscribe', key('forbidden'));
+  fc.send({ type: 'error', ref: r.ref, code: 'forbidden', message: 'no' });
+  const e = await forbidden.next('error');
+  assert.equal(e.err.code, 'forbidden');
+  assert.equal(e.err.message, 'no');
+  assert.deepEqual(e.err.key, key('forbidden'));
+
+  const limited = new Recorder();
+  c.subscribe('items', 'limited', limited.handlers());
+  r = await fc.expect('subscribe', key('limited'));
+  fc.send({ type: 'error', ref: r.ref, code: 'rate_limited', message: 'slow down' });
+  assert.equal((await errors.next('rate_limited')).err.code, 'rate_limited');
+  fc.ack(await fc.expect('subscribe', key('limited'))); // retried
+  fc.rows(key('limited'), 1, 'ok');
+  await expectRows(limited, 'ok');
+
+  fc.send({ type: 'error', code: 'bad_request', message: 'what' });
+  const e2 = await errors.next('bad_request');
+  assert.equal(e2.err.code, 'bad_request');
+  assert.equal(e2.err.action, undefined);
+
+  fc.ws.terminate();
+  await states.until((e) => e.kind === State.DISCONNECTED, 'disconnected');
+  fc = await f.accept();
+  await fc.expect('subscribe', key('limited'));
+  c.subscribe('items', 'fence', () => {});
+  await fc.expect('subscribe', key('fence')); // and not the forbidden key
+});
+
+test('the secret is sent first, now and after every reconnect', async (t) => {
+  const f = await fakeServer(t);
+  const { c, states } = client(t, f.url, { secret: 'first' });
+  c.subscribe('items', '1', () => {});
+  let fc = await f.accept();
+  assert.equal((await fc.expect('secret')).body, 'first');
+  await fc.expect('subscribe', key('1'));
+  c.setSecret('second');
+  assert.equal((await fc.expect('secret')).body, 'second');
+
+  fc.ws.close(1001, 'going away');
+  const lost = await states.until((e) => e.kind === State.DISCONNECTED, 'disconnected');
+  assert.equal(lost.info.code, 1001);
+  fc = await f.accept();
+  assert.equal((await fc.expect('secret')).body, 'second');
+  await fc.expect('subscribe', key('1'));
+});
+
+test('backoff doubles per failed attempt up to the cap', async (t) => {
+  const f = await fakeServer(t, { subprotocol: false }); // every attempt fails
+  // Draw every delay at the top of its range, so the gaps show the ceilings.
+  const random = Math.random;
+  Math.random = () => 0.999;
+  t.after(() => (Math.random = random));
+  const { c, states } = client(t, f.url, { minBackoff: 20, maxBackoff: 80 });
+  const failures = [];
+  for (let i = 0; i < 7; i++) {
+    await states.until((e) => e.kind === State.DISCONNECTED, 'a failed attempt');
+    failures.push(performance.now());
+  }
+  c.close();
+  Math.random = random;
+  const gaps = failures.slice(1).map((x, i) => x - failures[i]);
+  const ceilings = [20, 40, 80, 80, 80, 80]; // 20 * 2^n, capped at 80
+  ceilings.forEach((ceil, i) => {
+    assert.ok(gaps[i] >= ceil * 0.999 - 2, `gap ${i} is ${gaps[i]} ms, below its ceiling ${ceil}`);
+  });
+  // Uncapped, the last gaps would be 320 ms and more.
+  for (const g of gaps.slice(3)) assert.ok(g < 300, `gap ${g} ms: the cap did not hold`);
+});
+
+test('a server that refuses the subprotocol is reported', async (t) => {
+  const f = await fakeServer(t, { subprotocol: false });
+  const { c, states } = client(t, f.url);
+  const e = await states.until((e) => e.kind === State.DISCONNECTED, 'disconnected');
+  assert.ok(e.info, 'disconnect info');
+  c.close();
+});
+
+test('connect needs a WebSocket constructor and a ws/http URL', () => {
+  const had = globalThis.WebSocket;
+  try {
+    globalThis.WebSocket = undefined;
+    assert.throws(() => connect('ws://127.0.0.1:1/'), /WebSocket/);
+  } finally {
+    globalThis.WebSocket = had;
+  }
+  assert.throws(() => connect('ftp://x/', { WebSocket }), TypeError);
+});

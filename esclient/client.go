@@ -1,0 +1,390 @@
+// Package esclient is a Go client for entity-sync servers. It speaks the
+// envelope protocol (websocket subprotocol "entitysync.v1", described in
+// docs/protocol.md) and keeps a set of subscriptions alive across
+// disconnects:
+//
+//   - Subscribe registers callbacks for an entity key; the first subscription
+//     to a key sends one subscribe request, further ones share it (reference
+//     counted) and get the key's last known state at once. The returned
+//     function unsubscribes; the last one to go sends the unsubscribe.
+//   - The server's "rows" frames reach the Rows callback, "gone" frames the
+//     Gone callback. A frame whose seq is not above the last one applied for
+//     its key on the current connection is dropped, so state never goes back
+//     in time.
+//   - When the connection ends for any reason other than Close, the client
+//     reconnects with exponential backoff and full jitter (between 0 and a
+//     ceiling that starts at Options.MinBackoff, 0.5s by default, and doubles
+//     up to Options.MaxBackoff, 20s by default). After the server's welcome it
+//     sends the secret (if one is set) and then every subscription again;
+//     each subscribe delivers the key's current state, so a change made while
+//     the client was away is not missed. Sequence numbers start afresh on the
+//     new connection.
+//   - Requests carry a reference, so the server's ack or error is matched to
+//     the request. A refused subscribe ends the subscription and is reported
+//     to its Error callback (see Handlers); a "revoked" frame ends it too.
+//
+// Callbacks run one at a time, in the order the events happened, on a
+// goroutine the client owns: a callback may call Subscribe, an unsubscribe
+// function or SetSecret, but should return quickly, since later events wait
+// for it. Events are queued without bound while a callback runs.
+package esclient
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/http"
+	"net/url"
+	"sync"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	"github.com/entity-sync/entity-sync/shared"
+)
+
+// Subprotocol is the websocket subprotocol of the envelope protocol. The
+// client offers only this one and refuses a server that does not accept it.
+const Subprotocol = "entitysync.v1"
+
+// Path is where entity-sync servers serve their websocket endpoint by
+// default; a URL passed to Dial or New usually ends with it.
+const Path = "/ws/entity-sync/"
+
+// State is the client's connection state.
+type State int
+
+const (
+	// Connecting: dialing the server or waiting for its welcome frame.
+	Connecting State = iota
+	// Connected: the server welcomed the client, and the secret and every
+	// subscription have been sent on this connection.
+	Connected
+	// Disconnected: the last connection ended or the last attempt failed; the
+	// next attempt waits for its backoff delay.
+	Disconnected
+	// Closed: Close was called. The client does nothing more.
+	Closed
+)
+
+func (s State) String() string {
+	switch s {
+	case Connecting:
+		return "connecting"
+	case Connected:
+		return "connected"
+	case Disconnected:
+		return "disconnected"
+	case Closed:
+		return "closed"
+	}
+	return fmt.Sprintf("State(%d)", int(s))
+}
+
+// Options tunes a client. The zero value works: no secret, default timeouts
+// and backoff, no callbacks.
+type Options struct {
+	// Secret, if set, is sent on every connection before the subscriptions,
+	// as if SetSecret had been called before connecting.
+	Secret string
+	// Header holds extra HTTP headers for the websocket handshake (a cookie,
+	// an Authorization header).
+	Header http.Header
+	// Dialer dials the websocket. Nil means a dialer like
+	// websocket.DefaultDialer. The client sets its Subprotocols to
+	// entitysync.v1 on a copy; the original is not modified.
+	Dialer *websocket.Dialer
+	// MinBackoff is the ceiling of the first reconnect delay; each failed
+	// attempt doubles the ceiling up to MaxBackoff, and each delay is drawn
+	// uniformly between 0 and the ceiling (full jitter). Defaults 500ms and
+	// 20s. A connection that reached the server's welcome resets the ceiling.
+	MinBackoff, MaxBackoff time.Duration
+	// HandshakeTimeout bounds one connection attempt: dial, upgrade and the
+	// server's welcome frame. Default 10s.
+	HandshakeTimeout time.Duration
+	// ReadTimeout is how long the connection may stay silent before the
+	// client gives up on it and reconnects. The server pings every 54s by
+	// default, so the default is 75s.
+	ReadTimeout time.Duration
+	// WriteTimeout bounds one write to the server. Default 10s.
+	WriteTimeout time.Duration
+	// OnState, if set, is called with every change of connection state, in
+	// order, like the other callbacks. err is why the client is
+	// Disconnected (the dial error or the reason the connection ended), nil
+	// otherwise.
+	OnState func(state State, err error)
+	// OnError, if set, receives problems that belong to no subscription: a
+	// refused secret, a server error frame without a reference, an
+	// undecodable frame, a rate-limited request that the client will retry,
+	// and refused subscriptions whose Handlers have no Error callback. Server
+	// refusals are *ServerError values.
+	OnError func(err error)
+}
+
+func (o *Options) setDefaults() {
+	if o.MinBackoff <= 0 {
+		o.MinBackoff = 500 * time.Millisecond
+	}
+	if o.MaxBackoff <= 0 {
+		o.MaxBackoff = 20 * time.Second
+	}
+	if o.MaxBackoff < o.MinBackoff {
+		o.MaxBackoff = o.MinBackoff
+	}
+	if o.HandshakeTimeout <= 0 {
+		o.HandshakeTimeout = 10 * time.Second
+	}
+	if o.ReadTimeout <= 0 {
+		o.ReadTimeout = 75 * time.Second
+	}
+	if o.WriteTimeout <= 0 {
+		o.WriteTimeout = 10 * time.Second
+	}
+}
+
+// ErrClosed is returned by calls on a closed client.
+var ErrClosed = errors.New("esclient: client closed")
+
+// ErrNotEnvelope means the server answered the handshake without accepting
+// the entitysync.v1 subprotocol (an old server, or another endpoint).
+var ErrNotEnvelope = errors.New("esclient: server did not accept subprotocol " + Subprotocol)
+
+// Client is a connection to an entity-sync server that reconnects on its own
+// and keeps its subscriptions. Its methods are safe for concurrent use.
+type Client struct {
+	url    string
+	opts   Options
+	ctx    context.Context // ends with Close
+	cancel context.CancelFunc
+	events dispatcher
+	done   chan struct{} // closed when the connection loop returns
+
+	mu     sync.Mutex
+	state  State
+	closed bool
+	secret string
+	subs   map[shared.EntityKey]*sub
+	conn   *conn // the current connection, nil between connections
+}
+
+// New returns a client that connects to rawURL in the background and keeps
+// reconnecting until Close. rawURL is a ws:// or wss:// URL (http:// and
+// https:// are accepted and mapped), normally ending in Path. Only an
+// unusable URL is an error; subscribe right away, the subscriptions are sent
+// once connected.
+func New(rawURL string, opts Options) (*Client, error) {
+	c, err := newClient(rawURL, opts)
+	if err != nil {
+		return nil, err
+	}
+	go c.run(nil)
+	return c, nil
+}
+
+// Dial connects to rawURL and returns once the server has welcomed the
+// client, or with the first attempt's error (the client is then discarded).
+// ctx bounds only this first attempt; after Dial returns, the client
+// reconnects on its own until Close, like one made by New.
+func Dial(ctx context.Context, rawURL string, opts Options) (*Client, error) {
+	c, err := newClient(rawURL, opts)
+	if err != nil {
+		return nil, err
+	}
+	c.setState(Connecting, nil)
+	// Close (from a callback, say) must interrupt the attempt too.
+	dctx, stop := context.WithCancel(ctx)
+	defer stop()
+	go func() {
+		select {
+		case <-c.ctx.Done():
+			stop()
+		case <-dctx.Done():
+		}
+	}()
+	cn, err := c.connect(dctx)
+	if err != nil {
+		close(c.done)
+		c.Close()
+		return nil, err
+	}
+	c.activate(cn)
+	go c.run(cn)
+	return c, nil
+}
+
+func newClient(rawURL string, opts Options) (*Client, error) {
+	u, err := url.Parse(rawURL)
+	if err != nil {
+		return nil, fmt.Errorf("esclient: bad URL: %w", err)
+	}
+	switch u.Scheme {
+	case "ws", "wss":
+	case "http":
+		u.Scheme = "ws"
+	case "https":
+		u.Scheme = "wss"
+	default:
+		return nil, fmt.Errorf("esclient: URL %q: scheme must be ws or wss", rawURL)
+	}
+	if u.Host == "" {
+		return nil, fmt.Errorf("esclient: URL %q has no host", rawURL)
+	}
+	opts.setDefaults()
+	ctx, cancel := context.WithCancel(context.Background())
+	c := &Client{
+		url:    u.String(),
+		opts:   opts,
+		ctx:    ctx,
+		cancel: cancel,
+		events: newDispatcher(),
+		done:   make(chan struct{}),
+		secret: opts.Secret,
+		subs:   make(map[shared.EntityKey]*sub),
+	}
+	go c.events.loop()
+	return c, nil
+}
+
+// State returns the current connection state.
+func (c *Client) State() State {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.state
+}
+
+// SetSecret sets the secret the server passes to the application's lookup
+// handlers and authorization hooks for this connection. It is sent now if
+// connected, and again first thing on every reconnect. The server checks
+// every subscription again under the new secret and revokes the ones it now
+// refuses (see Handlers.Revoked). A refusal of the secret itself goes to
+// Options.OnError.
+func (c *Client) SetSecret(secret string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return
+	}
+	c.secret = secret
+	if cn := c.conn; cn != nil && cn.ready {
+		c.sendSecret(cn)
+	}
+}
+
+// Close stops the client: it says goodbye to the server (close code 1000),
+// stops reconnecting, and returns once its goroutines are gone. No callback
+// runs after Close returns, except that Close called from a callback
+// returns without waiting for that callback (the goroutine running it ends
+// right after). Closing a closed client does nothing. The error is always
+// nil; it is there for io.Closer.
+func (c *Client) Close() error {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return nil
+	}
+	c.closed = true
+	c.state = Closed
+	cn := c.conn
+	c.mu.Unlock()
+
+	c.cancel()
+	if cn != nil {
+		msg := websocket.FormatCloseMessage(websocket.CloseNormalClosure, "client closed")
+		_ = cn.ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
+		cn.ws.Close()
+	}
+	<-c.done
+	c.events.close()
+	return nil
+}
+
+// setState records a state change and queues the OnState callback.
+func (c *Client) setState(s State, err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.setStateLocked(s, err)
+}
+
+func (c *Client) setStateLocked(s State, err error) {
+	if c.closed {
+		return
+	}
+	c.state = s
+	if f := c.opts.OnState; f != nil {
+		c.events.push(func() { f(s, err) })
+	}
+}
+
+// reportLocked queues err for Options.OnError.
+func (c *Client) reportLocked(err error) {
+	if f := c.opts.OnError; f != nil {
+		c.events.push(func() { f(err) })
+	}
+}
+
+// run is the connection loop: connect, serve until the connection ends,
+// wait for the backoff delay, again, until Close. first is an activated
+// connection to serve first (from Dial), or nil.
+func (c *Client) run(first *conn) {
+	defer close(c.done)
+	attempt := 0
+	cn := first
+	for {
+		if cn == nil {
+			c.setState(Connecting, nil)
+			var err error
+			if cn, err = c.connect(c.ctx); err != nil {
+				if c.ctx.Err() != nil {
+					return
+				}
+				c.setState(Disconnected, err)
+				if !c.pause(backoff(c.opts.MinBackoff, c.opts.MaxBackoff, attempt)) {
+					return
+				}
+				attempt++
+				continue
+			}
+			c.activate(cn)
+		}
+		attempt = 0
+		err := c.serve(cn)
+		cn = nil
+		if c.ctx.Err() != nil {
+			return
+		}
+		c.setState(Disconnected, err)
+		if !c.pause(backoff(c.opts.MinBackoff, c.opts.MaxBackoff, attempt)) {
+			return
+		}
+		attempt++
+	}
+}
+
+// pause waits for d, or returns false when the client is closed first.
+func (c *Client) pause(d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-c.ctx.Done():
+		return false
+	}
+}
+
+// backoff returns the delay before reconnect attempt n (0 for the first one
+// after a loss): uniform in [0, min(max, lo*2^n)].
+func backoff(lo, hi time.Duration, n int) time.Duration {
+	ceil := lo
+	for i := 0; i < n && ceil < hi; i++ {
+		ceil *= 2
+	}
+	if ceil > hi {
+		ceil = hi
+	}
+	if ceil <= 0 {
+		return 0
+	}
+	return rand.N(ceil + 1)
+}
