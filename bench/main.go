@@ -1,0 +1,164 @@
+//go:build linux
+
+// Command bench measures entity-sync end to end over a real nsqd, with the
+// websocket clients in a different OS process from the servers, everything
+// on 127.0.0.1. Run it with `make bench` or `go run ./bench`; it prints one
+// markdown table and exits by itself (every phase has a timeout).
+//
+// One binary plays three roles, chosen by -role:
+//
+//   - orchestrator (the default) embeds nsqd, starts the two other roles as
+//     child processes of itself, drives the phases over HTTP and prints the
+//     table;
+//   - servers runs two entity-sync servers (two entitysync.New instances on
+//     the shared nsqd), each on its own listener with control endpoints under
+//     /ctl/ (bump a key and notify, report bridge and process stats);
+//   - clients opens websocket connections split across the servers and
+//     reports received frames, versions and notify -> receive latencies over
+//     its own HTTP control endpoint.
+//
+// The entity's fetch function returns one small JSON row holding the key,
+// a version and the UnixNano time of the notify that made that version, so a
+// client computes the notify -> receive latency on the same machine clock.
+package main
+
+import (
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"runtime"
+	"runtime/debug"
+	"strconv"
+	"syscall"
+	"time"
+)
+
+// entity is the entity type every phase uses.
+const entity = "bench"
+
+func main() {
+	var cfg config
+	flag.StringVar(&cfg.role, "role", "orchestrator", "orchestrator | servers | clients (the last two are started by the orchestrator)")
+	flag.StringVar(&cfg.nsqd, "nsqd", "", "servers: nsqd TCP address")
+	flag.StringVar(&cfg.servers, "servers", "", "clients: comma-separated websocket URLs")
+	flag.IntVar(&cfg.fanout, "fanout", 1000, "clients on the hot key (deliveries, latency, burst phases)")
+	flag.IntVar(&cfg.rate, "rate", 200, "changes per second in the rate phase")
+	flag.DurationVar(&cfg.rateFor, "rate-for", 5*time.Second, "duration of the rate phase")
+	flag.IntVar(&cfg.lowRate, "low-rate", 20, "changes per second of a second latency measurement at a sustainable load (0: skip)")
+	flag.IntVar(&cfg.burst, "burst", 10000, "changes in the burst phase")
+	flag.IntVar(&cfg.idle, "idle", 10000, "idle connections in the memory phase")
+	flag.IntVar(&cfg.changes, "changes", 20, "spaced changes per size in the fetches-per-change phase")
+	flag.DurationVar(&cfg.budget, "budget", 170*time.Second, "time budget for all phases: a phase still running when it ends fails, and its row says so")
+	flag.BoolVar(&cfg.verbose, "v", false, "let the children log at info level")
+	flag.StringVar(&cfg.profile, "profile", "", "directory for pprof profiles: CPU of servers and clients during the rate phase, servers heap with the idle connections")
+	flag.Parse()
+
+	if err := raiseNOFILE(); err != nil {
+		fmt.Fprintf(os.Stderr, "bench (%s): %v\n", cfg.role, err)
+	}
+	switch cfg.role {
+	case "orchestrator":
+		os.Exit(runOrchestrator(cfg))
+	case "servers":
+		os.Exit(runServers(cfg))
+	case "clients":
+		os.Exit(runClients(cfg))
+	default:
+		fmt.Fprintf(os.Stderr, "bench: unknown -role %q\n", cfg.role)
+		os.Exit(2)
+	}
+}
+
+type config struct {
+	role, nsqd, servers, profile       string
+	fanout, rate, burst, idle, changes int
+	lowRate                            int
+	rateFor, budget                    time.Duration
+	verbose                            bool
+}
+
+// raiseNOFILE lifts the open-file soft limit to the hard limit: the memory
+// phase holds 10,000 sockets in each of the servers and clients processes.
+func raiseNOFILE() error {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return fmt.Errorf("getrlimit: %w", err)
+	}
+	if lim.Cur < lim.Max {
+		lim.Cur = lim.Max
+		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+			return fmt.Errorf("setrlimit NOFILE to %d: %w", lim.Max, err)
+		}
+	}
+	return nil
+}
+
+func nofile() uint64 {
+	var lim syscall.Rlimit
+	_ = syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim)
+	return lim.Cur
+}
+
+// procStats describes the process a control endpoint runs in.
+type procStats struct {
+	CPUNanos   int64  `json:"cpu_ns"` // user + system time since start
+	HeapInuse  uint64 `json:"heap_inuse"`
+	StackInuse uint64 `json:"stack_inuse"`
+	Sys        uint64 `json:"sys"`
+	Goroutines int    `json:"goroutines"`
+	NOFILE     uint64 `json:"nofile"`
+}
+
+func (p procStats) mem() int64 { return int64(p.HeapInuse + p.StackInuse) }
+
+// readProc reads the process's counters; with gc, after two collections so
+// HeapInuse is close to the live heap.
+func readProc(gc bool) procStats {
+	if gc {
+		runtime.GC()
+		runtime.GC()
+		debug.FreeOSMemory()
+	}
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return procStats{
+		CPUNanos:   cpuNanos(),
+		HeapInuse:  ms.HeapInuse,
+		StackInuse: ms.StackInuse,
+		Sys:        ms.Sys,
+		Goroutines: runtime.NumGoroutine(),
+		NOFILE:     nofile(),
+	}
+}
+
+func cpuNanos() int64 {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		return -1
+	}
+	return ru.Utime.Nano() + ru.Stime.Nano()
+}
+
+// writeJSON answers an HTTP control request.
+func writeJSON(w interface {
+	Write([]byte) (int, error)
+}, v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		b = []byte(`{"error":` + strconv.Quote(err.Error()) + `}`)
+	}
+	_, _ = w.Write(append(b, '\n'))
+}
+
+// appendRow renders the fetch function's row for a key:
+// {"entity":"bench","id":"hot","v":12,"t":1700000000000000000}.
+func appendRow(b []byte, id string, v, t int64) []byte {
+	b = append(b, `{"entity":"`+entity+`","id":`...)
+	b = strconv.AppendQuote(b, id)
+	b = append(b, `,"v":`...)
+	b = strconv.AppendInt(b, v, 10)
+	b = append(b, `,"t":`...)
+	b = strconv.AppendInt(b, t, 10)
+	return append(b, '}')
+}

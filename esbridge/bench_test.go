@@ -1,0 +1,161 @@
+package esbridge_test
+
+import (
+	"context"
+	"strconv"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/entity-sync/entity-sync/esbridge"
+	"github.com/entity-sync/entity-sync/esq"
+	"github.com/entity-sync/entity-sync/shared"
+)
+
+// benchEntity is the entity type every benchmark serves.
+const benchEntity shared.EntityType = "bench"
+
+// flipFetcher returns one of two fixed rows, alternating on every call, so
+// that each fetch differs from the previous one (the bridge sends nothing
+// when a fetch returns the rows clients already have). It allocates nothing.
+type flipFetcher struct {
+	n    atomic.Uint64
+	rows [2][][]byte
+}
+
+func newFlipFetcher() *flipFetcher {
+	f := &flipFetcher{}
+	f.rows[0] = [][]byte{[]byte(`{"id":"1","name":"widget","price":100}`)}
+	f.rows[1] = [][]byte{[]byte(`{"id":"1","name":"widget","price":101}`)}
+	return f
+}
+
+func (f *flipFetcher) Fetch(context.Context, shared.EntityKey, string) ([][]byte, error) {
+	return f.rows[f.n.Add(1)%2], nil
+}
+
+func (*flipFetcher) PerSecret(shared.EntityType) bool { return false }
+
+// newBenchBridge returns a bridge over the in-process queue serving
+// benchEntity, closed when the benchmark ends.
+func newBenchBridge(b *testing.B) *esbridge.Bridge {
+	b.Helper()
+	log := logrus.New()
+	log.SetLevel(logrus.WarnLevel)
+	br := esbridge.New(esq.NewMemory(), newFlipFetcher(), esbridge.Options{Logger: log})
+	if err := br.ServeEntity(benchEntity); err != nil {
+		b.Fatalf("ServeEntity: %v", err)
+	}
+	b.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := br.Close(ctx); err != nil {
+			b.Errorf("Close: %v", err)
+		}
+	})
+	return br
+}
+
+// awaitSeq blocks until c has been handed an update for key with Seq >= want
+// and returns the newest Seq seen. It fails the benchmark after a generous
+// timeout rather than hanging.
+func awaitSeq(b *testing.B, c *esbridge.Client, key shared.EntityKey, want uint64, buf []*esbridge.Update) ([]*esbridge.Update, uint64) {
+	var got uint64
+	var timeout <-chan time.Time
+	for {
+		buf = c.Take(buf[:0])
+		for _, u := range buf {
+			if u.Key == key && u.Seq > got {
+				got = u.Seq
+			}
+		}
+		clear(buf)
+		if got >= want {
+			return buf, got
+		}
+		if timeout == nil {
+			timeout = time.After(10 * time.Second)
+		}
+		select {
+		case <-c.Ready():
+		case <-timeout:
+			b.Fatalf("client did not receive seq %d of %s within 10s (last %d)", want, key, got)
+		}
+	}
+}
+
+// BenchmarkSubscribeUnsubscribe measures the subscription index: parallel
+// clients each subscribe to a key and unsubscribe again, over 1,024 keys
+// shared by all clients. A subscribe also starts the fetch round that sends
+// the key's initial state, which is part of its cost.
+func BenchmarkSubscribeUnsubscribe(b *testing.B) {
+	br := newBenchBridge(b)
+	keys := make([]shared.EntityKey, 1024)
+	for i := range keys {
+		keys[i] = shared.EntityKey{Entity: benchEntity, ID: strconv.Itoa(i)}
+	}
+	var next atomic.Uint64
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		c := br.ClientBuilder(context.Background())
+		defer c.Close()
+		i := next.Add(1) * 7919 // spread goroutines over the keys
+		for pb.Next() {
+			key := keys[i%uint64(len(keys))]
+			i++
+			if err := c.Subscribe(key); err != nil {
+				b.Errorf("Subscribe: %v", err)
+				return
+			}
+			c.Unsubscribe(key)
+		}
+	})
+}
+
+// BenchmarkFanOut measures one change reaching every subscriber of a key:
+// one notification per iteration (in-process queue), one fetch, and the
+// update taken from every client's outbound queue. ns/delivery is ns/op
+// divided by the number of subscribers.
+func BenchmarkFanOut(b *testing.B) {
+	for _, n := range []int{1, 100, 1000} {
+		b.Run("subs="+strconv.Itoa(n), func(b *testing.B) {
+			br := newBenchBridge(b)
+			key := shared.EntityKey{Entity: benchEntity, ID: "hot"}
+			clients := make([]*esbridge.Client, n)
+			for i := range clients {
+				clients[i] = br.ClientBuilder(context.Background())
+				b.Cleanup(clients[i].Close)
+				if err := clients[i].Subscribe(key); err != nil {
+					b.Fatalf("Subscribe: %v", err)
+				}
+			}
+			// Wait for every client's initial state. Each change then waits
+			// for a Seq newer than the one the client last had: a
+			// notification always causes a round that starts after it, so
+			// that newer Seq always comes.
+			var buf []*esbridge.Update
+			last := make([]uint64, n)
+			for i, c := range clients {
+				buf, last[i] = awaitSeq(b, c, key, 1, buf)
+			}
+			fetches := br.Stats().Fetches
+
+			b.ReportAllocs()
+			b.ResetTimer()
+			for range b.N {
+				if err := br.NotifyAllOfChange(key); err != nil {
+					b.Fatalf("NotifyAllOfChange: %v", err)
+				}
+				for i, c := range clients {
+					buf, last[i] = awaitSeq(b, c, key, last[i]+1, buf)
+				}
+			}
+			b.StopTimer()
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/float64(n), "ns/delivery")
+			b.ReportMetric(float64(br.Stats().Fetches-fetches)/float64(b.N), "fetches/op")
+		})
+	}
+}
