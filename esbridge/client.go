@@ -197,6 +197,13 @@ func (c *Client) Subscriptions() int {
 	return len(c.subs)
 }
 
+// OnReady registers f to be called (from the goroutine that queued the
+// update, without locks held) whenever updates become ready or the client
+// overflows: a transport can then run a writer only while there is
+// something to write, instead of parking a goroutine on Ready. Set it
+// before the first Subscribe; f must not block.
+func (c *Client) OnReady(f func()) { c.out.notify.Store(&f) }
+
 // Ready is signalled when updates are waiting to be taken, or when the
 // client overflowed (see Overflowed).
 func (c *Client) Ready() <-chan struct{} { return c.out.wake }
@@ -243,6 +250,7 @@ type outbox struct {
 	maxBytes   int
 	overflowed bool
 	wake       chan struct{}
+	notify     atomic.Pointer[func()]
 }
 
 func newOutbox(maxBytes int) outbox {
@@ -271,6 +279,10 @@ func (o *outbox) push(u *Update) bool {
 	}
 	ok := !o.overflowed
 	o.mu.Unlock()
+	if f := o.notify.Load(); f != nil {
+		(*f)()
+		return ok
+	}
 	select {
 	case o.wake <- struct{}{}:
 	default:

@@ -104,3 +104,35 @@ func TestPassThroughPanicDoesNotEndTheServer(t *testing.T) {
 	ws.Subscribe("items", "1")
 	ws.AwaitKeys(wait, shared.EntityKey{Entity: "items", ID: "1"})
 }
+
+func TestPingsKeepAReadingClientAlive(t *testing.T) {
+	store := testkit.NewStore()
+	e, srv := testkit.Serve(t, es.Config{Web: esweb.Options{PongWait: 200 * time.Millisecond}})
+	if err := e.Register("items", store.Fetch); err != nil {
+		t.Fatal(err)
+	}
+	pings := make(chan struct{}, 16)
+	ws := testkit.Dial(t, srv)
+	ws.Conn.SetPingHandler(func(data string) error {
+		select {
+		case pings <- struct{}{}:
+		default:
+		}
+		return ws.Conn.WriteControl(websocket.PongMessage, []byte(data), time.Now().Add(time.Second))
+	})
+	ws.Subscribe("items", "1")
+	ws.AwaitKeys(wait, shared.EntityKey{Entity: "items", ID: "1"})
+	// Several ping periods pass; the pongs keep the connection open.
+	for i := 0; i < 5; i++ {
+		select {
+		case <-pings:
+		case <-time.After(wait):
+			t.Fatalf("ping %d not received", i+1)
+		}
+	}
+	v := store.Bump(shared.EntityKey{Entity: "items", ID: "1"})
+	if err := e.NotifyAllOfChange(shared.EntityKey{Entity: "items", ID: "1"}); err != nil {
+		t.Fatal(err)
+	}
+	ws.Await(wait, "change after pings", testkit.Is("items", "1", v))
+}

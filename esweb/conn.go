@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -17,11 +18,15 @@ import (
 
 // conn is one websocket connection: readPump owns reads, writePump owns
 // writes (gorilla/websocket allows one of each at a time).
+//
+// Idle connections are what a server holds most of, so a conn keeps little:
+// no logger entry (logger builds one when there is something to say), no
+// ticker (the server's ping loop sets pingDue), no preallocated control
+// queue.
 type conn struct {
 	s      *Server
 	ws     *websocket.Conn
 	client *esbridge.Client
-	log    logrus.FieldLogger
 	info   *shared.Connection
 	ctx    context.Context // carries info, for the hooks
 
@@ -34,9 +39,21 @@ type conn struct {
 	tokens   float64
 	refilled time.Time
 
-	envelope bool          // the client negotiated Subprotocol
-	controls chan []byte   // acks and errors, written before updates
-	kicked   chan kick     // a reason to close the connection, from the reader
+	envelope bool // the client negotiated Subprotocol
+
+	ctrlMu   sync.Mutex
+	controls [][]byte // welcome, acks and errors, written before updates
+
+	// The writer runs only while there is something to write (an idle
+	// connection parks no goroutine but its reader). wmu guards the flags
+	// that start it and tell it to go round again.
+	wmu      sync.Mutex
+	writing  bool // a writer goroutine is running
+	again    bool // something arrived while it was running
+	finished bool // the connection is over: start no writer
+	pingDue  atomic.Bool
+	kickMu   sync.Mutex
+	kicked   *kick         // a reason to close the connection, from the reader
 	shutdown chan struct{} // closed by Server.Close: say 1001 and go
 	readDone chan struct{} // closed when readPump returns
 }
@@ -50,10 +67,35 @@ type kick struct {
 // maxControlBacklog bounds the acks and errors waiting to be written.
 const maxControlBacklog = 64
 
+// logger returns a log entry naming the connection.
+func (c *conn) logger() logrus.FieldLogger {
+	return c.s.log.WithFields(logrus.Fields{"conn": c.info.ID, "remote": c.info.Request.RemoteAddr})
+}
+
+// signal makes sure a writer runs after this call: it starts one, or tells
+// the running one to go round again.
+func (c *conn) signal() {
+	c.wmu.Lock()
+	if c.writing || c.finished {
+		c.again = true
+		c.wmu.Unlock()
+		return
+	}
+	c.writing = true
+	c.s.wg.Add(1)
+	c.wmu.Unlock()
+	go c.writer()
+}
+
 func (c *conn) readPump() {
 	defer func() {
 		close(c.readDone)
 		c.client.Close()
+		c.ws.Close() // fails a write still blocked on this connection
+		c.wmu.Lock()
+		c.finished = true
+		c.wmu.Unlock()
+		c.s.forget(c)
 		c.s.wg.Done()
 	}()
 	pongWait := c.s.opts.PongWait
@@ -66,10 +108,10 @@ func (c *conn) readPump() {
 			switch {
 			case errors.Is(err, websocket.ErrReadLimit):
 				c.s.stats.tooLarge.Add(1)
-				c.log.Warnf("closing connection: frame larger than the %d byte limit", c.s.opts.ReadLimit)
+				c.logger().Warnf("closing connection: frame larger than the %d byte limit", c.s.opts.ReadLimit)
 			case websocket.IsCloseError(err, websocket.CloseNormalClosure, websocket.CloseGoingAway, websocket.CloseNoStatusReceived):
 			default:
-				c.log.WithError(err).Debug("connection read ended")
+				c.logger().WithError(err).Debug("connection read ended")
 			}
 			return
 		}
@@ -143,7 +185,7 @@ func (c *conn) apply(req parsedRequest, data []byte) *requestError {
 				c.s.stats.forbidden.Add(1)
 				// The hook's reason stays in the server log: it may say
 				// more about the data than the client should learn.
-				c.log.WithError(err).Info("subscription refused by Authorize")
+				c.logger().WithError(err).Info("subscription refused by Authorize")
 				return refuse(CodeForbidden, "not allowed to subscribe to %s", req.key)
 			}
 			return refuse(CodeInternal, "subscribe %s: %v", req.key, err)
@@ -157,7 +199,7 @@ func (c *conn) apply(req parsedRequest, data []byte) *requestError {
 }
 
 func (c *conn) refused(ref string, key *shared.EntityKey, err *requestError) {
-	c.log.WithField("code", err.code).Warnf("request refused: %s", err.msg)
+	c.logger().WithField("code", err.code).Warnf("request refused: %s", err.msg)
 	if c.envelope {
 		c.sendControl(errorFrame{Type: "error", Ref: ref, Code: err.code, Message: err.msg, Key: key})
 	}
@@ -169,30 +211,38 @@ func (c *conn) refused(ref string, key *shared.EntityKey, err *requestError) {
 func (c *conn) sendControl(v any) {
 	b, err := json.Marshal(v)
 	if err != nil {
-		c.log.WithError(err).Error("cannot encode control frame")
+		c.logger().WithError(err).Error("cannot encode control frame")
 		return
 	}
-	select {
-	case c.controls <- b:
-	default:
-		c.log.Warn("dropping connection: it does not read the answers to its requests")
-		c.kick(websocket.ClosePolicyViolation, "too many unread control frames")
+	c.ctrlMu.Lock()
+	full := len(c.controls) >= maxControlBacklog
+	if !full {
+		c.controls = append(c.controls, b)
 	}
+	c.ctrlMu.Unlock()
+	if full {
+		c.logger().Warn("dropping connection: it does not read the answers to its requests")
+		c.kick(websocket.ClosePolicyViolation, "too many unread control frames")
+		return
+	}
+	c.signal()
 }
 
 // kick asks the writer to close the connection with code; the first reason
 // wins.
 func (c *conn) kick(code int, reason string) {
-	select {
-	case c.kicked <- kick{code, reason}:
-	default:
+	c.kickMu.Lock()
+	if c.kicked == nil {
+		c.kicked = &kick{code, reason}
 	}
+	c.kickMu.Unlock()
+	c.signal()
 }
 
 func (c *conn) passThrough(data []byte) {
 	defer func() {
 		if r := recover(); r != nil {
-			c.log.Errorf("pass-through function panicked: %v", r)
+			c.logger().Errorf("pass-through function panicked: %v", r)
 		}
 	}()
 	switch {
@@ -201,77 +251,96 @@ func (c *conn) passThrough(data []byte) {
 	case c.s.opts.PassThrough != nil:
 		c.s.opts.PassThrough(c.client.Secret(), data)
 	default:
-		c.log.Debug("dropping frame without action: no pass-through function configured")
+		c.logger().Debug("dropping frame without action: no pass-through function configured")
 	}
 }
 
-func (c *conn) writePump() {
-	ticker := time.NewTicker(c.s.opts.PongWait * 9 / 10)
-	defer func() {
-		ticker.Stop()
-		c.ws.Close() // ends readPump's ReadMessage
-		c.s.forget(c)
-		c.s.wg.Done()
-	}()
-	var batch []*esbridge.Update
-	var controls [][]byte
+// writer writes whatever is due, then goes round again while signal says
+// more arrived, and exits when there is nothing left: an idle connection
+// holds no writer goroutine.
+func (c *conn) writer() {
+	defer c.s.wg.Done()
 	for {
-		select {
-		case b := <-c.controls:
-			if err := c.write(websocket.TextMessage, b); err != nil {
-				return
-			}
-		case <-c.client.Ready():
-			if c.client.Overflowed() {
-				c.s.stats.slowClients.Add(1)
-				c.log.Warn("dropping connection: too far behind (MaxPendingBytes)")
-				c.closeWith(websocket.ClosePolicyViolation, "client too slow")
-				return
-			}
-			c.order.Lock()
-			batch = c.client.Take(batch[:0])
-			controls = c.drainControls(controls[:0])
-			c.order.Unlock()
-			for _, b := range controls {
-				if err := c.write(websocket.TextMessage, b); err != nil {
-					return
-				}
-			}
-			for _, u := range batch {
-				if err := c.writeUpdate(u); err != nil {
-					c.dropped(err)
-					return
-				}
-			}
-			clear(batch) // let written updates be collected
-		case <-ticker.C:
-			if err := c.ws.WriteControl(websocket.PingMessage, nil, time.Now().Add(c.s.opts.WriteWait)); err != nil {
-				c.log.WithError(err).Debug("dropping connection: ping failed")
-				return
-			}
-		case k := <-c.kicked:
-			c.s.stats.protocolViolations.Add(1)
-			c.closeWith(k.code, k.reason)
-			return
-		case <-c.readDone:
-			return
-		case <-c.shutdown:
-			c.closeWith(websocket.CloseGoingAway, errShutdown.Error())
+		c.wmu.Lock()
+		c.again = false
+		c.wmu.Unlock()
+		if !c.flush() {
+			c.wmu.Lock()
+			c.finished, c.writing = true, false
+			c.wmu.Unlock()
+			c.ws.Close() // ends readPump's ReadMessage
 			return
 		}
+		c.wmu.Lock()
+		if !c.again || c.finished {
+			c.writing = false
+			c.wmu.Unlock()
+			return
+		}
+		c.wmu.Unlock()
 	}
+}
+
+// flush writes what is due: a close frame when the server shuts down or the
+// reader kicked the connection, a ping, then control frames and updates. It
+// returns false when the connection must end.
+func (c *conn) flush() bool {
+	select {
+	case <-c.readDone:
+		return false
+	case <-c.shutdown:
+		c.closeWith(websocket.CloseGoingAway, errShutdown.Error())
+		return false
+	default:
+	}
+	c.kickMu.Lock()
+	k := c.kicked
+	c.kickMu.Unlock()
+	if k != nil {
+		c.s.stats.protocolViolations.Add(1)
+		c.closeWith(k.code, k.reason)
+		return false
+	}
+	if c.client.Overflowed() {
+		c.s.stats.slowClients.Add(1)
+		c.logger().Warn("dropping connection: too far behind (MaxPendingBytes)")
+		c.closeWith(websocket.ClosePolicyViolation, "client too slow")
+		return false
+	}
+	if c.pingDue.Swap(false) {
+		if err := c.ws.WriteControl(websocket.PingMessage, nil, time.Now().Add(c.s.opts.WriteWait)); err != nil {
+			c.dropped(err)
+			return false
+		}
+	}
+	// Controls first, and taken together with the updates under order, so
+	// an ack always precedes the update its request caused.
+	c.order.Lock()
+	batch := c.client.Take(nil)
+	controls := c.drainControls(nil)
+	c.order.Unlock()
+	for _, b := range controls {
+		if err := c.write(websocket.TextMessage, b); err != nil {
+			return false
+		}
+	}
+	for _, u := range batch {
+		if err := c.writeUpdate(u); err != nil {
+			c.dropped(err)
+			return false
+		}
+	}
+	return true
 }
 
 // drainControls appends the queued control frames to buf.
 func (c *conn) drainControls(buf [][]byte) [][]byte {
-	for {
-		select {
-		case b := <-c.controls:
-			buf = append(buf, b)
-		default:
-			return buf
-		}
-	}
+	c.ctrlMu.Lock()
+	defer c.ctrlMu.Unlock()
+	buf = append(buf, c.controls...)
+	clear(c.controls)
+	c.controls = c.controls[:0]
+	return buf
 }
 
 func (c *conn) write(messageType int, b []byte) error {
@@ -289,10 +358,10 @@ func (c *conn) dropped(err error) {
 	var ne net.Error
 	if errors.As(err, &ne) && ne.Timeout() {
 		c.s.stats.slowClients.Add(1)
-		c.log.Info("dropping connection: client did not read within WriteWait")
+		c.logger().Info("dropping connection: client did not read within WriteWait")
 		return
 	}
-	c.log.WithError(err).Debug("dropping connection: write failed")
+	c.logger().WithError(err).Debug("dropping connection: write failed")
 }
 
 // closeWith sends a close frame and gives the client a moment to answer the
@@ -308,7 +377,7 @@ func (c *conn) closeWith(code int, reason string) {
 
 func (c *conn) writeUpdate(u *esbridge.Update) error {
 	if u.Revoked {
-		c.log.WithField("key", u.Key.String()).Info("subscription revoked")
+		c.logger().WithField("key", u.Key.String()).Info("subscription revoked")
 		if !c.envelope {
 			return nil // the raw protocol cannot say it; the pushes just stop
 		}

@@ -3,6 +3,7 @@ package esweb
 import (
 	"context"
 	"encoding/json"
+	"net/http"
 	"testing"
 
 	"github.com/sirupsen/logrus"
@@ -78,7 +79,9 @@ func FuzzHandle(f *testing.F) {
 	s := NewServer(bridge.ClientBuilder, Options{Logger: logger, MaxSubscriptions: 3, PassThrough: func(string, []byte) {}})
 
 	f.Fuzz(func(t *testing.T, data []byte) {
-		c := &conn{s: s, log: logger, envelope: true, controls: make(chan []byte, maxControlBacklog), kicked: make(chan kick, 1)}
+		// finished: no writer is started; the test reads the control queue.
+		c := &conn{s: s, envelope: true, finished: true,
+			info: shared.NewConnection("fuzz", &http.Request{RemoteAddr: "fuzz"}, nil, nil)}
 		c.client = bridge.ClientBuilder(context.Background())
 		defer c.client.Close()
 		for i := 0; i < 5; i++ { // repeated, so limits and re-subscribes are exercised
@@ -87,9 +90,9 @@ func FuzzHandle(f *testing.F) {
 		if n := c.client.Subscriptions(); n > s.opts.MaxSubscriptions {
 			t.Fatalf("%d subscriptions, limit %d", n, s.opts.MaxSubscriptions)
 		}
-		for len(c.controls) > 0 {
+		for _, b := range c.drainControls(nil) {
 			var frame map[string]any
-			if err := json.Unmarshal(<-c.controls, &frame); err != nil || frame["type"] == nil {
+			if err := json.Unmarshal(b, &frame); err != nil || frame["type"] == nil {
 				t.Fatalf("control frame is not a typed JSON object: %v", err)
 			}
 		}

@@ -144,7 +144,8 @@ type Server struct {
 
 	mu        sync.Mutex
 	conns     map[*conn]struct{}
-	upgrading int // requests past the connection limit check, not yet in conns
+	upgrading int           // requests past the connection limit check, not yet in conns
+	pinging   chan struct{} // closed to stop pingLoop; nil until the first connection
 	closed    bool
 	wg        sync.WaitGroup
 	stats     counters
@@ -278,10 +279,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	c := &conn{
 		s:        s,
 		ws:       ws,
-		log:      s.log.WithFields(logrus.Fields{"conn": id, "remote": r.RemoteAddr}),
 		envelope: ws.Subprotocol() == Subprotocol,
-		controls: make(chan []byte, maxControlBacklog),
-		kicked:   make(chan kick, 1),
 		shutdown: make(chan struct{}),
 		readDone: make(chan struct{}),
 		tokens:   float64(s.opts.MessageBurst),
@@ -289,7 +287,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	// The client is built below; its secret is read only once hooks run,
 	// after the goroutines that call them have started.
-	c.info = shared.NewConnection(id, r, principal, func() string { return c.client.Secret() })
+	c.info = shared.NewConnection(id, hookRequest(r), principal, func() string { return c.client.Secret() })
 	c.ctx = shared.WithConnection(context.WithoutCancel(r.Context()), c.info)
 	s.mu.Lock()
 	if s.closed {
@@ -298,15 +296,60 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.conns[c] = struct{}{}
-	s.wg.Add(2)
+	s.wg.Add(1) // the reader; each writer run adds its own
+	if s.pinging == nil {
+		s.pinging = make(chan struct{})
+		s.wg.Add(1)
+		go s.pingLoop(s.pinging)
+	}
 	s.mu.Unlock()
 	s.stats.accepted.Add(1)
 	c.client = s.build(c.ctx)
+	c.client.OnReady(c.signal)
 	if c.envelope {
 		c.sendControl(welcomeFrame{Type: "welcome", Protocol: Subprotocol, Limits: s.limits()})
 	}
-	go c.writePump()
 	go c.readPump()
+}
+
+// hookRequest keeps what the hooks may need of the upgrade request for the
+// life of the connection, and lets the rest of it be collected.
+func hookRequest(r *http.Request) *http.Request {
+	kept := &http.Request{
+		Method:     r.Method,
+		URL:        r.URL,
+		Proto:      r.Proto,
+		ProtoMajor: r.ProtoMajor,
+		ProtoMinor: r.ProtoMinor,
+		Header:     r.Header,
+		Host:       r.Host,
+		RemoteAddr: r.RemoteAddr,
+		RequestURI: r.RequestURI,
+		TLS:        r.TLS,
+	}
+	return kept.WithContext(context.WithoutCancel(r.Context()))
+}
+
+// pingLoop marks every connection's ping due once per ping period: one
+// timer for the server instead of one per connection. It ends when stop is
+// closed.
+func (s *Server) pingLoop(stop chan struct{}) {
+	defer s.wg.Done()
+	ticker := time.NewTicker(s.opts.PongWait * 9 / 10)
+	defer ticker.Stop()
+	for {
+		select {
+		case <-stop:
+			return
+		case <-ticker.C:
+		}
+		s.mu.Lock()
+		for c := range s.conns {
+			c.pingDue.Store(true)
+			c.signal()
+		}
+		s.mu.Unlock()
+	}
 }
 
 func (s *Server) limits() Limits {
@@ -368,6 +411,10 @@ func (s *Server) Close(ctx context.Context) error {
 		s.closed = true
 		for c := range s.conns {
 			close(c.shutdown)
+			c.signal()
+		}
+		if s.pinging != nil {
+			close(s.pinging)
 		}
 	}
 	s.mu.Unlock()
