@@ -206,7 +206,17 @@ func (c *Client) OnReady(f func()) { c.out.notify.Store(&f) }
 
 // Ready is signalled when updates are waiting to be taken, or when the
 // client overflowed (see Overflowed).
-func (c *Client) Ready() <-chan struct{} { return c.out.wake }
+func (c *Client) Ready() <-chan struct{} {
+	c.out.mu.Lock()
+	defer c.out.mu.Unlock()
+	if c.out.wake == nil { // made on first use: transports that use OnReady never need it
+		c.out.wake = make(chan struct{}, 1)
+		if len(c.out.pending) > 0 || c.out.overflowed {
+			c.out.wake <- struct{}{}
+		}
+	}
+	return c.out.wake
+}
 
 // Take appends the waiting updates to buf, oldest key first, and returns it.
 // Each key appears at most once, with its newest state.
@@ -254,7 +264,7 @@ type outbox struct {
 }
 
 func newOutbox(maxBytes int) outbox {
-	return outbox{pending: make(map[shared.EntityKey]*Update), maxBytes: maxBytes, wake: make(chan struct{}, 1)}
+	return outbox{maxBytes: maxBytes} // pending and wake are made on first use: most clients are idle
 }
 
 // push queues u, replacing the key's pending update; it reports false once
@@ -264,6 +274,9 @@ func (o *outbox) push(u *Update) bool {
 	if o.overflowed {
 		o.mu.Unlock()
 		return false
+	}
+	if o.pending == nil {
+		o.pending = make(map[shared.EntityKey]*Update)
 	}
 	if old, ok := o.pending[u.Key]; ok {
 		o.bytes -= old.size()
@@ -278,14 +291,16 @@ func (o *outbox) push(u *Update) bool {
 		o.order, o.bytes = nil, 0
 	}
 	ok := !o.overflowed
+	wake := o.wake
 	o.mu.Unlock()
 	if f := o.notify.Load(); f != nil {
 		(*f)()
-		return ok
 	}
-	select {
-	case o.wake <- struct{}{}:
-	default:
+	if wake != nil {
+		select {
+		case wake <- struct{}{}:
+		default:
+		}
 	}
 	return ok
 }

@@ -50,10 +50,12 @@ type Options struct {
 	// PongWait is how long the connection may stay silent (no frame, no pong)
 	// before it is dropped. Pings go out every 9/10 of it. Default 60s.
 	PongWait time.Duration
-	// ReadBufferSize and WriteBufferSize size each connection's I/O buffers.
-	// Write buffers are pooled between writes. Defaults 1024 each: small
-	// buffers keep an idle connection cheap; larger frames are written in
-	// several chunks.
+	// ReadBufferSize and WriteBufferSize size each connection's I/O buffers;
+	// they do not limit frame sizes. The read buffer lives as long as the
+	// connection, so its default is small, 256 bytes: client frames are
+	// short requests, and a longer one is read in several chunks. Write
+	// buffers (default 1024) are pooled between writes, so an idle
+	// connection holds none.
 	ReadBufferSize, WriteBufferSize int
 	// PassThroughContext, if set, receives frames that carry no action with
 	// a context holding the connection (shared.ConnectionFrom); it takes
@@ -105,7 +107,7 @@ func (o *Options) setDefaults() {
 		o.PongWait = 60 * time.Second
 	}
 	if o.ReadBufferSize <= 0 {
-		o.ReadBufferSize = 1024
+		o.ReadBufferSize = 256
 	}
 	if o.WriteBufferSize <= 0 {
 		o.WriteBufferSize = 1024
@@ -288,7 +290,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// The client is built below; its secret is read only once hooks run,
 	// after the goroutines that call them have started.
 	c.info = shared.NewConnection(id, hookRequest(r), principal, func() string { return c.client.Secret() })
-	c.ctx = shared.WithConnection(context.WithoutCancel(r.Context()), c.info)
+	c.ctx = shared.WithConnection(context.Background(), c.info)
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -327,7 +329,10 @@ func hookRequest(r *http.Request) *http.Request {
 		RequestURI: r.RequestURI,
 		TLS:        r.TLS,
 	}
-	return kept.WithContext(context.WithoutCancel(r.Context()))
+	// Not r.Context(): it would keep the server's per-request context chain
+	// alive for every idle connection. What the hooks need of the request's
+	// middleware should come through Authenticate's principal.
+	return kept
 }
 
 // pingLoop marks every connection's ping due once per ping period: one

@@ -11,8 +11,10 @@ import (
 type Connection struct {
 	// ID identifies the connection within this server process.
 	ID string
-	// Request is the HTTP request that was upgraded: headers, cookies,
-	// remote address, URL. Its body has been consumed.
+	// Request is the HTTP request that was upgraded: method, URL, headers
+	// (cookies), host, remote address, TLS state. Its body and its context
+	// are not kept: pass what middleware put in the context through the
+	// transport's authenticate hook, whose result is Principal.
 	Request *http.Request
 	// Principal is what the application's authenticate hook returned for
 	// the request (nil without such a hook).
