@@ -111,7 +111,7 @@ func runServers(cfg config) int {
 
 	db := &store{rows: make(map[string]version)}
 	webOpts := esweb.Options{} // the library's defaults
-	hello.Web = "esweb.Options defaults (raw seed protocol, 1 KiB read/write buffers, write buffers pooled)"
+	hello.Web = "esweb.Options defaults (raw seed protocol, 256 B read buffer, 1 KiB write buffers pooled between writes)"
 	type running struct {
 		es   *entitysync.EntitySync
 		http *http.Server
