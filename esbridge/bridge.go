@@ -290,13 +290,14 @@ func (b *Bridge) receive(entity shared.EntityType, body []byte) {
 	sh := b.shard(key)
 	sh.mu.Lock()
 	ks := sh.keys[key]
+	sh.mu.Unlock() // before waiting for the key: a long fan-out must not block its shard
 	if ks == nil {
-		sh.mu.Unlock()
 		return
 	}
 	ks.mu.Lock()
-	sh.mu.Unlock()
-	b.request(ks)
+	if !ks.removed { // else its last subscriber left; a new one fetches afresh
+		b.request(ks)
+	}
 	ks.mu.Unlock()
 }
 
@@ -304,21 +305,23 @@ func (b *Bridge) receive(entity shared.EntityType, body []byte) {
 // when the queue may have lost messages.
 func (b *Bridge) resync(entity shared.EntityType) {
 	b.stats.resyncs.Add(1)
-	n := 0
+	var keys []*keyState
 	for i := range b.shards {
 		sh := &b.shards[i]
 		sh.mu.Lock()
 		for key, ks := range sh.keys {
-			if key.Entity != entity {
-				continue
+			if key.Entity == entity {
+				keys = append(keys, ks)
 			}
-			ks.mu.Lock()
-			b.request(ks)
-			ks.mu.Unlock()
-			n++
 		}
 		sh.mu.Unlock()
 	}
+	for _, ks := range keys {
+		ks.mu.Lock()
+		b.request(ks) // a no-op for a key removed meanwhile
+		ks.mu.Unlock()
+	}
+	n := len(keys)
 	b.log.WithField("entity", entity).Infof("queue connection regained or new broker found: re-fetching %d subscribed keys", n)
 }
 
