@@ -46,11 +46,11 @@ import (
 
 // Subprotocol is the websocket subprotocol of the envelope protocol. The
 // client offers only this one and refuses a server that does not accept it.
-const Subprotocol = "entitysync.v1"
+const Subprotocol = shared.Subprotocol
 
 // Path is where entity-sync servers serve their websocket endpoint by
 // default; a URL passed to Dial or New usually ends with it.
-const Path = "/ws/entity-sync/"
+const Path = shared.WebsocketPath
 
 // State is the client's connection state.
 type State int

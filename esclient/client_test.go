@@ -126,7 +126,7 @@ func TestUnknownEntityIsReported(t *testing.T) {
 		t.Fatalf("got %v, want an error", ev)
 	}
 	serr := asServerError(t, ev.err)
-	if serr.Code != esclient.CodeUnknownEntity || serr.Key != key("nope", "1") || serr.Action != "subscribe" {
+	if serr.Code != shared.CodeUnknownEntity || serr.Key != key("nope", "1") || serr.Action != "subscribe" {
 		t.Fatalf("got %+v", serr)
 	}
 	unsub() // after the refusal: a no-op
@@ -142,7 +142,7 @@ func TestUnknownEntityIsReported(t *testing.T) {
 	c2.Subscribe(key("nope", "2"), nil, nil)
 	select {
 	case err := <-errs:
-		if serr := asServerError(t, err); serr.Code != esclient.CodeUnknownEntity {
+		if serr := asServerError(t, err); serr.Code != shared.CodeUnknownEntity {
 			t.Fatalf("got %v", serr)
 		}
 	case <-timeout():
@@ -432,7 +432,7 @@ func TestForbiddenAndRevokedByRealServer(t *testing.T) {
 	if ev.kind != "error" {
 		t.Fatalf("got %v, want an error", ev)
 	}
-	if serr := asServerError(t, ev.err); serr.Code != esclient.CodeForbidden || serr.Key != key("items", "private-2") {
+	if serr := asServerError(t, ev.err); serr.Code != shared.CodeForbidden || serr.Key != key("items", "private-2") {
 		t.Fatalf("got %+v", serr)
 	}
 	rp.none()

@@ -52,7 +52,7 @@ type inbound struct {
 	Seq     uint64            `json:"seq"`
 	Rows    []json.RawMessage `json:"rows"`
 	Ref     string            `json:"ref"`
-	Code    Code              `json:"code"`
+	Code    shared.ErrorCode  `json:"code"`
 	Message string            `json:"message"`
 	Reason  string            `json:"reason"`
 }
@@ -377,7 +377,7 @@ func (c *Client) refused(cn *conn, f *inbound) {
 		if c.subs[s.key] != s {
 			return // unsubscribed meanwhile: nothing to report
 		}
-		if f.Code == CodeRateLimited {
+		if f.Code == shared.CodeRateLimited {
 			c.reportLocked(serr)
 			c.after(cn, retry, func() {
 				if c.subs[s.key] == s {
@@ -392,7 +392,7 @@ func (c *Client) refused(cn *conn, f *inbound) {
 		}
 	case shared.ActionUnsubscribe:
 		c.unsubDone(cn, req.key)
-		if f.Code == CodeRateLimited {
+		if f.Code == shared.CodeRateLimited {
 			key := req.key
 			c.after(cn, retry, func() {
 				if c.subs[key] == nil {
@@ -402,7 +402,7 @@ func (c *Client) refused(cn *conn, f *inbound) {
 		}
 		c.reportLocked(serr)
 	case shared.ActionSecret:
-		if f.Code == CodeRateLimited {
+		if f.Code == shared.CodeRateLimited {
 			c.after(cn, retry, func() { c.sendSecret(cn) })
 		}
 		c.reportLocked(serr)

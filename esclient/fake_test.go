@@ -293,7 +293,7 @@ func TestRefusedSubscription(t *testing.T) {
 	req := fc.expect("subscribe", forbidden)
 	fc.send(map[string]any{"type": "error", "ref": req.Ref, "code": "forbidden", "message": "no"})
 	serr := asServerError(t, rf.expectKind("error").err)
-	if serr.Code != esclient.CodeForbidden || serr.Key != forbidden || serr.Message != "no" {
+	if serr.Code != shared.CodeForbidden || serr.Key != forbidden || serr.Message != "no" {
 		t.Fatalf("got %+v", serr)
 	}
 
@@ -301,7 +301,7 @@ func TestRefusedSubscription(t *testing.T) {
 	rl.subscribe(c, limited)
 	req = fc.expect("subscribe", limited)
 	fc.send(map[string]any{"type": "error", "ref": req.Ref, "code": "rate_limited", "message": "slow down"})
-	if serr := asServerError(t, recvErr(t, errs)); serr.Code != esclient.CodeRateLimited {
+	if serr := asServerError(t, recvErr(t, errs)); serr.Code != shared.CodeRateLimited {
 		t.Fatalf("OnError got %+v", serr)
 	}
 	fc.ack(fc.expect("subscribe", limited)) // retried after a delay
@@ -310,7 +310,7 @@ func TestRefusedSubscription(t *testing.T) {
 
 	// An error frame without a ref goes to OnError.
 	fc.send(map[string]any{"type": "error", "code": "bad_request", "message": "what"})
-	if serr := asServerError(t, recvErr(t, errs)); serr.Code != esclient.CodeBadRequest || serr.Action != "" {
+	if serr := asServerError(t, recvErr(t, errs)); serr.Code != shared.CodeBadRequest || serr.Action != "" {
 		t.Fatalf("OnError got %+v", serr)
 	}
 

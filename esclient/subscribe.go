@@ -166,24 +166,9 @@ func (c *Client) end(s *sub) {
 	}
 }
 
-// Code is the typed reason of a server refusal (docs/protocol.md).
-type Code string
-
-// The error codes of the envelope protocol.
-const (
-	CodeBadRequest           Code = "bad_request"
-	CodeUnknownAction        Code = "unknown_action"
-	CodeInvalidKey           Code = "invalid_key"
-	CodeUnknownEntity        Code = "unknown_entity"
-	CodeForbidden            Code = "forbidden"
-	CodeTooManySubscriptions Code = "too_many_subscriptions"
-	CodeRateLimited          Code = "rate_limited"
-	CodeInternal             Code = "internal"
-)
-
 // ServerError is a request the server refused.
 type ServerError struct {
-	Code    Code
+	Code    shared.ErrorCode
 	Message string
 	// Action is the refused request's action ("subscribe", "unsubscribe",
 	// "secret"), empty when the server could not tell which request it was.

@@ -119,7 +119,7 @@ func (c *conn) readPump() {
 		_ = c.ws.SetReadDeadline(now.Add(pongWait))
 		if !c.allow(now) {
 			c.s.stats.rateLimited.Add(1)
-			c.refused(peekRef(data), nil, refuse(CodeRateLimited, "more than %d requests per second; request dropped", c.s.opts.MessagesPerSecond))
+			c.refused(peekRef(data), nil, refuse(shared.CodeRateLimited, "more than %d requests per second; request dropped", c.s.opts.MessagesPerSecond))
 			continue
 		}
 		c.handle(data)
@@ -175,20 +175,20 @@ func (c *conn) apply(req parsedRequest, data []byte) *requestError {
 	case shared.ActionSubscribe:
 		if n := c.client.Subscriptions(); n >= c.s.opts.MaxSubscriptions && !c.client.Subscribed(req.key) {
 			c.s.stats.subscriptionLimit.Add(1)
-			return refuse(CodeTooManySubscriptions, "connection already holds %d keys", n)
+			return refuse(shared.CodeTooManySubscriptions, "connection already holds %d keys", n)
 		}
 		if err := c.client.Subscribe(req.key); err != nil {
 			switch {
 			case errors.Is(err, esbridge.ErrEntityNotServed):
-				return refuse(CodeUnknownEntity, "entity type %q is not served here", req.key.Entity)
+				return refuse(shared.CodeUnknownEntity, "entity type %q is not served here", req.key.Entity)
 			case errors.Is(err, esbridge.ErrForbidden):
 				c.s.stats.forbidden.Add(1)
 				// The hook's reason stays in the server log: it may say
 				// more about the data than the client should learn.
 				c.logger().WithError(err).Info("subscription refused by Authorize")
-				return refuse(CodeForbidden, "not allowed to subscribe to %s", req.key)
+				return refuse(shared.CodeForbidden, "not allowed to subscribe to %s", req.key)
 			}
-			return refuse(CodeInternal, "subscribe %s: %v", req.key, err)
+			return refuse(shared.CodeInternal, "subscribe %s: %v", req.key, err)
 		}
 	case shared.ActionSecret:
 		c.client.SetSecret(req.secret)

@@ -14,34 +14,18 @@ import (
 // Subprotocol is the websocket subprotocol of the envelope protocol
 // (docs/protocol.md). A client that does not offer it speaks the seed's raw
 // protocol: one text frame per row, no acks, no errors.
-const Subprotocol = "entitysync.v1"
-
-// ErrorCode is the typed reason in an envelope error frame.
-type ErrorCode string
-
-// The error codes of the envelope protocol; docs/protocol.md says when each
-// is sent.
-const (
-	CodeBadRequest           ErrorCode = "bad_request"
-	CodeUnknownAction        ErrorCode = "unknown_action"
-	CodeInvalidKey           ErrorCode = "invalid_key"
-	CodeUnknownEntity        ErrorCode = "unknown_entity"
-	CodeForbidden            ErrorCode = "forbidden"
-	CodeTooManySubscriptions ErrorCode = "too_many_subscriptions"
-	CodeRateLimited          ErrorCode = "rate_limited"
-	CodeInternal             ErrorCode = "internal"
-)
+const Subprotocol = shared.Subprotocol
 
 // requestError is a refused client request: logged in raw mode, sent as an
 // error frame in envelope mode.
 type requestError struct {
-	code ErrorCode
+	code shared.ErrorCode
 	msg  string
 }
 
 func (e *requestError) Error() string { return string(e.code) + ": " + e.msg }
 
-func refuse(code ErrorCode, format string, args ...any) *requestError {
+func refuse(code shared.ErrorCode, format string, args ...any) *requestError {
 	return &requestError{code: code, msg: fmt.Sprintf(format, args...)}
 }
 
@@ -76,28 +60,28 @@ func (p parsedRequest) errorKey() *shared.EntityKey {
 func parseRequest(data []byte, maxIDLength int) (parsedRequest, *requestError) {
 	var req request
 	if err := json.Unmarshal(data, &req); err != nil {
-		return parsedRequest{}, refuse(CodeBadRequest, "frame is not a JSON request: %v", err)
+		return parsedRequest{}, refuse(shared.CodeBadRequest, "frame is not a JSON request: %v", err)
 	}
 	p := parsedRequest{action: req.Action, ref: req.Ref}
 	switch req.Action {
 	case shared.ActionSubscribe, shared.ActionUnsubscribe:
 		if err := json.Unmarshal(req.Body, &p.key); err != nil {
-			return p, refuse(CodeBadRequest, `%s body must be {"entity":"...","id":"..."}`, req.Action)
+			return p, refuse(shared.CodeBadRequest, `%s body must be {"entity":"...","id":"..."}`, req.Action)
 		}
 		if err := p.key.Validate(); err != nil {
-			return p, refuse(CodeInvalidKey, "%v", err)
+			return p, refuse(shared.CodeInvalidKey, "%v", err)
 		}
 		if len(p.key.ID) > maxIDLength {
-			return p, refuse(CodeInvalidKey, "id longer than %d bytes", maxIDLength)
+			return p, refuse(shared.CodeInvalidKey, "id longer than %d bytes", maxIDLength)
 		}
 	case shared.ActionSecret:
 		if err := json.Unmarshal(req.Body, &p.secret); err != nil {
-			return p, refuse(CodeBadRequest, "secret body must be a JSON string")
+			return p, refuse(shared.CodeBadRequest, "secret body must be a JSON string")
 		}
 	case "":
 	default:
 		// The action is not echoed: client input stays out of the logs.
-		return p, refuse(CodeUnknownAction, "unknown action; the actions are subscribe, unsubscribe and secret")
+		return p, refuse(shared.CodeUnknownAction, "unknown action; the actions are subscribe, unsubscribe and secret")
 	}
 	return p, nil
 }
@@ -127,7 +111,7 @@ type (
 	errorFrame struct {
 		Type    string            `json:"type"` // "error"
 		Ref     string            `json:"ref,omitempty"`
-		Code    ErrorCode         `json:"code"`
+		Code    shared.ErrorCode  `json:"code"`
 		Message string            `json:"message"`
 		Key     *shared.EntityKey `json:"key,omitempty"`
 	}

@@ -30,7 +30,7 @@ import (
 )
 
 // Path is where SetupMuxBridge serves the websocket endpoint.
-const Path = "/ws/entity-sync/"
+const Path = shared.WebsocketPath
 
 // ClientBuilder makes the bridge's view of a new connection;
 // (*esbridge.Bridge).ClientBuilder is one.
