@@ -128,7 +128,7 @@ type NSQ struct {
 	http    *http.Client
 
 	mu        sync.Mutex
-	producers map[string]*nsq.Producer // by nsqd TCP address
+	producers map[string]*producer // by nsqd TCP address
 	subs      map[shared.EntityType]*nsqSubscription
 	closed    bool
 	closing   chan struct{}
@@ -174,7 +174,7 @@ func NewNSQ(cfg NSQConfig) (*NSQ, error) {
 		channel:   "es-" + id + "#ephemeral",
 		nsqCfg:    nc,
 		http:      &http.Client{Timeout: 5 * time.Second},
-		producers: make(map[string]*nsq.Producer),
+		producers: make(map[string]*producer),
 		subs:      make(map[shared.EntityType]*nsqSubscription),
 		closing:   make(chan struct{}),
 	}, nil
@@ -184,39 +184,18 @@ func NewNSQ(cfg NSQConfig) (*NSQ, error) {
 func (q *NSQ) Channel() string { return q.channel }
 
 // producer returns the (cached) producer for an nsqd TCP address.
-func (q *NSQ) producer(addr string) (*nsq.Producer, error) {
+func (q *NSQ) producer(addr string) (*producer, error) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.closed {
 		return nil, ErrClosed
 	}
-	if p, ok := q.producers[addr]; ok {
-		return p, nil
+	p, ok := q.producers[addr]
+	if !ok {
+		p = newProducer(addr, q.nsqCfg, nsqLogger{q.log.WithField("nsqd", addr)})
+		q.producers[addr] = p
 	}
-	p, err := nsq.NewProducer(addr, q.nsqCfg)
-	if err != nil {
-		return nil, fmt.Errorf("esq: producer for nsqd %s: %w", addr, err)
-	}
-	p.SetLogger(nsqLogger{q.log.WithField("nsqd", addr)}, nsq.LogLevelInfo)
-	q.producers[addr] = p
 	return p, nil
-}
-
-// discardProducer stops a producer whose publish failed, so the next publish
-// dials afresh with a new one. go-nsq v1.1.0's Producer has a data race when
-// it reconnects by itself (connect writes fields its old router goroutine
-// still reads), so it is never given the chance.
-func (q *NSQ) discardProducer(addr string, p *nsq.Producer) {
-	q.mu.Lock()
-	if q.producers[addr] == p {
-		delete(q.producers, addr)
-	} else {
-		p = nil // someone else already replaced it
-	}
-	q.mu.Unlock()
-	if p != nil {
-		p.Stop()
-	}
 }
 
 // Publish sends body to the entity type's topic on the first nsqd in
@@ -235,7 +214,6 @@ func (q *NSQ) Publish(_ context.Context, entity shared.EntityType, body []byte) 
 		if err = p.Publish(topic, body); err == nil {
 			return nil
 		}
-		q.discardProducer(addr, p)
 		errs = append(errs, fmt.Errorf("nsqd %s: %w", addr, err))
 	}
 	return fmt.Errorf("esq: publish to topic %q failed on every nsqd: %w", topic, errors.Join(errs...))
@@ -263,16 +241,20 @@ func (q *NSQ) Subscribe(entity shared.EntityType, onMessage func([]byte), onLoss
 	consumer.AddHandler(nsq.HandlerFunc(s.handle))
 
 	q.mu.Lock()
+	var refused error
 	if q.closed {
-		q.mu.Unlock()
-		return ErrClosed
+		refused = ErrClosed
+	} else if _, ok := q.subs[entity]; ok {
+		refused = ErrAlreadySubscribed
+	} else {
+		q.subs[entity] = s
 	}
-	if _, ok := q.subs[entity]; ok {
-		q.mu.Unlock()
-		return ErrAlreadySubscribed
-	}
-	q.subs[entity] = s
 	q.mu.Unlock()
+	if refused != nil {
+		consumer.Stop() // NewConsumer and AddHandler already started goroutines
+		<-consumer.StopChan
+		return refused
+	}
 
 	if err := q.connect(s); err != nil {
 		q.mu.Lock()
@@ -317,7 +299,6 @@ func (q *NSQ) ensureTopic(s *nsqSubscription) error {
 		return err
 	}
 	if err := p.Publish(s.topic, body); err != nil {
-		q.discardProducer(q.cfg.NSQDAddrs[0], p)
 		return fmt.Errorf("esq: create topic %q on nsqd %s: %w", s.topic, q.cfg.NSQDAddrs[0], err)
 	}
 	deadline := time.Now().Add(q.cfg.LiveTimeout)
@@ -426,10 +407,6 @@ func (q *NSQ) probe(s *nsqSubscription, addr string, deadline time.Time) error {
 	for {
 		if err := p.Publish(s.topic, body); err != nil {
 			lastErr = err
-			q.discardProducer(addr, p)
-			if p, err = q.producer(addr); err != nil {
-				return err
-			}
 		}
 		select {
 		case <-arrived:
