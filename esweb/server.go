@@ -147,7 +147,7 @@ type Server struct {
 	mu        sync.Mutex
 	conns     map[*conn]struct{}
 	upgrading int           // requests past the connection limit check, not yet in conns
-	pinging   chan struct{} // closed to stop pingLoop; nil until the first connection
+	pinging   chan struct{} // closed to stop pingLoop; nil while there is no connection
 	closed    bool
 	wg        sync.WaitGroup
 	stats     counters
@@ -395,6 +395,10 @@ func (s *Server) originAllowed(r *http.Request) bool {
 func (s *Server) forget(c *conn) {
 	s.mu.Lock()
 	delete(s.conns, c)
+	if len(s.conns) == 0 && s.pinging != nil && !s.closed {
+		close(s.pinging) // no connection, no goroutine; the next one restarts it
+		s.pinging = nil
+	}
 	s.mu.Unlock()
 }
 
@@ -420,6 +424,7 @@ func (s *Server) Close(ctx context.Context) error {
 		}
 		if s.pinging != nil {
 			close(s.pinging)
+			s.pinging = nil
 		}
 	}
 	s.mu.Unlock()
