@@ -21,7 +21,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/nsqio/nsq/nsqd"
+	"github.com/entity-sync/entity-sync/internal/nsqtest"
 )
 
 // row is one line of the final table.
@@ -49,12 +49,13 @@ func runOrchestrator(cfg config) int {
 	host := readHost()
 	defer func() { o.print(time.Since(start), host) }()
 
-	nsqdAddr, stopNSQD, err := startNSQD()
+	broker, err := nsqtest.Embed()
 	if err != nil {
 		o.fail("setup: embedded nsqd", err)
 		return 1
 	}
-	defer stopNSQD()
+	defer broker.Close()
+	nsqdAddr := broker.TCPAddr()
 	progress("nsqd on %s", nsqdAddr)
 
 	servers, err := spawn("servers", 30*time.Second, &o.servers, "-nsqd", nsqdAddr)
@@ -207,46 +208,6 @@ func (o *orchestrator) print(total time.Duration, host hostSample) {
 }
 
 // --- processes ---
-
-// quietLogger drops nsqd's log lines.
-type quietLogger struct{}
-
-func (quietLogger) Output(int, string) error { return nil }
-
-func startNSQD() (addr string, stop func(), err error) {
-	dir, err := os.MkdirTemp("", "entity-sync-bench-nsqd-")
-	if err != nil {
-		return "", nil, err
-	}
-	opts := nsqd.NewOptions()
-	opts.TCPAddress = "127.0.0.1:0"
-	opts.HTTPAddress = "127.0.0.1:0"
-	opts.HTTPSAddress = ""
-	opts.BroadcastAddress = "127.0.0.1"
-	opts.DataPath = dir
-	opts.Logger = quietLogger{}
-	d, err := nsqd.New(opts)
-	if err != nil {
-		os.RemoveAll(dir)
-		return "", nil, err
-	}
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		if err := d.Main(); err != nil {
-			progress("nsqd exited: %v", err)
-		}
-	}()
-	return d.RealTCPAddr().String(), func() {
-		d.Exit()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			progress("nsqd did not exit within 10s")
-		}
-		os.RemoveAll(dir)
-	}, nil
-}
 
 // child is a process running another role of this binary.
 type child struct {

@@ -165,7 +165,9 @@ func runBurst(t *testing.T, b burst) {
 			t.Fatal("half of the burst not published within 60s")
 		}
 		rs := time.Now()
-		nsqd.Restart()
+		if err := nsqd.Restart(); err != nil {
+			t.Fatal(err)
+		}
 		t.Logf("nsqd restarted after %d of %d changes (down for %s)", published.Load(), b.changes, time.Since(rs).Round(time.Millisecond))
 	}
 	select {

@@ -116,7 +116,9 @@ func TestNSQOnLossAfterRestartAndLiveAgain(t *testing.T) {
 	// subscription live.
 	const restarts = 3
 	for i := 1; i <= restarts; i++ {
-		nsqd.Restart()
+		if err := nsqd.Restart(); err != nil {
+			t.Fatal(err)
+		}
 		start := time.Now()
 		rec.awaitLoss(t)
 		t.Logf("restart %d: onLoss %s after nsqd was back", i, time.Since(start).Round(time.Millisecond))

@@ -1,11 +1,11 @@
 // Package nsqtest runs real NSQ brokers (nsqd, nsqlookupd from
-// github.com/nsqio/nsq v1.3.0) inside a test process, on random 127.0.0.1
-// ports, so tests talk to NSQ over TCP exactly as production does.
+// github.com/nsqio/nsq v1.3.0) inside a process, on random 127.0.0.1 ports,
+// so tests, the benchmark and the JavaScript client's test server talk to NSQ
+// over TCP exactly as production does.
 package nsqtest
 
 import (
 	"fmt"
-
 	"os"
 	"sync"
 	"testing"
@@ -28,8 +28,8 @@ func (l logger) Output(_ int, s string) error {
 // NSQD is an embedded nsqd that can be stopped and started again on the same
 // ports.
 type NSQD struct {
-	t        testing.TB
 	dataPath string
+	ownsDir  bool // dataPath was made by Embed and is removed by Close
 	lookupds []string
 
 	mu       sync.Mutex
@@ -39,15 +39,31 @@ type NSQD struct {
 	httpAddr string
 }
 
-// StartNSQD starts an nsqd on random ports, registering with the given
-// nsqlookupd TCP addresses, and stops it when the test ends.
+// Embed starts an nsqd on random 127.0.0.1 ports with its data in a new
+// temporary directory, registering with the given nsqlookupd TCP addresses.
+// Close stops it and removes the directory.
+func Embed(lookupdTCPAddrs ...string) (*NSQD, error) {
+	dir, err := os.MkdirTemp("", "entity-sync-nsqd-")
+	if err != nil {
+		return nil, err
+	}
+	n := &NSQD{dataPath: dir, ownsDir: true, lookupds: lookupdTCPAddrs}
+	if err := n.start("127.0.0.1:0", "127.0.0.1:0"); err != nil {
+		os.RemoveAll(dir)
+		return nil, fmt.Errorf("nsqtest: start nsqd: %w", err)
+	}
+	return n, nil
+}
+
+// StartNSQD is Embed for a test: it fails the test on error and closes the
+// nsqd when the test ends.
 func StartNSQD(t testing.TB, lookupdTCPAddrs ...string) *NSQD {
 	t.Helper()
-	n := &NSQD{t: t, dataPath: t.TempDir(), lookupds: lookupdTCPAddrs}
-	if err := n.start("127.0.0.1:0", "127.0.0.1:0"); err != nil {
-		t.Fatalf("nsqtest: start nsqd: %v", err)
+	n, err := Embed(lookupdTCPAddrs...)
+	if err != nil {
+		t.Fatal(err)
 	}
-	t.Cleanup(n.Stop)
+	t.Cleanup(n.Close)
 	return n
 }
 
@@ -106,29 +122,35 @@ func (n *NSQD) Stop() {
 	<-done
 }
 
-// Restart stops nsqd and starts it again on the same ports, retrying briefly
-// while the kernel releases them.
-func (n *NSQD) Restart() {
-	n.t.Helper()
+// Close stops nsqd for good and removes the data directory Embed made.
+func (n *NSQD) Close() {
 	n.Stop()
-	n.Start()
+	if n.ownsDir {
+		os.RemoveAll(n.dataPath)
+	}
 }
 
-// Start starts a stopped nsqd again on its previous ports.
-func (n *NSQD) Start() {
-	n.t.Helper()
+// Start starts a stopped nsqd again on its previous ports, retrying for up
+// to 10s while the kernel releases them.
+func (n *NSQD) Start() error {
 	tcp, http := n.TCPAddr(), n.HTTPAddr()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		err := n.start(tcp, http)
 		if err == nil {
-			return
+			return nil
 		}
 		if time.Now().After(deadline) {
-			n.t.Fatalf("nsqtest: restart nsqd on %s: %v", tcp, err)
+			return fmt.Errorf("nsqtest: restart nsqd on %s: %w", tcp, err)
 		}
 		time.Sleep(20 * time.Millisecond) // waiting on the kernel to free the port: no event to await
 	}
+}
+
+// Restart stops nsqd and starts it again on the same ports.
+func (n *NSQD) Restart() error {
+	n.Stop()
+	return n.Start()
 }
 
 // Lookupd is an embedded nsqlookupd.

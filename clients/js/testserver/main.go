@@ -46,10 +46,10 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/nsqio/nsq/nsqd"
 	"github.com/sirupsen/logrus"
 
 	"github.com/entity-sync/entity-sync/entitysync"
+	"github.com/entity-sync/entity-sync/internal/nsqtest"
 	"github.com/entity-sync/entity-sync/shared"
 )
 
@@ -77,22 +77,25 @@ func main() {
 		stop()
 	}()
 
-	if err := run(ctx, *root, *servers, logger, *verbose); err != nil {
+	if *verbose {
+		os.Setenv("NSQTEST_VERBOSE", "1") // the embedded nsqd logs too
+	}
+	if err := run(ctx, *root, *servers, logger); err != nil {
 		log.Fatal(err)
 	}
 }
 
-func run(ctx context.Context, root string, n int, logger *logrus.Logger, verbose bool) error {
+func run(ctx context.Context, root string, n int, logger *logrus.Logger) error {
 	if st, err := os.Stat(root); err != nil || !st.IsDir() {
 		return fmt.Errorf("-root %q is not a directory", root)
 	}
-	broker, err := startNSQD(verbose)
+	broker, err := nsqtest.Embed()
 	if err != nil {
 		return fmt.Errorf("start nsqd: %w", err)
 	}
-	defer broker.stop()
+	defer broker.Close()
 
-	h := &harness{store: newStore(), root: root, nsqd: broker.tcpAddr, logger: logger}
+	h := &harness{store: newStore(), root: root, nsqd: broker.TCPAddr(), logger: logger}
 	defer h.close()
 	for i := 0; i < n; i++ {
 		if err := h.addServer(); err != nil {
@@ -116,7 +119,7 @@ func run(ctx context.Context, root string, n int, logger *logrus.Logger, verbose
 		Control string  `json:"control"`
 		NSQD    string  `json:"nsqd"`
 		Servers []addrs `json:"servers"`
-	}{Control: "http://" + ctl.Addr().String(), NSQD: broker.tcpAddr}
+	}{Control: "http://" + ctl.Addr().String(), NSQD: broker.TCPAddr()}
 	for _, s := range h.servers {
 		a := s.proxy.addr()
 		out.Servers = append(out.Servers, addrs{HTTP: "http://" + a, WS: "ws://" + a + "/ws/entity-sync/"})
@@ -425,54 +428,4 @@ func (p *proxy) close() {
 	_ = p.ln.Close()
 	p.setDown(true)
 	p.cut()
-}
-
-// nsqdBroker is an embedded nsqd on random loopback ports.
-type nsqdBroker struct {
-	d       *nsqd.NSQD
-	done    chan struct{}
-	dir     string
-	tcpAddr string
-}
-
-type nsqLogger struct{ on bool }
-
-func (l nsqLogger) Output(_ int, s string) error {
-	if l.on {
-		fmt.Fprintln(os.Stderr, "[nsqd]", s)
-	}
-	return nil
-}
-
-func startNSQD(verbose bool) (*nsqdBroker, error) {
-	dir, err := os.MkdirTemp("", "es-testserver-nsqd-")
-	if err != nil {
-		return nil, err
-	}
-	opts := nsqd.NewOptions()
-	opts.TCPAddress = "127.0.0.1:0"
-	opts.HTTPAddress = "127.0.0.1:0"
-	opts.HTTPSAddress = ""
-	opts.BroadcastAddress = "127.0.0.1"
-	opts.DataPath = dir
-	opts.Logger = nsqLogger{verbose}
-	d, err := nsqd.New(opts)
-	if err != nil {
-		os.RemoveAll(dir)
-		return nil, err
-	}
-	b := &nsqdBroker{d: d, done: make(chan struct{}), dir: dir, tcpAddr: d.RealTCPAddr().String()}
-	go func() {
-		defer close(b.done)
-		if err := d.Main(); err != nil {
-			log.Printf("nsqd exited: %v", err)
-		}
-	}()
-	return b, nil
-}
-
-func (b *nsqdBroker) stop() {
-	b.d.Exit()
-	<-b.done
-	os.RemoveAll(b.dir)
 }
