@@ -113,17 +113,30 @@ func buildQueue(config *Config) (esq.Queue, error) {
 }
 
 // Setup is the seed's constructor. It never exits the process: if the
-// configuration is unusable, the error is logged and every method of the
-// returned EntitySync returns it (Bridge is then nil; use New to handle the
+// configuration is unusable, the error is logged and the returned
+// EntitySync's methods, and its Bridge's, return it (use New to handle the
 // error yourself).
 func Setup(config Config) *EntitySync {
 	es, err := New(config)
 	if err != nil {
 		logrus.WithError(err).Error("entitysync: setup failed")
-		return &EntitySync{Mux: config.Mux, err: err}
+		hub := esdb.NewDatabaseHub()
+		return &EntitySync{Mux: config.Mux, DatabaseHub: hub, err: err,
+			Bridge: esbridge.New(failedQueue{err}, hub, esbridge.Options{})}
 	}
 	return es
 }
+
+// failedQueue stands in for the queue a failed Setup could not build, so the
+// seed's entitySync.Bridge.NotifyAllOfChange returns the setup error instead
+// of dereferencing nil.
+type failedQueue struct{ err error }
+
+func (q failedQueue) Publish(context.Context, shared.EntityType, []byte) error { return q.err }
+func (q failedQueue) Subscribe(shared.EntityType, func([]byte), func()) error {
+	return q.err
+}
+func (q failedQueue) Close(context.Context) error { return nil }
 
 // Err returns the error Setup met, if any.
 func (e *EntitySync) Err() error { return e.err }
@@ -180,7 +193,7 @@ func (e *EntitySync) NotifyAllOfChange(key shared.EntityKey) error {
 // are gone, or with ctx's error.
 func (e *EntitySync) Close(ctx context.Context) error {
 	if e.err != nil {
-		return nil
+		return e.Bridge.Close(ctx) // a failed Setup wired no transport
 	}
 	werr := e.Web.Close(ctx)
 	berr := e.Bridge.Close(ctx)

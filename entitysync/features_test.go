@@ -151,6 +151,13 @@ func TestSetupReportsErrorsWithoutExiting(t *testing.T) {
 	if err := e.NotifyAllOfChange(key("items", "1")); err == nil {
 		t.Error("Notify on a failed setup succeeded")
 	}
+	// The seed calls the bridge directly.
+	if err := e.Bridge.NotifyAllOfChange(key("items", "1")); err == nil {
+		t.Error("Bridge.NotifyAllOfChange on a failed setup succeeded")
+	}
+	if err := e.Close(context.Background()); err != nil {
+		t.Errorf("Close on a failed setup: %v", err)
+	}
 }
 
 func TestCloseSays1001AndLeavesNoGoroutine(t *testing.T) {
