@@ -2,7 +2,9 @@ package entitysync_test
 
 import (
 	"fmt"
+	"net/http"
 	"net/http/httptest"
+	"strings"
 	"testing"
 	"time"
 
@@ -113,4 +115,27 @@ func TestThreeServersTwoNSQDThroughLookupd(t *testing.T) {
 		}
 	})
 	checkBroadcast(t, servers, store)
+}
+
+// A producer in any language triggers a push by publishing the key's JSON to
+// the entity type's topic, here through nsqd's HTTP API as the README shows.
+func TestPublishFromOutsideGo(t *testing.T) {
+	nsqd := nsqtest.StartNSQD(t)
+	store := testkit.NewStore()
+	servers := startServers(t, 1, store, func(int) es.Config { return es.Config{NSQAddr: nsqd.TCPAddr()} })
+	ws := testkit.Dial(t, servers[0].srv)
+	ws.Subscribe("items", "100")
+	ws.AwaitKeys(wait, key("items", "100"))
+	for _, body := range []string{`{"entity":"items","id":"100"}`, `{"id":"100"}`} {
+		v := store.Bump(key("items", "100"))
+		resp, err := http.Post("http://"+nsqd.HTTPAddr()+"/pub?topic=items", "application/json", strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("nsqd /pub answered %s", resp.Status)
+		}
+		ws.Await(wait, "push triggered by "+body, testkit.Is("items", "100", v))
+	}
 }
