@@ -16,8 +16,10 @@ import (
 	"github.com/entity-sync/entity-sync/shared"
 )
 
-// conn is one websocket connection: readPump owns reads, writePump owns
-// writes (gorilla/websocket allows one of each at a time).
+// conn is one websocket connection: readPump owns reads for the
+// connection's whole life; writes are done by a writer goroutine that runs
+// only while something is due (gorilla/websocket allows one reader and one
+// writer at a time).
 //
 // Idle connections are what a server holds most of, so a conn keeps little:
 // no logger entry (logger builds one when there is something to say), no

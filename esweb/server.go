@@ -1,7 +1,8 @@
 // Package esweb is the websocket transport: it upgrades HTTP requests on
 // /ws/entity-sync/, reads client requests (subscribe, unsubscribe, secret,
-// pass-through) and writes each client's updates, one reader and one writer
-// goroutine per connection.
+// pass-through) and writes each client's updates: one reader goroutine per
+// connection, and a writer goroutine only while something is due, so an idle
+// connection costs one goroutine.
 //
 // A client that stops reading never blocks anyone else: the bridge only ever
 // replaces the client's pending update per key, and the writer drops the
