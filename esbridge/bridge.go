@@ -294,8 +294,19 @@ func (b *Bridge) receive(entity shared.EntityType, body []byte) {
 	if ks == nil {
 		return
 	}
-	ks.mu.Lock()
-	if !ks.removed { // else its last subscriber left; a new one fetches afresh
+	ks.notified.Store(true)
+	if !ks.mu.TryLock() {
+		if ks.running.Load() {
+			// A round holds the key, maybe for a long fan-out: it turns
+			// notified into one more round before it ends, so the queue's
+			// consumer need not wait for it.
+			return
+		}
+		ks.mu.Lock()
+	}
+	// Unless a round took the notification meanwhile, or the last
+	// subscriber left (a new one fetches afresh).
+	if ks.notified.Swap(false) && !ks.removed {
 		b.request(ks)
 	}
 	ks.mu.Unlock()

@@ -121,7 +121,7 @@ func (c *Client) Unsubscribe(key shared.EntityKey) {
 func (c *Client) leave(ks *keyState, secret string) {
 	ks.mu.Lock()
 	ks.remove(c, secret)
-	empty := ks.nsubs == 0 && !ks.running
+	empty := ks.nsubs == 0 && !ks.running.Load()
 	ks.mu.Unlock()
 	if empty {
 		c.b.maybeRemove(ks)

@@ -84,11 +84,15 @@ type keyState struct {
 	mu      sync.Mutex
 	groups  map[string]*group // by secret; the only group is "" unless perSecret
 	nsubs   int
-	running bool // a round goroutine owns the key
-	dirty   bool // a notification arrived since the running round started
-	removed bool // dropped from the index; a new subscriber makes a new keyState
-	retry   time.Duration
-	timer   *time.Timer
+	running atomic.Bool // a round goroutine owns the key (written under mu)
+	dirty   bool        // a notification arrived since the running round started
+	// notified is set by receive without waiting for mu, which a round
+	// holds through a fan-out that can take milliseconds at 10,000s of
+	// subscribers; the round turns it into dirty before it ends.
+	notified atomic.Bool
+	removed  bool // dropped from the index; a new subscriber makes a new keyState
+	retry    time.Duration
+	timer    *time.Timer
 }
 
 // group is the clients of a key that see the same rows.
@@ -138,7 +142,7 @@ func (ks *keyState) remove(c *Client, secret string) {
 
 // request asks for a fetch round. With ks.mu held.
 func (b *Bridge) request(ks *keyState) {
-	if ks.running {
+	if ks.running.Load() {
 		ks.dirty = true
 		return
 	}
@@ -150,7 +154,7 @@ func (b *Bridge) request(ks *keyState) {
 	if b.closed {
 		return
 	}
-	ks.running = true
+	ks.running.Store(true)
 	b.rounds.Add(1)
 	go b.run(ks)
 }
@@ -170,12 +174,13 @@ func (b *Bridge) run(ks *keyState) {
 		case b.fetchSlots <- struct{}{}:
 		case <-b.ctx.Done():
 			ks.mu.Lock()
-			ks.running = false
+			ks.running.Store(false)
 			ks.mu.Unlock()
 			return
 		}
 		ks.mu.Lock()
 		ks.dirty = false
+		ks.notified.Store(false) // this round's fetch covers it
 		seq := b.roundSeq.Add(1)
 		results := make([]fetched, 0, len(ks.groups))
 		for secret := range ks.groups {
@@ -209,10 +214,22 @@ func (b *Bridge) run(ks *keyState) {
 		} else {
 			ks.retry = 0
 		}
+		if ks.notified.Swap(false) {
+			ks.dirty = true
+		}
 		if !ks.dirty || ks.nsubs == 0 || b.ctx.Err() != nil {
-			ks.running = false
+			ks.running.Store(false)
 			empty := ks.nsubs == 0
 			ks.mu.Unlock()
+			// A receive that saw running still true left its notification
+			// to this round: take it up now.
+			if ks.notified.Load() {
+				ks.mu.Lock()
+				if ks.notified.Swap(false) {
+					b.request(ks)
+				}
+				ks.mu.Unlock()
+			}
 			if empty {
 				b.maybeRemove(ks)
 			}
@@ -306,7 +323,7 @@ func (b *Bridge) maybeRemove(ks *keyState) {
 	defer sh.mu.Unlock()
 	ks.mu.Lock()
 	defer ks.mu.Unlock()
-	if ks.nsubs > 0 || ks.running || ks.removed {
+	if ks.nsubs > 0 || ks.running.Load() || ks.removed {
 		return
 	}
 	ks.removed = true
