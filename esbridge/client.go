@@ -33,7 +33,9 @@ func (b *Bridge) ClientBuilder(ctx context.Context) *Client {
 	if ctx == nil {
 		ctx = context.Background()
 	}
-	c := &Client{b: b, ctx: ctx, subs: make(map[shared.EntityKey]*keyState), out: newOutbox(b.opts.MaxPendingBytes)}
+	// subs is made on the first Subscribe: most connections of a big
+	// server are idle at any moment, and each byte counts 10,000 times.
+	c := &Client{b: b, ctx: ctx, out: newOutbox(b.opts.MaxPendingBytes)}
 	c.secret.Store(new(string))
 	b.clientsMu.Lock()
 	b.clients[c] = struct{}{}
@@ -99,6 +101,9 @@ func (c *Client) Subscribe(key shared.EntityKey) error {
 	ks.add(c, secret)
 	c.b.request(ks)
 	ks.mu.Unlock()
+	if c.subs == nil {
+		c.subs = make(map[shared.EntityKey]*keyState)
+	}
 	c.subs[key] = ks
 	return nil
 }

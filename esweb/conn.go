@@ -56,7 +56,6 @@ type conn struct {
 	pingDue  atomic.Bool
 	kickMu   sync.Mutex
 	kicked   *kick         // a reason to close the connection, from the reader
-	shutdown chan struct{} // closed by Server.Close: say 1001 and go
 	readDone chan struct{} // closed when readPump returns
 }
 
@@ -124,8 +123,23 @@ func (c *conn) readPump() {
 			c.refused(peekRef(data), nil, refuse(shared.CodeRateLimited, "more than %d requests per second; request dropped", c.s.opts.MessagesPerSecond))
 			continue
 		}
-		c.handle(data)
+		c.handleOffStack(data)
 	}
+}
+
+// handleOffStack handles a frame on a short-lived goroutine and waits for
+// it. Decoding and subscribing need a deep stack; done on the reader's own
+// goroutine, that stack would stay grown for the connection's whole life
+// (the runtime only shrinks a stack that is mostly unused, and a reader
+// parked in Read uses too much of a grown one). Requests are rare next to
+// reads, so the extra goroutine per request is cheap.
+func (c *conn) handleOffStack(data []byte) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		c.handle(data)
+	}()
+	<-done
 }
 
 // allow takes a token from the connection's rate limit bucket.
@@ -290,7 +304,7 @@ func (c *conn) flush() bool {
 	select {
 	case <-c.readDone:
 		return false
-	case <-c.shutdown:
+	case <-c.s.closing: // Server.Close: say 1001 and go
 		c.closeWith(websocket.CloseGoingAway, errShutdown.Error())
 		return false
 	default:

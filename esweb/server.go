@@ -150,6 +150,7 @@ type Server struct {
 	upgrading int           // requests past the connection limit check, not yet in conns
 	pinging   chan struct{} // closed to stop pingLoop; nil while there is no connection
 	closed    bool
+	closing   chan struct{} // closed by Close: every connection says 1001 and goes
 	wg        sync.WaitGroup
 	stats     counters
 }
@@ -196,10 +197,11 @@ func (s *Server) Stats() Stats {
 func NewServer(build ClientBuilder, opts Options) *Server {
 	opts.setDefaults()
 	s := &Server{
-		build: build,
-		opts:  opts,
-		log:   opts.Logger.WithField("component", "esweb"),
-		conns: make(map[*conn]struct{}),
+		build:   build,
+		opts:    opts,
+		log:     opts.Logger.WithField("component", "esweb"),
+		conns:   make(map[*conn]struct{}),
+		closing: make(chan struct{}),
 	}
 	s.upgrader = websocket.Upgrader{
 		ReadBufferSize:  opts.ReadBufferSize,
@@ -283,7 +285,6 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s:        s,
 		ws:       ws,
 		envelope: ws.Subprotocol() == Subprotocol,
-		shutdown: make(chan struct{}),
 		readDone: make(chan struct{}),
 		tokens:   float64(s.opts.MessageBurst),
 		refilled: time.Now(),
@@ -419,8 +420,8 @@ func (s *Server) Close(ctx context.Context) error {
 	s.mu.Lock()
 	if !s.closed {
 		s.closed = true
+		close(s.closing)
 		for c := range s.conns {
-			close(c.shutdown)
 			c.signal()
 		}
 		if s.pinging != nil {
