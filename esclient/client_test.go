@@ -158,7 +158,7 @@ func TestUnknownEntityIsReported(t *testing.T) {
 // before the subscriptions.
 func TestSecretIsSentAndResentOnReconnect(t *testing.T) {
 	store := testkit.NewStore()
-	e, srv := testkit.Serve(t, entitysync.Config{Logger: quietLogger()})
+	e, srv := testkit.Serve(t, entitysync.Config{Logger: testkit.Logger()})
 	if err := e.RegisterEntityAndDBHandler("docs", store.SeedHandler); err != nil {
 		t.Fatal(err)
 	}
@@ -196,7 +196,7 @@ func TestSecretIsSentAndResentOnReconnect(t *testing.T) {
 // ends on the latest state; later changes keep coming.
 func TestReconnectAfterCut(t *testing.T) {
 	store := testkit.NewStore()
-	e, srv := testkit.Serve(t, entitysync.Config{Logger: quietLogger()})
+	e, srv := testkit.Serve(t, entitysync.Config{Logger: testkit.Logger()})
 	if err := e.Register("items", store.Fetch); err != nil {
 		t.Fatal(err)
 	}
@@ -242,7 +242,7 @@ func TestReconnectAfterServerRestart(t *testing.T) {
 	}
 	addr := ln.Addr().String()
 	start := func(ln net.Listener) (stop func()) {
-		e, err := entitysync.New(entitysync.Config{Logger: quietLogger()})
+		e, err := entitysync.New(entitysync.Config{Logger: testkit.Logger()})
 		if err != nil {
 			t.Fatal(err)
 		}

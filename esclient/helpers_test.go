@@ -6,13 +6,10 @@ import (
 	"errors"
 	"io"
 	"net"
-	"os"
 	"strings"
 	"sync"
 	"testing"
 	"time"
-
-	"github.com/sirupsen/logrus"
 
 	"github.com/entity-sync/entity-sync/entitysync"
 	"github.com/entity-sync/entity-sync/esclient"
@@ -34,22 +31,11 @@ func key(entity, id string) shared.EntityKey {
 	return shared.EntityKey{Entity: shared.EntityType(entity), ID: id}
 }
 
-// quietLogger keeps passing runs silent; -v shows everything.
-func quietLogger() *logrus.Logger {
-	l := logrus.New()
-	l.SetOutput(os.Stderr)
-	l.SetLevel(logrus.ErrorLevel)
-	if testing.Verbose() {
-		l.SetLevel(logrus.DebugLevel)
-	}
-	return l
-}
-
 // server runs an entity-sync server with the entity type "items" over store.
 func server(t *testing.T, store *testkit.Store, cfg entitysync.Config) (*entitysync.EntitySync, string) {
 	t.Helper()
 	if cfg.Logger == nil {
-		cfg.Logger = quietLogger()
+		cfg.Logger = testkit.Logger()
 	}
 	e, srv := testkit.Serve(t, cfg)
 	if err := e.Register("items", store.Fetch); err != nil {

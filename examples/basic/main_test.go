@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"net"
-	"os"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -12,10 +11,10 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
-	"github.com/sirupsen/logrus"
 
 	"github.com/entity-sync/entity-sync/esweb"
 	"github.com/entity-sync/entity-sync/internal/nsqtest"
+	"github.com/entity-sync/entity-sync/internal/testkit"
 )
 
 // frameWait bounds every wait for a frame; the demo changes item 100 every
@@ -131,7 +130,7 @@ func startDemo(t *testing.T, cfg config) demo {
 		t.Fatal(err)
 	}
 	if cfg.Log == nil {
-		cfg.Log = quietLogger()
+		cfg.Log = testkit.Logger()
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -153,17 +152,6 @@ func startDemo(t *testing.T, cfg config) demo {
 	}
 	t.Cleanup(func() { cancel(); wait(t) })
 	return demo{addr: ln.Addr().String(), cancel: cancel, wait: wait}
-}
-
-// quietLogger keeps passing runs silent; -v shows everything.
-func quietLogger() *logrus.Logger {
-	l := logrus.New()
-	l.SetOutput(os.Stderr)
-	l.SetLevel(logrus.WarnLevel)
-	if testing.Verbose() {
-		l.SetLevel(logrus.DebugLevel)
-	}
-	return l
 }
 
 func subscribeMsg(id string) map[string]any {

@@ -266,12 +266,12 @@ func AwaitCond(t testing.TB, timeout time.Duration, cond func() (ok bool, status
 }
 
 // Logger returns a logger for the code under test: warnings and errors on
-// stderr, everything with ES_TEST_VERBOSE set.
+// stderr, everything with ES_TEST_VERBOSE set or go test -v.
 func Logger() *logrus.Logger {
 	l := logrus.New()
 	l.SetOutput(os.Stderr)
 	l.SetLevel(logrus.WarnLevel)
-	if os.Getenv("ES_TEST_VERBOSE") != "" {
+	if os.Getenv("ES_TEST_VERBOSE") != "" || testing.Verbose() {
 		l.SetLevel(logrus.DebugLevel)
 	}
 	return l
