@@ -43,7 +43,8 @@ type Options struct {
 	// Logger receives the bridge's log lines. Default: logrus's standard logger.
 	Logger logrus.FieldLogger
 	// MaxConcurrentFetches bounds the fetch rounds running at once across all
-	// keys, so a resync of many keys cannot flood the database. Default 32.
+	// keys (the size of the worker pool), so a resync of many keys cannot
+	// flood the database. Default 32.
 	MaxConcurrentFetches int
 	// FetchTimeout bounds one call to the fetch function. Default 10s.
 	FetchTimeout time.Duration
@@ -64,7 +65,7 @@ type Options struct {
 	// client's context and the fetched rows and returns the rows that client
 	// may see. Returning the same slice keeps the shared, encode-once frame;
 	// any other slice costs one encoding per client. It runs while the key
-	// is locked: keep it fast and pure. A panic sends that client nothing.
+	// fans out: keep it fast and pure. A panic sends that client nothing.
 	Filter func(ctx context.Context, key shared.EntityKey, rows [][]byte) [][]byte
 	// MaxPendingBytes bounds the bytes of updates waiting to be written to
 	// one client. A client that falls that far behind is disconnected
@@ -88,8 +89,11 @@ func (o *Options) setDefaults() {
 	if o.RetryDelay <= 0 {
 		o.RetryDelay = 500 * time.Millisecond
 	}
-	if o.MaxRetryDelay < o.RetryDelay {
+	if o.MaxRetryDelay <= 0 {
 		o.MaxRetryDelay = 30 * time.Second
+	}
+	if o.MaxRetryDelay < o.RetryDelay {
+		o.MaxRetryDelay = o.RetryDelay
 	}
 	if o.MaxPendingBytes <= 0 {
 		o.MaxPendingBytes = 32 << 20
@@ -115,22 +119,31 @@ type Bridge struct {
 	seed   maphash.Seed
 	shards [shardCount]shard
 
-	fetchSlots chan struct{}
-	ctx        context.Context
-	cancel     context.CancelFunc
+	ctx    context.Context // cancelled by Close: ends running fetches
+	cancel context.CancelFunc
 
-	// life guards closed and the WaitGroup's Add, so no round starts once
-	// Close is waiting for the running ones.
-	life   sync.RWMutex
+	work   workQueue
+	rounds sync.WaitGroup // the workers
+
+	life   sync.RWMutex // guards closed and served
 	closed bool
-	rounds sync.WaitGroup
-	// roundSeq numbers fetch rounds across all keys (Update.Seq).
-	roundSeq atomic.Uint64
-	served   map[shared.EntityType]bool
-	stats    counters
+	served map[shared.EntityType]bool
+	// seq numbers published states across all keys (Update.Seq).
+	seq   atomic.Uint64
+	stats counters
 
 	clientsMu sync.Mutex
 	clients   map[*Client]struct{}
+}
+
+// workQueue is the FIFO of keys waiting for a fetch round, and the pool of
+// workers that take them (see rounds.go).
+type workQueue struct {
+	mu      sync.Mutex
+	keys    []*keyState
+	workers int // running, at most MaxConcurrentFetches
+	busy    int // of which in a round
+	closed  bool
 }
 
 type shard struct {
@@ -162,16 +175,15 @@ func New(queue esq.Queue, fetcher Fetcher, opts Options) *Bridge {
 	opts.setDefaults()
 	ctx, cancel := context.WithCancel(context.Background())
 	b := &Bridge{
-		queue:      queue,
-		fetcher:    fetcher,
-		opts:       opts,
-		log:        opts.Logger.WithField("component", "esbridge"),
-		seed:       maphash.MakeSeed(),
-		fetchSlots: make(chan struct{}, opts.MaxConcurrentFetches),
-		ctx:        ctx,
-		cancel:     cancel,
-		served:     make(map[shared.EntityType]bool),
-		clients:    make(map[*Client]struct{}),
+		queue:   queue,
+		fetcher: fetcher,
+		opts:    opts,
+		log:     opts.Logger.WithField("component", "esbridge"),
+		seed:    maphash.MakeSeed(),
+		ctx:     ctx,
+		cancel:  cancel,
+		served:  make(map[shared.EntityType]bool),
+		clients: make(map[*Client]struct{}),
 	}
 	for i := range b.shards {
 		b.shards[i].keys = make(map[shared.EntityKey]*keyState)
@@ -184,23 +196,8 @@ func New(queue esq.Queue, fetcher Fetcher, opts Options) *Bridge {
 // esdb.DatabaseHub.PullDataAndPush), which is called once per distinct secret
 // among a key's subscribers. Call ServeEntity for each entity type.
 func BuildBridge(publisher shared.EntityHandler, subscriber shared.EntityByteHandler, pull shared.SecretDBHandler) *Bridge {
-	return New(esq.FromBuilders(publisher, subscriber), seedFetcher(pull), Options{})
+	return New(esq.FromBuilders(publisher, subscriber), esdb.SeedLookup(pull), Options{})
 }
-
-// seedFetcher adapts the seed's lookup function to Fetcher.
-type seedFetcher shared.SecretDBHandler
-
-func (f seedFetcher) Fetch(_ context.Context, key shared.EntityKey, secret string) (rows [][]byte, err error) {
-	defer func() {
-		if r := recover(); r != nil {
-			rows, err = nil, fmt.Errorf("esbridge: lookup for %s panicked: %v", key, r)
-		}
-	}()
-	f(key, secret, func(b []byte) { rows = append(rows, append([]byte(nil), b...)) })
-	return rows, nil
-}
-
-func (seedFetcher) PerSecret(shared.EntityType) bool { return true }
 
 var _ Fetcher = (*esdb.DatabaseHub)(nil)
 
@@ -290,25 +287,12 @@ func (b *Bridge) receive(entity shared.EntityType, body []byte) {
 	sh := b.shard(key)
 	sh.mu.Lock()
 	ks := sh.keys[key]
-	sh.mu.Unlock() // before waiting for the key: a long fan-out must not block its shard
+	sh.mu.Unlock()
 	if ks == nil {
 		return
 	}
-	ks.notified.Store(true)
-	if !ks.mu.TryLock() {
-		if ks.running.Load() {
-			// A round holds the key, maybe for a long fan-out: it turns
-			// notified into one more round before it ends, so the queue's
-			// consumer need not wait for it.
-			return
-		}
-		ks.mu.Lock()
-	}
-	// Unless a round took the notification meanwhile, or the last
-	// subscriber left (a new one fetches afresh).
-	if ks.notified.Swap(false) && !ks.removed {
-		b.request(ks)
-	}
+	ks.mu.Lock()
+	b.request(ks, true)
 	ks.mu.Unlock()
 }
 
@@ -329,11 +313,38 @@ func (b *Bridge) resync(entity shared.EntityType) {
 	}
 	for _, ks := range keys {
 		ks.mu.Lock()
-		b.request(ks) // a no-op for a key removed meanwhile
+		b.request(ks, true) // a no-op for a key removed meanwhile
 		ks.mu.Unlock()
 	}
 	n := len(keys)
 	b.log.WithField("entity", entity).Infof("queue connection regained or new broker found: re-fetching %d subscribed keys", n)
+}
+
+// index returns the key's state, made if the key had no subscriber, with its
+// lock held.
+func (b *Bridge) index(key shared.EntityKey) *keyState {
+	sh := b.shard(key)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	ks := sh.keys[key]
+	if ks == nil {
+		ks = &keyState{key: key, perSecret: b.fetcher.PerSecret(key.Entity), groups: make(map[string]*group)}
+		sh.keys[key] = ks
+	}
+	ks.mu.Lock()
+	return ks
+}
+
+// leave takes c out of the key's group, and the key out of the index when
+// that was its last subscriber.
+func (b *Bridge) leave(c *Client, ks *keyState, group string) {
+	ks.mu.Lock()
+	ks.leave(c, group)
+	empty := ks.nsubs == 0
+	ks.mu.Unlock()
+	if empty {
+		b.maybeRemove(ks)
+	}
 }
 
 func (b *Bridge) shard(key shared.EntityKey) *shard {
@@ -390,8 +401,8 @@ func (b *Bridge) Stats() Stats {
 	return s
 }
 
-// Close stops taking notifications, closes the queue and waits for running
-// fetch rounds (their contexts are cancelled) or for ctx. Clients are the
+// Close stops taking notifications, closes the queue, cancels running
+// fetches and waits for the workers to end, or for ctx. Clients are the
 // transport's to close (see esweb.Server.Close), before the bridge.
 func (b *Bridge) Close(ctx context.Context) error {
 	b.life.Lock()
@@ -404,6 +415,10 @@ func (b *Bridge) Close(ctx context.Context) error {
 
 	qerr := b.queue.Close(ctx)
 	b.cancel()
+	b.work.mu.Lock()
+	b.work.closed = true
+	b.work.keys = nil
+	b.work.mu.Unlock()
 	done := make(chan struct{})
 	go func() { b.rounds.Wait(); close(done) }()
 	select {

@@ -10,32 +10,56 @@ import (
 )
 
 // Client is one local subscriber (a websocket connection) as the bridge sees
-// it: its secret, its subscriptions and its outbound queue of updates. The
-// transport reads updates with Ready and Take and writes them out.
+// it: its secret, its subscriptions, the last Seq it was handed per key, and
+// its latest-wins outbound queue. A transport either takes updates from the
+// queue (Ready, Take, OnReady) or also installs a direct writer (SetDirect)
+// that the fan-out tries first.
 type Client struct {
 	b   *Bridge
 	ctx context.Context
 
-	mu     sync.Mutex // serialises subscription changes of this client
-	subs   map[shared.EntityKey]*keyState
-	closed bool
-	// secret is written under mu and read without it, so the hooks can ask
-	// for it (shared.Connection.Secret) while mu is held.
+	// change serialises this client's subscription changes (subscribe,
+	// unsubscribe, secret, re-authorization, close). It is held while the
+	// Authorize hook runs, so the delivery path never takes it.
+	change sync.Mutex
 	secret atomic.Pointer[string]
 
-	out outbox
+	// mu guards what deliveries touch: the subscriptions and the outbound
+	// queue. It is held briefly, and across the direct writer's
+	// non-blocking write. Lock order: a key's mu before a client's mu, never
+	// the reverse.
+	mu         sync.Mutex
+	subs       map[shared.EntityKey]*subscription
+	nsubs      int // live subscriptions (subs also holds revoked keys until their signal is taken)
+	closed     bool
+	maxSeq     uint64             // the highest Seq handed over, any key
+	order      []shared.EntityKey // keys with a pending update, oldest first; may hold stale entries
+	npending   int
+	bytes      int // size of the pending updates
+	overflowed bool
+	wake       chan struct{}
+	notify     func()
+	direct     func(*Update) bool
+}
+
+// subscription is one key of one client.
+type subscription struct {
+	ks      *keyState // nil once revoked: only the revoked signal is left to take
+	group   string    // the key's group the client is in
+	sent    uint64    // Seq of the last update handed over for this key
+	pending *Update   // waiting for Take
 }
 
 // ClientBuilder returns a new client of the bridge. ctx is handed to the
-// Authorize and Filter hooks; the transport puts a shared.Connection in it.
-// It may be nil.
+// Authorize and Filter hooks; the transport puts a shared.Connection in it
+// and should cancel it when the connection ends. It may be nil.
 func (b *Bridge) ClientBuilder(ctx context.Context) *Client {
 	if ctx == nil {
 		ctx = context.Background()
 	}
-	// subs is made on the first Subscribe: most connections of a big
-	// server are idle at any moment, and each byte counts 10,000 times.
-	c := &Client{b: b, ctx: ctx, out: newOutbox(b.opts.MaxPendingBytes)}
+	// subs is made on the first Subscribe: most connections of a big server
+	// are idle at any moment, and each byte counts 10,000 times.
+	c := &Client{b: b, ctx: ctx}
 	c.secret.Store(new(string))
 	b.clientsMu.Lock()
 	b.clients[c] = struct{}{}
@@ -49,257 +73,142 @@ func (c *Client) Context() context.Context { return c.ctx }
 // Secret returns the secret the client set, or "".
 func (c *Client) Secret() string { return *c.secret.Load() }
 
-func (c *Client) authorize(key shared.EntityKey) error {
-	if c.b.opts.Authorize == nil {
-		return nil
-	}
-	if err := c.b.opts.Authorize(c.ctx, key); err != nil {
-		return fmt.Errorf("%w: %s: %w", ErrForbidden, key, err)
-	}
-	return nil
+// SetDirect installs the transport's direct writer: the fan-out calls f with
+// an update when nothing is queued for the client, and f either writes it
+// at once without blocking (true) or declines (false: the update is queued
+// for Take and OnReady's function is called). f is called with the client's
+// lock held: it must not call back into the client or block. Set it before
+// the first Subscribe.
+func (c *Client) SetDirect(f func(*Update) bool) {
+	c.mu.Lock()
+	c.direct = f
+	c.mu.Unlock()
 }
 
-// Subscribe adds key to the client's subscriptions and requests its current
-// state, which arrives through the outbound queue like any change.
-// Subscribing again to a key re-sends its current state. A refusal by the
-// Authorize hook is returned wrapping ErrForbidden.
-func (c *Client) Subscribe(key shared.EntityKey) error {
-	if err := key.Validate(); err != nil {
-		return err
-	}
-	if !c.b.serves(key.Entity) {
-		return fmt.Errorf("%w: %q", ErrEntityNotServed, key.Entity)
-	}
+// OnReady registers f to be called (without locks held) whenever updates
+// become ready or the client overflows: a transport can then run a writer
+// only while there is something to write. Set it before the first
+// Subscribe; f must not block.
+func (c *Client) OnReady(f func()) {
+	c.mu.Lock()
+	c.notify = f
+	c.mu.Unlock()
+}
+
+// Ready is signalled when updates are waiting to be taken, or when the
+// client overflowed (see Overflowed).
+func (c *Client) Ready() <-chan struct{} {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.closed {
-		return ErrClosed
-	}
-	if err := c.authorize(key); err != nil {
-		if ks := c.subs[key]; ks != nil { // no longer allowed: withdraw it too
-			c.revokeLocked(key, ks, c.Secret())
+	if c.wake == nil { // made on first use: transports that use OnReady never need it
+		c.wake = make(chan struct{}, 1)
+		if c.npending > 0 || c.overflowed {
+			c.wake <- struct{}{}
 		}
-		return err
 	}
-	secret := c.Secret()
-	if ks := c.subs[key]; ks != nil {
-		ks.mu.Lock()
-		ks.add(c, secret)
-		c.b.request(ks)
-		ks.mu.Unlock()
-		return nil
-	}
-	sh := c.b.shard(key)
-	sh.mu.Lock()
-	ks := sh.keys[key]
-	if ks == nil {
-		ks = &keyState{key: key, perSecret: c.b.fetcher.PerSecret(key.Entity), groups: make(map[string]*group)}
-		sh.keys[key] = ks
-	}
-	ks.mu.Lock()
-	sh.mu.Unlock()
-	ks.add(c, secret)
-	c.b.request(ks)
-	ks.mu.Unlock()
-	if c.subs == nil {
-		c.subs = make(map[shared.EntityKey]*keyState)
-	}
-	c.subs[key] = ks
-	return nil
+	return c.wake
 }
 
-// Unsubscribe removes key from the client's subscriptions and drops any
-// update for it still waiting to be written. Unsubscribing from a key the
-// client does not hold is not an error.
-func (c *Client) Unsubscribe(key shared.EntityKey) {
+// Take appends the waiting updates to buf, oldest key first, and returns it.
+// Each key appears at most once, with its newest state.
+func (c *Client) Take(buf []*Update) []*Update {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if ks := c.subs[key]; ks != nil {
-		delete(c.subs, key)
-		c.leave(ks, c.Secret())
-	}
-	c.out.drop(key)
-}
-
-// leave takes the client out of ks, where it is in the group of secret.
-// With c.mu held.
-func (c *Client) leave(ks *keyState, secret string) {
-	ks.mu.Lock()
-	ks.remove(c, secret)
-	empty := ks.nsubs == 0 && !ks.running.Load()
-	ks.mu.Unlock()
-	if empty {
-		c.b.maybeRemove(ks)
-	}
-}
-
-// revokeLocked withdraws a subscription: out of the index first, so no
-// later change reaches the client, then a revoked signal that replaces any
-// update still pending for the key. With c.mu held.
-func (c *Client) revokeLocked(key shared.EntityKey, ks *keyState, secret string) {
-	delete(c.subs, key)
-	c.leave(ks, secret)
-	c.out.push(&Update{Key: key, Revoked: true})
-	c.b.stats.revocations.Add(1)
-}
-
-// SetSecret sets the secret passed to the seed's lookup handlers and to the
-// hooks. Every subscription is authorized again under the new secret
-// (refused ones are revoked), and keys whose rows depend on the secret are
-// fetched again for it.
-func (c *Client) SetSecret(secret string) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	old := c.Secret()
-	c.secret.Store(&secret)
-	if c.closed || secret == old {
-		return
-	}
-	for key, ks := range c.subs {
-		if err := c.authorize(key); err != nil {
-			c.revokeLocked(key, ks, old)
+	for _, k := range c.order {
+		s := c.subs[k]
+		if s == nil || s.pending == nil {
 			continue
 		}
-		if !ks.perSecret {
-			continue
+		buf = append(buf, s.pending)
+		s.pending = nil
+		if s.ks == nil {
+			delete(c.subs, k) // the revoked signal was the last thing to send
 		}
-		ks.mu.Lock()
-		ks.remove(c, old)
-		ks.add(c, secret)
-		c.b.request(ks)
-		ks.mu.Unlock()
 	}
+	clear(c.order)
+	c.order = c.order[:0]
+	c.npending, c.bytes = 0, 0
+	return buf
 }
 
-func (c *Client) reauthorize(match func(shared.EntityKey) bool) int {
+// Overflowed reports whether the client fell more than MaxPendingBytes
+// behind. Its queue has then been emptied and the transport should close
+// the connection.
+func (c *Client) Overflowed() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	n := 0
-	for key, ks := range c.subs {
-		if match != nil && !match(key) {
-			continue
-		}
-		if c.authorize(key) != nil {
-			c.revokeLocked(key, ks, c.Secret())
-			n++
-		}
-	}
-	return n
+	return c.overflowed
 }
 
 // Subscribed reports whether the client holds key.
 func (c *Client) Subscribed(key shared.EntityKey) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	_, ok := c.subs[key]
-	return ok
+	s := c.subs[key]
+	return s != nil && s.ks != nil
 }
 
 // Subscriptions returns how many keys the client subscribes to.
 func (c *Client) Subscriptions() int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return len(c.subs)
+	return c.nsubs
 }
 
-// OnReady registers f to be called (from the goroutine that queued the
-// update, without locks held) whenever updates become ready or the client
-// overflows: a transport can then run a writer only while there is
-// something to write, instead of parking a goroutine on Ready. Set it
-// before the first Subscribe; f must not block.
-func (c *Client) OnReady(f func()) { c.out.notify.Store(&f) }
-
-// Ready is signalled when updates are waiting to be taken, or when the
-// client overflowed (see Overflowed).
-func (c *Client) Ready() <-chan struct{} {
-	c.out.mu.Lock()
-	defer c.out.mu.Unlock()
-	if c.out.wake == nil { // made on first use: transports that use OnReady never need it
-		c.out.wake = make(chan struct{}, 1)
-		if len(c.out.pending) > 0 || c.out.overflowed {
-			c.out.wake <- struct{}{}
-		}
-	}
-	return c.out.wake
-}
-
-// Take appends the waiting updates to buf, oldest key first, and returns it.
-// Each key appears at most once, with its newest state.
-func (c *Client) Take(buf []*Update) []*Update { return c.out.take(buf) }
-
-// Overflowed reports whether the client fell more than MaxPendingBytes
-// behind. Its queue has then been emptied and the transport should close
-// the connection.
-func (c *Client) Overflowed() bool {
-	c.out.mu.Lock()
-	defer c.out.mu.Unlock()
-	return c.out.overflowed
-}
-
-// Close removes every subscription. The client receives nothing afterwards.
-func (c *Client) Close() {
+// deliver hands u to the client unless it is not subscribed to u's key in
+// u's group, or already has u's state or a newer one. It reports whether u
+// was handed over.
+func (c *Client) deliver(u *Update) bool {
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.closed {
-		return
-	}
-	c.closed = true
-	for key, ks := range c.subs {
-		delete(c.subs, key)
-		c.leave(ks, c.Secret())
-	}
-	c.out.clear()
-	c.b.clientsMu.Lock()
-	delete(c.b.clients, c)
-	c.b.clientsMu.Unlock()
-}
-
-// outbox is a client's latest-wins outbound queue: at most one pending update
-// per key, so its size is bounded by the client's subscriptions however slowly
-// the client reads, and what it finally reads is each key's newest state.
-type outbox struct {
-	mu         sync.Mutex
-	pending    map[shared.EntityKey]*Update
-	order      []shared.EntityKey // may hold keys no longer pending; skipped on take
-	bytes      int                // row bytes pending
-	maxBytes   int
-	overflowed bool
-	wake       chan struct{}
-	notify     atomic.Pointer[func()]
-}
-
-func newOutbox(maxBytes int) outbox {
-	return outbox{maxBytes: maxBytes} // pending and wake are made on first use: most clients are idle
-}
-
-// push queues u, replacing the key's pending update; it reports false once
-// the client has overflowed.
-func (o *outbox) push(u *Update) bool {
-	o.mu.Lock()
-	if o.overflowed {
-		o.mu.Unlock()
+	s := c.subs[u.Key]
+	if c.closed || c.overflowed || s == nil || s.ks == nil || s.group != u.group || u.Seq <= s.sent {
+		c.mu.Unlock()
 		return false
 	}
-	if o.pending == nil {
-		o.pending = make(map[shared.EntityKey]*Update)
+	s.sent = u.Seq
+	if u.Seq > c.maxSeq {
+		c.maxSeq = u.Seq
 	}
-	if old, ok := o.pending[u.Key]; ok {
-		o.bytes -= old.size()
+	if c.npending == 0 && c.direct != nil && c.direct(u) {
+		c.mu.Unlock()
+		return true
+	}
+	ok := c.queueLocked(s, u)
+	c.unlockAndSignal()
+	return ok
+}
+
+// queueLocked makes u the pending update of s, replacing an older one. Past
+// MaxPendingBytes the client overflows: its queue is emptied and the
+// transport told to close it. With c.mu held.
+func (c *Client) queueLocked(s *subscription, u *Update) bool {
+	if s.pending == nil {
+		c.order = append(c.order, u.Key)
+		c.npending++
 	} else {
-		o.order = append(o.order, u.Key)
+		c.bytes -= s.pending.size()
 	}
-	o.pending[u.Key] = u
-	o.bytes += u.size()
-	if o.bytes > o.maxBytes {
-		o.overflowed = true
-		clear(o.pending)
-		o.order, o.bytes = nil, 0
+	s.pending = u
+	c.bytes += u.size()
+	if c.bytes <= c.b.opts.MaxPendingBytes {
+		return true
 	}
-	ok := !o.overflowed
-	wake := o.wake
-	o.mu.Unlock()
-	if f := o.notify.Load(); f != nil {
-		(*f)()
+	c.overflowed = true
+	c.b.stats.overflows.Add(1)
+	for _, s := range c.subs {
+		s.pending = nil
+	}
+	c.order, c.npending, c.bytes = nil, 0, 0
+	return false
+}
+
+// unlockAndSignal releases c.mu and tells the transport that something is
+// ready.
+func (c *Client) unlockAndSignal() {
+	notify, wake := c.notify, c.wake
+	c.mu.Unlock()
+	if notify != nil {
+		notify()
 	}
 	if wake != nil {
 		select {
@@ -307,46 +216,288 @@ func (o *outbox) push(u *Update) bool {
 		default:
 		}
 	}
-	return ok
 }
 
-func (o *outbox) take(buf []*Update) []*Update {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	for _, k := range o.order {
-		if u, ok := o.pending[k]; ok {
-			buf = append(buf, u)
-			delete(o.pending, k)
-		}
+// dropPendingLocked forgets s's pending update. With c.mu held.
+func (c *Client) dropPendingLocked(s *subscription) {
+	if s.pending == nil {
+		return
 	}
-	o.order = o.order[:0]
-	o.bytes = 0
-	return buf
-}
-
-func (o *outbox) drop(key shared.EntityKey) {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	if u, ok := o.pending[key]; ok {
-		o.bytes -= u.size()
-		delete(o.pending, key)
-	}
-	if len(o.order) > 2*len(o.pending)+16 { // keep stale entries bounded
-		seen := make(map[shared.EntityKey]bool, len(o.pending))
-		kept := o.order[:0]
-		for _, k := range o.order {
-			if _, ok := o.pending[k]; ok && !seen[k] {
-				seen[k] = true
+	c.bytes -= s.pending.size()
+	c.npending--
+	s.pending = nil
+	if len(c.order) > 2*c.npending+16 { // keep stale entries bounded
+		kept := c.order[:0]
+		for _, k := range c.order {
+			if p := c.subs[k]; p != nil && p.pending != nil && !contains(kept, k) {
 				kept = append(kept, k)
 			}
 		}
-		o.order = kept
+		clear(c.order[len(kept):])
+		c.order = kept
 	}
 }
 
-func (o *outbox) clear() {
-	o.mu.Lock()
-	defer o.mu.Unlock()
-	clear(o.pending)
-	o.order, o.bytes = nil, 0
+func contains(keys []shared.EntityKey, k shared.EntityKey) bool {
+	for _, x := range keys {
+		if x == k {
+			return true
+		}
+	}
+	return false
+}
+
+func (c *Client) authorize(key shared.EntityKey) (err error) {
+	if c.b.opts.Authorize == nil {
+		return nil
+	}
+	defer func() {
+		if r := recover(); r != nil {
+			c.b.log.WithField("key", key.String()).Errorf("Authorize panicked; subscription refused: %v", r)
+			err = fmt.Errorf("%w: %s: Authorize panicked", ErrForbidden, key)
+		}
+	}()
+	if err := c.b.opts.Authorize(c.ctx, key); err != nil {
+		return fmt.Errorf("%w: %s: %w", ErrForbidden, key, err)
+	}
+	return nil
+}
+
+func (c *Client) isClosed() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.closed
+}
+
+func (c *Client) live(key shared.EntityKey) *subscription {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s := c.subs[key]; s != nil && s.ks != nil {
+		return s
+	}
+	return nil
+}
+
+// Subscribe adds key to the client's subscriptions and hands it the key's
+// current state: at once when this server already holds it (no fetch), or
+// after a fetch. Subscribing again to a held key sends its current state
+// again. A refusal by the Authorize hook is returned wrapping ErrForbidden;
+// a held key that is refused is revoked.
+func (c *Client) Subscribe(key shared.EntityKey) error {
+	if err := key.Validate(); err != nil {
+		return err
+	}
+	if !c.b.serves(key.Entity) {
+		return fmt.Errorf("%w: %q", ErrEntityNotServed, key.Entity)
+	}
+	c.change.Lock()
+	defer c.change.Unlock()
+	if c.isClosed() {
+		return ErrClosed
+	}
+	if err := c.authorize(key); err != nil {
+		if s := c.live(key); s != nil {
+			c.revoke(key, s)
+		}
+		return err
+	}
+	s := c.live(key)
+	var ks *keyState
+	if s != nil {
+		ks = s.ks
+		ks.mu.Lock()
+	} else {
+		ks = c.b.index(key) // locked
+		s = &subscription{ks: ks, group: ks.groupName(c.Secret())}
+		c.mu.Lock()
+		if c.subs == nil {
+			c.subs = make(map[shared.EntityKey]*subscription)
+		}
+		if old := c.subs[key]; old != nil { // a revoked signal not yet taken: superseded
+			c.dropPendingLocked(old)
+		}
+		s.sent = c.maxSeq // nothing older than what this client has seen, whatever the key
+		c.subs[key] = s
+		c.nsubs++
+		c.mu.Unlock()
+	}
+	g := ks.join(c, s.group)
+	cur := c.currentFor(g, s)
+	c.b.request(ks, false) // a new group needs its first fetch
+	ks.mu.Unlock()
+	if cur != nil {
+		c.send(cur)
+	}
+	return nil
+}
+
+// currentFor returns g's current state for s, under a fresh Seq if s may
+// already have seen its Seq, or nil if g has none yet (its first fetch
+// will deliver it). The Seq is drawn with the key's lock held, so a state
+// published later still gets a higher one. With ks.mu held.
+func (c *Client) currentFor(g *group, s *subscription) *Update {
+	cur := g.current
+	if cur == nil {
+		return nil
+	}
+	c.mu.Lock()
+	seen := s.sent
+	c.mu.Unlock()
+	if cur.Seq <= seen {
+		cur = cur.withSeq(c.b.seq.Add(1))
+	}
+	return cur
+}
+
+// send delivers a state outside a fan-out (a subscribe, a secret change),
+// through the row filter.
+func (c *Client) send(u *Update) {
+	if c.b.opts.Filter != nil {
+		if u = c.b.filter(c, u); u == nil {
+			return
+		}
+	}
+	if c.deliver(u) {
+		c.b.stats.deliveries.Add(1)
+	}
+}
+
+// Unsubscribe removes key from the client's subscriptions and drops any
+// update for it still waiting to be taken. Unsubscribing from a key the
+// client does not hold is not an error.
+func (c *Client) Unsubscribe(key shared.EntityKey) {
+	c.change.Lock()
+	defer c.change.Unlock()
+	c.mu.Lock()
+	s := c.subs[key]
+	if s == nil {
+		c.mu.Unlock()
+		return
+	}
+	c.dropPendingLocked(s)
+	delete(c.subs, key)
+	ks := s.ks
+	if ks != nil {
+		c.nsubs--
+	}
+	c.mu.Unlock()
+	if ks != nil {
+		c.b.leave(c, ks, s.group)
+	}
+}
+
+// revoke withdraws a subscription: out of the index first, so no later change
+// reaches the client, then a revoked signal that replaces any update still
+// pending for the key. With c.change held.
+func (c *Client) revoke(key shared.EntityKey, s *subscription) {
+	c.mu.Lock()
+	ks := s.ks
+	s.ks = nil
+	c.nsubs--
+	c.dropPendingLocked(s)
+	c.mu.Unlock()
+	c.b.leave(c, ks, s.group)
+	c.mu.Lock()
+	if c.closed || c.subs[key] != s {
+		c.mu.Unlock()
+		return
+	}
+	c.queueLocked(s, &Update{Key: key, Revoked: true})
+	c.unlockAndSignal()
+	c.b.stats.revocations.Add(1)
+}
+
+// liveSubs returns the client's live subscriptions.
+func (c *Client) liveSubs() map[shared.EntityKey]*subscription {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	m := make(map[shared.EntityKey]*subscription, c.nsubs)
+	for k, s := range c.subs {
+		if s.ks != nil {
+			m[k] = s
+		}
+	}
+	return m
+}
+
+// SetSecret sets the secret passed to the seed's lookup handlers and to the
+// hooks. Every subscription is authorized again under the new secret
+// (refused ones are revoked). Keys whose rows depend on the secret (or on
+// the connection, with a Filter) switch to the new secret's state: an
+// update of the old one still waiting is dropped, so none is sent after
+// SetSecret returns, and the new state follows at once when this server
+// holds it, or after a fetch.
+func (c *Client) SetSecret(secret string) {
+	c.change.Lock()
+	defer c.change.Unlock()
+	old := c.Secret()
+	c.secret.Store(&secret)
+	if c.isClosed() || secret == old {
+		return
+	}
+	for key, s := range c.liveSubs() {
+		if err := c.authorize(key); err != nil {
+			c.revoke(key, s)
+			continue
+		}
+		ks := s.ks
+		name := ks.groupName(secret)
+		if name == s.group && c.b.opts.Filter == nil {
+			continue // the same rows whatever the secret
+		}
+		ks.mu.Lock()
+		if name != s.group {
+			ks.leave(c, s.group)
+		}
+		g := ks.join(c, name)
+		c.mu.Lock()
+		s.group = name
+		c.dropPendingLocked(s)
+		c.mu.Unlock()
+		cur := c.currentFor(g, s)
+		c.b.request(ks, false)
+		ks.mu.Unlock()
+		if cur != nil {
+			c.send(cur)
+		}
+	}
+}
+
+func (c *Client) reauthorize(match func(shared.EntityKey) bool) int {
+	c.change.Lock()
+	defer c.change.Unlock()
+	n := 0
+	for key, s := range c.liveSubs() {
+		if match != nil && !match(key) {
+			continue
+		}
+		if c.authorize(key) != nil {
+			c.revoke(key, s)
+			n++
+		}
+	}
+	return n
+}
+
+// Close removes every subscription. The client receives nothing afterwards.
+func (c *Client) Close() {
+	c.change.Lock()
+	defer c.change.Unlock()
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return
+	}
+	c.closed = true
+	subs := c.subs
+	c.subs, c.order, c.npending, c.bytes, c.nsubs = nil, nil, 0, 0, 0
+	c.mu.Unlock()
+	for _, s := range subs {
+		if s.ks != nil {
+			c.b.leave(c, s.ks, s.group)
+		}
+	}
+	c.b.clientsMu.Lock()
+	delete(c.b.clients, c)
+	c.b.clientsMu.Unlock()
 }

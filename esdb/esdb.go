@@ -105,19 +105,36 @@ func (d *DatabaseHub) Fetch(ctx context.Context, key shared.EntityKey, secret st
 	if !ok {
 		return nil, fmt.Errorf("%w: %q", ErrUnknownEntity, key.Entity)
 	}
+	if e.fetch != nil {
+		defer func() {
+			if r := recover(); r != nil {
+				rows, err = nil, fmt.Errorf("esdb: handler for %s panicked: %v", key, r)
+			}
+		}()
+		return e.fetch(ctx, key)
+	}
+	return SeedLookup(e.seed).Fetch(ctx, key, secret)
+}
+
+// SeedLookup adapts a seed-style lookup (a handler registered with
+// AddDataPullAndPushHandler, or PullDataAndPush itself) to the bridge's
+// fetch: each call of the row handler is one row, copied, and a panic is
+// returned as an error. Its rows may depend on the secret.
+type SeedLookup shared.SecretDBHandler
+
+// Fetch runs the lookup for key and secret and collects its rows.
+func (f SeedLookup) Fetch(_ context.Context, key shared.EntityKey, secret string) (rows [][]byte, err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			rows, err = nil, fmt.Errorf("esdb: handler for %s panicked: %v", key, r)
 		}
 	}()
-	if e.fetch != nil {
-		return e.fetch(ctx, key)
-	}
-	e.seed(key, secret, func(b []byte) {
-		rows = append(rows, append([]byte(nil), b...))
-	})
+	f(key, secret, func(b []byte) { rows = append(rows, append([]byte(nil), b...)) })
 	return rows, nil
 }
+
+// PerSecret is true: a seed lookup takes the secret.
+func (SeedLookup) PerSecret(shared.EntityType) bool { return true }
 
 // PullDataAndPush is the seed's lookup entry point: it runs the entity's
 // handler for key and secret and hands every row to handler. The seed's

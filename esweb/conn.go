@@ -16,86 +16,56 @@ import (
 	"github.com/entity-sync/entity-sync/shared"
 )
 
-// conn is one websocket connection: readPump owns reads for the
-// connection's whole life; writes are done by a writer goroutine that runs
-// only while something is due (gorilla/websocket allows one reader and one
-// writer at a time).
+// conn is one websocket connection. Its life: the bridge client is built,
+// then the connection is registered with the server, then its reader starts;
+// the reader owns reads for the connection's whole life and, when it ends,
+// cancels the connection's context, closes the client and the socket.
+//
+// Writes (writer.go) bypass gorilla/websocket's writer: frames are encoded
+// once per update and written by whoever has them, the fan-out directly when
+// the socket takes them at once, or the connection's flusher, a goroutine
+// that runs only while a write would block.
 //
 // Idle connections are what a server holds most of, so a conn keeps little:
 // no logger entry (logger builds one when there is something to say), no
-// ticker (the server's ping loop sets pingDue), no preallocated control
-// queue.
+// ticker (the server's heartbeat loop writes pings), no buffers.
 type conn struct {
 	s      *Server
 	ws     *websocket.Conn
+	nc     net.Conn
 	client *esbridge.Client
 	info   *shared.Connection
-	ctx    context.Context // carries info, for the hooks
-
-	// order is held by the reader while it applies a request and queues
-	// its ack, and by the writer while it takes updates, so an ack is never
-	// written after the update its request caused.
-	order sync.Mutex
-
-	// Token bucket of the request rate limit; only the reader touches it.
-	tokens   float64
-	refilled time.Time
+	ctx    context.Context // carries info, for the hooks; cancelled when the connection ends
+	cancel context.CancelFunc
 
 	envelope bool // the client negotiated Subprotocol
 
-	ctrlMu   sync.Mutex
-	controls [][]byte // welcome, acks and errors, written before updates
+	// order is held by the reader while it applies a request and queues
+	// its answer, and by whoever takes updates to write them, so an ack is
+	// never written after the update its request caused.
+	order sync.Mutex
 
-	// The writer runs only while there is something to write (an idle
-	// connection parks no goroutine but its reader). wmu guards the flags
-	// that start it and tell it to go round again.
-	wmu      sync.Mutex
-	writing  bool // a writer goroutine is running
-	again    bool // something arrived while it was running
-	finished bool // the connection is over: start no writer
-	pingDue  atomic.Bool
-	kickMu   sync.Mutex
-	kicked   *kick         // a reason to close the connection, from the reader
-	readDone chan struct{} // closed when readPump returns
+	// Token bucket of the request rate limit; only the reader touches it.
+	tokens    float64
+	refilled  time.Time
+	throttled time.Duration // waited since the last request that needed no wait
+	kicked    bool          // closed for exceeding the rate: requests are ignored
+
+	writeState
+	readDone chan struct{} // closed when the reader returns
 }
-
-// kick is a close code and reason the writer sends before hanging up.
-type kick struct {
-	code   int
-	reason string
-}
-
-// maxControlBacklog bounds the acks and errors waiting to be written.
-const maxControlBacklog = 64
 
 // logger returns a log entry naming the connection.
 func (c *conn) logger() logrus.FieldLogger {
 	return c.s.log.WithFields(logrus.Fields{"conn": c.info.ID, "remote": c.info.Request.RemoteAddr})
 }
 
-// signal makes sure a writer runs after this call: it starts one, or tells
-// the running one to go round again.
-func (c *conn) signal() {
-	c.wmu.Lock()
-	if c.writing || c.finished {
-		c.again = true
-		c.wmu.Unlock()
-		return
-	}
-	c.writing = true
-	c.s.wg.Add(1)
-	c.wmu.Unlock()
-	go c.writer()
-}
-
 func (c *conn) readPump() {
 	defer func() {
 		close(c.readDone)
+		c.cancel()
 		c.client.Close()
-		c.ws.Close() // fails a write still blocked on this connection
-		c.wmu.Lock()
-		c.finished = true
-		c.wmu.Unlock()
+		c.end()
 		c.s.forget(c)
 		c.s.wg.Done()
 	}()
@@ -103,6 +73,20 @@ func (c *conn) readPump() {
 	c.ws.SetReadLimit(c.s.opts.ReadLimit)
 	_ = c.ws.SetReadDeadline(time.Now().Add(pongWait))
 	c.ws.SetPongHandler(func(string) error { return c.ws.SetReadDeadline(time.Now().Add(pongWait)) })
+	// gorilla's default handlers answer with its own writer, which must not
+	// write beside this connection's: answer through it instead.
+	c.ws.SetPingHandler(func(data string) error {
+		c.send(appendFrame(nil, opPong, []byte(data)), true)
+		return nil
+	})
+	c.ws.SetCloseHandler(func(code int, _ string) error {
+		var payload []byte
+		if code != websocket.CloseNoStatusReceived {
+			payload = websocket.FormatCloseMessage(code, "")
+		}
+		c.send(appendFrame(nil, opClose, payload), true)
+		return nil
+	})
 	for {
 		_, data, err := c.ws.ReadMessage()
 		if err != nil {
@@ -116,15 +100,72 @@ func (c *conn) readPump() {
 			}
 			return
 		}
-		now := time.Now()
-		_ = c.ws.SetReadDeadline(now.Add(pongWait))
-		if !c.allow(now) {
-			c.s.stats.rateLimited.Add(1)
-			c.refused(peekRef(data), nil, refuse(shared.CodeRateLimited, "more than %d requests per second; request dropped", c.s.opts.MessagesPerSecond))
-			continue
+		if c.kicked {
+			continue // closing: read on until the client answers or the socket is cut
 		}
-		c.handleOffStack(data)
+		if !c.pace(data) {
+			return
+		}
+		_ = c.ws.SetReadDeadline(time.Now().Add(pongWait))
+		if !c.kicked {
+			c.handleOffStack(data)
+		}
 	}
+}
+
+// maxThrottle is how long a connection may be kept waiting by the rate
+// limit, in all, without one request that needed no wait: past it, it is
+// closed with 1008. 10 s; tests shorten it.
+var maxThrottle atomic.Int64
+
+func init() { maxThrottle.Store(int64(10 * time.Second)) }
+
+// pace applies the request rate limit: a request over it is not dropped
+// (the raw dialect could not say so) but waits for its token, which slows
+// the connection's reads down to the limit. A connection that is held back
+// continuously for maxThrottle is closed (kicked). pace reports false when
+// the connection ended while it waited.
+func (c *conn) pace(data []byte) bool {
+	cost := 1.0
+	if peekAction(data) == shared.ActionSecret {
+		// A secret re-authorizes every subscription: charge for them.
+		cost += float64(c.client.Subscriptions()) / 10
+	}
+	rate, burst := float64(c.s.opts.MessagesPerSecond), float64(c.s.opts.MessageBurst)
+	now := time.Now()
+	c.tokens = min(burst, c.tokens+now.Sub(c.refilled).Seconds()*rate)
+	c.refilled = now
+	if c.tokens >= cost {
+		c.tokens -= cost
+		c.throttled = 0
+		return true
+	}
+	wait := time.Duration((cost - c.tokens) / rate * float64(time.Second))
+	c.s.stats.rateLimited.Add(1)
+	if c.throttled += wait; c.throttled > time.Duration(maxThrottle.Load()) {
+		c.logger().Warn("closing connection: it keeps exceeding the request rate")
+		c.closeWith(websocket.ClosePolicyViolation, "request rate exceeded")
+		c.kicked = true
+		return true
+	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-c.ctx.Done():
+		return false
+	}
+	c.tokens, c.refilled = 0, now.Add(wait)
+	return true
+}
+
+// peekAction returns a frame's action without validating anything else.
+func peekAction(data []byte) shared.Action {
+	var r struct {
+		Action shared.Action `json:"action"`
+	}
+	_ = json.Unmarshal(data, &r)
+	return r.Action
 }
 
 // handleOffStack handles a frame on a short-lived goroutine and waits for
@@ -140,28 +181,6 @@ func (c *conn) handleOffStack(data []byte) {
 		c.handle(data)
 	}()
 	<-done
-}
-
-// allow takes a token from the connection's rate limit bucket.
-func (c *conn) allow(now time.Time) bool {
-	burst := float64(c.s.opts.MessageBurst)
-	c.tokens = min(burst, c.tokens+now.Sub(c.refilled).Seconds()*float64(c.s.opts.MessagesPerSecond))
-	c.refilled = now
-	if c.tokens < 1 {
-		return false
-	}
-	c.tokens--
-	return true
-}
-
-// peekRef returns the ref of a frame the server will not otherwise decode,
-// so a rate_limited error can still be correlated.
-func peekRef(data []byte) string {
-	var r struct {
-		Ref string `json:"ref"`
-	}
-	_ = json.Unmarshal(data, &r)
-	return r.Ref
 }
 
 // handle applies one client frame. A refused request is answered with an
@@ -221,38 +240,15 @@ func (c *conn) refused(ref string, key *shared.EntityKey, err *requestError) {
 	}
 }
 
-// sendControl queues a control frame (welcome, ack, error) for the writer. A
-// client that sends requests faster than it reads the answers fills the
-// bounded queue and is disconnected: its memory must stay bounded.
+// sendControl writes a control frame (welcome, ack, error) now, or after
+// what is already waiting.
 func (c *conn) sendControl(v any) {
-	b, err := json.Marshal(v)
+	b, err := textFrame(v)
 	if err != nil {
 		c.logger().WithError(err).Error("cannot encode control frame")
 		return
 	}
-	c.ctrlMu.Lock()
-	full := len(c.controls) >= maxControlBacklog
-	if !full {
-		c.controls = append(c.controls, b)
-	}
-	c.ctrlMu.Unlock()
-	if full {
-		c.logger().Warn("dropping connection: it does not read the answers to its requests")
-		c.kick(websocket.ClosePolicyViolation, "too many unread control frames")
-		return
-	}
-	c.signal()
-}
-
-// kick asks the writer to close the connection with code; the first reason
-// wins.
-func (c *conn) kick(code int, reason string) {
-	c.kickMu.Lock()
-	if c.kicked == nil {
-		c.kicked = &kick{code, reason}
-	}
-	c.kickMu.Unlock()
-	c.signal()
+	c.send(b, true)
 }
 
 func (c *conn) passThrough(data []byte) {
@@ -269,151 +265,4 @@ func (c *conn) passThrough(data []byte) {
 	default:
 		c.logger().Debug("dropping frame without action: no pass-through function configured")
 	}
-}
-
-// writer writes whatever is due, then goes round again while signal says
-// more arrived, and exits when there is nothing left: an idle connection
-// holds no writer goroutine.
-func (c *conn) writer() {
-	defer c.s.wg.Done()
-	for {
-		c.wmu.Lock()
-		c.again = false
-		c.wmu.Unlock()
-		if !c.flush() {
-			c.wmu.Lock()
-			c.finished, c.writing = true, false
-			c.wmu.Unlock()
-			c.ws.Close() // ends readPump's ReadMessage
-			return
-		}
-		c.wmu.Lock()
-		if !c.again || c.finished {
-			c.writing = false
-			c.wmu.Unlock()
-			return
-		}
-		c.wmu.Unlock()
-	}
-}
-
-// flush writes what is due: a close frame when the server shuts down or the
-// reader kicked the connection, a ping, then control frames and updates. It
-// returns false when the connection must end.
-func (c *conn) flush() bool {
-	select {
-	case <-c.readDone:
-		return false
-	case <-c.s.closing: // Server.Close: say 1001 and go
-		c.closeWith(websocket.CloseGoingAway, errShutdown.Error())
-		return false
-	default:
-	}
-	c.kickMu.Lock()
-	k := c.kicked
-	c.kickMu.Unlock()
-	if k != nil {
-		c.s.stats.protocolViolations.Add(1)
-		c.closeWith(k.code, k.reason)
-		return false
-	}
-	if c.client.Overflowed() {
-		c.s.stats.slowClients.Add(1)
-		c.logger().Warn("dropping connection: too far behind (MaxPendingBytes)")
-		c.closeWith(websocket.ClosePolicyViolation, "client too slow")
-		return false
-	}
-	if c.pingDue.Swap(false) {
-		if err := c.ws.WriteControl(websocket.PingMessage, nil, time.Now().Add(c.s.opts.WriteWait)); err != nil {
-			c.dropped(err)
-			return false
-		}
-	}
-	// Controls first, and taken together with the updates under order, so
-	// an ack always precedes the update its request caused.
-	c.order.Lock()
-	batch := c.client.Take(nil)
-	controls := c.drainControls(nil)
-	c.order.Unlock()
-	for _, b := range controls {
-		if err := c.write(websocket.TextMessage, b); err != nil {
-			return false
-		}
-	}
-	for _, u := range batch {
-		if err := c.writeUpdate(u); err != nil {
-			c.dropped(err)
-			return false
-		}
-	}
-	return true
-}
-
-// drainControls appends the queued control frames to buf.
-func (c *conn) drainControls(buf [][]byte) [][]byte {
-	c.ctrlMu.Lock()
-	defer c.ctrlMu.Unlock()
-	buf = append(buf, c.controls...)
-	clear(c.controls)
-	c.controls = c.controls[:0]
-	return buf
-}
-
-func (c *conn) write(messageType int, b []byte) error {
-	_ = c.ws.SetWriteDeadline(time.Now().Add(c.s.opts.WriteWait))
-	err := c.ws.WriteMessage(messageType, b)
-	if err != nil {
-		c.dropped(err)
-	}
-	return err
-}
-
-// dropped logs and counts a connection lost to a failed write; a timeout
-// means the client stopped reading.
-func (c *conn) dropped(err error) {
-	var ne net.Error
-	if errors.As(err, &ne) && ne.Timeout() {
-		c.s.stats.slowClients.Add(1)
-		c.logger().Info("dropping connection: client did not read within WriteWait")
-		return
-	}
-	c.logger().WithError(err).Debug("dropping connection: write failed")
-}
-
-// closeWith sends a close frame and gives the client a moment to answer the
-// close handshake before the connection is dropped.
-func (c *conn) closeWith(code int, reason string) {
-	msg := websocket.FormatCloseMessage(code, reason)
-	_ = c.ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(c.s.opts.WriteWait))
-	select {
-	case <-c.readDone:
-	case <-time.After(time.Second):
-	}
-}
-
-func (c *conn) writeUpdate(u *esbridge.Update) error {
-	if u.Revoked {
-		c.logger().WithField("key", u.Key.String()).Info("subscription revoked")
-		if !c.envelope {
-			return nil // the raw protocol cannot say it; the pushes just stop
-		}
-		b, _ := json.Marshal(revokedFrame{Type: "revoked", Key: u.Key, Reason: "access withdrawn"})
-		_ = c.ws.SetWriteDeadline(time.Now().Add(c.s.opts.WriteWait))
-		return c.ws.WriteMessage(websocket.TextMessage, b)
-	}
-	var frames []*websocket.PreparedMessage
-	if c.envelope {
-		if pm := u.Memo(envelopeID{}, prepareEnvelope).(*websocket.PreparedMessage); pm != nil {
-			frames = []*websocket.PreparedMessage{pm}
-		}
-	} else {
-		frames = u.Memo(rawFramesID{}, prepareRaw).([]*websocket.PreparedMessage)
-	}
-	for _, f := range frames {
-		_ = c.ws.SetWriteDeadline(time.Now().Add(c.s.opts.WriteWait))
-		if err := c.ws.WritePreparedMessage(f); err != nil {
-			return err
-		}
-	}
-	return nil
 }

@@ -2,6 +2,7 @@ package esweb
 
 import (
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"net/http"
 	"testing"
@@ -79,10 +80,14 @@ func FuzzHandle(f *testing.F) {
 	s := NewServer(bridge.ClientBuilder, Options{Logger: logger, MaxSubscriptions: 3, PassThrough: func(string, []byte) {}})
 
 	f.Fuzz(func(t *testing.T, data []byte) {
-		// finished: no writer is started; the test reads the control queue.
-		c := &conn{s: s, envelope: true, finished: true,
+		// No socket: the direct writer collects what the connection writes.
+		var written []byte
+		c := &conn{s: s, envelope: true, readDone: make(chan struct{}),
 			info: shared.NewConnection("fuzz", &http.Request{RemoteAddr: "fuzz"}, nil, nil)}
-		c.client = bridge.ClientBuilder(context.Background())
+		c.direct = func(b []byte) (int, error) { written = append(written, b...); return len(b), nil }
+		c.ctx, c.cancel = context.WithCancel(context.Background())
+		defer c.cancel()
+		c.client = bridge.ClientBuilder(c.ctx)
 		defer c.client.Close()
 		for i := 0; i < 5; i++ { // repeated, so limits and re-subscribes are exercised
 			c.handle(data)
@@ -90,13 +95,35 @@ func FuzzHandle(f *testing.F) {
 		if n := c.client.Subscriptions(); n > s.opts.MaxSubscriptions {
 			t.Fatalf("%d subscriptions, limit %d", n, s.opts.MaxSubscriptions)
 		}
-		for _, b := range c.drainControls(nil) {
+		for len(written) > 0 {
+			var payload []byte
+			payload, written = nextTextFrame(t, written)
 			var frame map[string]any
-			if err := json.Unmarshal(b, &frame); err != nil || frame["type"] == nil {
+			if err := json.Unmarshal(payload, &frame); err != nil || frame["type"] == nil {
 				t.Fatalf("control frame is not a typed JSON object: %v", err)
 			}
 		}
 	})
+}
+
+// nextTextFrame splits the first server frame off b: it must be a final,
+// unmasked text frame.
+func nextTextFrame(t *testing.T, b []byte) (payload, rest []byte) {
+	t.Helper()
+	if len(b) < 2 || b[0] != 0x81 || b[1]&0x80 != 0 {
+		t.Fatalf("not a final unmasked text frame: % x", b[:min(len(b), 10)])
+	}
+	n, h := int(b[1]), 2
+	switch n {
+	case 126:
+		n, h = int(binary.BigEndian.Uint16(b[2:])), 4
+	case 127:
+		n, h = int(binary.BigEndian.Uint64(b[2:])), 10
+	}
+	if len(b) < h+n {
+		t.Fatalf("frame of %d bytes cut short at %d", n, len(b)-h)
+	}
+	return b[h : h+n], b[h+n:]
 }
 
 func mustJSON(v any) []byte {

@@ -4,10 +4,6 @@ import (
 	"encoding/json"
 	"fmt"
 
-	"github.com/gorilla/websocket"
-	"github.com/sirupsen/logrus"
-
-	"github.com/entity-sync/entity-sync/esbridge"
 	"github.com/entity-sync/entity-sync/shared"
 )
 
@@ -89,9 +85,10 @@ func parseRequest(data []byte, maxIDLength int) (parsedRequest, *requestError) {
 // Server -> client envelope frames.
 type (
 	welcomeFrame struct {
-		Type     string `json:"type"` // "welcome"
-		Protocol string `json:"protocol"`
-		Limits   Limits `json:"limits"`
+		Type        string `json:"type"` // "welcome"
+		Protocol    string `json:"protocol"`
+		Limits      Limits `json:"limits"`
+		HeartbeatMs int64  `json:"heartbeatMs"` // a heartbeat frame comes at least this often
 	}
 	rowsFrame struct {
 		Type string            `json:"type"` // "rows" or "gone"
@@ -124,52 +121,4 @@ type Limits struct {
 	MessagesPerSecond int   `json:"messagesPerSecond"`
 	MessageBurst      int   `json:"messageBurst"`
 	MaxIDLength       int   `json:"maxIdLength"`
-}
-
-// envelopeID is the Memo id of an update's envelope frame.
-type envelopeID struct{}
-
-// prepareEnvelope encodes an update as one "rows" (or "gone") frame, once for
-// every connection that receives it. Rows that are valid JSON are embedded
-// as they are; any other row is embedded as a JSON string.
-func prepareEnvelope(u *esbridge.Update) any {
-	f := rowsFrame{Type: "rows", Key: u.Key, Seq: u.Seq, Rows: make([]json.RawMessage, len(u.Rows))}
-	if len(u.Rows) == 0 {
-		f.Type = "gone"
-	}
-	for i, row := range u.Rows {
-		if json.Valid(row) {
-			f.Rows[i] = row
-		} else {
-			f.Rows[i], _ = json.Marshal(string(row))
-		}
-	}
-	b, err := json.Marshal(f)
-	if err != nil {
-		logrus.WithError(err).WithField("key", u.Key.String()).Error("esweb: cannot encode envelope")
-		return (*websocket.PreparedMessage)(nil)
-	}
-	pm, err := websocket.NewPreparedMessage(websocket.TextMessage, b)
-	if err != nil {
-		logrus.WithError(err).WithField("key", u.Key.String()).Error("esweb: cannot prepare envelope")
-		return (*websocket.PreparedMessage)(nil)
-	}
-	return pm
-}
-
-// rawFramesID is the Memo id of an update's frames in the seed's protocol:
-// one text frame per row, prepared once for all connections.
-type rawFramesID struct{}
-
-func prepareRaw(u *esbridge.Update) any {
-	frames := make([]*websocket.PreparedMessage, 0, len(u.Rows))
-	for _, row := range u.Rows {
-		pm, err := websocket.NewPreparedMessage(websocket.TextMessage, row)
-		if err != nil { // only compression can fail, and it is off
-			logrus.WithError(err).WithField("key", u.Key.String()).Error("esweb: cannot prepare frame")
-			continue
-		}
-		frames = append(frames, pm)
-	}
-	return frames
 }

@@ -318,21 +318,41 @@ func TestLimits(t *testing.T) {
 		}
 	})
 	t.Run("request rate", func(t *testing.T) {
-		_, srv := testkit.Serve(t, es.Config{Web: esweb.Options{MessagesPerSecond: 1, MessageBurst: 3}})
+		// Over the rate, requests wait for their token instead of being
+		// dropped; a client that keeps the server waiting is closed.
+		defer esweb.SetMaxThrottle(2 * time.Second)()
+		_, srv := testkit.Serve(t, es.Config{Web: esweb.Options{MessagesPerSecond: 2, MessageBurst: 3}})
 		c, next := dialEnvelope(t, srv.URL)
 		next()
-		for i := 0; i < 4; i++ {
+		start := time.Now()
+		for i := 0; i < 5; i++ {
 			if err := c.WriteJSON(map[string]any{"action": "secret", "ref": fmt.Sprint(i), "body": "s"}); err != nil {
 				t.Fatal(err)
 			}
 		}
-		for i := 0; i < 3; i++ {
-			if f := next(); f.Type != "ack" {
-				t.Fatalf("request %d: got %+v, want ack", i, f)
+		for i := 0; i < 5; i++ {
+			if f := next(); f.Type != "ack" || f.Ref != fmt.Sprint(i) {
+				t.Fatalf("request %d: got %+v, want its ack", i, f)
 			}
 		}
-		if f := next(); f.Type != "error" || f.Code != "rate_limited" || f.Ref != "3" {
-			t.Fatalf("got %+v, want rate_limited for ref 3", f)
+		// 3 at once, then 2 per second: the 5th waited about a second.
+		if d := time.Since(start); d < 800*time.Millisecond {
+			t.Errorf("5 requests answered in %v: the rate limit did not hold them back", d)
+		}
+		for i := 0; i < 20; i++ { // 10 s worth at 2/s: past the 2 s allowed
+			if err := c.WriteJSON(map[string]any{"action": "secret", "ref": "flood", "body": "s"}); err != nil {
+				break
+			}
+		}
+		_ = c.SetReadDeadline(time.Now().Add(wait))
+		for {
+			if _, _, err := c.ReadMessage(); err != nil {
+				var ce *websocket.CloseError
+				if !errors.As(err, &ce) || ce.Code != websocket.ClosePolicyViolation {
+					t.Fatalf("flooding client ended with %v, want close 1008", err)
+				}
+				break
+			}
 		}
 	})
 	t.Run("id length", func(t *testing.T) {
@@ -352,22 +372,49 @@ func TestLimits(t *testing.T) {
 		}
 	})
 	t.Run("pending bytes", func(t *testing.T) {
-		e, srv := testkit.Serve(t, es.Config{Bridge: esbridge.Options{MaxPendingBytes: 1024}})
-		if err := e.Register("big", func(context.Context, shared.EntityKey) ([][]byte, error) {
-			return [][]byte{bytes.Repeat([]byte("x"), 4096)}, nil
+		// A client that falls MaxPendingBytes behind is closed with 1008
+		// once what it was already sent is through. It stops reading until
+		// the server has seen it overflow, then reads to the close frame.
+		const keys, rowSize = 40, 32 << 10
+		store := testkit.NewStore()
+		e, srv := testkit.Serve(t, es.Config{Bridge: esbridge.Options{MaxPendingBytes: 64 << 10}})
+		if err := e.Register("big", func(_ context.Context, k shared.EntityKey) ([][]byte, error) {
+			return [][]byte{append([]byte(fmt.Sprint(store.Version(k))), bytes.Repeat([]byte("x"), rowSize)...)}, nil
 		}); err != nil {
 			t.Fatal(err)
 		}
-		ws := testkit.Dial(t, srv)
-		ws.Subscribe("big", "1")
-		select {
-		case <-ws.Closed:
-		case <-time.After(wait):
-			t.Fatal("client over MaxPendingBytes not disconnected")
+		c, resp, err := websocket.DefaultDialer.Dial(wsURL(srv.URL), nil)
+		if err != nil {
+			t.Fatal(err)
 		}
-		var ce *websocket.CloseError
-		if !errors.As(ws.CloseErr, &ce) || ce.Code != websocket.ClosePolicyViolation {
-			t.Errorf("closed with %v, want 1008", ws.CloseErr)
+		resp.Body.Close()
+		defer c.Close()
+		for i := 0; i < keys; i++ {
+			if err := c.WriteJSON(map[string]any{"action": "subscribe", "body": map[string]string{"entity": "big", "id": fmt.Sprint(i)}}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		for round := 0; e.Bridge.Stats().Overflows == 0; round++ {
+			if round == 2000 {
+				t.Fatal("no overflow after 2,000 rounds of changes to a client that does not read")
+			}
+			for i := 0; i < keys; i++ {
+				k := shared.EntityKey{Entity: "big", ID: fmt.Sprint(i)}
+				store.Bump(k)
+				if err := e.NotifyAllOfChange(k); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		_ = c.SetReadDeadline(time.Now().Add(wait))
+		for {
+			if _, _, err := c.ReadMessage(); err != nil {
+				var ce *websocket.CloseError
+				if !errors.As(err, &ce) || ce.Code != websocket.ClosePolicyViolation {
+					t.Fatalf("closed with %v, want 1008", err)
+				}
+				break
+			}
 		}
 		if e.Web.Stats().SlowClients != 1 {
 			t.Error("slow client not counted")

@@ -49,15 +49,19 @@ type Options struct {
 	// it is disconnected. Default 10s.
 	WriteWait time.Duration
 	// PongWait is how long the connection may stay silent (no frame, no pong)
-	// before it is dropped. Pings go out every 9/10 of it. Default 60s.
+	// before it is dropped. Default 60s.
 	PongWait time.Duration
-	// ReadBufferSize and WriteBufferSize size each connection's I/O buffers;
-	// they do not limit frame sizes. The read buffer lives as long as the
-	// connection, so its default is small, 256 bytes: client frames are
-	// short requests, and a longer one is read in several chunks. Write
-	// buffers (default 1024) are pooled between writes, so an idle
-	// connection holds none.
-	ReadBufferSize, WriteBufferSize int
+	// HeartbeatInterval is how often every connection is pinged, and sent a
+	// heartbeat frame in the envelope protocol (browsers hide pings from
+	// scripts; the heartbeat lets a client notice a dead connection, see
+	// docs/protocol.md). Default 25s, at most 9/10 of PongWait.
+	HeartbeatInterval time.Duration
+	// ReadBufferSize sizes each connection's read buffer; it does not limit
+	// frame sizes. The buffer lives as long as the connection, so its
+	// default is small, 256 bytes: client frames are short requests, and a
+	// longer one is read in several chunks. (Frames to clients are encoded
+	// once per update and written without a per-connection buffer.)
+	ReadBufferSize int
 	// PassThroughContext, if set, receives frames that carry no action with
 	// a context holding the connection (shared.ConnectionFrom); it takes
 	// precedence over PassThrough.
@@ -86,8 +90,12 @@ type Options struct {
 	// MaxSubscriptions bounds the keys one connection may hold. Default 1,000.
 	MaxSubscriptions int
 	// MessagesPerSecond and MessageBurst rate-limit each connection's
-	// requests (token bucket); a request over the limit is dropped with a
-	// rate_limited error. Defaults 50 per second, bursts of 100.
+	// requests (token bucket). A request over the limit is not dropped: the
+	// connection's reads wait for the token, and a connection held back for
+	// 10 s in a row is closed with 1008. A secret costs one token per ten
+	// subscriptions it re-authorizes. Defaults: 100 per second, and bursts
+	// of MaxSubscriptions + MessagesPerSecond, so a page that subscribes to
+	// all the keys it may hold at once is never slowed down.
 	MessagesPerSecond, MessageBurst int
 	// MaxIDLength bounds the id of a key a client may subscribe to, in
 	// bytes. Default and maximum shared.MaxIDLength (256).
@@ -107,11 +115,12 @@ func (o *Options) setDefaults() {
 	if o.PongWait <= 0 {
 		o.PongWait = 60 * time.Second
 	}
+	if o.HeartbeatInterval <= 0 {
+		o.HeartbeatInterval = 25 * time.Second
+	}
+	o.HeartbeatInterval = min(o.HeartbeatInterval, o.PongWait*9/10)
 	if o.ReadBufferSize <= 0 {
 		o.ReadBufferSize = 256
-	}
-	if o.WriteBufferSize <= 0 {
-		o.WriteBufferSize = 1024
 	}
 	if o.Logger == nil {
 		o.Logger = logrus.StandardLogger()
@@ -123,10 +132,10 @@ func (o *Options) setDefaults() {
 		o.MaxSubscriptions = 1000
 	}
 	if o.MessagesPerSecond <= 0 {
-		o.MessagesPerSecond = 50
+		o.MessagesPerSecond = 100
 	}
 	if o.MessageBurst <= 0 {
-		o.MessageBurst = 2 * o.MessagesPerSecond
+		o.MessageBurst = o.MaxSubscriptions + o.MessagesPerSecond
 	}
 	if o.MaxIDLength <= 0 || o.MaxIDLength > shared.MaxIDLength {
 		o.MaxIDLength = shared.MaxIDLength
@@ -148,7 +157,7 @@ type Server struct {
 	mu        sync.Mutex
 	conns     map[*conn]struct{}
 	upgrading int           // requests past the connection limit check, not yet in conns
-	pinging   chan struct{} // closed to stop pingLoop; nil while there is no connection
+	beating   chan struct{} // closed to stop heartbeatLoop; nil while there is no connection
 	closed    bool
 	closing   chan struct{} // closed by Close: every connection says 1001 and goes
 	wg        sync.WaitGroup
@@ -204,8 +213,9 @@ func NewServer(build ClientBuilder, opts Options) *Server {
 		closing: make(chan struct{}),
 	}
 	s.upgrader = websocket.Upgrader{
-		ReadBufferSize:  opts.ReadBufferSize,
-		WriteBufferSize: opts.WriteBufferSize,
+		ReadBufferSize: opts.ReadBufferSize,
+		// Only the handshake goes through gorilla's writer (see frame.go),
+		// and a pooled buffer is released right after it.
 		WriteBufferPool: &sync.Pool{},
 		// ServeHTTP checks the origin before authenticating; see originAllowed.
 		CheckOrigin:  func(*http.Request) bool { return true },
@@ -284,34 +294,40 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	c := &conn{
 		s:        s,
 		ws:       ws,
+		nc:       ws.NetConn(),
 		envelope: ws.Subprotocol() == Subprotocol,
 		readDone: make(chan struct{}),
 		tokens:   float64(s.opts.MessageBurst),
 		refilled: time.Now(),
 	}
-	// The client is built below; its secret is read only once hooks run,
-	// after the goroutines that call them have started.
+	c.direct = directWriter(c.nc)
+	// The client exists before anything (the heartbeat loop, Close) can
+	// reach the connection; hooks read its secret through info.
 	c.info = shared.NewConnection(id, hookRequest(r), principal, func() string { return c.client.Secret() })
-	c.ctx = shared.WithConnection(context.Background(), c.info)
+	c.ctx, c.cancel = context.WithCancel(shared.WithConnection(context.Background(), c.info))
+	c.client = s.build(c.ctx)
+	c.client.SetDirect(c.writeNow)
+	c.client.OnReady(c.signal)
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
+		c.cancel()
+		c.client.Close()
 		ws.Close()
 		return
 	}
 	s.conns[c] = struct{}{}
-	s.wg.Add(1) // the reader; each writer run adds its own
-	if s.pinging == nil {
-		s.pinging = make(chan struct{})
+	s.wg.Add(1) // the reader; each flusher run adds its own
+	if s.beating == nil {
+		s.beating = make(chan struct{})
 		s.wg.Add(1)
-		go s.pingLoop(s.pinging)
+		go s.heartbeatLoop(s.beating)
 	}
 	s.mu.Unlock()
 	s.stats.accepted.Add(1)
-	c.client = s.build(c.ctx)
-	c.client.OnReady(c.signal)
 	if c.envelope {
-		c.sendControl(welcomeFrame{Type: "welcome", Protocol: Subprotocol, Limits: s.limits()})
+		c.sendControl(welcomeFrame{Type: "welcome", Protocol: Subprotocol, Limits: s.limits(),
+			HeartbeatMs: s.opts.HeartbeatInterval.Milliseconds()})
 	}
 	go c.readPump()
 }
@@ -337,13 +353,15 @@ func hookRequest(r *http.Request) *http.Request {
 	return kept
 }
 
-// pingLoop marks every connection's ping due once per ping period: one
-// timer for the server instead of one per connection. It ends when stop is
-// closed.
-func (s *Server) pingLoop(stop chan struct{}) {
+// heartbeatLoop pings every connection once per HeartbeatInterval, and sends
+// envelope connections a heartbeat frame with it: one timer for the server
+// instead of one per connection. It ends when stop is closed.
+func (s *Server) heartbeatLoop(stop chan struct{}) {
 	defer s.wg.Done()
-	ticker := time.NewTicker(s.opts.PongWait * 9 / 10)
+	ticker := time.NewTicker(s.opts.HeartbeatInterval)
 	defer ticker.Stop()
+	beat := append(append([]byte(nil), pingFrame...), heartbeatFrame...)
+	var conns []*conn
 	for {
 		select {
 		case <-stop:
@@ -351,11 +369,19 @@ func (s *Server) pingLoop(stop chan struct{}) {
 		case <-ticker.C:
 		}
 		s.mu.Lock()
+		conns = conns[:0]
 		for c := range s.conns {
-			c.pingDue.Store(true)
-			c.signal()
+			conns = append(conns, c)
 		}
 		s.mu.Unlock()
+		for _, c := range conns {
+			if c.envelope {
+				c.send(beat, true)
+			} else {
+				c.send(pingFrame, true)
+			}
+		}
+		clear(conns)
 	}
 }
 
@@ -397,9 +423,9 @@ func (s *Server) originAllowed(r *http.Request) bool {
 func (s *Server) forget(c *conn) {
 	s.mu.Lock()
 	delete(s.conns, c)
-	if len(s.conns) == 0 && s.pinging != nil && !s.closed {
-		close(s.pinging) // no connection, no goroutine; the next one restarts it
-		s.pinging = nil
+	if len(s.conns) == 0 && s.beating != nil && !s.closed {
+		close(s.beating) // no connection, no goroutine; the next one restarts it
+		s.beating = nil
 	}
 	s.mu.Unlock()
 }
@@ -414,22 +440,27 @@ func (s *Server) Connections() int {
 // Close refuses new connections, sends every client a close frame with code
 // 1001 (going away) and waits until every connection's goroutines are gone.
 // If ctx ends first, the remaining connections are cut without a close
-// frame (a client that stopped reading can hold its writer until WriteWait),
-// and Close returns ctx's error once their goroutines are gone.
+// frame (a client that stopped reading can hold its flusher until
+// WriteWait), their hook contexts are cancelled, and Close returns ctx's
+// error once their goroutines are gone or after one more second, whichever
+// comes first (a hook that ignores its context can hold a reader).
 func (s *Server) Close(ctx context.Context) error {
 	s.mu.Lock()
+	var conns []*conn
 	if !s.closed {
 		s.closed = true
-		close(s.closing)
 		for c := range s.conns {
-			c.signal()
+			conns = append(conns, c)
 		}
-		if s.pinging != nil {
-			close(s.pinging)
-			s.pinging = nil
+		if s.beating != nil {
+			close(s.beating)
+			s.beating = nil
 		}
 	}
 	s.mu.Unlock()
+	for _, c := range conns {
+		c.closeWith(websocket.CloseGoingAway, errShutdown.Error())
+	}
 	done := make(chan struct{})
 	go func() { s.wg.Wait(); close(done) }()
 	select {
@@ -439,11 +470,18 @@ func (s *Server) Close(ctx context.Context) error {
 	}
 	s.mu.Lock()
 	for c := range s.conns {
-		c.ws.NetConn().Close() // unblocks a writer stuck on a client that does not read
+		c.cancel()
+		c.end() // unblocks a flusher stuck on a client that does not read
 	}
 	s.mu.Unlock()
-	<-done
-	return fmt.Errorf("esweb: close: connections cut before they closed cleanly: %w", ctx.Err())
+	t := time.NewTimer(time.Second)
+	defer t.Stop()
+	select {
+	case <-done:
+		return fmt.Errorf("esweb: close: connections cut before they closed cleanly: %w", ctx.Err())
+	case <-t.C:
+		return fmt.Errorf("esweb: close: connections cut, some still busy in a hook: %w", ctx.Err())
+	}
 }
 
 // errShutdown marks a connection closed because the server is going away.

@@ -1,0 +1,225 @@
+package esbridge
+
+import (
+	"context"
+	"time"
+
+	"github.com/entity-sync/entity-sync/shared"
+)
+
+// Fetch rounds run on a bounded pool of workers fed by a FIFO of keys. A
+// key is in the FIFO at most once and runs on at most one worker at a time,
+// so however many notifications, subscribes or resyncs arrive, the bridge
+// holds at most MaxConcurrentFetches goroutines for them and at most one
+// queue entry per subscribed key. Workers start when keys wait and none is
+// free, and end when the FIFO is empty: an idle bridge holds no goroutine.
+
+// request asks for a round of ks: right away if it is idle, or after the
+// running one. all means every group must be fetched again (a notification);
+// otherwise only new groups are. With ks.mu held.
+func (b *Bridge) request(ks *keyState, all bool) {
+	if all {
+		ks.dirty = true
+	}
+	if ks.running || ks.queued || !ks.needsRound() {
+		return // the running round re-queues the key when it ends
+	}
+	ks.queued = true
+	b.work.mu.Lock()
+	if b.work.closed {
+		b.work.mu.Unlock()
+		ks.queued = false
+		return
+	}
+	b.work.keys = append(b.work.keys, ks)
+	if b.work.workers < b.opts.MaxConcurrentFetches && b.work.workers < len(b.work.keys)+b.work.busy {
+		b.work.workers++
+		b.rounds.Add(1)
+		go b.worker()
+	}
+	b.work.mu.Unlock()
+}
+
+// worker runs rounds until the FIFO is empty or the bridge closes.
+func (b *Bridge) worker() {
+	defer b.rounds.Done()
+	w := &b.work
+	w.mu.Lock()
+	for len(w.keys) > 0 && !w.closed {
+		ks := w.keys[0]
+		w.keys[0] = nil
+		w.keys = w.keys[1:]
+		w.busy++
+		w.mu.Unlock()
+		b.round(ks)
+		w.mu.Lock()
+		w.busy--
+	}
+	w.workers--
+	w.mu.Unlock()
+}
+
+// fetchJob is one group's fetch in a round.
+type fetchJob struct {
+	group string
+	rows  [][]byte
+	err   error
+}
+
+// publication is a state to hand to a group's members.
+type publication struct {
+	u       *Update
+	members []*Client
+}
+
+// round fetches the groups of ks that need it, publishes the results that
+// differ from each group's current state under a new sequence number, and
+// fans them out. Notifications that arrive meanwhile make another round.
+func (b *Bridge) round(ks *keyState) {
+	ks.mu.Lock()
+	ks.queued = false
+	if !ks.needsRound() || b.ctx.Err() != nil {
+		ks.mu.Unlock()
+		b.maybeRemove(ks)
+		return
+	}
+	ks.running = true
+	all := ks.dirty
+	ks.dirty = false
+	jobs := make([]fetchJob, 0, len(ks.groups))
+	for name, g := range ks.groups {
+		if all || g.stale {
+			g.stale = false
+			jobs = append(jobs, fetchJob{group: name})
+		}
+	}
+	ks.mu.Unlock()
+
+	for i := range jobs {
+		jobs[i].rows, jobs[i].err = b.fetch(ks.key, jobs[i].group)
+	}
+
+	ks.mu.Lock()
+	failed := false
+	pubs := make([]publication, 0, len(jobs))
+	for _, j := range jobs {
+		if j.err != nil {
+			failed = true
+			b.stats.fetchErrors.Add(1)
+			b.log.WithError(j.err).WithField("key", ks.key.String()).Error("fetch failed; clients keep their last state until a retry succeeds")
+			continue
+		}
+		g := ks.groups[j.group]
+		if g == nil {
+			continue // its last member left during the fetch
+		}
+		if g.current == nil || !sameRows(g.current.Rows, j.rows) {
+			g.current = &Update{Key: ks.key, Rows: j.rows, Seq: b.seq.Add(1), group: j.group}
+		}
+		pubs = append(pubs, publication{g.current, g.snapshot()})
+	}
+	ks.mu.Unlock()
+
+	// Outside the key's lock: subscribes, unsubscribes and notifications of
+	// this key go on meanwhile. Each client keeps the last Seq it got per
+	// key, so a member that already has this state (or a newer one, from a
+	// later subscribe) is skipped.
+	for _, p := range pubs {
+		b.fanOut(p)
+	}
+
+	ks.mu.Lock()
+	ks.running = false
+	if failed {
+		b.scheduleRetry(ks)
+	} else {
+		ks.retry = 0
+	}
+	b.request(ks, false) // another round if notified meanwhile or a group joined
+	empty := ks.nsubs == 0
+	ks.mu.Unlock()
+	if empty {
+		b.maybeRemove(ks)
+	}
+}
+
+// fetch calls the fetch function for one group of a key.
+func (b *Bridge) fetch(key shared.EntityKey, secret string) ([][]byte, error) {
+	ctx, cancel := context.WithTimeout(b.ctx, b.opts.FetchTimeout)
+	defer cancel()
+	b.stats.fetches.Add(1)
+	return b.fetcher.Fetch(ctx, key, secret)
+}
+
+// fanOut hands p's state to every member that does not have it yet.
+func (b *Bridge) fanOut(p publication) {
+	n := 0
+	for _, c := range p.members {
+		u := p.u
+		if b.opts.Filter != nil {
+			if u = b.filter(c, u); u == nil {
+				continue
+			}
+		}
+		if c.deliver(u) {
+			n++
+		}
+	}
+	b.stats.deliveries.Add(uint64(n))
+}
+
+// filter applies Options.Filter for one client. It returns u itself when the
+// filter kept every row, and nil (send nothing) when the filter panicked.
+func (b *Bridge) filter(c *Client, u *Update) (out *Update) {
+	defer func() {
+		if r := recover(); r != nil {
+			b.log.WithField("key", u.Key.String()).Errorf("row filter panicked; client gets nothing for this change: %v", r)
+			out = nil
+		}
+	}()
+	rows := b.opts.Filter(c.ctx, u.Key, u.Rows)
+	if len(rows) == len(u.Rows) && (len(rows) == 0 || &rows[0] == &u.Rows[0]) {
+		return u
+	}
+	return &Update{Key: u.Key, Rows: rows, Seq: u.Seq, group: u.group}
+}
+
+// scheduleRetry re-requests a failed key after a growing delay. With ks.mu
+// held.
+func (b *Bridge) scheduleRetry(ks *keyState) {
+	if ks.timer != nil || ks.dirty {
+		return // a retry is already due, or a follow-up round runs anyway
+	}
+	if ks.retry == 0 {
+		ks.retry = b.opts.RetryDelay
+	} else if ks.retry *= 2; ks.retry > b.opts.MaxRetryDelay {
+		ks.retry = b.opts.MaxRetryDelay
+	}
+	ks.timer = time.AfterFunc(ks.retry, func() {
+		ks.mu.Lock()
+		ks.timer = nil
+		b.request(ks, true)
+		ks.mu.Unlock()
+	})
+}
+
+// maybeRemove drops ks from the index once nobody subscribes and no round
+// runs or waits.
+func (b *Bridge) maybeRemove(ks *keyState) {
+	sh := b.shard(ks.key)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	ks.mu.Lock()
+	defer ks.mu.Unlock()
+	if ks.nsubs > 0 || ks.running || ks.queued || ks.removed {
+		return
+	}
+	ks.removed = true
+	if ks.timer != nil {
+		ks.timer.Stop()
+		ks.timer = nil
+	}
+	if sh.keys[ks.key] == ks {
+		delete(sh.keys, ks.key)
+	}
+}

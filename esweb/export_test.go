@@ -1,0 +1,10 @@
+package esweb
+
+import "time"
+
+// SetMaxThrottle shortens how long the rate limit may hold a connection back
+// before closing it, for a test, and returns the function that restores it.
+func SetMaxThrottle(d time.Duration) (restore func()) {
+	old := maxThrottle.Swap(int64(d))
+	return func() { maxThrottle.Store(old) }
+}

@@ -1,0 +1,271 @@
+package esweb
+
+import (
+	"errors"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	"github.com/entity-sync/entity-sync/esbridge"
+)
+
+// writeState is a connection's write side. Two paths put bytes on the
+// socket, and wmu makes them take turns:
+//
+//   - direct: whoever has a frame (the fan-out, the reader with an ack, the
+//     heartbeat loop) writes it at once with a non-blocking write when
+//     nothing is waiting before it. This is the common case: no goroutine
+//     to wake, no deadline to arm, one system call per frame.
+//   - the flusher: a goroutine started when a write would block (the
+//     client reads slowly, or the socket is not a plain one). It writes, with
+//     a deadline, what is waiting: the backlog of frames, then the client's
+//     pending updates (latest-wins, taken from the bridge), several in one
+//     writev, and exits when nothing is left.
+type writeState struct {
+	direct func([]byte) (int, error) // non-blocking write; nil: flusher only
+
+	wmu          sync.Mutex
+	backlog      [][]byte // frames (or a frame's unwritten tail) waiting, in order
+	backlogBytes int
+	flushing     bool   // a flusher goroutine runs
+	again        bool   // something arrived while it ran
+	closeFrame   []byte // set once the connection is closing: written last
+	ended        bool   // the socket is closed or failed: write nothing more
+}
+
+// send writes frame now if nothing is waiting and the socket takes it without
+// blocking. Otherwise a control frame (queueable) joins the backlog, while an
+// update is declined (false), so it stays in the bridge's latest-wins queue.
+func (c *conn) send(frame []byte, queueable bool) bool {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.ended || c.closeFrame != nil {
+		return true // the connection is going: nothing more to say
+	}
+	if c.flushing || len(c.backlog) > 0 || c.direct == nil {
+		if !queueable {
+			c.kickFlusherLocked()
+			return false
+		}
+		if c.backlogBytes+len(frame) > maxBacklogBytes {
+			c.s.stats.slowClients.Add(1)
+			c.logger().Warn("dropping connection: it does not read the answers to its requests")
+			c.failLocked(nil)
+			return true
+		}
+		c.queueLocked(frame)
+		return true
+	}
+	n, err := c.direct(frame)
+	if err != nil {
+		c.failLocked(err)
+		return true
+	}
+	if n < len(frame) {
+		c.queueLocked(frame[n:]) // frames are immutable: keep the tail, no copy
+	}
+	return true
+}
+
+// maxBacklogBytes bounds the control frames (acks, errors, pongs) waiting
+// for a client that does not read: past it, the client is cut. It counts
+// bytes the socket would not take, so a client that reads normally never
+// comes near it, however many requests it sends at once.
+const maxBacklogBytes = 1 << 20
+
+// queueLocked adds a frame to the backlog and makes sure the flusher runs.
+// With wmu held.
+func (c *conn) queueLocked(frame []byte) {
+	c.backlog = append(c.backlog, frame)
+	c.backlogBytes += len(frame)
+	c.kickFlusherLocked()
+}
+
+// kickFlusherLocked starts the flusher, or tells the running one to go round
+// again. With wmu held.
+func (c *conn) kickFlusherLocked() {
+	if c.ended {
+		return
+	}
+	if c.flushing {
+		c.again = true
+		return
+	}
+	c.flushing = true
+	c.s.wg.Add(1)
+	go c.flush()
+}
+
+// signal is the bridge client's OnReady: updates wait to be taken.
+func (c *conn) signal() {
+	c.wmu.Lock()
+	c.kickFlusherLocked()
+	c.wmu.Unlock()
+}
+
+// writeNow is the bridge client's direct writer: the fan-out offers an
+// update, and it is written at once if the connection can take it.
+func (c *conn) writeNow(u *esbridge.Update) bool {
+	if !c.order.TryLock() {
+		return false // a request is being applied: its answer must go first
+	}
+	defer c.order.Unlock()
+	frame := c.frames(u)
+	if len(frame) == 0 {
+		return true // nothing to write for it in this dialect
+	}
+	return c.send(frame, false)
+}
+
+// frames returns the bytes of u in this connection's dialect.
+func (c *conn) frames(u *esbridge.Update) []byte {
+	if u.Revoked {
+		c.logger().WithField("key", u.Key.String()).Info("subscription revoked")
+		if !c.envelope {
+			return nil // the raw protocol cannot say it; the pushes just stop
+		}
+		b, _ := textFrame(revokedFrame{Type: "revoked", Key: u.Key, Reason: "access withdrawn"})
+		return b
+	}
+	var b []byte
+	if c.envelope {
+		b = u.Memo(envelopeID{}, prepareEnvelope).([]byte)
+		if b == nil {
+			c.logger().WithField("key", u.Key.String()).Error("cannot encode update")
+		}
+	} else {
+		b = u.Memo(rawFramesID{}, prepareRaw).([]byte)
+	}
+	return b
+}
+
+// flush is the flusher goroutine.
+func (c *conn) flush() {
+	defer c.s.wg.Done()
+	var (
+		bufs  net.Buffers
+		batch []*esbridge.Update
+	)
+	for {
+		// Under order, so that an ack queued by the reader is taken
+		// before the update its request caused.
+		c.order.Lock()
+		c.wmu.Lock()
+		bufs = append(bufs[:0], c.backlog...)
+		clear(c.backlog)
+		c.backlog, c.backlogBytes, c.again = c.backlog[:0], 0, false
+		closing := c.closeFrame
+		c.wmu.Unlock()
+		overflowed := closing == nil && c.client.Overflowed()
+		if closing == nil && !overflowed {
+			batch = c.client.Take(batch[:0])
+			for _, u := range batch {
+				if f := c.frames(u); len(f) > 0 {
+					bufs = append(bufs, f)
+				}
+			}
+			clear(batch)
+		}
+		c.order.Unlock()
+		if overflowed {
+			c.s.stats.slowClients.Add(1)
+			c.logger().Warn("dropping connection: too far behind (MaxPendingBytes)")
+			c.closeWith(websocket.ClosePolicyViolation, "client too slow")
+			continue
+		}
+		if closing != nil {
+			bufs = append(bufs, closing)
+		}
+		if len(bufs) > 0 {
+			_ = c.nc.SetWriteDeadline(time.Now().Add(c.s.opts.WriteWait))
+			if _, err := bufs.WriteTo(c.nc); err != nil {
+				c.wmu.Lock()
+				c.failLocked(err)
+				c.flushing = false
+				c.wmu.Unlock()
+				return
+			}
+		}
+		if closing != nil {
+			c.awaitCloseReply()
+			return
+		}
+		c.wmu.Lock()
+		if !c.again && len(c.backlog) == 0 || c.ended {
+			// A deadline left armed would fail the next direct write once
+			// it passes.
+			_ = c.nc.SetWriteDeadline(time.Time{})
+			c.flushing = false
+			c.wmu.Unlock()
+			return
+		}
+		c.wmu.Unlock()
+	}
+}
+
+// closeWith closes the connection with a close frame: written after what is
+// already waiting, then the client has a moment to answer before the socket
+// is closed.
+func (c *conn) closeWith(code int, reason string) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.ended || c.closeFrame != nil {
+		return
+	}
+	c.closeFrame = appendFrame(nil, opClose, websocket.FormatCloseMessage(code, reason))
+	if code == websocket.ClosePolicyViolation {
+		c.s.stats.protocolViolations.Add(1)
+	}
+	c.kickFlusherLocked()
+}
+
+// awaitCloseReply gives the client a second to answer a close frame (its
+// reader then ends) and closes the socket.
+func (c *conn) awaitCloseReply() {
+	t := time.NewTimer(time.Second)
+	defer t.Stop()
+	select {
+	case <-c.readDone:
+	case <-t.C:
+	}
+	c.wmu.Lock()
+	c.flushing = false
+	c.failLocked(nil)
+	c.wmu.Unlock()
+}
+
+// failLocked ends the connection after a failed write (err) or a decision to
+// cut it (nil): the socket is closed, which also ends the reader. With wmu
+// held.
+func (c *conn) failLocked(err error) {
+	if c.ended {
+		return
+	}
+	c.ended = true
+	if err != nil {
+		c.dropped(err)
+	}
+	c.backlog, c.backlogBytes = nil, 0
+	_ = c.nc.Close()
+}
+
+// end is called by the reader when it returns.
+func (c *conn) end() {
+	c.wmu.Lock()
+	c.failLocked(nil)
+	c.wmu.Unlock()
+}
+
+// dropped logs and counts a connection lost to a failed write; a timeout
+// means the client stopped reading.
+func (c *conn) dropped(err error) {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		c.s.stats.slowClients.Add(1)
+		c.logger().Info("dropping connection: client did not read within WriteWait")
+		return
+	}
+	c.logger().WithError(err).Debug("dropping connection: write failed")
+}
