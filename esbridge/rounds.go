@@ -2,6 +2,8 @@ package esbridge
 
 import (
 	"context"
+	"runtime"
+	"sync"
 	"time"
 
 	"github.com/entity-sync/entity-sync/shared"
@@ -151,11 +153,38 @@ func (b *Bridge) fetch(key shared.EntityKey, secret string) ([][]byte, error) {
 	return b.fetcher.Fetch(ctx, key, secret)
 }
 
-// fanOut hands p's state to every member that does not have it yet.
+// fanOutShare is the fewest members worth a goroutine of their own in a
+// fan-out: below it, starting the goroutine costs more than it saves.
+const fanOutShare = 128
+
+// fanOut hands p's state to every member that does not have it yet. A large
+// group is split between as many goroutines as there are cores: with direct
+// writes, a fan-out is mostly write system calls, and the last member of a
+// 1,000-member group would otherwise wait for 999 of them.
 func (b *Bridge) fanOut(p publication) {
+	parts := min(runtime.GOMAXPROCS(0), len(p.members)/fanOutShare)
+	if parts <= 1 {
+		b.deliverAll(p.u, p.members)
+		return
+	}
+	var wg sync.WaitGroup
+	size := (len(p.members) + parts - 1) / parts
+	for i := size; i < len(p.members); i += size {
+		wg.Add(1)
+		go func(members []*Client) {
+			defer wg.Done()
+			b.deliverAll(p.u, members)
+		}(p.members[i:min(i+size, len(p.members))])
+	}
+	b.deliverAll(p.u, p.members[:size])
+	wg.Wait()
+}
+
+// deliverAll hands u to each of members that does not have it yet.
+func (b *Bridge) deliverAll(u0 *Update, members []*Client) {
 	n := 0
-	for _, c := range p.members {
-		u := p.u
+	for _, c := range members {
+		u := u0
 		if b.opts.Filter != nil {
 			if u = b.filter(c, u); u == nil {
 				continue

@@ -2,7 +2,6 @@ package esweb
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"net"
 	"sync"
@@ -103,7 +102,7 @@ func (c *conn) readPump() {
 		if c.kicked {
 			continue // closing: read on until the client answers or the socket is cut
 		}
-		if !c.pace(data) {
+		if !c.pace() {
 			return
 		}
 		_ = c.ws.SetReadDeadline(time.Now().Add(pongWait))
@@ -125,12 +124,8 @@ func init() { maxThrottle.Store(int64(10 * time.Second)) }
 // the connection's reads down to the limit. A connection that is held back
 // continuously for maxThrottle is closed (kicked). pace reports false when
 // the connection ended while it waited.
-func (c *conn) pace(data []byte) bool {
-	cost := 1.0
-	if peekAction(data) == shared.ActionSecret {
-		// A secret re-authorizes every subscription: charge for them.
-		cost += float64(c.client.Subscriptions()) / 10
-	}
+func (c *conn) pace() bool {
+	const cost = 1.0
 	rate, burst := float64(c.s.opts.MessagesPerSecond), float64(c.s.opts.MessageBurst)
 	now := time.Now()
 	c.tokens = min(burst, c.tokens+now.Sub(c.refilled).Seconds()*rate)
@@ -157,15 +152,6 @@ func (c *conn) pace(data []byte) bool {
 	}
 	c.tokens, c.refilled = 0, now.Add(wait)
 	return true
-}
-
-// peekAction returns a frame's action without validating anything else.
-func peekAction(data []byte) shared.Action {
-	var r struct {
-		Action shared.Action `json:"action"`
-	}
-	_ = json.Unmarshal(data, &r)
-	return r.Action
 }
 
 // handleOffStack handles a frame on a short-lived goroutine and waits for
@@ -226,6 +212,9 @@ func (c *conn) apply(req parsedRequest, data []byte) *requestError {
 			return refuse(shared.CodeInternal, "subscribe %s: %v", req.key, err)
 		}
 	case shared.ActionSecret:
+		// A secret re-authorizes every subscription: the tokens for that
+		// are owed, and the next requests wait for them.
+		c.tokens -= float64(c.client.Subscriptions()) / 10
 		c.client.SetSecret(req.secret)
 	case "":
 		c.passThrough(data)

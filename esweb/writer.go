@@ -206,8 +206,8 @@ func (c *conn) flush() {
 }
 
 // closeWith closes the connection with a close frame: written after what is
-// already waiting, then the client has a moment to answer before the socket
-// is closed.
+// already waiting, then the client has WriteWait to answer before the
+// socket is closed.
 func (c *conn) closeWith(code int, reason string) {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
@@ -221,10 +221,10 @@ func (c *conn) closeWith(code int, reason string) {
 	c.kickFlusherLocked()
 }
 
-// awaitCloseReply gives the client a second to answer a close frame (its
-// reader then ends) and closes the socket.
+// awaitCloseReply gives the client WriteWait to read up to the close frame
+// and answer it (the reader then ends), and closes the socket.
 func (c *conn) awaitCloseReply() {
-	t := time.NewTimer(time.Second)
+	t := time.NewTimer(c.s.opts.WriteWait)
 	defer t.Stop()
 	select {
 	case <-c.readDone:
