@@ -188,6 +188,15 @@ func (e *EntitySync) NotifyAllOfChange(key shared.EntityKey) error {
 	return e.Bridge.NotifyAllOfChange(key)
 }
 
+// NotifyAsync is Bridge.NotifyAsync: NotifyAllOfChange without waiting for
+// the broker, for hot write paths (bounded, retried, failures reported).
+func (e *EntitySync) NotifyAsync(key shared.EntityKey) error {
+	if e.err != nil {
+		return e.err
+	}
+	return e.Bridge.NotifyAsync(key)
+}
+
 // Close shuts down in order: the websocket endpoint (clients get close code
 // 1001), then the bridge and its queue. It returns when their goroutines
 // are gone, or with ctx's error.

@@ -67,10 +67,36 @@ type Options struct {
 	// any other slice costs one encoding per client. It runs while the key
 	// fans out: keep it fast and pure. A panic sends that client nothing.
 	Filter func(ctx context.Context, key shared.EntityKey, rows [][]byte) [][]byte
+	// MaxPendingNotifications bounds the keys NotifyAsync holds while they
+	// wait to be published. Default 10,000.
+	MaxPendingNotifications int
+	// OnNotifyError, if set, is told of every failed attempt to publish a
+	// notification queued by NotifyAsync (it is retried). Default: a
+	// warning in the log.
+	OnNotifyError func(key shared.EntityKey, err error)
+	// OnRound, if set, is called after each fetch round with what it did
+	// and when: for metrics and latency breakdowns. It runs on the round's
+	// worker, without locks: keep it fast.
+	OnRound func(Round)
 	// MaxPendingBytes bounds the bytes of updates waiting to be written to
 	// one client. A client that falls that far behind is disconnected
 	// (close code 1008) instead of holding more memory. Default 32 MiB.
 	MaxPendingBytes int
+}
+
+// Round is what one fetch round of one key did, for Options.OnRound.
+type Round struct {
+	Key shared.EntityKey
+	// Notified is when the first notification this round answers came
+	// from the queue; zero for a round made by a subscribe, a retry or a
+	// resync alone.
+	Notified time.Time
+	// Started is when the round began fetching, Fetched when its fetches
+	// returned, Delivered when every member had been handed the result (with
+	// direct writes, when the last frame went to the socket or its queue).
+	Started, Fetched, Delivered time.Time
+	Fetches, FetchErrors        int
+	Deliveries                  int // updates handed to clients
 }
 
 // ErrForbidden wraps an Authorize refusal.
@@ -94,6 +120,9 @@ func (o *Options) setDefaults() {
 	}
 	if o.MaxRetryDelay < o.RetryDelay {
 		o.MaxRetryDelay = o.RetryDelay
+	}
+	if o.MaxPendingNotifications <= 0 {
+		o.MaxPendingNotifications = 10000
 	}
 	if o.MaxPendingBytes <= 0 {
 		o.MaxPendingBytes = 32 << 20
@@ -122,8 +151,9 @@ type Bridge struct {
 	ctx    context.Context // cancelled by Close: ends running fetches
 	cancel context.CancelFunc
 
-	work   workQueue
-	rounds sync.WaitGroup // the workers
+	work     workQueue
+	rounds   sync.WaitGroup // the workers
+	notifier notifier
 
 	life   sync.RWMutex // guards closed and served
 	closed bool
@@ -134,6 +164,20 @@ type Bridge struct {
 
 	clientsMu sync.Mutex
 	clients   map[*Client]struct{}
+}
+
+// notifier is NotifyAsync's queue (see notify.go).
+type notifier struct {
+	mu        sync.Mutex
+	fifo      []shared.EntityKey
+	waiting   map[shared.EntityKey]struct{} // the keys in fifo
+	queued    uint64                        // keys ever queued
+	published uint64                        // of which published
+	progress  chan struct{}                 // closed when published grows
+	running   bool                          // the publisher goroutine runs
+	done      chan struct{}                 // closed when it returns
+	closed    bool                          // NotifyAsync refuses
+	stopped   bool                          // the publisher gives up (Close's ctx ended)
 }
 
 // workQueue is the FIFO of keys waiting for a fetch round, and the pool of
@@ -152,12 +196,14 @@ type shard struct {
 }
 
 type counters struct {
-	notifications, received, fetches, fetchErrors, deliveries, resyncs, revocations, overflows atomic.Uint64
+	notifications, notifyErrors, received, fetches, fetchErrors, deliveries, resyncs, revocations, overflows atomic.Uint64
 }
 
 // Stats is a snapshot of the bridge's counters since it started.
 type Stats struct {
-	Notifications uint64 // NotifyAllOfChange calls that reached the queue
+	Notifications uint64 // notifications published (NotifyAllOfChange, NotifyAsync)
+	NotifyErrors  uint64 // failed attempts to publish a NotifyAsync notification
+	Pending       int    // NotifyAsync notifications waiting to be published
 	Received      uint64 // notifications received from the queue
 	Fetches       uint64 // calls to the fetch function
 	FetchErrors   uint64 // of which failed
@@ -237,35 +283,6 @@ func (b *Bridge) serves(entity shared.EntityType) bool {
 	b.life.RLock()
 	defer b.life.RUnlock()
 	return b.served[entity]
-}
-
-// NotifyAllOfChange tells every server that the entity behind key changed.
-// Call it after the change is committed. It returns an error when the
-// notification could not be handed to the queue.
-func (b *Bridge) NotifyAllOfChange(key shared.EntityKey) error {
-	return b.Notify(context.Background(), key)
-}
-
-// Notify is NotifyAllOfChange with a context for the publish.
-func (b *Bridge) Notify(ctx context.Context, key shared.EntityKey) error {
-	if err := key.Validate(); err != nil {
-		return err
-	}
-	b.life.RLock()
-	closed := b.closed
-	b.life.RUnlock()
-	if closed {
-		return ErrClosed
-	}
-	body, err := json.Marshal(key)
-	if err != nil {
-		return fmt.Errorf("esbridge: encode key: %w", err)
-	}
-	if err := b.queue.Publish(ctx, key.Entity, body); err != nil {
-		return fmt.Errorf("esbridge: notify %s: %w", key, err)
-	}
-	b.stats.notifications.Add(1)
-	return nil
 }
 
 // receive handles one message from the entity type's topic. A key with no
@@ -382,6 +399,7 @@ func (b *Bridge) Reauthorize(match func(shared.EntityKey) bool) int {
 func (b *Bridge) Stats() Stats {
 	s := Stats{
 		Notifications: b.stats.notifications.Load(),
+		NotifyErrors:  b.stats.notifyErrors.Load(),
 		Received:      b.stats.received.Load(),
 		Fetches:       b.stats.fetches.Load(),
 		FetchErrors:   b.stats.fetchErrors.Load(),
@@ -390,6 +408,9 @@ func (b *Bridge) Stats() Stats {
 		Revocations:   b.stats.revocations.Load(),
 		Overflows:     b.stats.overflows.Load(),
 	}
+	b.notifier.mu.Lock()
+	s.Pending = len(b.notifier.fifo)
+	b.notifier.mu.Unlock()
 	b.clientsMu.Lock()
 	s.Clients = len(b.clients)
 	b.clientsMu.Unlock()
@@ -401,8 +422,9 @@ func (b *Bridge) Stats() Stats {
 	return s
 }
 
-// Close stops taking notifications, closes the queue, cancels running
-// fetches and waits for the workers to end, or for ctx. Clients are the
+// Close stops taking notifications, publishes those NotifyAsync still holds,
+// closes the queue, cancels running fetches and waits for the workers to
+// end, or for ctx. Clients are the
 // transport's to close (see esweb.Server.Close), before the bridge.
 func (b *Bridge) Close(ctx context.Context) error {
 	b.life.Lock()
@@ -413,21 +435,35 @@ func (b *Bridge) Close(ctx context.Context) error {
 	b.closed = true
 	b.life.Unlock()
 
+	nerr := b.closeNotifier(ctx)
 	qerr := b.queue.Close(ctx)
 	b.cancel()
 	b.work.mu.Lock()
 	b.work.closed = true
 	b.work.keys = nil
 	b.work.mu.Unlock()
+	b.notifier.mu.Lock()
+	publisher := b.notifier.done
+	b.notifier.mu.Unlock()
 	done := make(chan struct{})
-	go func() { b.rounds.Wait(); close(done) }()
+	go func() {
+		b.rounds.Wait()
+		if publisher != nil {
+			<-publisher
+		}
+		close(done)
+	}()
 	select {
 	case <-done:
 	case <-ctx.Done():
 		return fmt.Errorf("esbridge: close: fetches still running: %w", ctx.Err())
 	}
-	if qerr != nil {
-		return fmt.Errorf("esbridge: close queue: %w", qerr)
+	return errors.Join(nerr, wrapErr("esbridge: close queue", qerr))
+}
+
+func wrapErr(what string, err error) error {
+	if err == nil {
+		return nil
 	}
-	return nil
+	return fmt.Errorf("%s: %w", what, err)
 }

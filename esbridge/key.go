@@ -96,9 +96,12 @@ type keyState struct {
 	queued  bool // waiting in the bridge's work queue
 	running bool // a worker runs a round of this key
 	dirty   bool // notified since the last round started: fetch every group again
-	removed bool // dropped from the index; a new subscriber makes a new keyState
-	retry   time.Duration
-	timer   *time.Timer
+	// notified is when the first notification since the last round started
+	// arrived (for Options.OnRound).
+	notified time.Time
+	removed  bool // dropped from the index; a new subscriber makes a new keyState
+	retry    time.Duration
+	timer    *time.Timer
 }
 
 // group is the clients of a key that see the same rows.

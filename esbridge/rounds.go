@@ -4,6 +4,7 @@ import (
 	"context"
 	"runtime"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/entity-sync/entity-sync/shared"
@@ -22,6 +23,9 @@ import (
 func (b *Bridge) request(ks *keyState, all bool) {
 	if all {
 		ks.dirty = true
+	}
+	if all && ks.notified.IsZero() && b.opts.OnRound != nil {
+		ks.notified = time.Now()
 	}
 	if ks.running || ks.queued || !ks.needsRound() {
 		return // the running round re-queues the key when it ends
@@ -88,6 +92,11 @@ func (b *Bridge) round(ks *keyState) {
 	ks.running = true
 	all := ks.dirty
 	ks.dirty = false
+	r := Round{Key: ks.key, Notified: ks.notified}
+	ks.notified = time.Time{}
+	if b.opts.OnRound != nil {
+		r.Started = time.Now()
+	}
 	jobs := make([]fetchJob, 0, len(ks.groups))
 	for name, g := range ks.groups {
 		if all || g.stale {
@@ -100,6 +109,10 @@ func (b *Bridge) round(ks *keyState) {
 	for i := range jobs {
 		jobs[i].rows, jobs[i].err = b.fetch(ks.key, jobs[i].group)
 	}
+	r.Fetches = len(jobs)
+	if b.opts.OnRound != nil {
+		r.Fetched = time.Now()
+	}
 
 	ks.mu.Lock()
 	failed := false
@@ -107,6 +120,7 @@ func (b *Bridge) round(ks *keyState) {
 	for _, j := range jobs {
 		if j.err != nil {
 			failed = true
+			r.FetchErrors++
 			b.stats.fetchErrors.Add(1)
 			b.log.WithError(j.err).WithField("key", ks.key.String()).Error("fetch failed; clients keep their last state until a retry succeeds")
 			continue
@@ -127,7 +141,11 @@ func (b *Bridge) round(ks *keyState) {
 	// key, so a member that already has this state (or a newer one, from a
 	// later subscribe) is skipped.
 	for _, p := range pubs {
-		b.fanOut(p)
+		r.Deliveries += b.fanOut(p)
+	}
+	if b.opts.OnRound != nil {
+		r.Delivered = time.Now()
+		b.opts.OnRound(r)
 	}
 
 	ks.mu.Lock()
@@ -161,27 +179,32 @@ const fanOutShare = 128
 // group is split between as many goroutines as there are cores: with direct
 // writes, a fan-out is mostly write system calls, and the last member of a
 // 1,000-member group would otherwise wait for 999 of them.
-func (b *Bridge) fanOut(p publication) {
+// It returns how many members were handed the state.
+func (b *Bridge) fanOut(p publication) int {
 	parts := min(runtime.GOMAXPROCS(0), len(p.members)/fanOutShare)
 	if parts <= 1 {
-		b.deliverAll(p.u, p.members)
-		return
+		return b.deliverAll(p.u, p.members)
 	}
-	var wg sync.WaitGroup
+	var (
+		wg sync.WaitGroup
+		n  atomic.Int64
+	)
 	size := (len(p.members) + parts - 1) / parts
 	for i := size; i < len(p.members); i += size {
 		wg.Add(1)
 		go func(members []*Client) {
 			defer wg.Done()
-			b.deliverAll(p.u, members)
+			n.Add(int64(b.deliverAll(p.u, members)))
 		}(p.members[i:min(i+size, len(p.members))])
 	}
-	b.deliverAll(p.u, p.members[:size])
+	n.Add(int64(b.deliverAll(p.u, p.members[:size])))
 	wg.Wait()
+	return int(n.Load())
 }
 
-// deliverAll hands u to each of members that does not have it yet.
-func (b *Bridge) deliverAll(u0 *Update, members []*Client) {
+// deliverAll hands u to each of members that does not have it yet, and
+// returns how many it was handed to.
+func (b *Bridge) deliverAll(u0 *Update, members []*Client) int {
 	n := 0
 	for _, c := range members {
 		u := u0
@@ -195,6 +218,7 @@ func (b *Bridge) deliverAll(u0 *Update, members []*Client) {
 		}
 	}
 	b.stats.deliveries.Add(uint64(n))
+	return n
 }
 
 // filter applies Options.Filter for one client. It returns u itself when the

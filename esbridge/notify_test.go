@@ -1,0 +1,132 @@
+package esbridge_test
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/entity-sync/entity-sync/esbridge"
+	"github.com/entity-sync/entity-sync/esq"
+	"github.com/entity-sync/entity-sync/internal/testkit"
+	"github.com/entity-sync/entity-sync/shared"
+)
+
+// flakyQueue is an in-process broker whose Publish the test can hold and make
+// fail: it stands in for a slow or failing broker, not for the bridge.
+type flakyQueue struct {
+	*esq.Memory
+	hold      chan struct{} // while open, Publish waits on it
+	failures  atomic.Int64  // Publish fails this many more times
+	published sync.Map      // entity key JSON -> count
+	calls     atomic.Int64
+}
+
+func (q *flakyQueue) Publish(ctx context.Context, entity shared.EntityType, body []byte) error {
+	q.calls.Add(1)
+	if q.hold != nil {
+		select {
+		case <-q.hold:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	if q.failures.Add(-1) >= 0 {
+		return errors.New("broker unreachable")
+	}
+	return q.Memory.Publish(ctx, entity, body)
+}
+
+func TestNotifyAsyncPublishesQueuedKeysOnceEach(t *testing.T) {
+	q := &flakyQueue{Memory: esq.NewMemory(), hold: make(chan struct{})}
+	f := newVersions()
+	b := esbridge.New(q, f, esbridge.Options{Logger: quietLogger()})
+	if err := b.ServeEntity("items"); err != nil {
+		t.Fatal(err)
+	}
+	c := b.ClientBuilder(nil)
+	if err := c.Subscribe(k1); err != nil {
+		t.Fatal(err)
+	}
+	nextOne(t, c, k1)
+	// The broker is slow: the first publish waits, and the same key
+	// notified meanwhile is queued once.
+	for i := 0; i < 50; i++ {
+		f.bump(k1)
+		if err := b.NotifyAsync(k1); err != nil {
+			t.Fatal(err)
+		}
+	}
+	close(q.hold)
+	ctx, cancel := context.WithTimeout(context.Background(), unitWait)
+	defer cancel()
+	if err := b.FlushNotifications(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := q.calls.Load(); n > 2 {
+		t.Errorf("%d publishes for one key notified 50 times while the broker was slow, want at most 2", n)
+	}
+	for u := nextOne(t, c, k1); row(u) != ":50"; u = nextOne(t, c, k1) {
+	}
+	if err := b.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestNotifyAsyncRetriesAndReportsFailures(t *testing.T) {
+	q := &flakyQueue{Memory: esq.NewMemory()}
+	q.failures.Store(3)
+	var reported atomic.Int64
+	b := esbridge.New(q, newVersions(), esbridge.Options{Logger: quietLogger(), RetryDelay: time.Millisecond,
+		OnNotifyError: func(k shared.EntityKey, err error) {
+			if k != k1 || err == nil {
+				t.Errorf("reported %v for %s", err, k)
+			}
+			reported.Add(1)
+		}})
+	if err := b.ServeEntity("items"); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.NotifyAsync(k1); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), unitWait)
+	defer cancel()
+	if err := b.FlushNotifications(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := reported.Load(); n != 3 {
+		t.Errorf("%d failures reported, want 3", n)
+	}
+	if st := b.Stats(); st.Notifications != 1 || st.NotifyErrors != 3 || st.Pending != 0 {
+		t.Errorf("stats %+v, want 1 notification after 3 errors, none pending", st)
+	}
+	if err := b.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestNotifyAsyncBacklogIsBoundedAndCloseSaysWhatWasLost(t *testing.T) {
+	base := len(testkit.Goroutines())
+	q := &flakyQueue{Memory: esq.NewMemory(), hold: make(chan struct{})} // never released
+	b := esbridge.New(q, newVersions(), esbridge.Options{Logger: quietLogger(), MaxPendingNotifications: 3})
+	for _, id := range []string{"1", "2", "3"} {
+		if err := b.NotifyAsync(shared.EntityKey{Entity: "items", ID: id}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := b.NotifyAsync(shared.EntityKey{Entity: "items", ID: "4"}); !errors.Is(err, esbridge.ErrNotifyBacklog) {
+		t.Fatalf("fourth key: %v, want ErrNotifyBacklog", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	if err := b.Close(ctx); err == nil {
+		t.Fatal("Close said nothing of 3 notifications it could not publish")
+	}
+	if err := b.NotifyAsync(k1); !errors.Is(err, esbridge.ErrClosed) {
+		t.Errorf("NotifyAsync after Close: %v", err)
+	}
+	testkit.AwaitGoroutines(t, base, unitWait)
+}
