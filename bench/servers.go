@@ -138,7 +138,7 @@ func runServers(cfg config) int {
 			}
 		}()
 		all = append(all, running{es, srv})
-		hello.WS = append(hello.WS, "ws://"+l.Addr().String()+esweb.Path)
+		hello.WS = append(hello.WS, "ws://"+l.Addr().String()+shared.WebsocketPath)
 		hello.Ctl = append(hello.Ctl, "http://"+l.Addr().String())
 	}
 	if err := json.NewEncoder(os.Stdout).Encode(hello); err != nil {

@@ -21,7 +21,7 @@ import (
 // Config is everything Setup and New need. Only Mux is commonly set; with no
 // queue settings at all, an in-process queue serves a single server.
 type Config struct {
-	// Mux is the router the websocket endpoint is added to, at esweb.Path
+	// Mux is the router the websocket endpoint is added to, at shared.WebsocketPath
 	// (/ws/entity-sync/). Default: a new router, available as EntitySync.Mux.
 	Mux *mux.Router
 	// NSQAddr is the nsqd TCP address ("127.0.0.1:4150") to publish to and,
@@ -83,13 +83,13 @@ func New(config Config) (*EntitySync, error) {
 	}
 	bridge := esbridge.New(queue, hub, config.Bridge)
 	if config.WSPassThrough != nil {
-		config.Web.PassThrough = config.WSPassThrough
+		config.Web.PassThrough = esweb.SeedPassThrough(config.WSPassThrough)
 	}
 	if config.Web.Logger == nil {
 		config.Web.Logger = config.Logger
 	}
 	web := esweb.NewServer(bridge.ClientBuilder, config.Web)
-	config.Mux.Handle(esweb.Path, web)
+	config.Mux.Handle(shared.WebsocketPath, web)
 	return &EntitySync{Mux: config.Mux, Bridge: bridge, DatabaseHub: hub, Web: web}, nil
 }
 

@@ -54,7 +54,8 @@ type Options struct {
 	RetryDelay, MaxRetryDelay time.Duration
 	// Authorize decides whether the connection in ctx (see
 	// shared.ConnectionFrom: principal, secret, upgrade request) may
-	// subscribe to key; an error refuses the subscription, and no byte of
+	// subscribe to key; an error refuses the subscription (Subscribe
+	// returns it wrapped in shared.ErrForbidden), and no byte of
 	// the key is ever sent to that client. It runs on subscribe, for every
 	// subscription of a client that sets a new secret, and for the keys
 	// Reauthorize selects. Default: every subscription is allowed. It must
@@ -98,9 +99,6 @@ type Round struct {
 	Fetches, FetchErrors        int
 	Deliveries                  int // updates handed to clients
 }
-
-// ErrForbidden wraps an Authorize refusal.
-var ErrForbidden = errors.New("esbridge: access denied")
 
 func (o *Options) setDefaults() {
 	if o.Logger == nil {

@@ -240,7 +240,7 @@ func TestAuthorizePanicRefusesTheKeyOnly(t *testing.T) {
 	}})
 	c := b.ClientBuilder(nil)
 	err := c.Subscribe(shared.EntityKey{Entity: "items", ID: "boom"})
-	if !errors.Is(err, esbridge.ErrForbidden) {
+	if !errors.Is(err, shared.ErrForbidden) {
 		t.Fatalf("Subscribe after an Authorize panic: %v, want ErrForbidden", err)
 	}
 	if err := c.Subscribe(k1); err != nil {

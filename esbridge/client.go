@@ -254,11 +254,11 @@ func (c *Client) authorize(key shared.EntityKey) (err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			c.b.log.WithField("key", key.String()).Errorf("Authorize panicked; subscription refused: %v", r)
-			err = fmt.Errorf("%w: %s: Authorize panicked", ErrForbidden, key)
+			err = fmt.Errorf("%w: %s: Authorize panicked", shared.ErrForbidden, key)
 		}
 	}()
 	if err := c.b.opts.Authorize(c.ctx, key); err != nil {
-		return fmt.Errorf("%w: %s: %w", ErrForbidden, key, err)
+		return fmt.Errorf("%w: %s: %w", shared.ErrForbidden, key, err)
 	}
 	return nil
 }
@@ -281,7 +281,7 @@ func (c *Client) live(key shared.EntityKey) *subscription {
 // Subscribe adds key to the client's subscriptions and hands it the key's
 // current state: at once when this server already holds it (no fetch), or
 // after a fetch. Subscribing again to a held key sends its current state
-// again. A refusal by the Authorize hook is returned wrapping ErrForbidden;
+// again. A refusal by the Authorize hook is returned wrapping shared.ErrForbidden;
 // a held key that is refused is revoked.
 func (c *Client) Subscribe(key shared.EntityKey) error {
 	if err := key.Validate(); err != nil {

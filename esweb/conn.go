@@ -37,7 +37,7 @@ type conn struct {
 	ctx    context.Context // carries info, for the hooks; cancelled when the connection ends
 	cancel context.CancelFunc
 
-	envelope bool // the client negotiated Subprotocol
+	envelope bool // the client negotiated shared.Subprotocol
 
 	// order is held by the reader while it applies a request and queues
 	// its answer, and by whoever takes updates to write them, so an ack is
@@ -202,7 +202,7 @@ func (c *conn) apply(req parsedRequest, data []byte) *requestError {
 			switch {
 			case errors.Is(err, esbridge.ErrEntityNotServed):
 				return refuse(shared.CodeUnknownEntity, "entity type %q is not served here", req.key.Entity)
-			case errors.Is(err, esbridge.ErrForbidden):
+			case errors.Is(err, shared.ErrForbidden):
 				c.s.stats.forbidden.Add(1)
 				// The hook's reason stays in the server log: it may say
 				// more about the data than the client should learn.
@@ -246,12 +246,9 @@ func (c *conn) passThrough(data []byte) {
 			c.logger().Errorf("pass-through function panicked: %v", r)
 		}
 	}()
-	switch {
-	case c.s.opts.PassThroughContext != nil:
-		c.s.opts.PassThroughContext(c.ctx, data)
-	case c.s.opts.PassThrough != nil:
-		c.s.opts.PassThrough(c.client.Secret(), data)
-	default:
+	if c.s.opts.PassThrough == nil {
 		c.logger().Debug("dropping frame without action: no pass-through function configured")
+		return
 	}
+	c.s.opts.PassThrough(c.ctx, data)
 }

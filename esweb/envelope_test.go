@@ -11,7 +11,6 @@ import (
 	"github.com/gorilla/websocket"
 
 	es "github.com/entity-sync/entity-sync/entitysync"
-	"github.com/entity-sync/entity-sync/esweb"
 	"github.com/entity-sync/entity-sync/internal/testkit"
 	"github.com/entity-sync/entity-sync/shared"
 )
@@ -31,13 +30,13 @@ type envelope struct {
 
 func dialEnvelope(t *testing.T, url string) (*websocket.Conn, func() envelope) {
 	t.Helper()
-	d := websocket.Dialer{Subprotocols: []string{esweb.Subprotocol}}
-	c, resp, err := d.Dial("ws"+strings.TrimPrefix(url, "http")+esweb.Path, nil)
+	d := websocket.Dialer{Subprotocols: []string{shared.Subprotocol}}
+	c, resp, err := d.Dial("ws"+strings.TrimPrefix(url, "http")+shared.WebsocketPath, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
-	if got := resp.Header.Get("Sec-WebSocket-Protocol"); got != esweb.Subprotocol {
+	if got := resp.Header.Get("Sec-WebSocket-Protocol"); got != shared.Subprotocol {
 		t.Fatalf("server chose subprotocol %q", got)
 	}
 	next := func() envelope {
@@ -66,7 +65,7 @@ func TestEnvelopeProtocol(t *testing.T) {
 	}
 	c, next := dialEnvelope(t, srv.URL)
 
-	if w := next(); w.Type != "welcome" || w.Protocol != esweb.Subprotocol || w.Limits["maxFrameBytes"] == nil {
+	if w := next(); w.Type != "welcome" || w.Protocol != shared.Subprotocol || w.Limits["maxFrameBytes"] == nil {
 		t.Fatalf("first frame %+v, want welcome with limits", w)
 	}
 

@@ -77,7 +77,7 @@ func FuzzHandle(f *testing.F) {
 		f.Fatal(err)
 	}
 	f.Cleanup(func() { _ = bridge.Close(context.Background()) })
-	s := NewServer(bridge.ClientBuilder, Options{Logger: logger, MaxSubscriptions: 3, PassThrough: func(string, []byte) {}})
+	s := NewServer(bridge.ClientBuilder, Options{Logger: logger, MaxSubscriptions: 3, PassThrough: func(context.Context, []byte) {}})
 
 	f.Fuzz(func(t *testing.T, data []byte) {
 		// No socket: the direct writer collects what the connection writes.

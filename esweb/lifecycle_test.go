@@ -94,7 +94,7 @@ func TestHeartbeatNeverReachesAConnectionWithoutItsClient(t *testing.T) {
 
 func TestWelcomeAnnouncesHeartbeats(t *testing.T) {
 	_, srv := bridgeServer(t, esweb.Options{HeartbeatInterval: 20 * time.Millisecond}, nil)
-	d := websocket.Dialer{Subprotocols: []string{esweb.Subprotocol}}
+	d := websocket.Dialer{Subprotocols: []string{shared.Subprotocol}}
 	c, _, err := d.Dial(wsURL(srv.URL), nil)
 	if err != nil {
 		t.Fatal(err)
@@ -174,7 +174,7 @@ func TestThousandSubscribesAtOnceAllArrive(t *testing.T) {
 		t.Run(dialect, func(t *testing.T) {
 			d := websocket.Dialer{}
 			if dialect == "envelope" {
-				d.Subprotocols = []string{esweb.Subprotocol}
+				d.Subprotocols = []string{shared.Subprotocol}
 			}
 			c, _, err := d.Dial(wsURL(srv.URL), nil)
 			if err != nil {

@@ -7,11 +7,6 @@ import (
 	"github.com/entity-sync/entity-sync/shared"
 )
 
-// Subprotocol is the websocket subprotocol of the envelope protocol
-// (docs/protocol.md). A client that does not offer it speaks the seed's raw
-// protocol: one text frame per row, no acks, no errors.
-const Subprotocol = shared.Subprotocol
-
 // requestError is a refused client request: logged in raw mode, sent as an
 // error frame in envelope mode.
 type requestError struct {

@@ -21,7 +21,9 @@ import (
 	"github.com/entity-sync/entity-sync/shared"
 )
 
-func wsURL(httpURL string) string { return "ws" + strings.TrimPrefix(httpURL, "http") + esweb.Path }
+func wsURL(httpURL string) string {
+	return "ws" + strings.TrimPrefix(httpURL, "http") + shared.WebsocketPath
+}
 
 func dialStatus(t *testing.T, url string, header http.Header) int {
 	t.Helper()
@@ -44,7 +46,7 @@ func TestAuthenticateBeforeUpgrade(t *testing.T) {
 			case "Bearer good":
 				return "alice", nil
 			case "Bearer banned":
-				return nil, fmt.Errorf("user banned: %w", esweb.ErrForbidden)
+				return nil, fmt.Errorf("user banned: %w", shared.ErrForbidden)
 			}
 			return nil, errors.New("no valid token")
 		}},

@@ -30,18 +30,19 @@ import (
 	"github.com/entity-sync/entity-sync/shared"
 )
 
-// Path is where SetupMuxBridge serves the websocket endpoint.
-const Path = shared.WebsocketPath
-
 // ClientBuilder makes the bridge's view of a new connection;
 // (*esbridge.Bridge).ClientBuilder is one.
 type ClientBuilder func(ctx context.Context) *esbridge.Client
 
 // Options tunes the transport. Zero values take the documented defaults.
 type Options struct {
-	// PassThrough receives frames that carry no action. Default: such frames
-	// are logged at debug level and dropped.
-	PassThrough shared.PassThrough
+	// PassThrough receives frames that carry no action, with a context
+	// holding the connection (shared.ConnectionFrom: principal, secret,
+	// upgrade request). A panic is recovered and logged. Default: such
+	// frames are logged at debug level and dropped. (The seed's
+	// secret-taking function goes through SetupMuxBridge or
+	// entitysync.Config.WSPassThrough.)
+	PassThrough func(ctx context.Context, frame []byte)
 	// ReadLimit is the largest inbound frame in bytes; a larger one closes
 	// the connection with code 1009. Default 32 KiB.
 	ReadLimit int64
@@ -62,14 +63,10 @@ type Options struct {
 	// longer one is read in several chunks. (Frames to clients are encoded
 	// once per update and written without a per-connection buffer.)
 	ReadBufferSize int
-	// PassThroughContext, if set, receives frames that carry no action with
-	// a context holding the connection (shared.ConnectionFrom); it takes
-	// precedence over PassThrough.
-	PassThroughContext func(ctx context.Context, frame []byte)
 	// Authenticate, if set, checks the upgrade request (cookie, header,
 	// token) before the upgrade and returns the principal the hooks will see
 	// in shared.Connection. An error refuses the request with 401, or with
-	// 403 when it wraps ErrForbidden.
+	// 403 when it wraps shared.ErrForbidden.
 	Authenticate func(r *http.Request) (principal any, err error)
 	// AllowedOrigins lists the browser origins, besides the server's own,
 	// that may open a connection: exact ("https://app.example.com") or
@@ -141,10 +138,6 @@ func (o *Options) setDefaults() {
 		o.MaxIDLength = shared.MaxIDLength
 	}
 }
-
-// ErrForbidden, wrapped in an Authenticate error, makes the refusal a 403
-// instead of a 401.
-var ErrForbidden = errors.New("esweb: forbidden")
 
 // Server is an http.Handler that serves entity-sync websocket connections.
 type Server struct {
@@ -219,7 +212,7 @@ func NewServer(build ClientBuilder, opts Options) *Server {
 		WriteBufferPool: &sync.Pool{},
 		// ServeHTTP checks the origin before authenticating; see originAllowed.
 		CheckOrigin:  func(*http.Request) bool { return true },
-		Subprotocols: []string{Subprotocol},
+		Subprotocols: []string{shared.Subprotocol},
 	}
 	return s
 }
@@ -228,12 +221,21 @@ func NewServer(build ClientBuilder, opts Options) *Server {
 // did. The optional passThrough receives frames without an action.
 func SetupMuxBridge(router *mux.Router, build ClientBuilder, passThrough ...shared.PassThrough) *Server {
 	var opts Options
-	if len(passThrough) > 0 {
-		opts.PassThrough = passThrough[0]
+	if len(passThrough) > 0 && passThrough[0] != nil {
+		opts.PassThrough = SeedPassThrough(passThrough[0])
 	}
 	s := NewServer(build, opts)
-	router.Handle(Path, s)
+	router.Handle(shared.WebsocketPath, s)
 	return s
+}
+
+// SeedPassThrough adapts the seed's pass-through function, which takes the
+// connection's secret, to Options.PassThrough.
+func SeedPassThrough(f shared.PassThrough) func(context.Context, []byte) {
+	return func(ctx context.Context, frame []byte) {
+		conn, _ := shared.ConnectionFrom(ctx)
+		f(conn.Secret(), frame)
+	}
 }
 
 // ServeHTTP checks the request (server open, connection limit, origin,
@@ -273,7 +275,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		if err != nil {
 			s.stats.refusedAuth.Add(1)
 			status := http.StatusUnauthorized
-			if errors.Is(err, ErrForbidden) {
+			if errors.Is(err, shared.ErrForbidden) {
 				status = http.StatusForbidden
 			}
 			// The hook's error may describe credentials: log it, but tell
@@ -295,7 +297,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s:        s,
 		ws:       ws,
 		nc:       ws.NetConn(),
-		envelope: ws.Subprotocol() == Subprotocol,
+		envelope: ws.Subprotocol() == shared.Subprotocol,
 		readDone: make(chan struct{}),
 		tokens:   float64(s.opts.MessageBurst),
 		refilled: time.Now(),
@@ -326,7 +328,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.mu.Unlock()
 	s.stats.accepted.Add(1)
 	if c.envelope {
-		c.sendControl(welcomeFrame{Type: "welcome", Protocol: Subprotocol, Limits: s.limits(),
+		c.sendControl(welcomeFrame{Type: "welcome", Protocol: shared.Subprotocol, Limits: s.limits(),
 			HeartbeatMs: s.opts.HeartbeatInterval.Milliseconds()})
 	}
 	go c.readPump()

@@ -117,3 +117,8 @@ type SecretDBHandler func(key EntityKey, secret string, handler ByteHandler)
 // PassThrough receives every websocket frame that carries no action, with the
 // secret the connection has set (empty if none).
 type PassThrough func(secret string, b []byte)
+
+// ErrForbidden is the one "not allowed" error: wrapped by the bridge when the
+// Authorize hook refuses a key, and by an Authenticate hook to answer an
+// upgrade request with 403 instead of 401.
+var ErrForbidden = errors.New("entitysync: forbidden")

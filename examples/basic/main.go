@@ -48,7 +48,6 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/entity-sync/entity-sync/entitysync"
-	"github.com/entity-sync/entity-sync/esweb"
 	"github.com/entity-sync/entity-sync/shared"
 )
 
@@ -84,7 +83,7 @@ type config struct {
 
 func main() {
 	var cfg config
-	listen := flag.String("listen", "127.0.0.1:8080", "HTTP address to serve the websocket endpoint "+esweb.Path+" on")
+	listen := flag.String("listen", "127.0.0.1:8080", "HTTP address to serve the websocket endpoint "+shared.WebsocketPath+" on")
 	flag.Var((*addrList)(&cfg.NSQDAddrs), "nsqd", "nsqd TCP address (host:port); repeat or comma-separate for several. Default: in-process queue")
 	flag.Var((*addrList)(&cfg.LookupdAddrs), "lookupd", "nsqlookupd HTTP address (host:port); repeat or comma-separate for several. Needs -nsqd too")
 	flag.DurationVar(&cfg.Every, "every", time.Second, "how often item "+demoItemID+" changes (0 = never)")
@@ -180,7 +179,7 @@ func run(ctx context.Context, cfg config, ln net.Listener) error {
 	}
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
-	log.WithField("endpoint", "ws://"+ln.Addr().String()+esweb.Path).
+	log.WithField("endpoint", "ws://"+ln.Addr().String()+shared.WebsocketPath).
 		WithField("page", "http://"+ln.Addr().String()+"/").
 		WithField("queue", queueName(cfg)).
 		Info("serving; subscribe to items/" + demoItemID)

@@ -12,9 +12,9 @@ import (
 
 	"github.com/gorilla/websocket"
 
-	"github.com/entity-sync/entity-sync/esweb"
 	"github.com/entity-sync/entity-sync/internal/nsqtest"
 	"github.com/entity-sync/entity-sync/internal/testkit"
+	"github.com/entity-sync/entity-sync/shared"
 )
 
 // frameWait bounds every wait for a frame; the demo changes item 100 every
@@ -163,7 +163,7 @@ func subscribe(t *testing.T, addr, id string) *websocket.Conn {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), frameWait)
 	defer cancel()
-	ws, _, err := websocket.DefaultDialer.DialContext(ctx, "ws://"+addr+esweb.Path, nil)
+	ws, _, err := websocket.DefaultDialer.DialContext(ctx, "ws://"+addr+shared.WebsocketPath, nil)
 	if err != nil {
 		t.Fatalf("dial: %v", err)
 	}
