@@ -160,7 +160,7 @@ func (f *fleet) snapshot() []*wsClient {
 func (f *fleet) handleRecord(w http.ResponseWriter, _ *http.Request) {
 	for _, c := range f.snapshot() {
 		c.mu.Lock()
-		c.arrivals = c.arrivals[:0]
+		c.arrivals, c.frames = c.arrivals[:0], 0
 		c.mu.Unlock()
 	}
 	f.rec.recording.Store(true)
@@ -214,8 +214,9 @@ type resultRequest struct {
 // rowResult is /result's answer: what the clients saw of the row.
 type rowResult struct {
 	Conns      int    `json:"conns"`
-	Frames     int64  `json:"frames"`  // messages carrying one of the row's versions
-	Missing    int64  `json:"missing"` // (client, change) pairs never visible
+	Updates    int64  `json:"updates"`   // messages carrying one of the row's versions
+	WSFrames   int64  `json:"ws_frames"` // websocket frames that carried them
+	Missing    int64  `json:"missing"`   // (client, change) pairs never visible
 	P50        int64  `json:"p50_ns"`
 	P99        int64  `json:"p99_ns"`
 	Max        int64  `json:"max_ns"`
@@ -243,7 +244,8 @@ func (f *fleet) handleResult(w http.ResponseWriter, r *http.Request) {
 		var missing int
 		samples, missing = visibleLatencies(samples, c.arrivals, req.FirstV, req.NotifyNs)
 		res.Missing += int64(missing)
-		res.Frames += int64(countInRange(c.arrivals, req.FirstV, len(req.NotifyNs)))
+		res.Updates += int64(countInRange(c.arrivals, req.FirstV, len(req.NotifyNs)))
+		res.WSFrames += c.frames
 		c.mu.Unlock()
 		if c.dead.Load() {
 			res.Dead++

@@ -71,7 +71,6 @@ type result struct {
 	cpuNs   int64 // CPU of the process holding the clients' server
 	clients rowResult
 	pub     publishResult
-	settle  time.Duration // last notify -> every client converged
 }
 
 // floorResult is the floor's measurement of one row.
@@ -306,7 +305,6 @@ func (o *orchestrator) runRow(ctx context.Context, sys system, holder, publisher
 	}
 	lastV := res.pub.FirstV + int64(len(res.pub.NotifyNs)) - 1
 	waitErr := call(ctx, 62*time.Second, cl, "/wait", url.Values{"v": {fmt.Sprint(lastV)}}, nil, &wr)
-	res.settle = time.Duration(time.Now().UnixNano() - res.pub.NotifyNs[len(res.pub.NotifyNs)-1])
 	if err := call(ctx, 10*time.Second, holder.hello.Ctl, "/stats", nil, nil, &after); err != nil {
 		res.err = "stats: " + err.Error()
 		return res

@@ -46,14 +46,18 @@ func publish(ctx context.Context, cell *versionCell, notify notifyFunc, n int, r
 		}
 		if ctx.Err() != nil {
 			res.Errors++
-			res.FirstErr = fmt.Sprintf("cancelled after %d changes", k)
+			if res.FirstErr == "" {
+				res.FirstErr = fmt.Sprintf("cancelled after %d changes", k)
+			}
 			break
 		}
+		// The change's moment is taken before the change: entity-sync's
+		// fetch for an earlier notify may already read this version.
+		start := time.Now()
 		v := cell.bump()
 		if k == 0 {
 			res.FirstV = v
 		}
-		start := time.Now()
 		res.SlipMax = max(res.SlipMax, int64(start.Sub(due)))
 		err := notify(v)
 		calls = append(calls, int64(time.Since(start)))

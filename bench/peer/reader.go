@@ -32,6 +32,7 @@ type wsClient struct {
 
 	mu       sync.Mutex
 	arrivals []arrival // while the fleet records
+	frames   int64     // websocket frames that carried a version, while the fleet records
 }
 
 // recorder is what the read loops report to: whether to record, and the
@@ -72,6 +73,7 @@ func (c *wsClient) read(rec *recorder, done func()) {
 		// own frame) or several separated by newlines (Centrifuge's JSON
 		// protocol batches queued pushes into one frame); each message
 		// counts on its own, all with the frame's receive time.
+		versions := 0
 		for msg := range bytes.SplitSeq(buf, []byte{'\n'}) {
 			if len(msg) == 0 {
 				continue
@@ -86,6 +88,12 @@ func (c *wsClient) read(rec *recorder, done func()) {
 				continue
 			}
 			c.received(rec, v, now)
+			versions++
+		}
+		if versions > 0 && rec.recording.Load() {
+			c.mu.Lock()
+			c.frames++
+			c.mu.Unlock()
 		}
 	}
 }

@@ -16,18 +16,18 @@ func (o *orchestrator) print(rows []rowSpec, total time.Duration, host hostSampl
 	end := readHost()
 	var b strings.Builder
 	b.WriteString("\n### Peer phase: entity-sync vs Centrifuge v0.40.1, one key\n\n")
-	b.WriteString("| servers | clients | changes | system | frames delivered | server CPU / frame | server CPU / (change × subscriber) | visible p50 | visible p99 |\n")
-	b.WriteString("| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+	b.WriteString("| servers | clients | changes | system | updates delivered | websocket frames | server CPU / update | server CPU / (change × subscriber) | visible p50 | visible p99 |\n")
+	b.WriteString("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
 	for _, r := range o.results {
 		fmt.Fprintf(&b, "| %d | %s | %g/s × %s | %s | ", r.servers, commas(int64(r.row.clients)), r.row.rate, commas(int64(r.row.changes)), r.sys.name)
 		if r.clients.Conns == 0 { // nothing measured
-			fmt.Fprintf(&b, "ERROR: %s | | | | |\n", oneLine(r.err))
+			fmt.Fprintf(&b, "ERROR: %s | | | | | |\n", oneLine(r.err))
 			continue
 		}
 		full := int64(r.row.changes) * int64(r.row.clients)
-		fmt.Fprintf(&b, "%s (%.1f%%) | %s | %s | %s | %s |\n",
-			commas(r.clients.Frames), 100*float64(r.clients.Frames)/float64(full),
-			perUnit(r.cpuNs, r.clients.Frames), perUnit(r.cpuNs, full), ms(r.clients.P50), ms(r.clients.P99))
+		fmt.Fprintf(&b, "%s (%.1f%%) | %s | %s | %s | %s | %s |\n",
+			commas(r.clients.Updates), 100*float64(r.clients.Updates)/float64(full), commas(r.clients.WSFrames),
+			perUnit(r.cpuNs, r.clients.Updates), perUnit(r.cpuNs, full), ms(r.clients.P50), ms(r.clients.P99))
 	}
 
 	b.WriteString("\n### Floor phase: plain loopback TCP, one pre-encoded frame per connection per change\n\n")
@@ -53,7 +53,7 @@ func (o *orchestrator) print(rows []rowSpec, total time.Duration, host hostSampl
 			"(other processes' load makes every number here worse)\n",
 			host.loadavg, end.loadavg, 100*(end.busy-host.busy)/span, runtime.NumCPU())
 	}
-	b.WriteString(legend)
+	fmt.Fprintf(&b, legend, len(floorFrame()))
 	fmt.Print(b.String())
 }
 
@@ -129,23 +129,35 @@ func (o *orchestrator) printNotes(b *strings.Builder) {
 	}
 }
 
+// legend explains the tables; %d is the floor frame's size.
 const legend = `
-legend: each system's servers run in their own OS processes, the clients in another, all on 127.0.0.1;
-the clients are plain websocket connections (gorilla/websocket) with one read loop shared by both
-systems: entity-sync's raw dialect (subscribe request, then one row per text frame), Centrifuge's
-JSON protocol (connect command, server-side subscription, pushes batched up to 16 per frame by its
-defaults). Both payloads are the entity's row {"entity":"bench","id":"1","v":N}. servers 1:
-entity-sync's in-process queue vs Centrifuge's memory broker, the clients' server also publishes.
-servers 2: every client on one server, changes published through the other, via an embedded nsqd
-vs Centrifuge's Redis broker. frames delivered: messages carrying one of the row's versions
-(% of changes × clients; entity-sync's latest-wins skips intermediate states a client has not
-been sent yet, Centrifuge sends every one). server CPU: getrusage user+sys of the process holding
-the clients' server, from the first change until every client held the last one, divided by frames
-delivered, or by changes × subscribers (the work asked for). visible: per client and change, the
-receive time of the first message with a version >= the change's, minus the moment the publisher
-made the change and notified (a skipped state becomes visible with the newer one). Floor: a plain
-TCP server writes the same ~38-byte websocket frame to each connection per change from GOMAXPROCS
-goroutines; nothing else. Brokers (nsqd, Redis) are outside the measured processes.
+legend:
+- servers 1: the clients' server also makes the changes: entity-sync with its in-process queue
+  (entitysync.Config without NSQAddr), Centrifuge with its memory broker. servers 2: every client
+  on one server, the changes made on the other and carried by an nsqd embedded in the
+  orchestrator (entity-sync) or by the Redis at 127.0.0.1:6379 (Centrifuge's Redis broker). Each
+  server is an OS process of its own, the clients are one more; the brokers' CPU is in neither.
+- clients: plain gorilla/websocket connections and one read loop for both systems: entity-sync's
+  raw dialect (a subscribe request, then each row is its own text frame), Centrifuge's JSON
+  protocol without a client library (a connect command; the server subscribes the connection in
+  OnConnecting). The same payload, {"entity":"bench","id":"1","v":N}; each library's defaults.
+- changes: rate x count, one key; the 100/s row makes 500 changes (5 s), not 1,000, to keep the
+  peer phase near a minute and a half.
+- updates delivered: messages carrying one of the row's versions, as a share of changes x
+  clients. entity-sync's latest-wins replaces an update a client has not been sent yet with the
+  newer one; Centrifuge sends every one, batching up to 16 queued messages into one websocket
+  frame (the websocket frames column).
+- server CPU: getrusage(RUSAGE_SELF) user+sys of the process holding the clients' server, from
+  just before the first change until every client holds the last one; per update delivered, and
+  per change x subscriber (the work asked for: the same for both systems).
+- visible p50/p99: over every (client, change), the receive time of the client's first message
+  with a version >= the change's, minus the moment the change was made and notified (a skipped
+  state becomes visible with the newer one); wall clock (UnixNano) of this one machine.
+- floor: a plain TCP server with as many connections writes the same pre-encoded %d-byte
+  websocket frame (an entity-sync update's size) to each, per change, from GOMAXPROCS
+  goroutines: little more than the write system calls.
+- target: shared/DESIGN.md asks entity-sync for the lower visible p99 and at most 2/3 of
+  Centrifuge's server CPU per (change x subscriber).
 `
 
 // hostSample is what the machine as a whole was doing.
