@@ -46,7 +46,7 @@ func (o *orchestrator) print(rows []rowSpec, total time.Duration, host hostSampl
 	o.printNotes(&b)
 
 	fmt.Fprintf(&b, "\ncommand: `%s`; %s %s/%s, GOMAXPROCS=%d, NumCPU=%d; total %.0f s\n",
-		strings.Join(append([]string{"go run ."}, os.Args[1:]...), " "), runtime.Version(), runtime.GOOS, runtime.GOARCH,
+		strings.Join(append([]string{"cd bench/peer && go run ."}, os.Args[1:]...), " "), runtime.Version(), runtime.GOOS, runtime.GOARCH,
 		runtime.GOMAXPROCS(0), runtime.NumCPU(), total.Seconds())
 	if span := end.total - host.total; span > 0 {
 		fmt.Fprintf(&b, "host during the run: load average %s at start, %s at end; CPU busy %.0f%% of the %d cores' capacity "+

@@ -107,10 +107,13 @@ func (s *floorServer) handleRun(w http.ResponseWriter, r *http.Request) {
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), timeoutParam(r, time.Minute))
 	defer cancel()
+	// Exactly want: a connection of the previous row whose close has not
+	// been seen yet must not take a new one's place.
 	var conns []net.Conn
 	for {
 		s.mu.Lock()
-		if len(s.conns) >= want {
+		have := len(s.conns)
+		if have == want {
 			for c := range s.conns {
 				conns = append(conns, c)
 			}
@@ -120,7 +123,7 @@ func (s *floorServer) handleRun(w http.ResponseWriter, r *http.Request) {
 			break
 		}
 		if ctx.Err() != nil {
-			writeJSON(w, nil, fmt.Errorf("fewer than %d connections", want))
+			writeJSON(w, nil, fmt.Errorf("have %d connections, want %d", have, want))
 			return
 		}
 		time.Sleep(5 * time.Millisecond)
