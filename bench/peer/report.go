@@ -124,7 +124,7 @@ func (o *orchestrator) printNotes(b *strings.Builder) {
 	if len(lines) > 0 {
 		b.WriteString("\n")
 		for _, l := range lines {
-			fmt.Fprintf(b, "note: %s\n", l)
+			fmt.Fprintf(b, "- note: %s\n", l)
 		}
 	}
 }
