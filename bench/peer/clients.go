@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"sync"
 	"sync/atomic"
@@ -75,6 +76,9 @@ type openResult struct {
 // dialers is how many connections are opened at once.
 const dialers = 32
 
+// maxClients bounds one row's connections (parseRows enforces it too).
+const maxClients = 20000
+
 // /open?proto=es|cf&url=ws://...&n=1000 dials n connections to url and
 // does each one's handshake; each then runs the shared read loop.
 func (f *fleet) handleOpen(w http.ResponseWriter, r *http.Request) {
@@ -84,15 +88,19 @@ func (f *fleet) handleOpen(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	target, n := r.URL.Query().Get("url"), intParam(r, "n", 0)
+	if n <= 0 || n > maxClients {
+		writeJSON(w, nil, fmt.Errorf("n must be in 1..%d", maxClients))
+		return
+	}
 	ctx, cancel := context.WithTimeout(r.Context(), timeoutParam(r, time.Minute))
 	defer cancel()
 	start := time.Now()
 	f.rec.closing.Store(false)
 	var (
-		next, errs atomic.Int64
-		firstErr   atomic.Value
-		wg         sync.WaitGroup
-		opened     = make([]*wsClient, n)
+		next     atomic.Int64
+		firstErr atomic.Value
+		wg       sync.WaitGroup
+		opened   = make([]*wsClient, n)
 	)
 	for range dialers {
 		wg.Go(func() {
@@ -103,7 +111,6 @@ func (f *fleet) handleOpen(w http.ResponseWriter, r *http.Request) {
 				}
 				c, err := f.dial(ctx, target, proto)
 				if err != nil {
-					errs.Add(1)
 					firstErr.CompareAndSwap(nil, err.Error())
 					continue
 				}

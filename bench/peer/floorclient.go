@@ -4,6 +4,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"net/http"
 	"sync"
@@ -29,6 +30,10 @@ type floorConn struct {
 // server.
 func (f *floorFleet) handleOpen(w http.ResponseWriter, r *http.Request) {
 	addr, n := r.URL.Query().Get("addr"), intParam(r, "n", 0)
+	if n <= 0 || n > maxClients {
+		writeJSON(w, nil, fmt.Errorf("n must be in 1..%d", maxClients))
+		return
+	}
 	ctx, cancel := context.WithTimeout(r.Context(), timeoutParam(r, time.Minute))
 	defer cancel()
 	start := time.Now()

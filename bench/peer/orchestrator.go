@@ -45,7 +45,7 @@ func parseRows(s string) ([]rowSpec, error) {
 		c, err1 := strconv.Atoi(p[0])
 		r, err2 := strconv.ParseFloat(p[1], 64)
 		n, err3 := strconv.Atoi(p[2])
-		if err := errors.Join(err1, err2, err3); err != nil || c <= 0 || c > 20000 || r <= 0 || r > 10000 || n <= 0 || n > 100000 {
+		if err := errors.Join(err1, err2, err3); err != nil || c <= 0 || c > maxClients || r <= 0 || r > 10000 || n <= 0 || n > 100000 {
 			return nil, fmt.Errorf("row %q: want 0 < clients <= 20000, 0 < rate <= 10000, 0 < changes <= 100000", f)
 		}
 		rows = append(rows, rowSpec{c, r, n})
@@ -133,7 +133,12 @@ func runOrchestrator(cfg config) int {
 	}
 	defer o.clients.stop()
 
-	redisErr := pingRedis(cfg.redis)
+	// Traffic stays on this machine: a Redis elsewhere is refused, as
+	// if none answered.
+	redisErr := loopbackOnly(cfg.redis)
+	if redisErr == nil {
+		redisErr = pingRedis(cfg.redis)
+	}
 	for servers := 1; servers <= 2; servers++ {
 		if servers == 2 && cfg.skipTwo {
 			o.note("two-server half skipped (-one-server-only)")
@@ -167,6 +172,18 @@ func (o *orchestrator) note(format string, args ...any) {
 	s := fmt.Sprintf(format, args...)
 	progress("%s", s)
 	o.notes = append(o.notes, s)
+}
+
+// loopbackOnly refuses an address that is not a loopback IP.
+func loopbackOnly(addr string) error {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return err
+	}
+	if ip := net.ParseIP(host); ip == nil || !ip.IsLoopback() {
+		return fmt.Errorf("%s is not a loopback IP address; the benchmark talks to this machine only", host)
+	}
+	return nil
 }
 
 // pingRedis checks that a Redis server answers PING at addr.
