@@ -103,12 +103,29 @@ clean:
 # End-to-end benchmark: embedded nsqd, two servers in one process, websocket
 # clients in another, all on 127.0.0.1; prints one markdown table (about a
 # minute). Flags via BENCH_ARGS, e.g. make bench BENCH_ARGS='-profile /tmp/prof'
-# (go run ./bench -h lists them). The in-process Go benchmarks are separate:
+# (go run ./bench -h lists them). Then the peer and floor phases
+# (bench-peer), about two more minutes. Both run even if the first fails;
+# the target fails if either did. The in-process Go benchmarks are separate:
 # go test -run xxx -bench . ./esbridge/
 BENCH_ARGS ?=
 .PHONY: bench
 bench:
-	$(GO) run ./bench $(BENCH_ARGS)
+	@status=0; \
+	$(GO) run ./bench $(BENCH_ARGS) || status=$$?; \
+	$(MAKE) --no-print-directory bench-peer || status=$$?; \
+	exit $$status
+
+# The peer phase alone: entity-sync vs Centrifuge v0.40.1 (one server, then
+# two through nsqd / Redis at 127.0.0.1:6379) and the plain-TCP floor, with
+# the same websocket clients; prints markdown tables (about two minutes).
+# It is its own Go module (bench/peer), so Centrifuge never enters the
+# library's go.mod. Flags via BENCH_PEER_ARGS, e.g.
+# make bench-peer BENCH_PEER_ARGS='-rows 100:200:1000 -one-server-only'
+# (cd bench/peer && go run . -h lists them).
+BENCH_PEER_ARGS ?=
+.PHONY: bench-peer
+bench-peer:
+	cd bench/peer && $(GO) run . $(BENCH_PEER_ARGS)
 
 # The JavaScript client's tests: node tests against a scripted server and
 # against real Go servers (clients/js/testserver), and a browser test in
