@@ -12,7 +12,7 @@ import (
 )
 
 // print writes the tables and their legend to stdout.
-func (o *orchestrator) print(rows []rowSpec, total time.Duration, host hostSample) {
+func (o *orchestrator) print(total time.Duration, host hostSample) {
 	end := readHost()
 	var b strings.Builder
 	b.WriteString("\n### Peer phase: entity-sync vs Centrifuge v0.40.1, one key\n\n")

@@ -22,9 +22,29 @@ import (
 // from the transport package, to depend on nothing but package entitysync).
 const esPath = "/ws/entity-sync/"
 
-// runES runs one entity-sync server with the library's defaults: the
-// in-process queue, or the nsqd given by -nsqd. Its fetch function reads
-// the version from the shared cell and returns the entity's one row.
+// newES builds an entity-sync server with the library's defaults: the
+// in-process queue, or the nsqd at nsqd. Its fetch function reads the
+// version from the shared cell and returns the entity's one row; notify
+// calls NotifyAllOfChange for the entity (the version travels through the
+// cell, not the notification, as with a real database).
+func newES(nsqd string, cell *versionCell, log logrus.FieldLogger) (*entitysync.EntitySync, notifyFunc, error) {
+	es, err := entitysync.New(entitysync.Config{NSQAddr: nsqd, Logger: log})
+	if err != nil {
+		return nil, nil, err
+	}
+	fetch := func(_ context.Context, _ shared.EntityKey) ([][]byte, error) {
+		return [][]byte{appendPayload(make([]byte, 0, 48), cell.load())}, nil
+	}
+	if err := es.Register(entityType, fetch); err != nil {
+		_ = es.Close(context.Background())
+		return nil, nil, err
+	}
+	key := shared.EntityKey{Entity: entityType, ID: entityID}
+	return es, func(int64) error { return es.NotifyAllOfChange(key) }, nil
+}
+
+// runES runs one entity-sync server (newES) on its own listener, with the
+// control endpoints on another, until the orchestrator lets go.
 func runES(cfg config) int {
 	log := logrus.New()
 	log.SetOutput(os.Stderr)
@@ -41,20 +61,10 @@ func runES(cfg config) int {
 		return fail(err)
 	}
 	defer cell.close()
-
-	es, err := entitysync.New(entitysync.Config{NSQAddr: cfg.nsqd, Logger: log})
+	es, notify, err := newES(cfg.nsqd, cell, log)
 	if err != nil {
 		return fail(err)
 	}
-	fetch := func(_ context.Context, _ shared.EntityKey) ([][]byte, error) {
-		return [][]byte{appendPayload(make([]byte, 0, 48), cell.load())}, nil
-	}
-	if err := es.Register(entityType, fetch); err != nil {
-		return fail(err)
-	}
-	key := shared.EntityKey{Entity: entityType, ID: entityID}
-	notify := func(int64) error { return es.NotifyAllOfChange(key) }
-
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		return fail(err)
