@@ -140,22 +140,46 @@ func (b *Bridge) round(ks *keyState) {
 	// this key go on meanwhile. Each client keeps the last Seq it got per
 	// key, so a member that already has this state (or a newer one, from a
 	// later subscribe) is skipped.
+	fanStart := time.Now()
 	for _, p := range pubs {
 		r.Deliveries += b.fanOut(p)
 	}
+	fanOut := time.Since(fanStart)
 	if b.opts.OnRound != nil {
 		r.Delivered = time.Now()
 		b.opts.OnRound(r)
 	}
 
 	ks.mu.Lock()
-	ks.running = false
 	if failed {
 		b.scheduleRetry(ks)
 	} else {
 		ks.retry = 0
 	}
-	b.request(ks, false) // another round if notified meanwhile or a group joined
+	if ks.dirty && fanOut >= minPacedFanOut {
+		// Notified during a long fan-out: the key stays busy for as long
+		// again before its next round, so one key's fan-outs take at most
+		// half of a worker's time. When changes come faster than that, a
+		// round covers several of them (latest-wins, as for a slow client)
+		// instead of spending the machine on states about to be replaced.
+		ks.mu.Unlock()
+		time.AfterFunc(fanOut, func() { b.endRound(ks) })
+		return
+	}
+	ks.mu.Unlock()
+	b.endRound(ks)
+}
+
+// minPacedFanOut is the shortest fan-out after which a key's next round
+// waits (see round): below it, changes are never coalesced for time.
+const minPacedFanOut = 500 * time.Microsecond
+
+// endRound releases the key after a round, starting the next one if it was
+// notified meanwhile or a group joined.
+func (b *Bridge) endRound(ks *keyState) {
+	ks.mu.Lock()
+	ks.running = false
+	b.request(ks, false)
 	empty := ks.nsubs == 0
 	ks.mu.Unlock()
 	if empty {
