@@ -45,6 +45,7 @@ func runClients(cfg config) int {
 	mux.HandleFunc("/record", f.handleRecord)
 	mux.HandleFunc("/wait", f.handleWait)
 	mux.HandleFunc("/result", f.handleResult)
+	mux.HandleFunc("/arrivals", f.handleArrivals)
 	mux.HandleFunc("/close", f.handleClose)
 	mux.HandleFunc("/stats", func(w http.ResponseWriter, _ *http.Request) {
 		writeJSON(w, serverStats{CPUNanos: cpuNanos()}, nil)
@@ -264,6 +265,24 @@ func (f *fleet) handleResult(w http.ResponseWriter, r *http.Request) {
 	res.Others = f.rec.others.Load()
 	if s := f.rec.firstErr.Load(); s != nil {
 		res.FirstErr = *s
+	}
+	writeJSON(w, res, nil)
+}
+
+// /arrivals returns every connection's recorded arrivals, as (version,
+// UnixNano) pairs, by the connection's local address (the server's view of
+// the client's address): the breakdown phase matches them with the
+// server's socket writes.
+func (f *fleet) handleArrivals(w http.ResponseWriter, _ *http.Request) {
+	res := make(map[string][][2]int64)
+	for _, c := range f.snapshot() {
+		c.mu.Lock()
+		as := make([][2]int64, len(c.arrivals))
+		for i, a := range c.arrivals {
+			as[i] = [2]int64{a.v, a.at}
+		}
+		c.mu.Unlock()
+		res[c.ws.LocalAddr().String()] = as
 	}
 	writeJSON(w, res, nil)
 }

@@ -6,18 +6,24 @@
 // after the main benchmark; `make bench-peer` runs it alone. It prints
 // markdown tables and exits by itself.
 //
+// A third phase, the breakdown, splits entity-sync's latency at a low rate
+// into its stages (notify, queue, fetch, fan-out, socket, client), with one
+// server and with two through nsqd.
+//
 // It lives in its own Go module so that Centrifuge and its dependencies
 // (Redis client, Prometheus, protobuf) never reach the library's go.mod. It
 // uses only entity-sync's public API (entitysync.New, Register,
-// NotifyAllOfChange, Mux, Close), so it keeps working when the library's
-// core changes underneath.
+// NotifyAllOfChange, Mux, Close, and esbridge.Options.OnRound through
+// entitysync.Config.Bridge), so it keeps working when the library's core
+// changes underneath.
 //
 // Every server under test runs in its own OS process, so its CPU time
 // (getrusage RUSAGE_SELF) is its own; the websocket clients run in one more
 // process; the orchestrator (this process when run without -role) embeds
 // the nsqd, starts the others, drives the rows and prints the tables. Roles:
 //
-//   - es: one entity-sync server (in-process queue, or -nsqd);
+//   - es: one entity-sync server (in-process queue, or -nsqd; -stamp adds
+//     the breakdown's instruments);
 //   - cf: one Centrifuge node (memory broker, or -redis);
 //   - floor: a plain TCP server writing one pre-encoded frame per change to
 //     every connection;
@@ -47,6 +53,10 @@ type config struct {
 	redisAddr string // cf: use the Redis broker at this address
 	prefix    string // cf: Redis key prefix, unique per run
 	cell      string // es, cf: path of the shared version cell
+	stamp     bool   // es: record rounds and socket writes (the breakdown phase)
+
+	// orchestrator: the breakdown phase's row ("" skips it)
+	breakdown string
 }
 
 func main() {
@@ -61,6 +71,8 @@ func main() {
 	flag.StringVar(&cfg.redisAddr, "redis-addr", "", "cf role: Redis address (none: memory broker)")
 	flag.StringVar(&cfg.prefix, "prefix", "", "cf role: Redis key prefix")
 	flag.StringVar(&cfg.cell, "cell", "", "es, cf roles: shared version cell file")
+	flag.BoolVar(&cfg.stamp, "stamp", false, "es role: record fetch rounds (OnRound) and socket write times for the breakdown phase")
+	flag.StringVar(&cfg.breakdown, "breakdown", defaultBreakdown, "the latency breakdown's row, clients:changes/s:changes, for entity-sync with one server and with two through nsqd (\"\": skip)")
 	flag.Parse()
 
 	if err := raiseNOFILE(); err != nil {

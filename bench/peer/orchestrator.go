@@ -71,6 +71,9 @@ type orchestrator struct {
 	results []result
 	floor   []floorResult
 	notes   []string
+
+	breakdown       []breakdownResult
+	breakdownFailed bool // -breakdown could not be read
 }
 
 // progress logs to stderr, so stdout holds only the report.
@@ -138,8 +141,19 @@ func runOrchestrator(cfg config) int {
 		}
 	}
 	o.runFloor(ctx, rows)
+	if cfg.breakdown != "" {
+		o.runBreakdown(ctx, cfg.breakdown)
+	}
 
 	code := 0
+	if o.breakdownFailed {
+		code = 1
+	}
+	for _, b := range o.breakdown {
+		if b.err != "" {
+			code = 1
+		}
+	}
 	for _, r := range o.results {
 		if r.err != "" {
 			code = 1

@@ -64,7 +64,7 @@ func (o *orchestrator) runSystem(ctx context.Context, sys system, servers int, r
 	}
 	for _, row := range rows {
 		progress("%s, %d server(s), %s", sys.name, servers, row)
-		r := o.runRow(ctx, sys, holder, publisher, row)
+		r := o.runRow(ctx, sys, holder, publisher, row, nil)
 		r.servers = servers
 		if r.err != "" {
 			progress("  %s", r.err)
@@ -77,8 +77,11 @@ func (o *orchestrator) runSystem(ctx context.Context, sys system, servers int, r
 // is subscribed; one warm-up change through the whole path (not measured);
 // then record, make the row's changes through publisher at its rate, wait
 // until every client holds the last one, and collect the clients' frames
-// and visible latencies and holder's CPU time over that window.
-func (o *orchestrator) runRow(ctx context.Context, sys system, holder, publisher *child, row rowSpec) result {
+// and visible latencies and holder's CPU time over that window. With raw
+// (the breakdown phase; holder runs with -stamp), it also records holder's
+// rounds and socket writes over the window and collects them with every
+// client's arrivals into raw.
+func (o *orchestrator) runRow(ctx context.Context, sys system, holder, publisher *child, row rowSpec, raw *breakdownRaw) result {
 	res := result{sys: sys, row: row}
 	cl := o.clients.hello.Ctl
 	var open openResult
@@ -127,6 +130,12 @@ func (o *orchestrator) runRow(ctx context.Context, sys system, holder, publisher
 		res.err = "stats: " + err.Error()
 		return res
 	}
+	if raw != nil {
+		if err := call(ctx, 10*time.Second, holder.hello.Ctl, "/stamps/record", nil, nil, nil); err != nil {
+			res.err = "stamps: " + err.Error()
+			return res
+		}
+	}
 	span := time.Duration(float64(row.changes) / row.rate * float64(time.Second))
 	err = call(ctx, span+60*time.Second, publisher.hello.Ctl, "/publish",
 		url.Values{"n": {fmt.Sprint(row.changes)}, "rate": {fmt.Sprint(row.rate)}}, nil, &res.pub)
@@ -148,6 +157,16 @@ func (o *orchestrator) runRow(ctx context.Context, sys system, holder, publisher
 	if err := call(ctx, 60*time.Second, cl, "/result", nil, req, &res.clients); err != nil {
 		res.err = "result: " + err.Error()
 		return res
+	}
+	if raw != nil {
+		if err := call(ctx, 30*time.Second, holder.hello.Ctl, "/stamps/result", nil, nil, &raw.stamps); err != nil {
+			res.err = "stamps: " + err.Error()
+			return res
+		}
+		if err := call(ctx, 30*time.Second, cl, "/arrivals", nil, nil, &raw.arrivals); err != nil {
+			res.err = "arrivals: " + err.Error()
+			return res
+		}
 	}
 	switch {
 	case waitErr != nil:

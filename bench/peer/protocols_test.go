@@ -32,7 +32,7 @@ func TestProtocols(t *testing.T) {
 
 	log := logrus.New()
 	log.SetOutput(io.Discard)
-	es, esNotify, err := newES("", cell, log)
+	es, esNotify, err := newES("", cell, log, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -20,6 +20,7 @@ type notifyFunc func(v int64) error
 type publishResult struct {
 	FirstV   int64   `json:"first_v"`
 	NotifyNs []int64 `json:"notify_ns"` // UnixNano of change FirstV+i's notify
+	CallNs   []int64 `json:"call_ns"`   // how long change FirstV+i's notify call took
 	Errors   int     `json:"errors"`
 	FirstErr string  `json:"first_error,omitempty"`
 	// How long the notify calls took, and how far the schedule slipped
@@ -35,7 +36,7 @@ type publishResult struct {
 // change (the slip is reported); the notify time recorded is always the
 // real one, so a late change is not counted as latency.
 func publish(ctx context.Context, cell *versionCell, notify notifyFunc, n int, rate float64) publishResult {
-	res := publishResult{NotifyNs: make([]int64, 0, n)}
+	res := publishResult{NotifyNs: make([]int64, 0, n), CallNs: make([]int64, 0, n)}
 	calls := make([]int64, 0, n)
 	interval := time.Duration(float64(time.Second) / rate)
 	begin := time.Now()
@@ -60,7 +61,9 @@ func publish(ctx context.Context, cell *versionCell, notify notifyFunc, n int, r
 		}
 		res.SlipMax = max(res.SlipMax, int64(start.Sub(due)))
 		err := notify(v)
-		calls = append(calls, int64(time.Since(start)))
+		call := int64(time.Since(start))
+		calls = append(calls, call)
+		res.CallNs = append(res.CallNs, call)
 		res.NotifyNs = append(res.NotifyNs, start.UnixNano())
 		if err != nil {
 			res.Errors++

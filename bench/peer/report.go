@@ -44,6 +44,7 @@ func (o *orchestrator) print(total time.Duration, host hostSample) {
 
 	o.printTarget(&b)
 	o.printNotes(&b)
+	o.printBreakdown(&b)
 
 	fmt.Fprintf(&b, "\ncommand: `%s`; %s %s/%s, GOMAXPROCS=%d, NumCPU=%d; total %.0f s\n",
 		strings.Join(append([]string{"cd bench/peer && go run ."}, os.Args[1:]...), " "), runtime.Version(), runtime.GOOS, runtime.GOARCH,
@@ -54,6 +55,9 @@ func (o *orchestrator) print(total time.Duration, host hostSample) {
 			host.loadavg, end.loadavg, 100*(end.busy-host.busy)/span, runtime.NumCPU())
 	}
 	fmt.Fprintf(&b, legend, len(floorFrame()))
+	if len(o.breakdown) > 0 {
+		b.WriteString(breakdownLegend)
+	}
 	fmt.Print(b.String())
 }
 

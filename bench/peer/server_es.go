@@ -26,14 +26,24 @@ const esPath = "/ws/entity-sync/"
 // in-process queue, or the nsqd at nsqd. Its fetch function reads the
 // version from the shared cell and returns the entity's one row; notify
 // calls NotifyAllOfChange for the entity (the version travels through the
-// cell, not the notification, as with a real database).
-func newES(nsqd string, cell *versionCell, log logrus.FieldLogger) (*entitysync.EntitySync, notifyFunc, error) {
-	es, err := entitysync.New(entitysync.Config{NSQAddr: nsqd, Logger: log})
+// cell, not the notification, as with a real database). With st (the
+// breakdown phase only), the bridge reports its rounds to st
+// (esbridge.Options.OnRound) and the fetch notes the version it read.
+func newES(nsqd string, cell *versionCell, log logrus.FieldLogger, st *stamps) (*entitysync.EntitySync, notifyFunc, error) {
+	cfg := entitysync.Config{NSQAddr: nsqd, Logger: log}
+	if st != nil {
+		cfg.Bridge.OnRound = st.onRound
+	}
+	es, err := entitysync.New(cfg)
 	if err != nil {
 		return nil, nil, err
 	}
 	fetch := func(_ context.Context, _ shared.EntityKey) ([][]byte, error) {
-		return [][]byte{appendPayload(make([]byte, 0, 48), cell.load())}, nil
+		v := cell.load()
+		if st != nil {
+			st.fetched(v)
+		}
+		return [][]byte{appendPayload(make([]byte, 0, 48), v)}, nil
 	}
 	if err := es.Register(entityType, fetch); err != nil {
 		_ = es.Close(context.Background())
@@ -61,7 +71,11 @@ func runES(cfg config) int {
 		return fail(err)
 	}
 	defer cell.close()
-	es, notify, err := newES(cfg.nsqd, cell, log)
+	var st *stamps
+	if cfg.stamp {
+		st = newStamps()
+	}
+	es, notify, err := newES(cfg.nsqd, cell, log, st)
 	if err != nil {
 		return fail(err)
 	}
@@ -69,13 +83,20 @@ func runES(cfg config) int {
 	if err != nil {
 		return fail(err)
 	}
+	if st != nil {
+		l = st.listener(l)
+	}
 	srv := &http.Server{Handler: es.Mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			log.WithError(err).Error("serve")
 		}
 	}()
-	ctl, stopCtl, err := serveControl(serverControl(cell, notify))
+	mux := serverControl(cell, notify)
+	if st != nil {
+		st.control(mux)
+	}
+	ctl, stopCtl, err := serveControl(mux)
 	if err != nil {
 		return fail(err)
 	}
