@@ -45,11 +45,12 @@ func main() {
 	flag.IntVar(&cfg.fanout, "fanout", 1000, "clients on the hot key (deliveries, latency, burst phases)")
 	flag.IntVar(&cfg.rate, "rate", 200, "changes per second in the rate phase")
 	flag.DurationVar(&cfg.rateFor, "rate-for", 5*time.Second, "duration of the rate phase")
+	flag.BoolVar(&cfg.rateAsync, "rate-async", true, "run the rate phase a second time with NotifyAsync instead of NotifyAllOfChange")
 	flag.IntVar(&cfg.lowRate, "low-rate", 20, "changes per second of a second latency measurement at a sustainable load (0: skip)")
 	flag.IntVar(&cfg.burst, "burst", 10000, "changes in the burst phase")
 	flag.IntVar(&cfg.idle, "idle", 10000, "idle connections in the memory phase")
 	flag.IntVar(&cfg.changes, "changes", 20, "spaced changes per size in the fetches-per-change phase")
-	flag.DurationVar(&cfg.budget, "budget", 170*time.Second, "time budget for all phases: a phase still running when it ends fails, and its row says so")
+	flag.DurationVar(&cfg.budget, "budget", 200*time.Second, "time budget for all phases: a phase still running when it ends fails, and its row says so")
 	flag.BoolVar(&cfg.verbose, "v", false, "let the children log at info level")
 	flag.StringVar(&cfg.profile, "profile", "", "directory for pprof profiles: CPU of servers and clients during the rate phase, servers heap with the idle connections")
 	flag.Parse()
@@ -75,7 +76,7 @@ type config struct {
 	fanout, rate, burst, idle, changes int
 	lowRate                            int
 	rateFor, budget                    time.Duration
-	verbose                            bool
+	verbose, rateAsync                 bool
 }
 
 // raiseNOFILE lifts the open-file soft limit to the hard limit: the memory

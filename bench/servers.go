@@ -86,10 +86,19 @@ type bumpResult struct {
 	Done        int64  `json:"done_ns"`         // UnixNano when every notify call had returned
 	Errors      int    `json:"errors"`
 	FirstError  string `json:"first_error,omitempty"`
-	// How long NotifyAllOfChange calls took (publish to nsqd and its ack).
+	// How long the notify calls took: NotifyAllOfChange (publish to nsqd
+	// and its ack), or with Async, NotifyAsync (queue the key).
 	NotifyP50 int64 `json:"notify_p50_ns"`
 	NotifyP99 int64 `json:"notify_p99_ns"`
 	NotifyMax int64 `json:"notify_max_ns"`
+	// With Async: what the bridge's background publisher did, from the
+	// bridge's Stats before the first call and after FlushNotifications.
+	Async        bool   `json:"async,omitempty"`
+	Published    uint64 `json:"published"`     // Stats().Notifications delta
+	NotifyErrors uint64 `json:"notify_errors"` // Stats().NotifyErrors delta
+	Pending      int    `json:"pending"`       // Stats().Pending after the flush
+	Flushed      int64  `json:"flushed_ns"`    // UnixNano when FlushNotifications returned
+	FlushErr     string `json:"flush_error,omitempty"`
 }
 
 func runServers(cfg config) int {
@@ -192,7 +201,8 @@ func addControl(i int, es *entitysync.EntitySync, db *store) {
 	// second) and each notify runs in its own goroutine, so a slow notify
 	// does not hold the next change back (an open-loop load, as independent
 	// writers make). Without one, conc writers change and notify as fast as
-	// they can.
+	// they can. With async=1 the notify is NotifyAsync, and the answer waits
+	// for FlushNotifications.
 	es.Mux.HandleFunc("/ctl/bump", func(w http.ResponseWriter, r *http.Request) {
 		qv := r.URL.Query()
 		id := qv.Get("id")
@@ -203,21 +213,29 @@ func addControl(i int, es *entitysync.EntitySync, db *store) {
 			http.Error(w, "need id and n > 0", http.StatusBadRequest)
 			return
 		}
-		writeJSON(w, bump(r.Context(), es, db, shared.EntityKey{Entity: entity, ID: id}, n, rate, max(conc, 1)))
+		async := qv.Get("async") == "1"
+		writeJSON(w, bump(r.Context(), es, db, shared.EntityKey{Entity: entity, ID: id}, n, rate, max(conc, 1), async))
 	})
 }
 
-func bump(ctx context.Context, es *entitysync.EntitySync, db *store, key shared.EntityKey, n int, rate float64, conc int) bumpResult {
+func bump(ctx context.Context, es *entitysync.EntitySync, db *store, key shared.EntityKey, n int, rate float64, conc int, async bool) bumpResult {
 	var (
 		mu   sync.Mutex
 		res  bumpResult
 		durs = make([]int64, 0, n)
 		wg   sync.WaitGroup
 	)
+	res.Async = async
+	stBefore := es.Bridge.Stats()
 	// notify is called right after the change ver was made.
 	notify := func(ver version) {
 		start := time.Now()
-		err := es.NotifyAllOfChange(key)
+		var err error
+		if async {
+			err = es.NotifyAsync(key)
+		} else {
+			err = es.NotifyAllOfChange(key)
+		}
 		d := time.Since(start)
 		mu.Lock()
 		defer mu.Unlock()
@@ -266,6 +284,16 @@ func bump(ctx context.Context, es *entitysync.EntitySync, db *store, key shared.
 	}
 	wg.Wait()
 	res.Done = time.Now().UnixNano()
+	if async {
+		if err := es.Bridge.FlushNotifications(ctx); err != nil {
+			res.FlushErr = err.Error()
+		}
+		res.Flushed = time.Now().UnixNano()
+		st := es.Bridge.Stats()
+		res.Published = st.Notifications - stBefore.Notifications
+		res.NotifyErrors = st.NotifyErrors - stBefore.NotifyErrors
+		res.Pending = st.Pending
+	}
 	if res.N < n {
 		res.Errors += n - res.N
 		if res.FirstError == "" {
