@@ -43,6 +43,7 @@ func (o *orchestrator) print(total time.Duration, host hostSample) {
 	}
 
 	o.printTarget(&b)
+	o.printIssue14(&b)
 	o.printNotes(&b)
 	o.printBreakdown(&b)
 
@@ -162,6 +163,10 @@ legend:
   goroutines: little more than the write system calls.
 - target: shared/DESIGN.md asks entity-sync for the lower visible p99 and at most 2/3 of
   Centrifuge's server CPU per (change x subscriber).
+- issue 14: per entity-sync row, its visible p99 against Centrifuge's in the same row; its server
+  CPU per update delivered divided by the floor's server CPU per frame for the same clients and
+  changes; at 1,000 clients its CPU per (change x subscriber) divided by Centrifuge's; at 20 and
+  200 clients the share of (change x client) states delivered.
 `
 
 // hostSample is what the machine as a whole was doing.
