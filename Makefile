@@ -101,10 +101,10 @@ clean:
 	rm -rf $(BIN)
 
 # End-to-end benchmark: embedded nsqd, two servers in one process, websocket
-# clients in another, all on 127.0.0.1; prints one markdown table (about a
-# minute). Flags via BENCH_ARGS, e.g. make bench BENCH_ARGS='-profile /tmp/prof'
-# (go run ./bench -h lists them). Then the peer and floor phases
-# (bench-peer), about 80 s more. Both run even if the first fails;
+# clients in another, all on 127.0.0.1; prints one markdown table (about
+# 20 s with the build). Flags via BENCH_ARGS, e.g. make bench BENCH_ARGS='-profile /tmp/prof'
+# (go run ./bench -h lists them). Then the peer, floor and latency breakdown
+# phases (bench-peer), about 90 s more. Both run even if the first fails;
 # the target fails if either did. The in-process Go benchmarks are separate:
 # go test -run xxx -bench . ./esbridge/
 BENCH_ARGS ?=
@@ -117,7 +117,8 @@ bench:
 
 # The peer phase alone: entity-sync vs Centrifuge v0.40.1 (one server, then
 # two through nsqd / Redis at 127.0.0.1:6379) and the plain-TCP floor, with
-# the same websocket clients; prints markdown tables (about 80 s).
+# the same websocket clients, then entity-sync's latency breakdown at a low
+# rate (OnRound); prints markdown tables (about 90 s).
 # It is its own Go module (bench/peer), so Centrifuge never enters the
 # library's go.mod. Flags via BENCH_PEER_ARGS, e.g.
 # make bench-peer BENCH_PEER_ARGS='-rows 100:200:1000 -one-server-only'
