@@ -64,13 +64,13 @@ func (o *orchestrator) printIssue14(b *strings.Builder) {
 		}
 		if f := floor[r.row]; f != nil && f.cpuNs > 0 {
 			ratio := (float64(r.cpuNs) / float64(r.clients.Updates)) / (float64(f.cpuNs) / float64(f.run.Frames))
-			fmt.Fprintf(b, "%.2f: %s | ", ratio, yesNo(ratio <= floorFactor))
+			fmt.Fprintf(b, "%.3f: %s | ", ratio, yesNo(ratio <= floorFactor))
 		} else {
 			b.WriteString("– | ")
 		}
 		if c != nil && c.cpuNs > 0 && r.row.clients >= cpuTargetsFrom {
 			ratio := float64(r.cpuNs) / float64(c.cpuNs) // the same changes x subscribers on both sides
-			fmt.Fprintf(b, "%.2f: %s | ", ratio, yesNo(ratio <= cfFactor1000))
+			fmt.Fprintf(b, "%.3f: %s | ", ratio, yesNo(ratio <= cfFactor1000))
 		} else {
 			b.WriteString("– | ")
 		}
