@@ -78,6 +78,7 @@ func New(config Config) (*EntitySync, error) {
 		return nil, err
 	}
 	hub := esdb.NewDatabaseHub()
+	hub.Logger = config.Logger
 	if config.Bridge.Logger == nil {
 		config.Bridge.Logger = config.Logger
 	}
@@ -119,7 +120,11 @@ func buildQueue(config *Config) (esq.Queue, error) {
 func Setup(config Config) *EntitySync {
 	es, err := New(config)
 	if err != nil {
-		logrus.WithError(err).Error("entitysync: setup failed")
+		log := config.Logger
+		if log == nil {
+			log = logrus.StandardLogger()
+		}
+		log.WithError(err).Error("entitysync: setup failed")
 		hub := esdb.NewDatabaseHub()
 		return &EntitySync{Mux: config.Mux, DatabaseHub: hub, err: err,
 			Bridge: esbridge.New(failedQueue{err}, hub, esbridge.Options{})}
