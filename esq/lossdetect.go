@@ -1,0 +1,576 @@
+package esq
+
+import (
+	"bytes"
+	"context"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/entity-sync/entity-sync/shared"
+)
+
+// DetectLoss wraps q so that a subscriber notices when the broker drops
+// messages silently, and resyncs: NSQ discards whatever overflows an
+// ephemeral channel's memory queue (nsqd's --mem-queue-size, 10,000 by
+// default) while a server is paused or saturated, and says nothing.
+//
+// Publish stamps each message, a JSON object, with one more field naming the
+// publisher (a random id per DetectLoss call) and a sequence number per entity
+// type starting at 1:
+//
+//	{"entity":"items","id":"100","_es":{"p":"9f2c41d07be36a58","n":42}}
+//
+// Decoders that ignore unknown fields (encoding/json's default) still see the
+// key; subscribers receive the stamped body. A body that is not a non-empty
+// JSON object is published as it is, unstamped. A short time after a
+// publisher's last publish on an entity type (200 ms, and again after 2 s,
+// 15 s and 60 s in case a mark is itself dropped) it sends a mark, the stamp
+// alone ({"_es":{...}}) carrying the last sequence number used. Nothing is
+// sent while nobody publishes.
+//
+// Subscribe's wrapper tracks, per entity type and publisher, the highest
+// number received. A number beyond the next one leaves a hole; a hole still
+// open one second later (messages published concurrently may arrive a little
+// out of order), or below the number of a mark that arrives, means messages
+// were lost: onLoss is called, once for all the holes open at that moment.
+// Numbers at or below the highest (late or duplicate messages) are passed on
+// and fill their hole. The first message or mark heard from a publisher opens
+// no hole. Marks never reach onMessage. Messages without a stamp (the plain
+// key, e.g. from a producer outside Go) are passed on untracked. The wrapped
+// queue's own onLoss calls are passed on unchanged. onLoss may be called from
+// a timer goroutine, concurrently with onMessage, as the NSQ queue already
+// does.
+//
+// Publishers not heard from for an hour are forgotten. Close stops every timer
+// and waits for the marks being sent. Wrapping a queue DetectLoss returned
+// returns it unchanged.
+func DetectLoss(q Queue) Queue {
+	if d, ok := q.(*lossDetector); ok {
+		return d
+	}
+	return newLossDetector(q, defaultLossTiming)
+}
+
+// lossTiming holds DetectLoss's delays; tests shorten them.
+type lossTiming struct {
+	// marks are when a publisher sends its marks, counted from the end of
+	// its last publish on the entity type.
+	marks []time.Duration
+	// grace is how long a hole may wait for late messages.
+	grace time.Duration
+	// forget is how long a silent publisher is remembered (between one and
+	// two times forget).
+	forget time.Duration
+	// maxHoles bounds the holes tracked per publisher: one more counts as a
+	// loss at once.
+	maxHoles int
+}
+
+var defaultLossTiming = lossTiming{
+	marks:    []time.Duration{200 * time.Millisecond, 2 * time.Second, 15 * time.Second, 60 * time.Second},
+	grace:    time.Second,
+	forget:   time.Hour,
+	maxHoles: 64,
+}
+
+type lossDetector struct {
+	q      Queue
+	id     string
+	timing lossTiming
+	ctx    context.Context // cancelled by Close: bounds the marks' publishes
+	cancel context.CancelFunc
+
+	mu     sync.Mutex
+	closed bool
+	topics map[shared.EntityType]*seqTopic
+	subs   []*seqSub
+
+	// running counts timer callbacks at work (sending a mark, calling
+	// onLoss). A callback joins it under its topic's or subscription's lock
+	// after checking that Close has not marked it closed, so every Add
+	// happens before Close's Wait.
+	running sync.WaitGroup
+}
+
+func newLossDetector(q Queue, timing lossTiming) *lossDetector {
+	id, err := randomHex(8)
+	if err != nil {
+		// crypto/rand does not fail on the platforms Go supports; a fixed
+		// id would still work for one publisher.
+		id = "0000000000000000"
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &lossDetector{q: q, id: id, timing: timing, ctx: ctx, cancel: cancel,
+		topics: make(map[shared.EntityType]*seqTopic)}
+}
+
+// seqTopic is a publisher's sequence on one entity type.
+type seqTopic struct {
+	d      *lossDetector
+	entity shared.EntityType
+
+	mu       sync.Mutex
+	n        uint64    // last sequence number given out
+	inflight int       // publishes not returned yet
+	last     time.Time // when the last publish returned
+	sent     int       // marks sent since then
+	timer    *time.Timer
+	armed    bool
+	closed   bool
+}
+
+func (d *lossDetector) topic(entity shared.EntityType) (*seqTopic, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil, ErrClosed
+	}
+	t, ok := d.topics[entity]
+	if !ok {
+		t = &seqTopic{d: d, entity: entity}
+		d.topics[entity] = t
+	}
+	return t, nil
+}
+
+// Publish stamps body with the next sequence number of the entity type and
+// publishes it on the wrapped queue.
+func (d *lossDetector) Publish(ctx context.Context, entity shared.EntityType, body []byte) error {
+	at, ok := stampAt(body)
+	if !ok {
+		return d.q.Publish(ctx, entity, body)
+	}
+	t, err := d.topic(entity)
+	if err != nil {
+		return err
+	}
+	t.mu.Lock()
+	t.n++
+	n := t.n
+	t.inflight++
+	t.mu.Unlock()
+
+	err = d.q.Publish(ctx, entity, stamp(body, at, d.id, n))
+
+	now := time.Now()
+	t.mu.Lock()
+	t.inflight--
+	t.last, t.sent = now, 0
+	if t.inflight == 0 && !t.armed && !t.closed {
+		t.arm(d.timing.marks[0])
+	}
+	t.mu.Unlock()
+	// A failed publish leaves its number unused: subscribers see a hole and
+	// resync, which suits a notification that may not have gone out.
+	return err
+}
+
+// arm schedules markDue after delay. With t.mu held.
+func (t *seqTopic) arm(delay time.Duration) {
+	t.armed = true
+	if t.timer == nil {
+		t.timer = time.AfterFunc(delay, t.markDue)
+	} else {
+		t.timer.Reset(delay)
+	}
+}
+
+// markDue sends the mark that is due, if no publish is running, and arms the
+// timer for the next one. A publish that returns meanwhile restarts the
+// schedule.
+func (t *seqTopic) markDue() {
+	marks := t.d.timing.marks
+	t.mu.Lock()
+	t.armed = false
+	if t.closed || t.inflight > 0 || t.sent >= len(marks) {
+		// Closed, or a running publish arms the timer when it returns, or
+		// the schedule is done.
+		t.mu.Unlock()
+		return
+	}
+	elapsed := time.Since(t.last)
+	if elapsed < marks[t.sent] {
+		t.arm(marks[t.sent] - elapsed)
+		t.mu.Unlock()
+		return
+	}
+	n := t.n
+	t.sent++
+	for t.sent < len(marks) && marks[t.sent] <= elapsed {
+		t.sent++ // the timer ran late: one mark stands for the missed ones
+	}
+	if t.sent < len(marks) {
+		t.arm(marks[t.sent] - elapsed)
+	}
+	t.d.running.Add(1)
+	t.mu.Unlock()
+	defer t.d.running.Done()
+	// Every number up to n has been published (or failed), so a subscriber
+	// missing one when the mark arrives has lost it.
+	_ = t.d.q.Publish(t.d.ctx, t.entity, markBody(t.d.id, n))
+}
+
+// Subscribe subscribes on the wrapped queue, checking each stamped message's
+// sequence number and consuming marks (see DetectLoss).
+func (d *lossDetector) Subscribe(entity shared.EntityType, onMessage func(body []byte), onLoss func()) error {
+	s := &seqSub{d: d, onMessage: onMessage, onLoss: onLoss,
+		peers: make(map[string]*seqPeer), lastSweep: time.Now()}
+	d.mu.Lock()
+	closed := d.closed
+	d.mu.Unlock()
+	if closed {
+		return ErrClosed
+	}
+	if err := d.q.Subscribe(entity, s.handle, onLoss); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	if d.closed {
+		// Close ran meanwhile and closed the wrapped queue: nothing more is
+		// delivered, and s must arm no timer.
+		s.mu.Lock()
+		s.closed = true
+		if s.timer != nil {
+			s.timer.Stop()
+		}
+		s.mu.Unlock()
+	} else {
+		d.subs = append(d.subs, s)
+	}
+	d.mu.Unlock()
+	return nil
+}
+
+// seqSub checks one entity type's sequences.
+type seqSub struct {
+	d         *lossDetector
+	onMessage func([]byte)
+	onLoss    func()
+
+	mu        sync.Mutex
+	peers     map[string]*seqPeer // by publisher id
+	epoch     uint64              // advanced by each sweep
+	lastSweep time.Time
+	timer     *time.Timer // confirms holes that outlive grace
+	armed     bool
+	closed    bool
+}
+
+// seqPeer is what a subscriber knows of one publisher.
+type seqPeer struct {
+	last  uint64    // highest number received
+	holes []span    // numbers below last not received, ascending
+	since time.Time // when the oldest open hole opened
+	epoch uint64    // the sweep epoch it was last heard in
+}
+
+// span is the sequence numbers from..to, inclusive.
+type span struct{ from, to uint64 }
+
+func (s *seqSub) handle(body []byte) {
+	pub, n, mark, ok := parseStamp(body)
+	if !ok {
+		s.onMessage(body)
+		return
+	}
+	if !mark {
+		s.onMessage(body)
+	}
+	if s.check(pub, n, mark) && s.onLoss != nil {
+		s.onLoss()
+	}
+}
+
+// check records number n from publisher pub and reports whether messages are
+// known lost.
+func (s *seqSub) check(pub []byte, n uint64, mark bool) (lost bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	p := s.peers[string(pub)]
+	if p == nil {
+		s.sweep()
+		s.peers[string(pub)] = &seqPeer{last: n, epoch: s.epoch}
+		return false
+	}
+	p.epoch = s.epoch
+	if mark {
+		// Every number up to n was published before the mark: those still
+		// missing are lost.
+		if n > p.last {
+			p.holes = append(p.holes, span{p.last + 1, n})
+			p.last = n
+		}
+		return p.confirmUpTo(n)
+	}
+	switch {
+	case n == p.last+1:
+		p.last = n
+	case n > p.last+1:
+		if len(p.holes) == 0 {
+			p.since = time.Now()
+			if !s.armed {
+				s.armed = true
+				if s.timer == nil {
+					s.timer = time.AfterFunc(s.d.timing.grace, s.graceDue)
+				} else {
+					s.timer.Reset(s.d.timing.grace)
+				}
+			}
+		}
+		p.holes = append(p.holes, span{p.last + 1, n - 1})
+		p.last = n
+		if len(p.holes) > s.d.timing.maxHoles {
+			p.holes = p.holes[:0]
+			return true
+		}
+	default:
+		p.fill(n)
+	}
+	return false
+}
+
+// confirmUpTo drops the holes at or below n and reports whether there were
+// any.
+func (p *seqPeer) confirmUpTo(n uint64) bool {
+	i := 0
+	for i < len(p.holes) && p.holes[i].to <= n {
+		i++
+	}
+	lost := i > 0
+	if i < len(p.holes) && p.holes[i].from <= n {
+		p.holes[i].from = n + 1
+		lost = true
+	}
+	p.holes = p.holes[:copy(p.holes, p.holes[i:])]
+	return lost
+}
+
+// fill records the late arrival of n.
+func (p *seqPeer) fill(n uint64) {
+	for i := range p.holes {
+		h := &p.holes[i]
+		if n < h.from || n > h.to {
+			continue
+		}
+		switch {
+		case h.from == h.to:
+			p.holes = append(p.holes[:i], p.holes[i+1:]...)
+		case n == h.from:
+			h.from++
+		case n == h.to:
+			h.to--
+		default:
+			rest := span{n + 1, h.to}
+			h.to = n - 1
+			p.holes = append(p.holes, span{})
+			copy(p.holes[i+2:], p.holes[i+1:])
+			p.holes[i+1] = rest
+		}
+		return
+	}
+}
+
+// graceDue reports the holes open for grace or longer as a loss and arms the
+// timer for the rest.
+func (s *seqSub) graceDue() {
+	s.mu.Lock()
+	s.armed = false
+	if s.closed {
+		s.mu.Unlock()
+		return
+	}
+	now := time.Now()
+	lost := false
+	var next time.Duration
+	for _, p := range s.peers {
+		if len(p.holes) == 0 {
+			continue
+		}
+		if wait := s.d.timing.grace - now.Sub(p.since); wait > 0 {
+			if next == 0 || wait < next {
+				next = wait
+			}
+			continue
+		}
+		p.holes = p.holes[:0]
+		lost = true
+	}
+	if next > 0 {
+		s.armed = true
+		s.timer.Reset(next)
+	}
+	if !lost || s.onLoss == nil {
+		s.mu.Unlock()
+		return
+	}
+	s.d.running.Add(1)
+	s.mu.Unlock()
+	defer s.d.running.Done()
+	s.onLoss()
+}
+
+// sweep forgets the publishers not heard from since the previous sweep, at
+// most once per forget period. It runs when a new publisher appears, the
+// only time the map grows. With s.mu held.
+func (s *seqSub) sweep() {
+	now := time.Now()
+	if now.Sub(s.lastSweep) < s.d.timing.forget {
+		return
+	}
+	for id, p := range s.peers {
+		if p.epoch != s.epoch && len(p.holes) == 0 {
+			delete(s.peers, id)
+		}
+	}
+	s.epoch++
+	s.lastSweep = now
+}
+
+// Close stops the marks' timers, closes the wrapped queue, then stops the
+// subscriptions' timers, and waits for running timer callbacks or ctx.
+func (d *lossDetector) Close(ctx context.Context) error {
+	d.mu.Lock()
+	if d.closed {
+		d.mu.Unlock()
+		return d.q.Close(ctx)
+	}
+	d.closed = true
+	topics := make([]*seqTopic, 0, len(d.topics))
+	for _, t := range d.topics {
+		topics = append(topics, t)
+	}
+	subs := d.subs
+	d.mu.Unlock()
+
+	for _, t := range topics {
+		t.mu.Lock()
+		t.closed = true
+		if t.timer != nil {
+			t.timer.Stop()
+		}
+		t.mu.Unlock()
+	}
+	d.cancel()
+	err := d.q.Close(ctx)
+	// The wrapped queue delivers nothing more, so no timer is armed again.
+	for _, s := range subs {
+		s.mu.Lock()
+		s.closed = true
+		if s.timer != nil {
+			s.timer.Stop()
+		}
+		s.mu.Unlock()
+	}
+	done := make(chan struct{})
+	go func() { d.running.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		if err == nil {
+			err = ctx.Err()
+		}
+	}
+	return err
+}
+
+// The stamp is the last field of the object: `,"_es":{"p":"<id>","n":<n>}}`.
+// A mark is the stamp alone: `{"_es":{"p":"<id>","n":<n>}}`.
+var (
+	stampKey = []byte(`"_es":{"p":"`)
+	stampN   = []byte(`","n":`)
+)
+
+func isSpace(c byte) bool { return c == ' ' || c == '\t' || c == '\n' || c == '\r' }
+
+// stampAt returns the index of the closing brace of body, a non-empty JSON
+// object, or false if body is anything else. Only the braces are checked:
+// the stamp is appended inside them.
+func stampAt(body []byte) (int, bool) {
+	start, end := 0, len(body)
+	for start < end && isSpace(body[start]) {
+		start++
+	}
+	for end > start && isSpace(body[end-1]) {
+		end--
+	}
+	if end-start < 2 || body[start] != '{' || body[end-1] != '}' {
+		return 0, false
+	}
+	i := end - 2
+	for i > start && isSpace(body[i]) {
+		i--
+	}
+	if i == start { // {}: stamped, it would read as a mark
+		return 0, false
+	}
+	return end - 1, true
+}
+
+// stamp returns a copy of body with the stamp inserted at its closing brace.
+func stamp(body []byte, at int, id string, n uint64) []byte {
+	out := make([]byte, 0, at+1+len(stampKey)+len(id)+len(stampN)+20+2)
+	out = append(out, body[:at]...)
+	out = append(out, ',')
+	return appendStamp(out, id, n)
+}
+
+func markBody(id string, n uint64) []byte {
+	out := make([]byte, 0, 1+len(stampKey)+len(id)+len(stampN)+20+2)
+	out = append(out, '{')
+	return appendStamp(out, id, n)
+}
+
+func appendStamp(out []byte, id string, n uint64) []byte {
+	out = append(out, stampKey...)
+	out = append(out, id...)
+	out = append(out, stampN...)
+	out = strconv.AppendUint(out, n, 10)
+	return append(out, '}', '}')
+}
+
+// parseStamp finds the stamp at the end of body. ok is false for a body
+// without a well-formed stamp (passed on untracked); mark is true for a mark.
+func parseStamp(body []byte) (pub []byte, n uint64, mark, ok bool) {
+	l := len(body)
+	if l < len(stampKey)+len(stampN)+4 || body[l-1] != '}' || body[l-2] != '}' {
+		return nil, 0, false, false
+	}
+	i := bytes.LastIndex(body, stampKey)
+	if i < 1 {
+		return nil, 0, false, false
+	}
+	switch body[i-1] {
+	case ',':
+	case '{':
+		if i != 1 {
+			return nil, 0, false, false
+		}
+		mark = true
+	default:
+		return nil, 0, false, false
+	}
+	rest := body[i+len(stampKey) : l-2]
+	q := bytes.IndexByte(rest, '"')
+	if q <= 0 || !bytes.HasPrefix(rest[q:], stampN) {
+		return nil, 0, false, false
+	}
+	pub = rest[:q]
+	digits := rest[q+len(stampN):]
+	if len(digits) == 0 || len(digits) > 19 {
+		return nil, 0, false, false
+	}
+	for _, c := range digits {
+		if c < '0' || c > '9' {
+			return nil, 0, false, false
+		}
+		n = n*10 + uint64(c-'0')
+	}
+	if n == 0 {
+		return nil, 0, false, false
+	}
+	return pub, n, mark, true
+}
