@@ -33,14 +33,15 @@ import (
 // number received. A number beyond the next one leaves a hole; a hole still
 // open one second later (messages published concurrently may arrive a little
 // out of order), or below the number of a mark that arrives, means messages
-// were lost: onLoss is called, once for all the holes open at that moment.
-// Numbers at or below the highest (late or duplicate messages) are passed on
-// and fill their hole. The first message or mark heard from a publisher opens
-// no hole. Marks never reach onMessage. Messages without a stamp (the plain
-// key, e.g. from a producer outside Go) are passed on untracked. The wrapped
-// queue's own onLoss calls are passed on unchanged. onLoss may be called from
-// a timer goroutine, concurrently with onMessage, as the NSQ queue already
-// does.
+// were lost: onLoss is called, once for every hole open at that moment, of
+// every publisher (the resync it starts covers them all). Numbers at or below
+// the highest (late or duplicate messages) are passed on and fill their hole.
+// The first message or mark heard from a publisher opens no hole. Marks never
+// reach onMessage. Messages without a stamp (the plain key, e.g. from a
+// producer outside Go) are passed on untracked. The wrapped queue's own
+// onLoss calls are passed on unchanged (they cover the open holes too).
+// onLoss may be called from a timer goroutine, concurrently with onMessage,
+// as the NSQ queue already does.
 //
 // Publishers not heard from for an hour are forgotten. Close stops every timer
 // and waits for the marks being sent. Wrapping a queue DetectLoss returned
@@ -222,7 +223,16 @@ func (d *lossDetector) Subscribe(entity shared.EntityType, onMessage func(body [
 	if closed {
 		return ErrClosed
 	}
-	if err := d.q.Subscribe(entity, s.handle, onLoss); err != nil {
+	innerLoss := onLoss
+	if onLoss != nil {
+		innerLoss = func() {
+			s.mu.Lock()
+			s.coverAll()
+			s.mu.Unlock()
+			onLoss()
+		}
+	}
+	if err := d.q.Subscribe(entity, s.handle, innerLoss); err != nil {
 		return err
 	}
 	d.mu.Lock()
@@ -290,6 +300,26 @@ func (s *seqSub) check(pub []byte, n uint64, mark bool) (lost bool) {
 	if s.closed {
 		return false
 	}
+	lost = s.record(pub, n, mark)
+	if lost {
+		s.coverAll()
+	}
+	return lost
+}
+
+// coverAll forgets every open hole, of every publisher, when onLoss is about
+// to be called: the resync it starts covers them. A hole's missing number was
+// given out before a higher one that has arrived, so its change was committed
+// before now, and the resync's fetches, which start after now, see it. With
+// s.mu held.
+func (s *seqSub) coverAll() {
+	for _, p := range s.peers {
+		p.holes = p.holes[:0]
+	}
+}
+
+// record is check's work. With s.mu held.
+func (s *seqSub) record(pub []byte, n uint64, mark bool) (lost bool) {
 	p := s.peers[string(pub)]
 	if p == nil {
 		s.sweep()
@@ -304,7 +334,7 @@ func (s *seqSub) check(pub []byte, n uint64, mark bool) (lost bool) {
 			p.holes = append(p.holes, span{p.last + 1, n})
 			p.last = n
 		}
-		return p.confirmUpTo(n)
+		return len(p.holes) > 0 && p.holes[0].from <= n
 	}
 	switch {
 	case n == p.last+1:
@@ -324,29 +354,12 @@ func (s *seqSub) check(pub []byte, n uint64, mark bool) (lost bool) {
 		p.holes = append(p.holes, span{p.last + 1, n - 1})
 		p.last = n
 		if len(p.holes) > s.d.timing.maxHoles {
-			p.holes = p.holes[:0]
 			return true
 		}
 	default:
 		p.fill(n)
 	}
 	return false
-}
-
-// confirmUpTo drops the holes at or below n and reports whether there were
-// any.
-func (p *seqPeer) confirmUpTo(n uint64) bool {
-	i := 0
-	for i < len(p.holes) && p.holes[i].to <= n {
-		i++
-	}
-	lost := i > 0
-	if i < len(p.holes) && p.holes[i].from <= n {
-		p.holes[i].from = n + 1
-		lost = true
-	}
-	p.holes = p.holes[:copy(p.holes, p.holes[i:])]
-	return lost
 }
 
 // fill records the late arrival of n.
@@ -396,10 +409,11 @@ func (s *seqSub) graceDue() {
 			}
 			continue
 		}
-		p.holes = p.holes[:0]
 		lost = true
 	}
-	if next > 0 {
+	if lost {
+		s.coverAll()
+	} else if next > 0 {
 		s.armed = true
 		s.timer.Reset(next)
 	}

@@ -507,3 +507,38 @@ func TestLossCloseStopsMarksInABubble(t *testing.T) {
 		}
 	})
 }
+
+// One onLoss starts a resync that covers every hole open at that moment, of
+// every publisher: they are not reported again.
+func TestLossOneReportCoversEveryOpenHole(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := newFakeBroker()
+		d := newLossDetector(f, defaultLossTiming)
+		defer d.Close(context.Background())
+		ev := &events{}
+		if err := d.Subscribe("items", ev.onMessage, ev.onLoss); err != nil {
+			t.Fatal(err)
+		}
+		msg := func(pub, id string, n uint64) []byte { return stamp(keyBody(id), len(keyBody(id))-1, pub, n) }
+		f.deliver("items", msg("a", "a1", 1))
+		f.deliver("items", msg("b", "b1", 1))
+		f.deliver("items", msg("b", "b3", 3)) // b's 2 missing
+		f.deliver("items", msg("a", "a3", 3)) // a's 2 missing
+		f.deliver("items", markBody("a", 3))
+		ev.expect(t, "msg a1, msg b1, msg b3, msg a3, loss")
+		time.Sleep(time.Hour) // b's hole outlives grace, but is covered
+		synctest.Wait()
+		ev.expect(t, "msg a1, msg b1, msg b3, msg a3, loss")
+		// The wrapped queue's loss (a reconnect) covers open holes too.
+		f.deliver("items", msg("a", "a5", 5))
+		f.losses["items"]()
+		time.Sleep(time.Hour)
+		synctest.Wait()
+		ev.expect(t, "msg a1, msg b1, msg b3, msg a3, loss, msg a5, loss")
+		// A hole opened afterwards is reported.
+		f.deliver("items", msg("b", "b5", 5))
+		time.Sleep(time.Hour)
+		synctest.Wait()
+		ev.expect(t, "msg a1, msg b1, msg b3, msg a3, loss, msg a5, loss, msg b5, loss")
+	})
+}
