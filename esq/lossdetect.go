@@ -546,44 +546,44 @@ func appendStamp(out []byte, id string, n uint64) []byte {
 	return append(out, '}', '}')
 }
 
-// parseStamp finds the stamp at the end of body. ok is false for a body
-// without a well-formed stamp (passed on untracked); mark is true for a mark.
+// parseStamp finds the stamp at the end of body, reading backwards from the
+// last byte. ok is false for a body without a well-formed stamp (passed on
+// untracked); mark is true for a mark.
 func parseStamp(body []byte) (pub []byte, n uint64, mark, ok bool) {
 	l := len(body)
-	if l < len(stampKey)+len(stampN)+4 || body[l-1] != '}' || body[l-2] != '}' {
+	if l < len(stampKey)+len(stampN)+5 || body[l-1] != '}' || body[l-2] != '}' {
 		return nil, 0, false, false
 	}
-	i := bytes.LastIndex(body, stampKey)
-	if i < 1 {
-		return nil, 0, false, false
+	// The number.
+	d := l - 2
+	for d > 0 && body[d-1] >= '0' && body[d-1] <= '9' {
+		d--
 	}
-	switch body[i-1] {
-	case ',':
-	case '{':
-		if i != 1 {
-			return nil, 0, false, false
-		}
-		mark = true
-	default:
-		return nil, 0, false, false
-	}
-	rest := body[i+len(stampKey) : l-2]
-	q := bytes.IndexByte(rest, '"')
-	if q <= 0 || !bytes.HasPrefix(rest[q:], stampN) {
-		return nil, 0, false, false
-	}
-	pub = rest[:q]
-	digits := rest[q+len(stampN):]
+	digits := body[d : l-2]
 	if len(digits) == 0 || len(digits) > 19 {
 		return nil, 0, false, false
 	}
 	for _, c := range digits {
-		if c < '0' || c > '9' {
-			return nil, 0, false, false
-		}
 		n = n*10 + uint64(c-'0')
 	}
-	if n == 0 {
+	if n == 0 || !bytes.HasSuffix(body[:d], stampN) {
+		return nil, 0, false, false
+	}
+	// The publisher id, up to the quote that ends stampKey.
+	end := d - len(stampN)
+	q := bytes.LastIndexByte(body[:end], '"')
+	if q < 0 || q == end-1 || !bytes.HasSuffix(body[:q+1], stampKey) {
+		return nil, 0, false, false
+	}
+	pub = body[q+1 : end]
+	i := q + 1 - len(stampKey)
+	switch {
+	case i == 0:
+		return nil, 0, false, false
+	case body[i-1] == ',':
+	case body[i-1] == '{' && i == 1:
+		mark = true
+	default:
 		return nil, 0, false, false
 	}
 	return pub, n, mark, true
