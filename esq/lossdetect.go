@@ -23,11 +23,12 @@ import (
 //
 // Decoders that ignore unknown fields (encoding/json's default) still see the
 // key; subscribers receive the stamped body. A body that is not a non-empty
-// JSON object is published as it is, unstamped. A short time after a
-// publisher's last publish on an entity type (200 ms, and again after 2 s,
-// 15 s and 60 s in case a mark is itself dropped) it sends a mark, the stamp
-// alone ({"_es":{...}}) carrying the last sequence number used. Nothing is
-// sent while nobody publishes.
+// JSON object is published as it is, unstamped. Once a publisher has been
+// quiet on an entity type for 200 ms (the mark goes out 200 to 400 ms after
+// its last publish), it sends a mark, the stamp alone ({"_es":{...}})
+// carrying the last sequence number used, and again about 2 s, 15 s and 60 s
+// after the last publish in case a mark is itself dropped. Nothing is sent
+// while nobody publishes.
 //
 // Subscribe's wrapper tracks, per entity type and publisher, the highest
 // number received. A number beyond the next one leaves a hole; a hole still
@@ -82,7 +83,7 @@ type lossDetector struct {
 	ctx    context.Context // cancelled by Close: bounds the marks' publishes
 	cancel context.CancelFunc
 
-	mu     sync.Mutex
+	mu     sync.RWMutex
 	closed bool
 	topics map[shared.EntityType]*seqTopic
 	subs   []*seqSub
@@ -112,22 +113,29 @@ type seqTopic struct {
 	entity shared.EntityType
 
 	mu       sync.Mutex
-	n        uint64    // last sequence number given out
-	inflight int       // publishes not returned yet
-	last     time.Time // when the last publish returned
-	sent     int       // marks sent since then
+	n        uint64 // last sequence number given out
+	inflight int    // publishes not returned yet
+	marked   uint64 // n when the marks' schedule (re)started
+	sent     int    // marks sent since then
 	timer    *time.Timer
 	armed    bool
 	closed   bool
 }
 
 func (d *lossDetector) topic(entity shared.EntityType) (*seqTopic, error) {
+	d.mu.RLock()
+	t, ok := d.topics[entity]
+	closed := d.closed
+	d.mu.RUnlock()
+	if ok && !closed {
+		return t, nil
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.closed {
 		return nil, ErrClosed
 	}
-	t, ok := d.topics[entity]
+	t, ok = d.topics[entity]
 	if !ok {
 		t = &seqTopic{d: d, entity: entity}
 		d.topics[entity] = t
@@ -154,11 +162,13 @@ func (d *lossDetector) Publish(ctx context.Context, entity shared.EntityType, bo
 
 	err = d.q.Publish(ctx, entity, stamp(body, at, d.id, n))
 
-	now := time.Now()
 	t.mu.Lock()
 	t.inflight--
-	t.last, t.sent = now, 0
-	if t.inflight == 0 && !t.armed && !t.closed {
+	if t.inflight == 0 && !t.closed && (!t.armed || t.sent > 0) {
+		// Start the marks' schedule, or restart it if it was waiting for
+		// a later mark. A first mark already due is left to find that
+		// this publish happened.
+		t.marked, t.sent = t.n, 0
 		t.arm(d.timing.marks[0])
 	}
 	t.mu.Unlock()
@@ -177,32 +187,34 @@ func (t *seqTopic) arm(delay time.Duration) {
 	}
 }
 
-// markDue sends the mark that is due, if no publish is running, and arms the
-// timer for the next one. A publish that returns meanwhile restarts the
-// schedule.
+// markDue sends the mark that is due and arms the timer for the next one.
+// If anything was published since the schedule started, the first mark
+// waits for a whole quiet interval instead: while publishes continue, the
+// timer only re-arms itself every marks[0], and the first mark goes out
+// between marks[0] and twice that after the last publish.
 func (t *seqTopic) markDue() {
 	marks := t.d.timing.marks
 	t.mu.Lock()
 	t.armed = false
-	if t.closed || t.inflight > 0 || t.sent >= len(marks) {
-		// Closed, or a running publish arms the timer when it returns, or
-		// the schedule is done.
+	if t.closed || t.inflight > 0 {
+		// A running publish arms the timer when it returns.
 		t.mu.Unlock()
 		return
 	}
-	elapsed := time.Since(t.last)
-	if elapsed < marks[t.sent] {
-		t.arm(marks[t.sent] - elapsed)
+	if t.n != t.marked {
+		t.marked, t.sent = t.n, 0
+		t.arm(marks[0])
+		t.mu.Unlock()
+		return
+	}
+	if t.sent >= len(marks) { // the schedule is done: quiet until a publish
 		t.mu.Unlock()
 		return
 	}
 	n := t.n
 	t.sent++
-	for t.sent < len(marks) && marks[t.sent] <= elapsed {
-		t.sent++ // the timer ran late: one mark stands for the missed ones
-	}
 	if t.sent < len(marks) {
-		t.arm(marks[t.sent] - elapsed)
+		t.arm(marks[t.sent] - marks[t.sent-1])
 	}
 	t.d.running.Add(1)
 	t.mu.Unlock()
