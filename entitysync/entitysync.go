@@ -85,7 +85,7 @@ func New(config Config) (*EntitySync, error) {
 		return nil, err
 	}
 	if !config.DisableLossDetection {
-		queue = esq.DetectLoss(queue)
+		queue = esq.DetectLoss(queue, config.Logger)
 	}
 	hub := esdb.NewDatabaseHub()
 	if config.Bridge.Logger == nil {

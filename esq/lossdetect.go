@@ -3,9 +3,12 @@ package esq
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"strconv"
 	"sync"
 	"time"
+
+	"github.com/sirupsen/logrus"
 
 	"github.com/entity-sync/entity-sync/shared"
 )
@@ -44,14 +47,22 @@ import (
 // onLoss may be called from a timer goroutine, concurrently with onMessage,
 // as the NSQ queue already does.
 //
+// Each loss is logged as a warning on log (nil: logrus's standard logger),
+// with how many messages went missing: a capacity signal (raise nsqd's
+// --mem-queue-size, or find what stalls the server).
+//
 // Publishers not heard from for an hour are forgotten. Close stops every timer
 // and waits for the marks being sent. Wrapping a queue DetectLoss returned
 // returns it unchanged.
-func DetectLoss(q Queue) Queue {
+func DetectLoss(q Queue, log logrus.FieldLogger) Queue {
 	if d, ok := q.(*lossDetector); ok {
 		return d
 	}
-	return newLossDetector(q, defaultLossTiming)
+	d := newLossDetector(q, defaultLossTiming)
+	if log != nil {
+		d.log = log.WithField("component", "esq.detectloss")
+	}
+	return d
 }
 
 // lossTiming holds DetectLoss's delays; tests shorten them.
@@ -78,6 +89,7 @@ var defaultLossTiming = lossTiming{
 
 type lossDetector struct {
 	q      Queue
+	log    logrus.FieldLogger
 	id     string
 	timing lossTiming
 	ctx    context.Context // cancelled by Close: bounds the marks' publishes
@@ -104,6 +116,7 @@ func newLossDetector(q Queue, timing lossTiming) *lossDetector {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &lossDetector{q: q, id: id, timing: timing, ctx: ctx, cancel: cancel,
+		log:    logrus.StandardLogger().WithField("component", "esq.detectloss"),
 		topics: make(map[shared.EntityType]*seqTopic)}
 }
 
@@ -227,7 +240,7 @@ func (t *seqTopic) markDue() {
 // Subscribe subscribes on the wrapped queue, checking each stamped message's
 // sequence number and consuming marks (see DetectLoss).
 func (d *lossDetector) Subscribe(entity shared.EntityType, onMessage func(body []byte), onLoss func()) error {
-	s := &seqSub{d: d, onMessage: onMessage, onLoss: onLoss,
+	s := &seqSub{d: d, entity: entity, onMessage: onMessage, onLoss: onLoss,
 		peers: make(map[string]*seqPeer), lastSweep: time.Now()}
 	d.mu.Lock()
 	closed := d.closed
@@ -267,6 +280,7 @@ func (d *lossDetector) Subscribe(entity shared.EntityType, onMessage func(body [
 // seqSub checks one entity type's sequences.
 type seqSub struct {
 	d         *lossDetector
+	entity    shared.EntityType
 	onMessage func([]byte)
 	onLoss    func()
 
@@ -299,24 +313,33 @@ func (s *seqSub) handle(body []byte) {
 	if !mark {
 		s.onMessage(body)
 	}
-	if s.check(pub, n, mark) && s.onLoss != nil {
-		s.onLoss()
+	if missing := s.check(pub, n, mark); missing > 0 {
+		how := "a mark sent after them"
+		if !mark {
+			how = fmt.Sprintf("more than %d gaps in one sequence", s.d.timing.maxHoles)
+		}
+		s.lost(missing, how)
 	}
 }
 
-// check records number n from publisher pub and reports whether messages are
-// known lost.
-func (s *seqSub) check(pub []byte, n uint64, mark bool) (lost bool) {
+// check records number n from publisher pub and returns how many messages
+// are known lost (0: none).
+func (s *seqSub) check(pub []byte, n uint64, mark bool) (missing uint64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.closed {
-		return false
+	if s.closed || !s.record(pub, n, mark) {
+		return 0
 	}
-	lost = s.record(pub, n, mark)
-	if lost {
-		s.coverAll()
+	return s.coverAll()
+}
+
+// lost logs a loss and calls onLoss.
+func (s *seqSub) lost(missing uint64, how string) {
+	s.d.log.WithField("entity", s.entity).Warnf(
+		"%d notifications lost by the queue (found by %s): re-fetching the subscribed keys; if NSQ, its channel overflowed: raise nsqd's --mem-queue-size or find what stalls this server", missing, how)
+	if s.onLoss != nil {
+		s.onLoss()
 	}
-	return lost
 }
 
 // coverAll forgets every open hole, of every publisher, when onLoss is about
@@ -324,10 +347,15 @@ func (s *seqSub) check(pub []byte, n uint64, mark bool) (lost bool) {
 // given out before a higher one that has arrived, so its change was committed
 // before now, and the resync's fetches, which start after now, see it. With
 // s.mu held.
-func (s *seqSub) coverAll() {
+// It returns how many numbers the holes held.
+func (s *seqSub) coverAll() (missing uint64) {
 	for _, p := range s.peers {
+		for _, h := range p.holes {
+			missing += h.to - h.from + 1
+		}
 		p.holes = p.holes[:0]
 	}
+	return missing
 }
 
 // record is check's work. With s.mu held.
@@ -423,20 +451,19 @@ func (s *seqSub) graceDue() {
 		}
 		lost = true
 	}
-	if lost {
-		s.coverAll()
-	} else if next > 0 {
-		s.armed = true
-		s.timer.Reset(next)
-	}
-	if !lost || s.onLoss == nil {
+	if !lost {
+		if next > 0 {
+			s.armed = true
+			s.timer.Reset(next)
+		}
 		s.mu.Unlock()
 		return
 	}
+	missing := s.coverAll()
 	s.d.running.Add(1)
 	s.mu.Unlock()
 	defer s.d.running.Done()
-	s.onLoss()
+	s.lost(missing, fmt.Sprintf("a gap in the sequence still open after %s", s.d.timing.grace))
 }
 
 // sweep forgets the publishers not heard from since the previous sweep, at

@@ -28,7 +28,7 @@ func BenchmarkMemoryPublish(b *testing.B) {
 		wrap func(Queue) Queue
 	}{
 		{"plain", func(q Queue) Queue { return q }},
-		{"DetectLoss", DetectLoss},
+		{"DetectLoss", func(q Queue) Queue { return DetectLoss(q, nil) }},
 	} {
 		b.Run(c.name, func(b *testing.B) {
 			q := c.wrap(NewMemory())

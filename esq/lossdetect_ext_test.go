@@ -42,7 +42,7 @@ func TestLossCloseLeavesNoGoroutine(t *testing.T) {
 		defer mu.Unlock()
 		n++
 		return n == 2 // the second message
-	}})
+	}}, testkit.Logger())
 	if err := q.Subscribe("items", func([]byte) {}, func() { t.Error("loss reported within grace") }); err != nil {
 		t.Fatal(err)
 	}

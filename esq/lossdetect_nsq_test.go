@@ -28,7 +28,7 @@ func TestLossDetectedWhenNSQChannelOverflows(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	q := esq.DetectLoss(nq)
+	q := esq.DetectLoss(nq, testkit.Logger())
 	t.Cleanup(func() { q.Close(context.Background()) })
 
 	var received atomic.Int64
@@ -83,7 +83,7 @@ func TestLossNoFalseLossOverNSQ(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	q := esq.DetectLoss(sub)
+	q := esq.DetectLoss(sub, testkit.Logger())
 	t.Cleanup(func() { q.Close(context.Background()) })
 	total := publishers * goroutines * each
 	var received atomic.Int64
@@ -111,7 +111,7 @@ func TestLossNoFalseLossOverNSQ(t *testing.T) {
 		}
 		raw[p] = pq
 		marks[p] = make(chan struct{}, 10)
-		pub := esq.DetectLoss(markTap{pq, marks[p]})
+		pub := esq.DetectLoss(markTap{pq, marks[p]}, testkit.Logger())
 		t.Cleanup(func() { pub.Close(context.Background()) })
 		for g := 0; g < goroutines; g++ {
 			wg.Add(1)

@@ -11,6 +11,9 @@ import (
 	"testing/synctest"
 	"time"
 
+	"github.com/sirupsen/logrus"
+	logtest "github.com/sirupsen/logrus/hooks/test"
+
 	"github.com/entity-sync/entity-sync/shared"
 )
 
@@ -110,6 +113,14 @@ func (e *events) expect(t *testing.T, want string) {
 	}
 }
 
+// quietDetector is a detector whose loss warnings go to hook, not stderr.
+func quietDetector(q Queue) *lossDetector {
+	d := newLossDetector(q, defaultLossTiming)
+	l, _ := logtest.NewNullLogger()
+	d.log = l
+	return d
+}
+
 func keyBody(id string) []byte {
 	b, _ := json.Marshal(shared.EntityKey{Entity: "items", ID: id})
 	return b
@@ -120,7 +131,7 @@ func keyBody(id string) []byte {
 func setup(t *testing.T, n int) (*lossDetector, *fakeBroker, *events, [][]byte) {
 	t.Helper()
 	f := newFakeBroker()
-	d := newLossDetector(f, defaultLossTiming)
+	d := quietDetector(f)
 	ev := &events{}
 	if err := d.Subscribe("items", ev.onMessage, ev.onLoss); err != nil {
 		t.Fatal(err)
@@ -144,7 +155,7 @@ func mustMark(t *testing.T, b []byte, wantN uint64) {
 }
 
 func TestStampedBodyIsTheKeyWithOneField(t *testing.T) {
-	d := newLossDetector(newFakeBroker(), defaultLossTiming)
+	d := quietDetector(newFakeBroker())
 	body := stamp(keyBody("100"), len(keyBody("100"))-1, d.id, 42)
 	want := `{"entity":"items","id":"100","_es":{"p":"` + d.id + `","n":42}}`
 	if string(body) != want {
@@ -357,7 +368,7 @@ func TestLossReorderAndDuplicatesAreNotAGap(t *testing.T) {
 func TestLossFirstSightingIsNotAGap(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := newFakeBroker()
-		d := newLossDetector(f, defaultLossTiming)
+		d := quietDetector(f)
 		defer d.Close(context.Background())
 		ev := &events{}
 		if err := d.Subscribe("items", ev.onMessage, ev.onLoss); err != nil {
@@ -380,7 +391,7 @@ func TestLossFirstSightingIsNotAGap(t *testing.T) {
 func TestLossUnstampedMessagesPassThrough(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := newFakeBroker()
-		d := newLossDetector(f, defaultLossTiming)
+		d := quietDetector(f)
 		defer d.Close(context.Background())
 		var got []string
 		if err := d.Subscribe("items", func(b []byte) { got = append(got, string(b)) }, func() { t.Error("onLoss called") }); err != nil {
@@ -413,7 +424,7 @@ func TestLossUnstampedMessagesPassThrough(t *testing.T) {
 
 func TestLossWrappedQueueOnLossPassedThrough(t *testing.T) {
 	f := newFakeBroker()
-	d := DetectLoss(f)
+	d := DetectLoss(f, nil)
 	defer d.Close(context.Background())
 	ev := &events{}
 	if err := d.Subscribe("items", ev.onMessage, ev.onLoss); err != nil {
@@ -421,7 +432,7 @@ func TestLossWrappedQueueOnLossPassedThrough(t *testing.T) {
 	}
 	f.losses["items"]()
 	ev.expect(t, "loss")
-	if DetectLoss(d) != d {
+	if DetectLoss(d, nil) != d {
 		t.Fatal("DetectLoss wrapped its own queue again")
 	}
 }
@@ -442,7 +453,7 @@ func TestLossTooManyHolesIsALossAtOnce(t *testing.T) {
 func TestLossForgetsSilentPublishers(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := newFakeBroker()
-		d := newLossDetector(f, defaultLossTiming)
+		d := quietDetector(f)
 		defer d.Close(context.Background())
 		if err := d.Subscribe("items", func([]byte) {}, nil); err != nil {
 			t.Fatal(err)
@@ -477,7 +488,7 @@ func TestLossConcurrentPublishersOnMemoryReportNoLoss(t *testing.T) {
 	const publishers, each = 8, 500
 	synctest.Test(t, func(t *testing.T) {
 		mem := NewMemory()
-		d := newLossDetector(mem, defaultLossTiming)
+		d := quietDetector(mem)
 		var mu sync.Mutex
 		received := 0
 		if err := d.Subscribe("items", func([]byte) { mu.Lock(); received++; mu.Unlock() }, func() { t.Error("loss reported") }); err != nil {
@@ -528,7 +539,7 @@ func TestLossCloseStopsMarksInABubble(t *testing.T) {
 func TestLossOneReportCoversEveryOpenHole(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := newFakeBroker()
-		d := newLossDetector(f, defaultLossTiming)
+		d := quietDetector(f)
 		defer d.Close(context.Background())
 		ev := &events{}
 		if err := d.Subscribe("items", ev.onMessage, ev.onLoss); err != nil {
@@ -555,5 +566,28 @@ func TestLossOneReportCoversEveryOpenHole(t *testing.T) {
 		time.Sleep(time.Hour)
 		synctest.Wait()
 		ev.expect(t, "msg a1, msg b1, msg b3, msg a3, loss, msg a5, loss, msg b5, loss")
+	})
+}
+
+// Each loss is logged once, with how many messages went missing.
+func TestLossIsLoggedWithTheCount(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		d, f, _, m := setup(t, 6)
+		defer d.Close(context.Background())
+		l, hook := logtest.NewNullLogger()
+		d.log = l
+		f.deliver("items", m[0])
+		f.deliver("items", m[3]) // 2 and 3 lost
+		f.deliver("items", m[4]) // 6 lost: the mark says so
+		f.deliver("items", f.next(t))
+		entries := hook.AllEntries()
+		if len(entries) != 1 || entries[0].Level != logrus.WarnLevel ||
+			!strings.HasPrefix(entries[0].Message, "3 notifications lost by the queue (found by a mark") ||
+			entries[0].Data["entity"] != shared.EntityType("items") {
+			for _, e := range entries {
+				t.Logf("%s %s %v", e.Level, e.Message, e.Data)
+			}
+			t.Fatalf("%d log entries, want one warning of 3 lost notifications on items", len(entries))
+		}
 	})
 }
