@@ -67,8 +67,9 @@ func DetectLoss(q Queue, log logrus.FieldLogger) Queue {
 
 // lossTiming holds DetectLoss's delays; tests shorten them.
 type lossTiming struct {
-	// marks are when a publisher sends its marks, counted from the end of
-	// its last publish on the entity type.
+	// marks is the marks' schedule: the first once the publisher has been
+	// quiet on the entity type for marks[0] (checked every marks[0]), each
+	// next one marks[i]-marks[i-1] after the previous.
 	marks []time.Duration
 	// grace is how long a hole may wait for late messages.
 	grace time.Duration
@@ -242,12 +243,6 @@ func (t *seqTopic) markDue() {
 func (d *lossDetector) Subscribe(entity shared.EntityType, onMessage func(body []byte), onLoss func()) error {
 	s := &seqSub{d: d, entity: entity, onMessage: onMessage, onLoss: onLoss,
 		peers: make(map[string]*seqPeer), lastSweep: time.Now()}
-	d.mu.Lock()
-	closed := d.closed
-	d.mu.Unlock()
-	if closed {
-		return ErrClosed
-	}
 	innerLoss := onLoss
 	if onLoss != nil {
 		innerLoss = func() {
@@ -257,23 +252,25 @@ func (d *lossDetector) Subscribe(entity shared.EntityType, onMessage func(body [
 			onLoss()
 		}
 	}
-	if err := d.q.Subscribe(entity, s.handle, innerLoss); err != nil {
-		return err
-	}
+	// Registered first, so that a Close running meanwhile stops its timer.
 	d.mu.Lock()
 	if d.closed {
-		// Close ran meanwhile and closed the wrapped queue: nothing more is
-		// delivered, and s must arm no timer.
-		s.mu.Lock()
-		s.closed = true
-		if s.timer != nil {
-			s.timer.Stop()
-		}
-		s.mu.Unlock()
-	} else {
-		d.subs = append(d.subs, s)
+		d.mu.Unlock()
+		return ErrClosed
 	}
+	d.subs = append(d.subs, s)
 	d.mu.Unlock()
+	if err := d.q.Subscribe(entity, s.handle, innerLoss); err != nil {
+		d.mu.Lock()
+		for i, x := range d.subs {
+			if x == s {
+				d.subs = append(d.subs[:i], d.subs[i+1:]...)
+				break
+			}
+		}
+		d.mu.Unlock()
+		return err
+	}
 	return nil
 }
 
@@ -496,7 +493,7 @@ func (d *lossDetector) Close(ctx context.Context) error {
 	for _, t := range d.topics {
 		topics = append(topics, t)
 	}
-	subs := d.subs
+	subs := append([]*seqSub(nil), d.subs...)
 	d.mu.Unlock()
 
 	for _, t := range topics {

@@ -591,3 +591,27 @@ func TestLossIsLoggedWithTheCount(t *testing.T) {
 		}
 	})
 }
+
+// A subscription the wrapped queue refuses leaves nothing behind, and the
+// detector's own refusals after Close.
+func TestLossSubscribeErrors(t *testing.T) {
+	d := quietDetector(NewMemory())
+	if err := d.Subscribe("items", func([]byte) {}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Subscribe("items", func([]byte) {}, nil); err != ErrAlreadySubscribed {
+		t.Fatalf("second subscribe: %v, want ErrAlreadySubscribed", err)
+	}
+	if n := len(d.subs); n != 1 {
+		t.Fatalf("%d subscriptions kept, want 1", n)
+	}
+	if err := d.Close(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Subscribe("users", func([]byte) {}, nil); err != ErrClosed {
+		t.Fatalf("subscribe after close: %v, want ErrClosed", err)
+	}
+	if err := d.Close(context.Background()); err != nil {
+		t.Fatalf("second close: %v", err)
+	}
+}
