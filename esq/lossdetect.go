@@ -333,18 +333,17 @@ func (s *seqSub) check(pub []byte, n uint64, mark bool) (missing uint64) {
 // lost logs a loss and calls onLoss.
 func (s *seqSub) lost(missing uint64, how string) {
 	s.d.log.WithField("entity", s.entity).Warnf(
-		"%d notifications lost by the queue (found by %s): re-fetching the subscribed keys; if NSQ, its channel overflowed: raise nsqd's --mem-queue-size or find what stalls this server", missing, how)
+		"%d notifications lost by the queue (found by %s): re-fetching the subscribed keys. With NSQ, this server's channel overflowed: raise nsqd's --mem-queue-size or find what stalls the server", missing, how)
 	if s.onLoss != nil {
 		s.onLoss()
 	}
 }
 
 // coverAll forgets every open hole, of every publisher, when onLoss is about
-// to be called: the resync it starts covers them. A hole's missing number was
-// given out before a higher one that has arrived, so its change was committed
-// before now, and the resync's fetches, which start after now, see it. With
-// s.mu held.
-// It returns how many numbers the holes held.
+// to be called, and returns how many numbers they held. The resync onLoss
+// starts covers them all: a hole's missing number was given out before a
+// higher one that has arrived, so its change was committed before now, and
+// the resync's fetches, which start after now, see it. With s.mu held.
 func (s *seqSub) coverAll() (missing uint64) {
 	for _, p := range s.peers {
 		for _, h := range p.holes {
