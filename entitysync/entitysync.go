@@ -38,6 +38,13 @@ type Config struct {
 	NSQ esq.NSQConfig
 	// Queue, if set, is used instead of NSQ or the in-process queue.
 	Queue esq.Queue
+	// DisableLossDetection turns off loss detection (esq.DetectLoss), on by
+	// default for every queue: each notification carries its publisher's
+	// sequence number, and a server that finds one missing re-fetches the
+	// entity type's subscribed keys. Turn it off if other programs consume
+	// the topics and cannot take the extra "_es" field or the marks (small
+	// messages without a key).
+	DisableLossDetection bool
 	// WSPassThrough receives websocket frames that carry no action, with the
 	// connection's secret.
 	WSPassThrough shared.PassThrough
@@ -76,6 +83,9 @@ func New(config Config) (*EntitySync, error) {
 	queue, err := buildQueue(&config)
 	if err != nil {
 		return nil, err
+	}
+	if !config.DisableLossDetection {
+		queue = esq.DetectLoss(queue, config.Logger)
 	}
 	hub := esdb.NewDatabaseHub()
 	hub.Logger = config.Logger
