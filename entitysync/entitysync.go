@@ -38,6 +38,13 @@ type Config struct {
 	NSQ esq.NSQConfig
 	// Queue, if set, is used instead of NSQ or the in-process queue.
 	Queue esq.Queue
+	// DisableLossDetection turns off loss detection (esq.DetectLoss), on by
+	// default for every queue: each notification carries its publisher's
+	// sequence number, and a server that finds one missing re-fetches the
+	// entity type's subscribed keys. Turn it off if other programs consume
+	// the topics and cannot take the extra "_es" field or the marks (small
+	// messages without a key).
+	DisableLossDetection bool
 	// WSPassThrough receives websocket frames that carry no action, with the
 	// connection's secret.
 	WSPassThrough shared.PassThrough
@@ -77,7 +84,11 @@ func New(config Config) (*EntitySync, error) {
 	if err != nil {
 		return nil, err
 	}
+	if !config.DisableLossDetection {
+		queue = esq.DetectLoss(queue, config.Logger)
+	}
 	hub := esdb.NewDatabaseHub()
+	hub.Logger = config.Logger
 	if config.Bridge.Logger == nil {
 		config.Bridge.Logger = config.Logger
 	}
@@ -119,7 +130,11 @@ func buildQueue(config *Config) (esq.Queue, error) {
 func Setup(config Config) *EntitySync {
 	es, err := New(config)
 	if err != nil {
-		logrus.WithError(err).Error("entitysync: setup failed")
+		log := config.Logger
+		if log == nil {
+			log = logrus.StandardLogger()
+		}
+		log.WithError(err).Error("entitysync: setup failed")
 		hub := esdb.NewDatabaseHub()
 		return &EntitySync{Mux: config.Mux, DatabaseHub: hub, err: err,
 			Bridge: esbridge.New(failedQueue{err}, hub, esbridge.Options{})}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"log"
 	"net/http/httptest"
 	"strings"
 	"sync"
@@ -11,6 +12,7 @@ import (
 	"github.com/gorilla/websocket"
 
 	"github.com/entity-sync/entity-sync/entitysync"
+	"github.com/entity-sync/entity-sync/esbridge"
 	"github.com/entity-sync/entity-sync/shared"
 )
 
@@ -67,4 +69,33 @@ func Example() {
 	// Output:
 	// initial: {"id":"100","price":5}
 	// changed: {"id":"100","price":7}
+}
+
+// On a hot write path, NotifyAsync queues the notification and returns at
+// once; a background publisher sends it, retrying failures. Before shutting
+// down, FlushNotifications (or Close) publishes what is still waiting.
+func ExampleEntitySync_NotifyAsync() {
+	es, err := entitysync.New(entitysync.Config{Bridge: esbridge.Options{
+		OnNotifyError: func(key shared.EntityKey, err error) {
+			log.Printf("notify %s failed, retrying: %v", key, err) // or a metric
+		},
+	}})
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer es.Close(context.Background())
+
+	for id := 1; id <= 3; id++ {
+		// ... write row id ...
+		if err := es.NotifyAsync(shared.EntityKey{Entity: "items", ID: fmt.Sprint(id)}); err != nil {
+			fmt.Println(err) // ErrNotifyBacklog: the broker is down or slow
+		}
+	}
+	if err := es.Bridge.FlushNotifications(context.Background()); err != nil {
+		fmt.Println(err)
+	}
+	fmt.Println("published:", es.Bridge.Stats().Notifications)
+	// Output:
+	// published: 3
 }

@@ -332,7 +332,7 @@ func (b *Bridge) resync(entity shared.EntityType) {
 		ks.mu.Unlock()
 	}
 	n := len(keys)
-	b.log.WithField("entity", entity).Infof("queue connection regained or new broker found: re-fetching %d subscribed keys", n)
+	b.log.WithField("entity", entity).Infof("the queue may have lost notifications (broker reconnect, new broker, or a gap in a publisher's sequence): re-fetching %d subscribed keys", n)
 }
 
 // index returns the key's state, made if the key had no subscriber, with its

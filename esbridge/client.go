@@ -42,9 +42,12 @@ type Client struct {
 	direct     func(*Update) bool
 }
 
-// subscription is one key of one client.
+// subscription is one key of one client. Fan-outs hold it (from a group's
+// snapshot) and hand it updates without looking the key up; its fields are
+// guarded by the client's mu.
 type subscription struct {
-	ks      *keyState // nil once revoked: only the revoked signal is left to take
+	c       *Client
+	ks      *keyState // nil once unsubscribed or revoked (only the revoked signal is left to take)
 	group   string    // the key's group the client is in
 	sent    uint64    // Seq of the last update handed over for this key
 	pending *Update   // waiting for Take
@@ -161,7 +164,17 @@ func (c *Client) Subscriptions() int {
 func (c *Client) deliver(u *Update) bool {
 	c.mu.Lock()
 	s := c.subs[u.Key]
-	if c.closed || c.overflowed || s == nil || s.ks == nil || s.group != u.group || u.Seq <= s.sent {
+	c.mu.Unlock()
+	if s == nil {
+		return false
+	}
+	return c.deliverTo(s, u)
+}
+
+// deliverTo is deliver for the subscription s of c (the fan-out's path).
+func (c *Client) deliverTo(s *subscription, u *Update) bool {
+	c.mu.Lock()
+	if c.closed || c.overflowed || s.ks == nil || s.group != u.group || u.Seq <= s.sent {
 		c.mu.Unlock()
 		return false
 	}
@@ -308,7 +321,7 @@ func (c *Client) Subscribe(key shared.EntityKey) error {
 		ks.mu.Lock()
 	} else {
 		ks = c.b.index(key) // locked
-		s = &subscription{ks: ks, group: ks.groupName(c.Secret())}
+		s = &subscription{c: c, ks: ks, group: ks.groupName(c.Secret())}
 		c.mu.Lock()
 		if c.subs == nil {
 			c.subs = make(map[shared.EntityKey]*subscription)
@@ -321,7 +334,7 @@ func (c *Client) Subscribe(key shared.EntityKey) error {
 		c.nsubs++
 		c.mu.Unlock()
 	}
-	g := ks.join(c, s.group)
+	g := ks.join(s, s.group)
 	cur := c.currentFor(g, s)
 	c.b.request(ks, false) // a new group needs its first fetch
 	ks.mu.Unlock()
@@ -379,6 +392,7 @@ func (c *Client) Unsubscribe(key shared.EntityKey) {
 	ks := s.ks
 	if ks != nil {
 		c.nsubs--
+		s.ks = nil // fan-outs still holding s skip it
 	}
 	c.mu.Unlock()
 	if ks != nil {
@@ -449,7 +463,7 @@ func (c *Client) SetSecret(secret string) {
 		if name != s.group {
 			ks.leave(c, s.group)
 		}
-		g := ks.join(c, name)
+		g := ks.join(s, name)
 		c.mu.Lock()
 		s.group = name
 		c.dropPendingLocked(s)
@@ -489,13 +503,21 @@ func (c *Client) Close() {
 		return
 	}
 	c.closed = true
-	subs := c.subs
+	type left struct {
+		ks    *keyState
+		group string
+	}
+	var leaving []left
+	for _, s := range c.subs {
+		if s.ks != nil {
+			leaving = append(leaving, left{s.ks, s.group})
+			s.ks = nil
+		}
+	}
 	c.subs, c.order, c.npending, c.bytes, c.nsubs = nil, nil, 0, 0, 0
 	c.mu.Unlock()
-	for _, s := range subs {
-		if s.ks != nil {
-			c.b.leave(c, s.ks, s.group)
-		}
+	for _, l := range leaving {
+		c.b.leave(c, l.ks, l.group)
 	}
 	c.b.clientsMu.Lock()
 	delete(c.b.clients, c)

@@ -106,21 +106,22 @@ type keyState struct {
 
 // group is the clients of a key that see the same rows.
 type group struct {
-	members map[*Client]struct{}
-	// snap lists members for fan-outs, which iterate it without the key's
-	// lock; a membership change makes a new one instead of editing it.
-	snap    []*Client
+	members map[*Client]*subscription
+	// snap lists the members' subscriptions for fan-outs, which iterate it
+	// without the key's lock; a membership change makes a new one instead
+	// of editing it.
+	snap    []*subscription
 	current *Update // the newest state published to the group, nil before the first fetch
 	// stale means the group is new: its rows must be fetched even if no
 	// notification arrived. (A failed fetch is retried by a timer instead.)
 	stale bool
 }
 
-func (g *group) snapshot() []*Client {
+func (g *group) snapshot() []*subscription {
 	if g.snap == nil {
-		g.snap = make([]*Client, 0, len(g.members))
-		for c := range g.members {
-			g.snap = append(g.snap, c)
+		g.snap = make([]*subscription, 0, len(g.members))
+		for _, s := range g.members {
+			g.snap = append(g.snap, s)
 		}
 	}
 	return g.snap
@@ -133,18 +134,19 @@ func (ks *keyState) groupName(secret string) string {
 	return secret
 }
 
-// join puts c in the group name and returns the group. With ks.mu held.
-func (ks *keyState) join(c *Client, name string) *group {
+// join puts s's client in the group name and returns the group. With ks.mu
+// held.
+func (ks *keyState) join(s *subscription, name string) *group {
 	g := ks.groups[name]
 	if g == nil {
-		g = &group{members: make(map[*Client]struct{}), stale: true}
+		g = &group{members: make(map[*Client]*subscription), stale: true}
 		ks.groups[name] = g
 	}
-	if _, ok := g.members[c]; !ok {
-		g.members[c] = struct{}{}
-		g.snap = nil
+	if _, ok := g.members[s.c]; !ok {
 		ks.nsubs++
 	}
+	g.members[s.c] = s
+	g.snap = nil
 	return g
 }
 

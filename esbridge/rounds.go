@@ -75,7 +75,7 @@ type fetchJob struct {
 // publication is a state to hand to a group's members.
 type publication struct {
 	u       *Update
-	members []*Client
+	members []*subscription
 }
 
 // round fetches the groups of ks that need it, publishes the results that
@@ -216,7 +216,7 @@ func (b *Bridge) fanOut(p publication) int {
 	size := (len(p.members) + parts - 1) / parts
 	for i := size; i < len(p.members); i += size {
 		wg.Add(1)
-		go func(members []*Client) {
+		go func(members []*subscription) {
 			defer wg.Done()
 			n.Add(int64(b.deliverAll(p.u, members)))
 		}(p.members[i:min(i+size, len(p.members))])
@@ -228,16 +228,16 @@ func (b *Bridge) fanOut(p publication) int {
 
 // deliverAll hands u to each of members that does not have it yet, and
 // returns how many it was handed to.
-func (b *Bridge) deliverAll(u0 *Update, members []*Client) int {
+func (b *Bridge) deliverAll(u0 *Update, members []*subscription) int {
 	n := 0
-	for _, c := range members {
+	for _, s := range members {
 		u := u0
 		if b.opts.Filter != nil {
-			if u = b.filter(c, u); u == nil {
+			if u = b.filter(s.c, u); u == nil {
 				continue
 			}
 		}
-		if c.deliver(u) {
+		if s.c.deliverTo(s, u) {
 			n++
 		}
 	}

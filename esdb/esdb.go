@@ -25,6 +25,10 @@ var ErrUnknownEntity = errors.New("esdb: entity type not registered")
 // DatabaseHub maps entity types to their fetch functions. It is safe for
 // concurrent use.
 type DatabaseHub struct {
+	// Logger receives PullDataAndPush's errors (the seed's signature has
+	// no room for them). Default: logrus's standard logger.
+	Logger logrus.FieldLogger
+
 	mu      sync.RWMutex
 	entries map[shared.EntityType]entry
 }
@@ -142,7 +146,11 @@ func (SeedLookup) PerSecret(shared.EntityType) bool { return true }
 func (d *DatabaseHub) PullDataAndPush(key shared.EntityKey, secret string, handler shared.ByteHandler) {
 	rows, err := d.Fetch(context.Background(), key, secret)
 	if err != nil {
-		logrus.WithError(err).WithField("key", key.String()).Error("esdb: lookup failed")
+		log := d.Logger
+		if log == nil {
+			log = logrus.StandardLogger()
+		}
+		log.WithError(err).WithField("key", key.String()).Error("esdb: lookup failed")
 		return
 	}
 	for _, r := range rows {

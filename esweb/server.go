@@ -1,11 +1,13 @@
 // Package esweb is the websocket transport: it upgrades HTTP requests on
 // /ws/entity-sync/, reads client requests (subscribe, unsubscribe, secret,
-// pass-through) and writes each client's updates: one reader goroutine per
-// connection, and a writer goroutine only while something is due, so an idle
-// connection costs one goroutine.
+// pass-through) and writes each client's updates. A connection has one
+// reader goroutine; its frames are encoded once per update and written by
+// whoever has them with a write that never waits (the fan-out, mostly), and
+// a flusher goroutine runs only while the socket is full. An idle connection
+// costs one goroutine and a 256-byte read buffer.
 //
 // A client that stops reading never blocks anyone else: the bridge only ever
-// replaces the client's pending update per key, and the writer drops the
+// replaces the client's pending update per key, and the flusher drops the
 // connection when a write does not finish within WriteWait.
 package esweb
 

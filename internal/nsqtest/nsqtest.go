@@ -31,6 +31,7 @@ type NSQD struct {
 	dataPath string
 	ownsDir  bool // dataPath was made by Embed and is removed by Close
 	lookupds []string
+	memQueue int64
 
 	mu       sync.Mutex
 	d        *nsqd.NSQD
@@ -43,11 +44,26 @@ type NSQD struct {
 // temporary directory, registering with the given nsqlookupd TCP addresses.
 // Close stops it and removes the directory.
 func Embed(lookupdTCPAddrs ...string) (*NSQD, error) {
+	return EmbedWith(Options{LookupdTCPAddrs: lookupdTCPAddrs})
+}
+
+// Options configures an embedded nsqd beyond Embed's defaults.
+type Options struct {
+	// LookupdTCPAddrs are the nsqlookupd TCP addresses nsqd registers with.
+	LookupdTCPAddrs []string
+	// MemQueueSize is nsqd's --mem-queue-size: how many messages a topic or
+	// channel holds in memory. An ephemeral channel drops what exceeds it.
+	// Zero keeps nsqd's default (10,000).
+	MemQueueSize int64
+}
+
+// EmbedWith is Embed with options.
+func EmbedWith(o Options) (*NSQD, error) {
 	dir, err := os.MkdirTemp("", "entity-sync-nsqd-")
 	if err != nil {
 		return nil, err
 	}
-	n := &NSQD{dataPath: dir, ownsDir: true, lookupds: lookupdTCPAddrs}
+	n := &NSQD{dataPath: dir, ownsDir: true, lookupds: o.LookupdTCPAddrs, memQueue: o.MemQueueSize}
 	if err := n.start("127.0.0.1:0", "127.0.0.1:0"); err != nil {
 		os.RemoveAll(dir)
 		return nil, fmt.Errorf("nsqtest: start nsqd: %w", err)
@@ -59,7 +75,13 @@ func Embed(lookupdTCPAddrs ...string) (*NSQD, error) {
 // nsqd when the test ends.
 func StartNSQD(t testing.TB, lookupdTCPAddrs ...string) *NSQD {
 	t.Helper()
-	n, err := Embed(lookupdTCPAddrs...)
+	return StartNSQDWith(t, Options{LookupdTCPAddrs: lookupdTCPAddrs})
+}
+
+// StartNSQDWith is StartNSQD with options.
+func StartNSQDWith(t testing.TB, o Options) *NSQD {
+	t.Helper()
+	n, err := EmbedWith(o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -76,6 +98,9 @@ func (n *NSQD) start(tcp, http string) error {
 	opts.DataPath = n.dataPath
 	opts.NSQLookupdTCPAddresses = n.lookupds
 	opts.Logger = logger{"nsqd"}
+	if n.memQueue != 0 {
+		opts.MemQueueSize = n.memQueue
+	}
 	d, err := nsqd.New(opts)
 	if err != nil {
 		return err

@@ -1,0 +1,625 @@
+package esq
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/entity-sync/entity-sync/shared"
+)
+
+// DetectLoss wraps q so that a subscriber notices when the broker drops
+// messages silently, and resyncs: NSQ discards whatever overflows an
+// ephemeral channel's memory queue (nsqd's --mem-queue-size, 10,000 by
+// default) while a server is paused or saturated, and says nothing.
+//
+// Publish stamps each message, a JSON object, with one more field naming the
+// publisher (a random id per DetectLoss call) and a sequence number per entity
+// type starting at 1:
+//
+//	{"entity":"items","id":"100","_es":{"p":"9f2c41d07be36a58","n":42}}
+//
+// Decoders that ignore unknown fields (encoding/json's default) still see the
+// key; subscribers receive the stamped body. A body that is not a non-empty
+// JSON object is published as it is, unstamped. Once a publisher has been
+// quiet on an entity type for 200 ms (the mark goes out 200 to 400 ms after
+// its last publish), it sends a mark, the stamp alone ({"_es":{...}})
+// carrying the last sequence number used, and again about 2 s, 15 s and 60 s
+// after the last publish in case a mark is itself dropped. Nothing is sent
+// while nobody publishes.
+//
+// Subscribe's wrapper tracks, per entity type and publisher, the highest
+// number received. A number beyond the next one leaves a hole; a hole still
+// open one second later (messages published concurrently may arrive a little
+// out of order), or below the number of a mark that arrives, means messages
+// were lost: onLoss is called, once for every hole open at that moment, of
+// every publisher (the resync it starts covers them all). Numbers at or below
+// the highest (late or duplicate messages) are passed on and fill their hole.
+// The first message or mark heard from a publisher opens no hole. Marks never
+// reach onMessage. Messages without a stamp (the plain key, e.g. from a
+// producer outside Go) are passed on untracked. The wrapped queue's own
+// onLoss calls are passed on unchanged (they cover the open holes too).
+// onLoss may be called from a timer goroutine, concurrently with onMessage,
+// as the NSQ queue already does.
+//
+// Each loss is logged as a warning on log (nil: logrus's standard logger),
+// with how many messages went missing: a capacity signal (raise nsqd's
+// --mem-queue-size, or find what stalls the server).
+//
+// Publishers not heard from for an hour are forgotten. Close stops every timer
+// and waits for the marks being sent. Wrapping a queue DetectLoss returned
+// returns it unchanged.
+func DetectLoss(q Queue, log logrus.FieldLogger) Queue {
+	if d, ok := q.(*lossDetector); ok {
+		return d
+	}
+	d := newLossDetector(q, defaultLossTiming)
+	if log != nil {
+		d.log = log.WithField("component", "esq.detectloss")
+	}
+	return d
+}
+
+// lossTiming holds DetectLoss's delays; tests shorten them.
+type lossTiming struct {
+	// marks is the marks' schedule: the first once the publisher has been
+	// quiet on the entity type for marks[0] (checked every marks[0]), each
+	// next one marks[i]-marks[i-1] after the previous.
+	marks []time.Duration
+	// grace is how long a hole may wait for late messages.
+	grace time.Duration
+	// forget is how long a silent publisher is remembered (between one and
+	// two times forget).
+	forget time.Duration
+	// maxHoles bounds the holes tracked per publisher: one more counts as a
+	// loss at once.
+	maxHoles int
+}
+
+var defaultLossTiming = lossTiming{
+	marks:    []time.Duration{200 * time.Millisecond, 2 * time.Second, 15 * time.Second, 60 * time.Second},
+	grace:    time.Second,
+	forget:   time.Hour,
+	maxHoles: 64,
+}
+
+type lossDetector struct {
+	q      Queue
+	log    logrus.FieldLogger
+	id     string
+	timing lossTiming
+	ctx    context.Context // cancelled by Close: bounds the marks' publishes
+	cancel context.CancelFunc
+
+	mu     sync.RWMutex
+	closed bool
+	topics map[shared.EntityType]*seqTopic
+	subs   []*seqSub
+
+	// running counts timer callbacks at work (sending a mark, calling
+	// onLoss). A callback joins it under its topic's or subscription's lock
+	// after checking that Close has not marked it closed, so every Add
+	// happens before Close's Wait.
+	running sync.WaitGroup
+}
+
+func newLossDetector(q Queue, timing lossTiming) *lossDetector {
+	id, err := randomHex(8)
+	if err != nil {
+		// crypto/rand does not fail on the platforms Go supports; a fixed
+		// id would still work for one publisher.
+		id = "0000000000000000"
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &lossDetector{q: q, id: id, timing: timing, ctx: ctx, cancel: cancel,
+		log:    logrus.StandardLogger().WithField("component", "esq.detectloss"),
+		topics: make(map[shared.EntityType]*seqTopic)}
+}
+
+// seqTopic is a publisher's sequence on one entity type.
+type seqTopic struct {
+	d      *lossDetector
+	entity shared.EntityType
+
+	mu       sync.Mutex
+	n        uint64 // last sequence number given out
+	inflight int    // publishes not returned yet
+	marked   uint64 // n when the marks' schedule (re)started
+	sent     int    // marks sent since then
+	timer    *time.Timer
+	armed    bool
+	closed   bool
+}
+
+func (d *lossDetector) topic(entity shared.EntityType) (*seqTopic, error) {
+	d.mu.RLock()
+	t, ok := d.topics[entity]
+	closed := d.closed
+	d.mu.RUnlock()
+	if ok && !closed {
+		return t, nil
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil, ErrClosed
+	}
+	t, ok = d.topics[entity]
+	if !ok {
+		t = &seqTopic{d: d, entity: entity}
+		d.topics[entity] = t
+	}
+	return t, nil
+}
+
+// Publish stamps body with the next sequence number of the entity type and
+// publishes it on the wrapped queue.
+func (d *lossDetector) Publish(ctx context.Context, entity shared.EntityType, body []byte) error {
+	at, ok := stampAt(body)
+	if !ok {
+		return d.q.Publish(ctx, entity, body)
+	}
+	t, err := d.topic(entity)
+	if err != nil {
+		return err
+	}
+	t.mu.Lock()
+	t.n++
+	n := t.n
+	t.inflight++
+	t.mu.Unlock()
+
+	err = d.q.Publish(ctx, entity, stamp(body, at, d.id, n))
+
+	t.mu.Lock()
+	t.inflight--
+	if t.inflight == 0 && !t.closed && (!t.armed || t.sent > 0) {
+		// Start the marks' schedule, or restart it if it was waiting for
+		// a later mark. A first mark already due is left to find that
+		// this publish happened.
+		t.marked, t.sent = t.n, 0
+		t.arm(d.timing.marks[0])
+	}
+	t.mu.Unlock()
+	// A failed publish leaves its number unused: subscribers see a hole and
+	// resync, which suits a notification that may not have gone out.
+	return err
+}
+
+// arm schedules markDue after delay. With t.mu held.
+func (t *seqTopic) arm(delay time.Duration) {
+	t.armed = true
+	if t.timer == nil {
+		t.timer = time.AfterFunc(delay, t.markDue)
+	} else {
+		t.timer.Reset(delay)
+	}
+}
+
+// markDue sends the mark that is due and arms the timer for the next one.
+// If anything was published since the schedule started, the first mark
+// waits for a whole quiet interval instead: while publishes continue, the
+// timer only re-arms itself every marks[0], and the first mark goes out
+// between marks[0] and twice that after the last publish.
+func (t *seqTopic) markDue() {
+	marks := t.d.timing.marks
+	t.mu.Lock()
+	t.armed = false
+	if t.closed || t.inflight > 0 {
+		// A running publish arms the timer when it returns.
+		t.mu.Unlock()
+		return
+	}
+	if t.n != t.marked {
+		t.marked, t.sent = t.n, 0
+		t.arm(marks[0])
+		t.mu.Unlock()
+		return
+	}
+	if t.sent >= len(marks) { // the schedule is done: quiet until a publish
+		t.mu.Unlock()
+		return
+	}
+	n := t.n
+	t.sent++
+	if t.sent < len(marks) {
+		t.arm(marks[t.sent] - marks[t.sent-1])
+	}
+	t.d.running.Add(1)
+	t.mu.Unlock()
+	defer t.d.running.Done()
+	// Every number up to n has been published (or failed), so a subscriber
+	// missing one when the mark arrives has lost it.
+	_ = t.d.q.Publish(t.d.ctx, t.entity, markBody(t.d.id, n))
+}
+
+// Subscribe subscribes on the wrapped queue, checking each stamped message's
+// sequence number and consuming marks (see DetectLoss).
+func (d *lossDetector) Subscribe(entity shared.EntityType, onMessage func(body []byte), onLoss func()) error {
+	s := &seqSub{d: d, entity: entity, onMessage: onMessage, onLoss: onLoss,
+		peers: make(map[string]*seqPeer), lastSweep: time.Now()}
+	innerLoss := onLoss
+	if onLoss != nil {
+		innerLoss = func() {
+			s.mu.Lock()
+			s.coverAll()
+			s.mu.Unlock()
+			onLoss()
+		}
+	}
+	// Registered first, so that a Close running meanwhile stops its timer.
+	d.mu.Lock()
+	if d.closed {
+		d.mu.Unlock()
+		return ErrClosed
+	}
+	d.subs = append(d.subs, s)
+	d.mu.Unlock()
+	if err := d.q.Subscribe(entity, s.handle, innerLoss); err != nil {
+		d.mu.Lock()
+		for i, x := range d.subs {
+			if x == s {
+				d.subs = append(d.subs[:i], d.subs[i+1:]...)
+				break
+			}
+		}
+		d.mu.Unlock()
+		return err
+	}
+	return nil
+}
+
+// seqSub checks one entity type's sequences.
+type seqSub struct {
+	d         *lossDetector
+	entity    shared.EntityType
+	onMessage func([]byte)
+	onLoss    func()
+
+	mu        sync.Mutex
+	peers     map[string]*seqPeer // by publisher id
+	epoch     uint64              // advanced by each sweep
+	lastSweep time.Time
+	timer     *time.Timer // confirms holes that outlive grace
+	armed     bool
+	closed    bool
+}
+
+// seqPeer is what a subscriber knows of one publisher.
+type seqPeer struct {
+	last  uint64    // highest number received
+	holes []span    // numbers below last not received, ascending
+	since time.Time // when the oldest open hole opened
+	epoch uint64    // the sweep epoch it was last heard in
+}
+
+// span is the sequence numbers from..to, inclusive.
+type span struct{ from, to uint64 }
+
+func (s *seqSub) handle(body []byte) {
+	pub, n, mark, ok := parseStamp(body)
+	if !ok {
+		s.onMessage(body)
+		return
+	}
+	if !mark {
+		s.onMessage(body)
+	}
+	if missing := s.check(pub, n, mark); missing > 0 {
+		how := "a mark sent after them"
+		if !mark {
+			how = fmt.Sprintf("more than %d gaps in one sequence", s.d.timing.maxHoles)
+		}
+		s.lost(missing, how)
+	}
+}
+
+// check records number n from publisher pub and returns how many messages
+// are known lost (0: none).
+func (s *seqSub) check(pub []byte, n uint64, mark bool) (missing uint64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed || !s.record(pub, n, mark) {
+		return 0
+	}
+	return s.coverAll()
+}
+
+// lost logs a loss and calls onLoss.
+func (s *seqSub) lost(missing uint64, how string) {
+	s.d.log.WithField("entity", s.entity).Warnf(
+		"%d notifications lost by the queue (found by %s): re-fetching the subscribed keys. With NSQ, this server's channel overflowed: raise nsqd's --mem-queue-size or find what stalls the server", missing, how)
+	if s.onLoss != nil {
+		s.onLoss()
+	}
+}
+
+// coverAll forgets every open hole, of every publisher, when onLoss is about
+// to be called, and returns how many numbers they held. The resync onLoss
+// starts covers them all: a hole's missing number was given out before a
+// higher one that has arrived, so its change was committed before now, and
+// the resync's fetches, which start after now, see it. With s.mu held.
+func (s *seqSub) coverAll() (missing uint64) {
+	for _, p := range s.peers {
+		for _, h := range p.holes {
+			missing += h.to - h.from + 1
+		}
+		p.holes = p.holes[:0]
+	}
+	return missing
+}
+
+// record is check's work. With s.mu held.
+func (s *seqSub) record(pub []byte, n uint64, mark bool) (lost bool) {
+	p := s.peers[string(pub)]
+	if p == nil {
+		s.sweep()
+		s.peers[string(pub)] = &seqPeer{last: n, epoch: s.epoch}
+		return false
+	}
+	p.epoch = s.epoch
+	if mark {
+		// Every number up to n was published before the mark: those still
+		// missing are lost.
+		if n > p.last {
+			p.holes = append(p.holes, span{p.last + 1, n})
+			p.last = n
+		}
+		return len(p.holes) > 0 && p.holes[0].from <= n
+	}
+	switch {
+	case n == p.last+1:
+		p.last = n
+	case n > p.last+1:
+		if len(p.holes) == 0 {
+			p.since = time.Now()
+			if !s.armed {
+				s.armed = true
+				if s.timer == nil {
+					s.timer = time.AfterFunc(s.d.timing.grace, s.graceDue)
+				} else {
+					s.timer.Reset(s.d.timing.grace)
+				}
+			}
+		}
+		p.holes = append(p.holes, span{p.last + 1, n - 1})
+		p.last = n
+		if len(p.holes) > s.d.timing.maxHoles {
+			return true
+		}
+	default:
+		p.fill(n)
+	}
+	return false
+}
+
+// fill records the late arrival of n.
+func (p *seqPeer) fill(n uint64) {
+	for i := range p.holes {
+		h := &p.holes[i]
+		if n < h.from || n > h.to {
+			continue
+		}
+		switch {
+		case h.from == h.to:
+			p.holes = append(p.holes[:i], p.holes[i+1:]...)
+		case n == h.from:
+			h.from++
+		case n == h.to:
+			h.to--
+		default:
+			rest := span{n + 1, h.to}
+			h.to = n - 1
+			p.holes = append(p.holes, span{})
+			copy(p.holes[i+2:], p.holes[i+1:])
+			p.holes[i+1] = rest
+		}
+		return
+	}
+}
+
+// graceDue reports the holes open for grace or longer as a loss and arms the
+// timer for the rest.
+func (s *seqSub) graceDue() {
+	s.mu.Lock()
+	s.armed = false
+	if s.closed {
+		s.mu.Unlock()
+		return
+	}
+	now := time.Now()
+	lost := false
+	var next time.Duration
+	for _, p := range s.peers {
+		if len(p.holes) == 0 {
+			continue
+		}
+		if wait := s.d.timing.grace - now.Sub(p.since); wait > 0 {
+			if next == 0 || wait < next {
+				next = wait
+			}
+			continue
+		}
+		lost = true
+	}
+	if !lost {
+		if next > 0 {
+			s.armed = true
+			s.timer.Reset(next)
+		}
+		s.mu.Unlock()
+		return
+	}
+	missing := s.coverAll()
+	s.d.running.Add(1)
+	s.mu.Unlock()
+	defer s.d.running.Done()
+	s.lost(missing, fmt.Sprintf("a gap in the sequence still open after %s", s.d.timing.grace))
+}
+
+// sweep forgets the publishers not heard from since the previous sweep, at
+// most once per forget period. It runs when a new publisher appears, the
+// only time the map grows. With s.mu held.
+func (s *seqSub) sweep() {
+	now := time.Now()
+	if now.Sub(s.lastSweep) < s.d.timing.forget {
+		return
+	}
+	for id, p := range s.peers {
+		if p.epoch != s.epoch && len(p.holes) == 0 {
+			delete(s.peers, id)
+		}
+	}
+	s.epoch++
+	s.lastSweep = now
+}
+
+// Close stops the marks' timers, closes the wrapped queue, then stops the
+// subscriptions' timers, and waits for running timer callbacks or ctx.
+func (d *lossDetector) Close(ctx context.Context) error {
+	d.mu.Lock()
+	if d.closed {
+		d.mu.Unlock()
+		return d.q.Close(ctx)
+	}
+	d.closed = true
+	topics := make([]*seqTopic, 0, len(d.topics))
+	for _, t := range d.topics {
+		topics = append(topics, t)
+	}
+	subs := append([]*seqSub(nil), d.subs...)
+	d.mu.Unlock()
+
+	for _, t := range topics {
+		t.mu.Lock()
+		t.closed = true
+		if t.timer != nil {
+			t.timer.Stop()
+		}
+		t.mu.Unlock()
+	}
+	d.cancel()
+	err := d.q.Close(ctx)
+	// The wrapped queue delivers nothing more, so no timer is armed again.
+	for _, s := range subs {
+		s.mu.Lock()
+		s.closed = true
+		if s.timer != nil {
+			s.timer.Stop()
+		}
+		s.mu.Unlock()
+	}
+	done := make(chan struct{})
+	go func() { d.running.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		if err == nil {
+			err = ctx.Err()
+		}
+	}
+	return err
+}
+
+// The stamp is the last field of the object: `,"_es":{"p":"<id>","n":<n>}}`.
+// A mark is the stamp alone: `{"_es":{"p":"<id>","n":<n>}}`.
+var (
+	stampKey = []byte(`"_es":{"p":"`)
+	stampN   = []byte(`","n":`)
+)
+
+func isSpace(c byte) bool { return c == ' ' || c == '\t' || c == '\n' || c == '\r' }
+
+// stampAt returns the index of the closing brace of body, a non-empty JSON
+// object, or false if body is anything else. Only the braces are checked:
+// the stamp is appended inside them.
+func stampAt(body []byte) (int, bool) {
+	start, end := 0, len(body)
+	for start < end && isSpace(body[start]) {
+		start++
+	}
+	for end > start && isSpace(body[end-1]) {
+		end--
+	}
+	if end-start < 2 || body[start] != '{' || body[end-1] != '}' {
+		return 0, false
+	}
+	i := end - 2
+	for i > start && isSpace(body[i]) {
+		i--
+	}
+	if i == start { // {}: stamped, it would read as a mark
+		return 0, false
+	}
+	return end - 1, true
+}
+
+// stamp returns a copy of body with the stamp inserted at its closing brace.
+func stamp(body []byte, at int, id string, n uint64) []byte {
+	out := make([]byte, 0, at+1+len(stampKey)+len(id)+len(stampN)+20+2)
+	out = append(out, body[:at]...)
+	out = append(out, ',')
+	return appendStamp(out, id, n)
+}
+
+func markBody(id string, n uint64) []byte {
+	out := make([]byte, 0, 1+len(stampKey)+len(id)+len(stampN)+20+2)
+	out = append(out, '{')
+	return appendStamp(out, id, n)
+}
+
+func appendStamp(out []byte, id string, n uint64) []byte {
+	out = append(out, stampKey...)
+	out = append(out, id...)
+	out = append(out, stampN...)
+	out = strconv.AppendUint(out, n, 10)
+	return append(out, '}', '}')
+}
+
+// parseStamp finds the stamp at the end of body, reading backwards from the
+// last byte. ok is false for a body without a well-formed stamp (passed on
+// untracked); mark is true for a mark.
+func parseStamp(body []byte) (pub []byte, n uint64, mark, ok bool) {
+	l := len(body)
+	if l < len(stampKey)+len(stampN)+5 || body[l-1] != '}' || body[l-2] != '}' {
+		return nil, 0, false, false
+	}
+	// The number.
+	d := l - 2
+	for d > 0 && body[d-1] >= '0' && body[d-1] <= '9' {
+		d--
+	}
+	digits := body[d : l-2]
+	if len(digits) == 0 || len(digits) > 19 {
+		return nil, 0, false, false
+	}
+	for _, c := range digits {
+		n = n*10 + uint64(c-'0')
+	}
+	if n == 0 || !bytes.HasSuffix(body[:d], stampN) {
+		return nil, 0, false, false
+	}
+	// The publisher id, up to the quote that ends stampKey.
+	end := d - len(stampN)
+	q := bytes.LastIndexByte(body[:end], '"')
+	if q < 0 || q == end-1 || !bytes.HasSuffix(body[:q+1], stampKey) {
+		return nil, 0, false, false
+	}
+	pub = body[q+1 : end]
+	i := q + 1 - len(stampKey)
+	switch {
+	case i == 0:
+		return nil, 0, false, false
+	case body[i-1] == ',':
+	case body[i-1] == '{' && i == 1:
+		mark = true
+	default:
+		return nil, 0, false, false
+	}
+	return pub, n, mark, true
+}
