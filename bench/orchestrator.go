@@ -612,6 +612,12 @@ func (o *orchestrator) phaseRate(ctx context.Context, async bool) {
 	}
 	wr, err := o.wait(ctx, "hot", br.LastVersion, n, 30*time.Second)
 	if err != nil {
+		if async {
+			// Every call returned nil and the queue was flushed, so a
+			// change that never arrives was lost inside NotifyAsync.
+			err = fmt.Errorf("%w; NotifyAsync: published %d of %d calls (%d merged into a key still waiting), pending %d, publish errors %d",
+				err, br.Published, br.N, uint64(br.N)-br.Published, br.Pending, br.NotifyErrors)
+		}
 		failAll(err)
 		return
 	}
