@@ -272,27 +272,29 @@ func (c *Client) SetSecret(secret string) {
 }
 
 // Close stops the client: it says goodbye to the server (close code 1000),
-// stops reconnecting, and returns once its goroutines are gone. No callback
-// runs after Close returns, except that Close called from a callback
-// returns without waiting for that callback (the goroutine running it ends
-// right after). Closing a closed client does nothing. The error is always
-// nil; it is there for io.Closer.
+// stops reconnecting, and returns once its goroutines are gone. When Close
+// returns, no callback runs and none will start: a callback running on the
+// client's goroutine is waited for, and queued events are dropped. The one
+// exception is Close called from a callback, which cannot wait for its own
+// caller: it returns at once, and no further callback starts after the
+// calling one returns. Every call waits, also a second one made while the
+// first is still closing. The error is always nil; it is there for
+// io.Closer.
 func (c *Client) Close() error {
 	c.mu.Lock()
-	if c.closed {
-		c.mu.Unlock()
-		return nil
-	}
+	first := !c.closed
 	c.closed = true
 	c.state = Closed
 	cn := c.conn
 	c.mu.Unlock()
 
-	c.cancel()
-	if cn != nil {
-		msg := websocket.FormatCloseMessage(websocket.CloseNormalClosure, "client closed")
-		_ = cn.ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
-		cn.ws.Close()
+	if first {
+		c.cancel()
+		if cn != nil {
+			msg := websocket.FormatCloseMessage(websocket.CloseNormalClosure, "client closed")
+			_ = cn.ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
+			cn.ws.Close()
+		}
 	}
 	<-c.done
 	c.events.close()
