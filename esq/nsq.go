@@ -44,10 +44,12 @@ type NSQConfig struct {
 	// ReconnectInterval is how long go-nsq waits between attempts to reach a
 	// lost nsqd, and how often it polls nsqlookupd. Default 5s (go-nsq's
 	// default of 60s would leave a server deaf for a minute after nsqd
-	// restarts). Must be at least twice WatchInterval.
+	// restarts). Between 10ms and 5m (go-nsq's bounds), and at least twice
+	// WatchInterval.
 	ReconnectInterval time.Duration
 	// WatchInterval is how often each consumer's connection count is checked
-	// to detect a lost and regained nsqd. Default 100ms.
+	// to detect a lost and regained nsqd. Default 100ms. Negative durations
+	// and counts are refused by NewNSQ.
 	WatchInterval time.Duration
 	// LiveTimeout bounds how long Subscribe waits for the subscription to be
 	// live on every nsqd (and how long a resync waits after a reconnect).
@@ -64,6 +66,8 @@ const (
 	defaultWatchInterval     = 100 * time.Millisecond
 	defaultLiveTimeout       = 10 * time.Second
 	probeRetryInterval       = 50 * time.Millisecond
+	minReconnectInterval     = 10 * time.Millisecond // go-nsq's LookupdPollInterval bounds
+	maxReconnectInterval     = 5 * time.Minute
 	maxTopicLength           = 64
 )
 
@@ -80,15 +84,43 @@ func TopicName(prefix string, entity shared.EntityType) (string, error) {
 	return topic, nil
 }
 
+// setDefaults fills in the defaults and validates the whole configuration,
+// once, so that a bad value is a clear error from NewNSQ rather than a
+// failure later on a goroutine (a negative WatchInterval used to panic in
+// the first Subscribe's watcher). Negative values are refused explicitly:
+// zero means "default", but a negative one is a mistake, not a wish for the
+// default.
 func (c *NSQConfig) setDefaults() error {
 	if len(c.NSQDAddrs) == 0 {
 		return errors.New("esq: NSQConfig.NSQDAddrs needs at least one nsqd TCP address to publish to")
 	}
-	if c.MaxInFlight == 0 {
-		c.MaxInFlight = defaultMaxInFlight
+	for i, a := range c.NSQDAddrs {
+		if strings.TrimSpace(a) == "" {
+			return fmt.Errorf("esq: NSQConfig.NSQDAddrs[%d] is empty", i)
+		}
+	}
+	for i, a := range c.LookupdHTTPAddrs {
+		if strings.TrimSpace(a) == "" {
+			return fmt.Errorf("esq: NSQConfig.LookupdHTTPAddrs[%d] is empty", i)
+		}
+	}
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{
+		{"ReconnectInterval", c.ReconnectInterval},
+		{"WatchInterval", c.WatchInterval},
+		{"LiveTimeout", c.LiveTimeout},
+	} {
+		if d.v < 0 {
+			return fmt.Errorf("esq: NSQConfig.%s is %s, must not be negative (0 means the default)", d.name, d.v)
+		}
 	}
 	if c.MaxInFlight < 0 {
-		return fmt.Errorf("esq: NSQConfig.MaxInFlight is %d, must be positive", c.MaxInFlight)
+		return fmt.Errorf("esq: NSQConfig.MaxInFlight is %d, must not be negative (0 means the default)", c.MaxInFlight)
+	}
+	if c.MaxInFlight == 0 {
+		c.MaxInFlight = defaultMaxInFlight
 	}
 	if c.ReconnectInterval == 0 {
 		c.ReconnectInterval = defaultReconnectInterval
@@ -99,12 +131,15 @@ func (c *NSQConfig) setDefaults() error {
 	if c.LiveTimeout == 0 {
 		c.LiveTimeout = defaultLiveTimeout
 	}
+	// go-nsq's own bounds for LookupdPollInterval, which ReconnectInterval
+	// sets: checked here so the error names our field, not go-nsq's.
+	if c.ReconnectInterval < minReconnectInterval || c.ReconnectInterval > maxReconnectInterval {
+		return fmt.Errorf("esq: NSQConfig.ReconnectInterval is %s, must be between %s and %s",
+			c.ReconnectInterval, minReconnectInterval, maxReconnectInterval)
+	}
 	if c.ReconnectInterval < 2*c.WatchInterval {
 		return fmt.Errorf("esq: NSQConfig.ReconnectInterval (%s) must be at least twice WatchInterval (%s), or a reconnect could go unnoticed",
 			c.ReconnectInterval, c.WatchInterval)
-	}
-	if c.LiveTimeout < 0 {
-		return errors.New("esq: NSQConfig.LiveTimeout must not be negative")
 	}
 	if c.Logger == nil {
 		c.Logger = logrus.StandardLogger()
