@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/url"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -234,24 +235,98 @@ func (q *NSQ) producer(addr string) (*producer, error) {
 }
 
 // Publish sends body to the entity type's topic on the first nsqd in
-// NSQDAddrs that accepts it.
-func (q *NSQ) Publish(_ context.Context, entity shared.EntityType, body []byte) error {
+// NSQDAddrs that accepts it, and returns once nsqd has acknowledged it.
+//
+// An nsqd that is being dialed by another publish, whose last dial failed,
+// or that does not complete a connection within go-nsq's dial timeout (1s)
+// is passed over for the next one; only when every nsqd failed does Publish
+// come back to the passed-over ones and wait for their connection. It gives
+// up when ctx ends, returning an error that wraps ctx.Err().
+func (q *NSQ) Publish(ctx context.Context, entity shared.EntityType, body []byte) error {
 	topic, err := TopicName(q.cfg.TopicPrefix, entity)
 	if err != nil {
 		return err
 	}
+	ctxErr := func() error { return fmt.Errorf("esq: publish to topic %q: %w", topic, ctx.Err()) }
+	if ctx.Err() != nil {
+		return ctxErr()
+	}
 	var errs []error
+	var passedOver []*producer
 	for _, addr := range q.cfg.NSQDAddrs {
 		p, err := q.producer(addr)
 		if err != nil {
 			return err
 		}
-		if err = p.Publish(topic, body); err == nil {
+		err = p.publish(ctx, topic, body, false)
+		var skip *skipped
+		switch {
+		case err == nil:
 			return nil
+		case ctx.Err() != nil:
+			return ctxErr()
+		case errors.Is(err, ErrClosed):
+			return err
+		case errors.As(err, &skip):
+			passedOver = append(passedOver, p)
+		default:
+			errs = append(errs, fmt.Errorf("nsqd %s: %w", addr, err))
 		}
-		errs = append(errs, fmt.Errorf("nsqd %s: %w", addr, err))
+	}
+	// Every nsqd failed or was passed over: wait for whichever passed-over
+	// nsqd connects first (one of them may be a dial that hangs).
+	for len(passedOver) > 0 {
+		p, err := firstConnected(ctx, passedOver)
+		if p == nil {
+			if ctx.Err() != nil {
+				return ctxErr()
+			}
+			if errors.Is(err, ErrClosed) {
+				return err
+			}
+			errs = append(errs, err)
+			break
+		}
+		err = p.publish(ctx, topic, body, true)
+		switch {
+		case err == nil:
+			return nil
+		case ctx.Err() != nil:
+			return ctxErr()
+		case errors.Is(err, ErrClosed):
+			return err
+		}
+		errs = append(errs, fmt.Errorf("nsqd %s: %w", p.addr, err))
+		passedOver = slices.DeleteFunc(passedOver, func(x *producer) bool { return x == p })
 	}
 	return fmt.Errorf("esq: publish to topic %q failed on every nsqd: %w", topic, errors.Join(errs...))
+}
+
+// firstConnected waits until one of ps has a connection (dialing where
+// none is in flight) and returns it, or nil and every dial's error.
+func firstConnected(ctx context.Context, ps []*producer) (*producer, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	type result struct {
+		p   *producer
+		err error
+	}
+	results := make(chan result, len(ps))
+	for _, p := range ps {
+		go func() {
+			_, err := p.conn(ctx, true)
+			results <- result{p, err}
+		}()
+	}
+	var errs []error
+	for range ps {
+		r := <-results
+		if r.err == nil {
+			return r.p, nil // the others end with the cancelled ctx
+		}
+		errs = append(errs, fmt.Errorf("nsqd %s: %w", r.p.addr, r.err))
+	}
+	return nil, errors.Join(errs...)
 }
 
 // Subscribe consumes the entity type's topic on this server's ephemeral
@@ -333,7 +408,13 @@ func (q *NSQ) ensureTopic(s *nsqSubscription) error {
 	if err != nil {
 		return err
 	}
-	if err := p.Publish(s.topic, body); err != nil {
+	ctx, cancel := q.boundedCtx(q.cfg.LiveTimeout)
+	err = p.publish(ctx, s.topic, body, true)
+	cancel()
+	if err != nil {
+		if q.isClosing() {
+			return ErrClosed
+		}
 		return fmt.Errorf("esq: create topic %q on nsqd %s: %w", s.topic, q.cfg.NSQDAddrs[0], err)
 	}
 	deadline := time.Now().Add(q.cfg.LiveTimeout)
@@ -438,9 +519,11 @@ func (q *NSQ) probe(s *nsqSubscription, addr string, deadline time.Time) error {
 	if err != nil {
 		return err
 	}
+	ctx, cancel := q.boundedCtx(time.Until(deadline))
+	defer cancel()
 	var lastErr error
 	for {
-		if err := p.Publish(s.topic, body); err != nil {
+		if err := p.publish(ctx, s.topic, body, true); err != nil {
 			lastErr = err
 		}
 		select {
@@ -454,6 +537,29 @@ func (q *NSQ) probe(s *nsqSubscription, addr string, deadline time.Time) error {
 			return fmt.Errorf("esq: subscription to topic %q on nsqd %s not live after %s (last publish error: %v)",
 				s.topic, addr, q.cfg.LiveTimeout, lastErr)
 		}
+	}
+}
+
+// boundedCtx returns a context that ends after d or when the queue closes,
+// for the queue's own publishes (topic creation, probes).
+func (q *NSQ) boundedCtx(d time.Duration) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	go func() {
+		select {
+		case <-q.closing:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	return ctx, cancel
+}
+
+func (q *NSQ) isClosing() bool {
+	select {
+	case <-q.closing:
+		return true
+	default:
+		return false
 	}
 }
 
@@ -550,7 +656,7 @@ func (q *NSQ) Close(ctx context.Context) error {
 		}
 	}
 	for _, p := range producers {
-		p.Stop()
+		p.Stop(ctx)
 	}
 	q.http.CloseIdleConnections()
 	done := make(chan struct{})
