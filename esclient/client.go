@@ -19,6 +19,11 @@
 //     each subscribe delivers the key's current state, so a change made while
 //     the client was away is not missed. Sequence numbers start afresh on the
 //     new connection.
+//   - A connection that stays silent too long is presumed dead, closed and
+//     replaced as above: after 2 x the heartbeat interval the server
+//     announced in its welcome (plus 1s), or Options.ReadTimeout if it
+//     announced none. TCP alone may not notice a half-open connection (after
+//     a laptop sleep, say) for many minutes.
 //   - Requests carry a reference, so the server's ack or error is matched to
 //     the request. A refused subscribe ends the subscription and is reported
 //     to its Error callback (see Handlers); a "revoked" frame ends it too.
@@ -104,8 +109,11 @@ type Options struct {
 	// server's welcome frame. Default 10s.
 	HandshakeTimeout time.Duration
 	// ReadTimeout is how long the connection may stay silent before the
-	// client gives up on it and reconnects. The server pings every 54s by
-	// default, so the default is 75s.
+	// client gives up on it and reconnects, when the server announces no
+	// heartbeat. The server pings every 54s by default, so the default is
+	// 75s. A server whose welcome frame carries heartbeatMs promises a frame
+	// at least that often; the client then gives up after 2 x heartbeatMs +
+	// 1s without any frame instead (docs/protocol.md, "heartbeat").
 	ReadTimeout time.Duration
 	// WriteTimeout bounds one write to the server. Default 10s.
 	WriteTimeout time.Duration

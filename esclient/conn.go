@@ -20,6 +20,11 @@ import (
 type conn struct {
 	ws    *websocket.Conn
 	ready bool // welcomed; the secret and subscriptions were sent
+	// silence is how long the connection may go without a frame before the
+	// client presumes it dead: derived from the welcome's heartbeatMs, or
+	// Options.ReadTimeout when the server announced no heartbeat.
+	silence   time.Duration
+	heartbeat time.Duration // the server's announced interval, 0 if none
 
 	nextRef uint64
 	pending map[string]request          // requests awaiting their ack or error
@@ -47,14 +52,15 @@ type request struct {
 
 // inbound is any server frame.
 type inbound struct {
-	Type    string            `json:"type"`
-	Key     *shared.EntityKey `json:"key"`
-	Seq     uint64            `json:"seq"`
-	Rows    []json.RawMessage `json:"rows"`
-	Ref     string            `json:"ref"`
-	Code    shared.ErrorCode  `json:"code"`
-	Message string            `json:"message"`
-	Reason  string            `json:"reason"`
+	Type        string            `json:"type"`
+	HeartbeatMs float64           `json:"heartbeatMs"` // welcome
+	Key         *shared.EntityKey `json:"key"`
+	Seq         uint64            `json:"seq"`
+	Rows        []json.RawMessage `json:"rows"`
+	Ref         string            `json:"ref"`
+	Code        shared.ErrorCode  `json:"code"`
+	Message     string            `json:"message"`
+	Reason      string            `json:"reason"`
 }
 
 // outbound is a client request.
@@ -114,6 +120,8 @@ func (c *Client) connect(ctx context.Context) (*conn, error) {
 		var f inbound
 		if jerr := json.Unmarshal(data, &f); jerr != nil || f.Type != "welcome" {
 			err = fmt.Errorf("esclient: expected a welcome frame, got %.200q", data)
+		} else {
+			cn.welcomed(&f, c.opts.ReadTimeout)
 		}
 	} else {
 		err = fmt.Errorf("esclient: waiting for welcome: %w", err)
@@ -128,6 +136,25 @@ func (c *Client) connect(ctx context.Context) (*conn, error) {
 		return nil, err
 	}
 	return cn, nil
+}
+
+// heartbeatSlack is added to twice the server's heartbeat interval to make
+// the silence limit: room for a late timer on the server and for network
+// jitter, so that one delayed heartbeat is not taken for a dead connection.
+const heartbeatSlack = time.Second
+
+// welcomed applies the welcome frame's announcements to the connection.
+func (cn *conn) welcomed(f *inbound, readTimeout time.Duration) {
+	cn.silence = readTimeout
+	// A server that sends heartbeats promises a frame at least every
+	// heartbeatMs: two missed beats mean the connection is dead, although
+	// TCP may not notice for many minutes (a half-open connection after a
+	// laptop sleep or a lost NAT entry). Absent (an older server): no such
+	// promise, so only ReadTimeout, which relies on the server's pings.
+	if ms := f.HeartbeatMs; ms > 0 && ms < float64(24*time.Hour/time.Millisecond) {
+		cn.heartbeat = time.Duration(ms * float64(time.Millisecond))
+		cn.silence = 2*cn.heartbeat + heartbeatSlack
+	}
 }
 
 // activate starts a welcomed connection's writer and sends the secret and
@@ -167,7 +194,7 @@ func (c *Client) serve(cn *conn) error {
 		<-cn.wdone
 	}()
 
-	readTimeout := c.opts.ReadTimeout
+	readTimeout := cn.silence
 	ws := cn.ws
 	_ = ws.SetReadDeadline(time.Now().Add(readTimeout))
 	ws.SetPingHandler(func(data string) error {
@@ -182,6 +209,13 @@ func (c *Client) serve(cn *conn) error {
 	for {
 		_, data, err := ws.ReadMessage()
 		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				if cn.heartbeat > 0 {
+					return fmt.Errorf("esclient: no frame for %s although the server promised a heartbeat every %s: connection presumed dead: %w", readTimeout, cn.heartbeat, err)
+				}
+				return fmt.Errorf("esclient: no frame for %s (Options.ReadTimeout): connection presumed dead: %w", readTimeout, err)
+			}
 			return err
 		}
 		_ = ws.SetReadDeadline(time.Now().Add(readTimeout))
@@ -292,6 +326,8 @@ func (c *Client) handle(cn *conn, data []byte) {
 		c.acked(cn, f.Ref)
 	case "error":
 		c.refused(cn, &f)
+	case "heartbeat":
+		// Nothing to do: reading it pushed the read deadline back.
 	default:
 		// "welcome" again, or a frame type from a newer server: ignored, as
 		// the protocol asks.

@@ -46,7 +46,19 @@ func (r request) key() shared.EntityKey {
 	return k
 }
 
+// defaultWelcome is the welcome frame of a scripted server: an old server's,
+// without limits the client must pace by and without a heartbeat.
+func defaultWelcome() map[string]any {
+	return map[string]any{"type": "welcome", "protocol": esclient.Subprotocol, "limits": map[string]any{"maxFrameBytes": 32768}}
+}
+
 func startFake(t *testing.T) *fakeServer {
+	t.Helper()
+	return startFakeWith(t, defaultWelcome())
+}
+
+// startFakeWith is startFake with the given welcome frame.
+func startFakeWith(t *testing.T, welcome map[string]any) *fakeServer {
 	t.Helper()
 	f := &fakeServer{t: t, conns: make(chan *fakeConn, 16)}
 	var mu sync.Mutex
@@ -64,7 +76,7 @@ func startFake(t *testing.T) *fakeServer {
 		open = append(open, ws)
 		mu.Unlock()
 		fc := &fakeConn{t: t, ws: ws, reqs: make(chan request, 256)}
-		fc.send(map[string]any{"type": "welcome", "protocol": esclient.Subprotocol, "limits": map[string]any{"maxFrameBytes": 32768}})
+		fc.send(welcome)
 		f.conns <- fc
 		defer close(fc.reqs)
 		for {
