@@ -14,11 +14,20 @@
 //   - When the connection ends for any reason other than Close, the client
 //     reconnects with exponential backoff and full jitter (between 0 and a
 //     ceiling that starts at Options.MinBackoff, 0.5s by default, and doubles
-//     up to Options.MaxBackoff, 20s by default). After the server's welcome it
-//     sends the secret (if one is set) and then every subscription again;
-//     each subscribe delivers the key's current state, so a change made while
-//     the client was away is not missed. Sequence numbers start afresh on the
-//     new connection.
+//     up to Options.MaxBackoff, 20s by default). The ceiling starts afresh
+//     only once a connection proved healthy (see Options.MinBackoff), so a
+//     server that drops the client right after welcoming it is not hammered.
+//     After the server's welcome the client sends the secret (if one is set)
+//     and then every subscription again, oldest first; each subscribe
+//     delivers the key's current state, so a change made while the client
+//     was away is not missed. Sequence numbers start afresh on the new
+//     connection.
+//   - The client respects the limits the server announces in its welcome:
+//     requests go out within its token bucket (limits.messageBurst at once,
+//     then limits.messagesPerSecond), and no more keys than
+//     limits.maxSubscriptions are subscribed on one connection; a
+//     subscription past that limit is not sent but ended with a
+//     too_many_subscriptions error (see Handlers.Error).
 //   - A connection that stays silent too long is presumed dead, closed and
 //     replaced as above: after 2 x the heartbeat interval the server
 //     announced in its welcome (plus 1s), or Options.ReadTimeout if it
@@ -64,7 +73,8 @@ const (
 	// Connecting: dialing the server or waiting for its welcome frame.
 	Connecting State = iota
 	// Connected: the server welcomed the client, and the secret and every
-	// subscription have been sent on this connection.
+	// subscription have been queued on this connection (they go out paced
+	// within the server's announced rate limit).
 	Connected
 	// Disconnected: the last connection ended or the last attempt failed; the
 	// next attempt waits for its backoff delay.
@@ -103,7 +113,10 @@ type Options struct {
 	// MinBackoff is the ceiling of the first reconnect delay; each failed
 	// attempt doubles the ceiling up to MaxBackoff, and each delay is drawn
 	// uniformly between 0 and the ceiling (full jitter). Defaults 500ms and
-	// 20s. A connection that reached the server's welcome resets the ceiling.
+	// 20s. The ceiling starts afresh only after a connection that proved
+	// healthy: the server answered every subscription sent after its
+	// welcome, or the connection stayed open for 5s. A server that welcomes
+	// the client and drops it at once thus sees the client back off.
 	MinBackoff, MaxBackoff time.Duration
 	// HandshakeTimeout bounds one connection attempt: dial, upgrade and the
 	// server's welcome frame. Default 10s.
@@ -128,6 +141,10 @@ type Options struct {
 	// and refused subscriptions whose Handlers have no Error callback. Server
 	// refusals are *ServerError values.
 	OnError func(err error)
+
+	// jitter, if set, replaces the random draw of a backoff delay in
+	// [0, ceil]: tests set it to make delays predictable.
+	jitter func(ceil time.Duration) time.Duration
 }
 
 func (o *Options) setDefaults() {
@@ -174,6 +191,8 @@ type Client struct {
 	secret string
 	subs   map[shared.EntityKey]*sub
 	conn   *conn // the current connection, nil between connections
+
+	nextOrder uint64 // creation order of subscriptions
 }
 
 // New returns a client that connects to rawURL in the background and keeps
@@ -349,7 +368,7 @@ func (c *Client) run(first *conn) {
 					return
 				}
 				c.setState(Disconnected, err)
-				if !c.pause(backoff(c.opts.MinBackoff, c.opts.MaxBackoff, attempt)) {
+				if !c.pause(c.backoff(attempt)) {
 					return
 				}
 				attempt++
@@ -357,14 +376,18 @@ func (c *Client) run(first *conn) {
 			}
 			c.activate(cn)
 		}
-		attempt = 0
 		err := c.serve(cn)
+		c.mu.Lock()
+		if cn.healthy(time.Now()) {
+			attempt = 0
+		}
+		c.mu.Unlock()
 		cn = nil
 		if c.ctx.Err() != nil {
 			return
 		}
 		c.setState(Disconnected, err)
-		if !c.pause(backoff(c.opts.MinBackoff, c.opts.MaxBackoff, attempt)) {
+		if !c.pause(c.backoff(attempt)) {
 			return
 		}
 		attempt++
@@ -384,8 +407,10 @@ func (c *Client) pause(d time.Duration) bool {
 }
 
 // backoff returns the delay before reconnect attempt n (0 for the first one
-// after a loss): uniform in [0, min(max, lo*2^n)].
-func backoff(lo, hi time.Duration, n int) time.Duration {
+// after a healthy connection ended): uniform in [0, min(MaxBackoff,
+// MinBackoff*2^n)].
+func (c *Client) backoff(n int) time.Duration {
+	lo, hi := c.opts.MinBackoff, c.opts.MaxBackoff
 	ceil := lo
 	for i := 0; i < n && ceil < hi; i++ {
 		ceil *= 2
@@ -395,6 +420,9 @@ func backoff(lo, hi time.Duration, n int) time.Duration {
 	}
 	if ceil <= 0 {
 		return 0
+	}
+	if c.opts.jitter != nil {
+		return c.opts.jitter(ceil)
 	}
 	return rand.N(ceil + 1)
 }

@@ -24,6 +24,16 @@ type fakeServer struct {
 	t     *testing.T
 	url   string
 	conns chan *fakeConn
+
+	mu      sync.Mutex
+	welcome map[string]any // sent first on every new connection
+}
+
+// setWelcome changes the welcome frame of later connections.
+func (f *fakeServer) setWelcome(w map[string]any) {
+	f.mu.Lock()
+	f.welcome = w
+	f.mu.Unlock()
 }
 
 type fakeConn struct {
@@ -31,6 +41,7 @@ type fakeConn struct {
 	ws   *websocket.Conn
 	reqs chan request
 	wmu  sync.Mutex
+	at   time.Time // when the connection was accepted
 }
 
 // request is a client frame as the fake server reads it.
@@ -38,6 +49,7 @@ type request struct {
 	Action string          `json:"action"`
 	Body   json.RawMessage `json:"body"`
 	Ref    string          `json:"ref"`
+	at     time.Time       // when the server read it
 }
 
 func (r request) key() shared.EntityKey {
@@ -60,7 +72,7 @@ func startFake(t *testing.T) *fakeServer {
 // startFakeWith is startFake with the given welcome frame.
 func startFakeWith(t *testing.T, welcome map[string]any) *fakeServer {
 	t.Helper()
-	f := &fakeServer{t: t, conns: make(chan *fakeConn, 16)}
+	f := &fakeServer{t: t, conns: make(chan *fakeConn, 64), welcome: welcome}
 	var mu sync.Mutex
 	var open []*websocket.Conn
 	var handlers sync.WaitGroup
@@ -75,7 +87,10 @@ func startFakeWith(t *testing.T, welcome map[string]any) *fakeServer {
 		mu.Lock()
 		open = append(open, ws)
 		mu.Unlock()
-		fc := &fakeConn{t: t, ws: ws, reqs: make(chan request, 256)}
+		fc := &fakeConn{t: t, ws: ws, reqs: make(chan request, 256), at: time.Now()}
+		f.mu.Lock()
+		welcome := f.welcome
+		f.mu.Unlock()
 		fc.send(welcome)
 		f.conns <- fc
 		defer close(fc.reqs)
@@ -84,6 +99,7 @@ func startFakeWith(t *testing.T, welcome map[string]any) *fakeServer {
 			if err := ws.ReadJSON(&req); err != nil {
 				return
 			}
+			req.at = time.Now()
 			fc.reqs <- req
 		}
 	}))
