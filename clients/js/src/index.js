@@ -50,6 +50,11 @@ export function connect(url, options = {}) {
 
 const keyString = (entity, id) => JSON.stringify([entity, id]);
 
+// Added to twice the server's heartbeat interval to make the silence limit:
+// room for a late timer on the server and for network jitter, so one late
+// heartbeat is not taken for a dead connection.
+const HEARTBEAT_SLACK = 1000;
+
 /** The client. Use connect() to make one. */
 export class EntitySyncClient {
   #url;
@@ -222,6 +227,8 @@ export class EntitySyncClient {
       lastSeq: new Map(), // key -> seq last applied
       unsubs: new Map(), // key -> unacknowledged unsubscribes
       timers: new Set(),
+      lastFrameAt: Date.now(),
+      watchdog: null,
     };
     this.#conn = conn;
     conn.handshake = setTimeout(() => {
@@ -258,21 +265,58 @@ export class EntitySyncClient {
 
   #release(conn) {
     clearTimeout(conn.handshake);
+    clearTimeout(conn.watchdog);
     for (const t of conn.timers) clearTimeout(t);
     conn.timers.clear();
     conn.ws.onopen = conn.ws.onmessage = conn.ws.onclose = null;
     conn.ws.onerror = () => {};
   }
 
-  #welcome(conn) {
+  #welcome(conn, f) {
     clearTimeout(conn.handshake);
     conn.ready = true;
+    this.#watch(conn, Number(f.heartbeatMs));
     this.#attempt = 0;
     // Requests are processed in order: the secret applies to every
     // subscription that follows it.
     if (this.#secret !== '') this.#send(conn, 'secret', this.#secret, {});
     for (const sub of this.#subs.values()) this.#sendSubscribe(conn, sub);
     this.#setState(State.CONNECTED);
+  }
+
+  // #watch gives up on a connection that stays silent longer than the
+  // server's heartbeat promises: browsers neither expose websocket pings nor
+  // time out a read, so after a laptop sleep or a lost NAT entry a
+  // half-open socket would otherwise stay "connected" on stale data for
+  // as long as TCP takes to notice (often many minutes). A server that
+  // announces no heartbeatMs (an older one) makes no promise: no timeout.
+  // The timer checks the time of the last frame rather than being reset on
+  // every frame, which would cost a timer per message; Date.now() also
+  // moves on while the machine sleeps, so a check that fires late on wake-up
+  // sees the whole silence.
+  #watch(conn, heartbeatMs) {
+    if (!(heartbeatMs > 0) || !Number.isFinite(heartbeatMs)) return;
+    const limit = 2 * heartbeatMs + HEARTBEAT_SLACK;
+    const check = () => {
+      if (conn !== this.#conn) return;
+      const silent = Date.now() - conn.lastFrameAt;
+      if (silent < limit) {
+        conn.watchdog = setTimeout(check, limit - silent);
+        return;
+      }
+      this.#lost(conn, {
+        error: new EntitySyncError(
+          'timeout',
+          `entity-sync: no frame for ${silent} ms although the server promised a heartbeat every ${heartbeatMs} ms: connection presumed dead`,
+        ),
+      });
+      try {
+        conn.ws.close();
+      } catch {
+        // nothing to do: the connection is already forgotten
+      }
+    };
+    conn.watchdog = setTimeout(check, limit);
   }
 
   #send(conn, action, body, req) {
@@ -308,6 +352,7 @@ export class EntitySyncClient {
 
   #onMessage(conn, data) {
     if (conn !== this.#conn) return;
+    conn.lastFrameAt = Date.now(); // any frame proves the connection alive
     let f;
     try {
       f = JSON.parse(typeof data === 'string' ? data : new TextDecoder().decode(data));
@@ -318,7 +363,7 @@ export class EntitySyncClient {
     if (f === null || typeof f !== 'object') return;
     if (!conn.ready) {
       if (f.type === 'welcome') {
-        this.#welcome(conn);
+        this.#welcome(conn, f);
       } else {
         this.#lost(conn, { error: new EntitySyncError('bad_frame', `entity-sync: expected welcome, got ${String(f.type)}`) });
         conn.ws.close();
@@ -339,6 +384,8 @@ export class EntitySyncClient {
       case 'error':
         this.#refused(conn, f);
         break;
+      case 'heartbeat':
+        break; // its arrival, noted above, is all it says
       default:
       // a frame type from a newer server: ignored, as the protocol asks
     }

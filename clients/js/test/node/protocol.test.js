@@ -10,8 +10,16 @@ import WebSocket, { WebSocketServer } from 'ws';
 import { connect, State, SUBPROTOCOL } from '../../src/index.js';
 import { Recorder } from '../helpers.js';
 
-/** A scripted server; each connection is handed to the test via accept(). */
-async function fakeServer(t, { subprotocol = true } = {}) {
+/** The welcome of a scripted server: an older server's, with no rate limits and no heartbeat. */
+const DEFAULT_WELCOME = { type: 'welcome', protocol: SUBPROTOCOL, limits: { maxFrameBytes: 32768 } };
+
+/**
+ * A scripted server; each connection is handed to the test via accept().
+ * welcome is the first frame of every connection; setWelcome changes it for
+ * later ones. Each connection and request records its arrival time (`at`,
+ * performance.now()).
+ */
+async function fakeServer(t, { subprotocol = true, welcome = DEFAULT_WELCOME } = {}) {
   const wss = new WebSocketServer({
     host: '127.0.0.1',
     port: 0,
@@ -20,10 +28,12 @@ async function fakeServer(t, { subprotocol = true } = {}) {
   await new Promise((res) => wss.once('listening', res));
   const conns = new Recorder();
   wss.on('connection', (ws) => {
+    const at = performance.now();
     const reqs = new Recorder();
-    ws.on('message', (data) => reqs.push(JSON.parse(data.toString())));
+    ws.on('message', (data) => reqs.push({ ...JSON.parse(data.toString()), at: performance.now() }));
     const fc = {
       ws,
+      at,
       send: (v) => ws.send(JSON.stringify(v)),
       /** The next request; must have this action (and key). */
       async expect(action, key) {
@@ -38,7 +48,7 @@ async function fakeServer(t, { subprotocol = true } = {}) {
       gone: (key, seq) => fc.send({ type: 'gone', key, seq }),
       drain: () => reqs.drain(),
     };
-    fc.send({ type: 'welcome', protocol: SUBPROTOCOL, limits: { maxFrameBytes: 32768 } });
+    fc.send(welcome);
     conns.push(fc);
   });
   t.after(async () => {
@@ -46,7 +56,13 @@ async function fakeServer(t, { subprotocol = true } = {}) {
     await new Promise((res) => wss.close(res));
   });
   const url = `ws://127.0.0.1:${wss.address().port}/ws/entity-sync/`;
-  return { url, accept: () => conns.next('a connection') };
+  return {
+    url,
+    accept: () => conns.next('a connection'),
+    setWelcome: (w) => {
+      welcome = w;
+    },
+  };
 }
 
 function client(t, url, extra = {}) {
@@ -273,4 +289,47 @@ test('connect needs a WebSocket constructor and a ws/http URL', () => {
     globalThis.WebSocket = had;
   }
   assert.throws(() => connect('ftp://x/', { WebSocket }), TypeError);
+});
+
+test('a connection silent for 2 x heartbeatMs (+1 s) is given up and replaced', async (t) => {
+  const f = await fakeServer(t, { welcome: { ...DEFAULT_WELCOME, heartbeatMs: 100 } });
+  const { c, states } = client(t, f.url);
+  const rec = new Recorder();
+  c.subscribe('items', '1', rec.handlers());
+  let fc = await f.accept();
+  fc.ack(await fc.expect('subscribe', key('1')));
+  fc.rows(key('1'), 1, 'v1');
+  await expectRows(rec, 'v1');
+  const lastFrame = performance.now(); // the client read the rows no earlier
+
+  // The server goes silent without closing anything: a half-open socket.
+  const lost = await states.until((e) => e.kind === State.DISCONNECTED, 'disconnected');
+  const silent = performance.now() - lastFrame;
+  assert.ok(silent >= 200, `gave up after ${silent} ms, before twice the heartbeat interval`);
+  assert.equal(lost.info?.error?.code, 'timeout', `disconnect info ${JSON.stringify(lost.info)}`);
+  assert.match(lost.info.error.message, /heartbeat/);
+
+  fc = await f.accept(); // reconnected, and subscribed again
+  fc.ack(await fc.expect('subscribe', key('1')));
+  fc.rows(key('1'), 1, 'v1 again');
+  await expectRows(rec, 'v1 again');
+});
+
+test('heartbeat frames keep a connection alive and reach no callback', async (t) => {
+  const f = await fakeServer(t, { welcome: { ...DEFAULT_WELCOME, heartbeatMs: 100 } });
+  const errors = new Recorder();
+  const { c, states } = client(t, f.url, { onError: (err) => errors.push({ kind: 'error', err }) });
+  const fc = await f.accept();
+  await states.until((e) => e.kind === State.CONNECTED, 'connected');
+  // The limit is 2 x 100 ms + 1 s: beat every 50 ms for twice that.
+  const end = performance.now() + 2 * 1200;
+  while (performance.now() < end) {
+    fc.send({ type: 'heartbeat' });
+    await new Promise((res) => setTimeout(res, 50)); // the server's beat, not a wait for the client
+  }
+  c.subscribe('items', '1', () => {});
+  await fc.expect('subscribe', key('1')); // still the first connection
+  assert.deepEqual(states.drain(), []);
+  assert.deepEqual(errors.drain(), []);
+  assert.equal(c.state, State.CONNECTED);
 });
