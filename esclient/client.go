@@ -24,7 +24,8 @@
 //     connection.
 //   - The client respects the limits the server announces in its welcome:
 //     requests go out within its token bucket (limits.messageBurst at once,
-//     then limits.messagesPerSecond), and no more keys than
+//     then limits.messagesPerSecond) with at most 32 awaiting an answer, and
+//     no more keys than
 //     limits.maxSubscriptions are subscribed on one connection; a
 //     subscription past that limit is not sent but ended with a
 //     too_many_subscriptions error (see Handlers.Error).

@@ -55,12 +55,13 @@ type conn struct {
 	unsubs map[shared.EntityKey]int
 	timers map[*time.Timer]struct{} // retries of rate-limited requests
 
-	wmu   sync.Mutex
-	queue [][]byte
-	pace  pacer // used by writeLoop only
-	wake  chan struct{}
-	stop  chan struct{}
-	wdone chan struct{}
+	wmu      sync.Mutex
+	queue    [][]byte
+	inFlight int   // requests written and not answered yet; guarded by wmu
+	pace     pacer // used by writeLoop only
+	wake     chan struct{}
+	stop     chan struct{}
+	wdone    chan struct{}
 }
 
 // request is a sent request that carried a ref.
@@ -223,6 +224,14 @@ func (p *pacer) take(now time.Time) time.Duration {
 	}
 	return time.Duration(math.Ceil((1 - p.tokens) / p.rate * float64(time.Second)))
 }
+
+// maxInFlight bounds the requests awaiting their ack or error. The server
+// queues those answers and drops a connection (1008) whose unwritten
+// answers pile up, taking it for a client that does not read them; its
+// default burst (100) exceeds that queue (64), so a client that sent a full
+// burst to a busy server could be dropped although it reads everything. A
+// window well below the queue keeps it safe whatever the burst.
+const maxInFlight = 32
 
 // healthyAfter is how long a connection must stay open to count as healthy
 // when it has not proved so by answering its resubscriptions.
@@ -390,9 +399,9 @@ func (c *Client) sendUnsubscribe(cn *conn, key shared.EntityKey) {
 	c.send(cn, shared.ActionUnsubscribe, key, request{key: key})
 }
 
-// writeLoop writes queued requests, in order and paced (see pacer), until
-// stop. A failed write closes the connection, which ends the read loop and
-// so the connection.
+// writeLoop writes queued requests, in order, paced (see pacer) and with at
+// most maxInFlight awaiting an answer, until stop. A failed write closes
+// the connection, which ends the read loop and so the connection.
 func (cn *conn) writeLoop(timeout time.Duration) {
 	defer close(cn.wdone)
 	paused := time.NewTimer(time.Hour)
@@ -407,9 +416,9 @@ func (cn *conn) writeLoop(timeout time.Duration) {
 		}
 		for {
 			cn.wmu.Lock()
-			if len(cn.queue) == 0 {
+			if len(cn.queue) == 0 || cn.inFlight >= maxInFlight {
 				cn.wmu.Unlock()
-				break
+				break // woken by the next request or answer
 			}
 			if wait := cn.pace.take(time.Now()); wait > 0 {
 				cn.wmu.Unlock()
@@ -419,12 +428,27 @@ func (cn *conn) writeLoop(timeout time.Duration) {
 			b := cn.queue[0]
 			cn.queue[0] = nil
 			cn.queue = cn.queue[1:]
+			cn.inFlight++
 			cn.wmu.Unlock()
 			_ = cn.ws.SetWriteDeadline(time.Now().Add(timeout))
 			if err := cn.ws.WriteMessage(websocket.TextMessage, b); err != nil {
 				cn.ws.Close()
 				return
 			}
+		}
+	}
+}
+
+// freeSlot frees a place in the window of requests awaiting an answer.
+func (cn *conn) freeSlot() {
+	cn.wmu.Lock()
+	cn.inFlight--
+	more := len(cn.queue) > 0
+	cn.wmu.Unlock()
+	if more {
+		select {
+		case cn.wake <- struct{}{}:
+		default:
 		}
 	}
 }
@@ -527,6 +551,7 @@ func (c *Client) acked(cn *conn, ref string) {
 		return
 	}
 	delete(cn.pending, ref)
+	cn.freeSlot()
 	cn.noteAnswer(ref)
 	if req.action == shared.ActionUnsubscribe {
 		c.unsubDone(cn, req.key)
@@ -552,6 +577,7 @@ func (c *Client) refused(cn *conn, f *inbound) {
 		return
 	}
 	delete(cn.pending, f.Ref)
+	cn.freeSlot()
 	if f.Code != shared.CodeRateLimited {
 		// rate_limited is no answer: the request is retried, and a server
 		// that only refuses is no proof of a healthy connection.

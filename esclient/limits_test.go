@@ -203,3 +203,31 @@ func TestManyKeysReconnectCleanly(t *testing.T) {
 	}
 	log.none() // connected once, never dropped
 }
+
+// TestRequestWindow: at most 32 requests await an answer at a time. The
+// server drops (1008) a connection whose unwritten answers pile up past 64,
+// less than its default burst of 100, so a full burst to a busy server
+// could otherwise get a client dropped although it reads everything.
+func TestRequestWindow(t *testing.T) {
+	f := startFake(t) // no rate limit: only the window holds requests back
+	c := dial(t, f.url, esclient.Options{})
+	fc := f.accept()
+	keys := make([]shared.EntityKey, 40)
+	for i := range keys {
+		keys[i] = key("items", fmt.Sprint(i))
+		c.Subscribe(keys[i], nil, nil)
+	}
+	reqs := make([]request, len(keys))
+	for i := range 32 {
+		reqs[i] = fc.expect("subscribe", keys[i])
+	}
+	// Each further request is sent only once an earlier one was answered.
+	for i := 32; i < len(keys); i++ {
+		answered := time.Now()
+		fc.ack(reqs[i-32])
+		reqs[i] = fc.expect("subscribe", keys[i])
+		if reqs[i].at.Before(answered) {
+			t.Fatalf("request %d arrived before an answer freed a place for it", i+1)
+		}
+	}
+}
