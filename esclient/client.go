@@ -24,11 +24,10 @@
 //     connection.
 //   - The client respects the limits the server announces in its welcome:
 //     requests go out within its token bucket (limits.messageBurst at once,
-//     then limits.messagesPerSecond) with at most 32 awaiting an answer, and
-//     no more keys than
-//     limits.maxSubscriptions are subscribed on one connection; a
-//     subscription past that limit is not sent but ended with a
-//     too_many_subscriptions error (see Handlers.Error).
+//     then limits.messagesPerSecond) with at most 32 awaiting an answer,
+//     and no more keys than limits.maxSubscriptions are subscribed on one
+//     connection; a subscription past that limit is not sent but ended with
+//     a too_many_subscriptions error (see Handlers.Error).
 //   - A connection that stays silent too long is presumed dead, closed and
 //     replaced as above: after 2 x the heartbeat interval the server
 //     announced in its welcome (plus 1s), or Options.ReadTimeout if it
