@@ -203,8 +203,11 @@ type pacer struct {
 }
 
 func newPacer(rate, burst float64) pacer {
-	if rate <= 0 || burst < 1 {
+	if !(rate > 0) || math.IsInf(rate, 0) {
 		return pacer{} // an older server: it announces no rate
+	}
+	if !(burst >= 1) || math.IsInf(burst, 0) {
+		burst = 1 // a rate without a burst: one request at a time
 	}
 	capacity := max(1, math.Floor(burst)-1)
 	return pacer{rate: 0.9 * rate, capacity: capacity, tokens: capacity, last: time.Now()}

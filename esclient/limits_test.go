@@ -231,3 +231,21 @@ func TestRequestWindow(t *testing.T) {
 		}
 	}
 }
+
+// TestRateWithoutBurstIsPaced: a welcome that announces a rate but no burst
+// gets requests one at a time at that rate, not all at once.
+func TestRateWithoutBurstIsPaced(t *testing.T) {
+	const rate = 50.0
+	f := startFakeWith(t, limitsWelcome(map[string]any{"messagesPerSecond": rate}))
+	c := dial(t, f.url, esclient.Options{})
+	fc := f.accept()
+	reqs := make([]request, 6)
+	for i := range reqs {
+		c.Subscribe(key("items", fmt.Sprint(i)), nil, nil)
+	}
+	for i := range reqs {
+		reqs[i] = fc.expect("subscribe", key("items", fmt.Sprint(i)))
+		fc.ack(reqs[i])
+	}
+	checkBucket(t, reqs, rate, 1)
+}

@@ -241,7 +241,8 @@ func (q *NSQ) producer(addr string) (*producer, error) {
 // or that does not complete a connection within go-nsq's dial timeout (1s)
 // is passed over for the next one; only when every nsqd failed does Publish
 // come back to the passed-over ones and wait for their connection. It gives
-// up when ctx ends, returning an error that wraps ctx.Err().
+// up when ctx ends, returning an error that wraps ctx.Err(); a message
+// already written to nsqd by then may still be published.
 func (q *NSQ) Publish(ctx context.Context, entity shared.EntityType, body []byte) error {
 	topic, err := TopicName(q.cfg.TopicPrefix, entity)
 	if err != nil {

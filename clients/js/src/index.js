@@ -673,7 +673,8 @@ export class EntitySyncClient {
 // were sent, and the margin absorbs that. No rate announced (an older
 // server): no pacing.
 function newPacer(rate, burst) {
-  if (!(rate > 0) || !(burst >= 1) || !Number.isFinite(rate) || !Number.isFinite(burst)) return { rate: 0 };
+  if (!(rate > 0) || !Number.isFinite(rate)) return { rate: 0 };
+  if (!(burst >= 1) || !Number.isFinite(burst)) burst = 1; // a rate without a burst: one at a time
   const capacity = Math.max(1, Math.floor(burst) - 1);
   return { rate: 0.9 * rate, capacity, tokens: capacity, last: performance.now() };
 }

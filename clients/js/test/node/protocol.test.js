@@ -461,3 +461,20 @@ test('at most 32 requests await an answer at a time', async (t) => {
     assert.ok(r.at >= answered, `request ${i + 1} arrived before an answer freed a place for it`);
   }
 });
+
+test('a rate announced without a burst paces requests one at a time', async (t) => {
+  const rate = 50;
+  const f = await fakeServer(t, { welcome: { ...DEFAULT_WELCOME, limits: { messagesPerSecond: rate } } });
+  const { c, states } = client(t, f.url);
+  const fc = await f.accept();
+  await states.until((e) => e.kind === State.CONNECTED, 'connected');
+  const ids = ['0', '1', '2', '3', '4', '5'];
+  for (const id of ids) c.subscribe('items', id, () => {});
+  const reqs = [];
+  for (const id of ids) {
+    const r = await fc.expect('subscribe', key(id));
+    fc.ack(r);
+    reqs.push(r);
+  }
+  checkBucket(reqs, rate, 1);
+});
