@@ -22,18 +22,18 @@ import (
 // are guarded by Client.mu.
 type conn struct {
 	ws    *websocket.Conn
-	ready bool // welcomed; the secret and subscriptions were sent
+	ready bool // welcomed; the secret and subscriptions were queued
 	// silence is how long the connection may go without a frame before the
 	// client presumes it dead: derived from the welcome's heartbeatMs, or
 	// Options.ReadTimeout when the server announced no heartbeat.
 	silence   time.Duration
 	heartbeat time.Duration // the server's announced interval, 0 if none
 
-	// maxSubs is the welcome's limits.maxSubscriptions (0: no limit), held
-	// the keys this connection holds on the server: subscribes sent (or
-	// waiting for a rate-limited retry) minus unsubscribes sent, refusals
-	// and revocations. The server processes requests in order, so counting
-	// when a request is queued matches its count.
+	// maxSubs is the welcome's limits.maxSubscriptions (0: no limit). held
+	// counts the keys this connection holds on the server: subscribes
+	// queued (or waiting for a rate-limited retry) minus unsubscribes
+	// queued, refusals and revocations. The server processes requests in
+	// order, so counting when a request is queued matches its count.
 	maxSubs int
 	held    int
 
