@@ -58,14 +58,6 @@ import (
 	"github.com/entity-sync/entity-sync/shared"
 )
 
-// Subprotocol is the websocket subprotocol of the envelope protocol. The
-// client offers only this one and refuses a server that does not accept it.
-const Subprotocol = shared.Subprotocol
-
-// Path is where entity-sync servers serve their websocket endpoint by
-// default; a URL passed to Dial or New usually ends with it.
-const Path = shared.WebsocketPath
-
 // State is the client's connection state.
 type State int
 
@@ -173,7 +165,7 @@ var ErrClosed = errors.New("esclient: client closed")
 
 // ErrNotEnvelope means the server answered the handshake without accepting
 // the entitysync.v1 subprotocol (an old server, or another endpoint).
-var ErrNotEnvelope = errors.New("esclient: server did not accept subprotocol " + Subprotocol)
+var ErrNotEnvelope = errors.New("esclient: server did not accept subprotocol " + shared.Subprotocol)
 
 // Client is a connection to an entity-sync server that reconnects on its own
 // and keeps its subscriptions. Its methods are safe for concurrent use.
@@ -197,7 +189,7 @@ type Client struct {
 
 // New returns a client that connects to rawURL in the background and keeps
 // reconnecting until Close. rawURL is a ws:// or wss:// URL (http:// and
-// https:// are accepted and mapped), normally ending in Path. Only an
+// https:// are accepted and mapped), normally ending in shared.WebsocketPath. Only an
 // unusable URL is an error; subscribe right away, the subscriptions are sent
 // once connected.
 func New(rawURL string, opts Options) (*Client, error) {

@@ -106,7 +106,9 @@ func (c *Client) connect(ctx context.Context) (*conn, error) {
 	if c.opts.Dialer != nil {
 		d = *c.opts.Dialer
 	}
-	d.Subprotocols = []string{Subprotocol}
+	// The client offers only the envelope protocol and refuses a server
+	// that does not accept it.
+	d.Subprotocols = []string{shared.Subprotocol}
 	ws, resp, err := d.DialContext(ctx, c.url, c.opts.Header)
 	if err != nil {
 		if resp != nil {
@@ -114,7 +116,7 @@ func (c *Client) connect(ctx context.Context) (*conn, error) {
 		}
 		return nil, fmt.Errorf("esclient: dial %s: %w", c.url, err)
 	}
-	if ws.Subprotocol() != Subprotocol {
+	if ws.Subprotocol() != shared.Subprotocol {
 		ws.Close()
 		return nil, ErrNotEnvelope
 	}

@@ -61,7 +61,7 @@ func (r request) key() shared.EntityKey {
 // defaultWelcome is the welcome frame of a scripted server: an old server's,
 // without limits the client must pace by and without a heartbeat.
 func defaultWelcome() map[string]any {
-	return map[string]any{"type": "welcome", "protocol": esclient.Subprotocol, "limits": map[string]any{"maxFrameBytes": 32768}}
+	return map[string]any{"type": "welcome", "protocol": shared.Subprotocol, "limits": map[string]any{"maxFrameBytes": 32768}}
 }
 
 func startFake(t *testing.T) *fakeServer {
@@ -76,7 +76,7 @@ func startFakeWith(t *testing.T, welcome map[string]any) *fakeServer {
 	var mu sync.Mutex
 	var open []*websocket.Conn
 	var handlers sync.WaitGroup
-	up := websocket.Upgrader{Subprotocols: []string{esclient.Subprotocol}}
+	up := websocket.Upgrader{Subprotocols: []string{shared.Subprotocol}}
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ws, err := up.Upgrade(w, r, nil)
 		if err != nil {

@@ -165,7 +165,7 @@ func TestManyKeysReconnectCleanly(t *testing.T) {
 	log := newStateLog(t)
 	var errCount atomic.Int64
 	errs := make(chan error, 1) // the first error
-	c := dial(t, "ws://"+p.Addr()+esclient.Path, fast(esclient.Options{
+	c := dial(t, "ws://"+p.Addr()+shared.WebsocketPath, fast(esclient.Options{
 		OnState: log.onState,
 		OnError: func(err error) {
 			errCount.Add(1)
