@@ -231,11 +231,13 @@ func (p *pacer) take(now time.Time) time.Duration {
 }
 
 // maxInFlight bounds the requests awaiting their ack or error. The server
-// queues those answers and drops a connection (1008) whose unwritten
-// answers pile up, taking it for a client that does not read them; its
-// default burst (100) exceeds that queue (64), so a client that sent a full
-// burst to a busy server could be dropped although it reads everything. A
-// window well below the queue keeps it safe whatever the burst.
+// bounds the answers it holds for a connection and drops one whose unread
+// answers pile up, taking it for a client that does not read them. That
+// bound need not cover a full burst (this package was written against an
+// esweb that queued 64 answers with a default burst of 100, and a client
+// sending a full burst to a busy server was dropped although it read
+// everything); a small window keeps a reading client clear of it whatever
+// the burst.
 const maxInFlight = 32
 
 // healthyAfter is how long a connection must stay open to count as healthy

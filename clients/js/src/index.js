@@ -60,12 +60,12 @@ const HEARTBEAT_SLACK = 1000;
 const HEALTHY_AFTER = 5000;
 
 // At most this many requests await their ack or error at a time. The server
-// queues those answers and drops a connection (1008) whose unwritten
-// answers pile up (it takes that for a client that does not read them);
-// its default burst (100) exceeds that queue (64), so a client that sent a
-// full burst to a busy server could be dropped although it reads
-// everything. A window well below the queue keeps it safe whatever the
-// burst.
+// bounds the answers it holds for a connection and drops one whose unread
+// answers pile up (it takes that for a client that does not read them).
+// That bound need not cover a full burst (an esweb that queued 64 answers
+// with a default burst of 100 dropped a page that sent a full burst while
+// busy, although it read everything); a small window keeps a reading client
+// clear of it whatever the burst.
 const MAX_IN_FLIGHT = 32;
 
 /** The client. Use connect() to make one. */
