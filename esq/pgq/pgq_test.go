@@ -366,4 +366,3 @@ func TestDetectLossOverPostgres(t *testing.T) {
 	}
 	r.noLoss(t)
 }
-
