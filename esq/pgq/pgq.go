@@ -429,6 +429,9 @@ func (q *Queue) Subscribe(entity shared.EntityType, onMessage func(body []byte),
 	if onMessage == nil {
 		return errors.New("pgq: Subscribe needs onMessage")
 	}
+	if err := checkEntity(entity); err != nil {
+		return err
+	}
 	q.mu.Lock()
 	if q.closed {
 		q.mu.Unlock()

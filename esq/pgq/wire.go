@@ -56,8 +56,8 @@ func decode(payload []byte) (entity shared.EntityType, body []byte, enveloped, o
 // encode returns the payload that carries body for entity (see
 // envelopeField), or ErrPayloadTooLarge.
 func encode(entity shared.EntityType, body []byte) (string, error) {
-	if entity == "" || !utf8.ValidString(entity.GetQueueName()) {
-		return "", fmt.Errorf("pgq: entity type %q must be non-empty valid UTF-8", entity)
+	if err := checkEntity(entity); err != nil {
+		return "", err
 	}
 	payload := body
 	// Sent as it is only if a receiver reads back this entity type and this
@@ -76,4 +76,13 @@ func encode(entity shared.EntityType, body []byte) (string, error) {
 		return "", fmt.Errorf("%w: %d bytes for entity type %q, Postgres takes at most %d", ErrPayloadTooLarge, len(payload), entity, MaxPayload)
 	}
 	return string(payload), nil
+}
+
+// checkEntity refuses an entity type no payload can name: empty, or not
+// valid UTF-8 (a JSON string would not carry it unchanged).
+func checkEntity(entity shared.EntityType) error {
+	if entity == "" || !utf8.ValidString(string(entity)) {
+		return fmt.Errorf("pgq: entity type %q must be non-empty valid UTF-8", entity)
+	}
+	return nil
 }
