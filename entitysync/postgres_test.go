@@ -15,6 +15,7 @@ import (
 
 	es "github.com/entity-sync/entity-sync/entitysync"
 	"github.com/entity-sync/entity-sync/esq/pgq"
+	"github.com/entity-sync/entity-sync/internal/nsqtest"
 	"github.com/entity-sync/entity-sync/internal/pgtest"
 	"github.com/entity-sync/entity-sync/internal/testkit"
 	"github.com/entity-sync/entity-sync/shared"
@@ -239,5 +240,57 @@ func TestNoPgxDependency(t *testing.T) {
 		if strings.HasPrefix(p, "github.com/jackc/") {
 			t.Errorf("entitysync depends on %s", p)
 		}
+	}
+}
+
+// Notify -> client latency across two servers, over Postgres and, for
+// comparison, over an embedded nsqd: the change is notified on one server,
+// the client is on the other; one change at a time.
+func BenchmarkNotifyToClient(b *testing.B) {
+	for _, bus := range []string{"postgres", "nsq"} {
+		b.Run(bus, func(b *testing.B) {
+			cfg := func() es.Config { return es.Config{Logger: testkit.SilentLogger()} }
+			switch bus {
+			case "postgres":
+				pgtest.Require(b)
+				ch := pgtest.Name(b, "es_bench_")
+				cfg = func() es.Config {
+					ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+					defer cancel()
+					q, err := pgq.New(ctx, pgq.Config{ConnString: pgtest.DSN(), Channel: ch, Logger: testkit.SilentLogger()})
+					if err != nil {
+						b.Fatal(err)
+					}
+					return es.Config{Queue: q, Logger: testkit.SilentLogger()}
+				}
+			case "nsq":
+				nsqd := nsqtest.StartNSQD(b)
+				cfg = func() es.Config { return es.Config{NSQAddr: nsqd.TCPAddr(), Logger: testkit.SilentLogger()} }
+			}
+			store := testkit.NewStore()
+			var servers []*es.EntitySync
+			var client *testkit.WS
+			for i := 0; i < 2; i++ {
+				e, srv := testkit.Serve(b, cfg())
+				if err := e.Register("items", store.Fetch); err != nil {
+					b.Fatal(err)
+				}
+				servers = append(servers, e)
+				if i == 1 {
+					client = testkit.Dial(b, srv)
+				}
+			}
+			k := key("items", "1")
+			client.Subscribe("items", "1")
+			client.AwaitKeys(wait, k)
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				v := store.Bump(k)
+				if err := servers[0].NotifyAllOfChange(k); err != nil {
+					b.Fatal(err)
+				}
+				client.Await(wait, fmt.Sprintf("v%d", v), testkit.Is("items", "1", v))
+			}
+		})
 	}
 }
