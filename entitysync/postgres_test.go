@@ -113,10 +113,20 @@ func psql(t *testing.T, pool *pgxpool.Pool, script string) {
 
 // The burst of the NSQ convergence test over Postgres: 3 servers, 200
 // clients on 10 of 100 keys each, 5,000 changes from 4 concurrent
-// publishers; once half are published, every server's listening backend is
-// killed with pg_terminate_backend. Every client must end on the final
-// version of every key it holds, and every server must have resynced.
+// publishers. Every client must end on the final version of every key it
+// holds, and every server must have received every notification.
+func TestPostgresConvergence(t *testing.T) {
+	runPostgresBurst(t, false)
+}
+
+// The same burst, with every server's listening backend killed with
+// pg_terminate_backend once half the changes are published: every server
+// must have resynced, and every client still converges.
 func TestPostgresConvergenceListenersKilled(t *testing.T) {
+	runPostgresBurst(t, true)
+}
+
+func runPostgresBurst(t *testing.T, kill bool) {
 	b := fullBurst
 	seed := burstSeed(t)
 	rng := rand.New(rand.NewSource(seed))
@@ -184,19 +194,21 @@ func TestPostgresConvergenceListenersKilled(t *testing.T) {
 	}
 	publishersDone := make(chan struct{})
 	go func() { wg.Wait(); close(publishersDone) }()
-	select {
-	case <-half:
-	case <-time.After(60 * time.Second):
-		t.Fatal("half of the burst not published within 60s")
-	}
-	for i, q := range queues {
-		pid := q.ListenerPID()
-		if pid == 0 {
-			t.Fatalf("server %d has no listener", i)
+	if kill {
+		select {
+		case <-half:
+		case <-time.After(60 * time.Second):
+			t.Fatal("half of the burst not published within 60s")
 		}
-		pgtest.Terminate(t, pool, pid)
+		for i, q := range queues {
+			pid := q.ListenerPID()
+			if pid == 0 {
+				t.Fatalf("server %d has no listener", i)
+			}
+			pgtest.Terminate(t, pool, pid)
+		}
+		t.Logf("every listener killed after %d of %d changes", published.Load(), b.changes)
 	}
-	t.Logf("every listener killed after %d of %d changes", published.Load(), b.changes)
 	select {
 	case <-publishersDone:
 	case <-time.After(90 * time.Second):
@@ -218,12 +230,23 @@ func TestPostgresConvergenceListenersKilled(t *testing.T) {
 	checkOrder(t, clients)
 	testkit.AwaitCond(t, 30*time.Second, func() (bool, string) {
 		for i, s := range servers {
-			if s.es.Bridge.Stats().Resyncs == 0 {
+			st := s.es.Bridge.Stats()
+			if kill && st.Resyncs == 0 {
 				return false, fmt.Sprintf("server %d has not resynced", i)
+			}
+			if !kill && st.Received < uint64(b.changes) {
+				return false, fmt.Sprintf("server %d received %d of %d notifications", i, st.Received, b.changes)
 			}
 		}
 		return true, ""
 	})
+	if !kill {
+		for i, s := range servers {
+			if n := s.es.Bridge.Stats().Resyncs; n != 0 {
+				t.Errorf("server %d resynced %d times with nothing lost", i, n)
+			}
+		}
+	}
 	for i, s := range servers {
 		st := s.es.Bridge.Stats()
 		t.Logf("server %d: received %d, fetches %d, deliveries %d, resyncs %d", i, st.Received, st.Fetches, st.Deliveries, st.Resyncs)
