@@ -165,8 +165,9 @@ type redisServer struct {
 	port int
 	addr string
 
-	mu  sync.Mutex
-	cmd *exec.Cmd
+	mu     sync.Mutex
+	cmd    *exec.Cmd
+	exited chan struct{} // closed when cmd has exited
 }
 
 func startRedis(t testing.TB) *redisServer {
@@ -199,34 +200,29 @@ func (r *redisServer) Start() error {
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start redis-server: %w", err)
 	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
 	r.mu.Lock()
-	r.cmd = cmd
+	r.cmd, r.exited = cmd, exited
 	r.mu.Unlock()
 	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if ping(r.addr) == nil {
-			// Reap it when it is stopped.
-			go func() { <-exited }()
-			return nil
-		}
+	for ping(r.addr) != nil {
 		select {
-		case err := <-exited:
-			return fmt.Errorf("redis-server on port %d exited: %v", r.port, err)
+		case <-exited:
+			return fmt.Errorf("redis-server on port %d exited: %v", r.port, cmd.ProcessState)
 		case <-time.After(10 * time.Millisecond): // polling for readiness: no event to await
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("redis-server on port %d not answering after 10s", r.port)
 		}
 	}
+	return nil
 }
 
-// Stop kills redis-server, as a crash would, and waits until the port no
-// longer answers.
+// Stop kills redis-server, as a crash would, and waits until it has exited.
 func (r *redisServer) Stop() error {
 	r.mu.Lock()
-	cmd := r.cmd
+	cmd, exited := r.cmd, r.exited
 	r.cmd = nil
 	r.mu.Unlock()
 	if cmd == nil {
@@ -235,13 +231,7 @@ func (r *redisServer) Stop() error {
 	if err := cmd.Process.Kill(); err != nil {
 		return err
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for ping(r.addr) == nil {
-		if time.Now().After(deadline) {
-			return fmt.Errorf("redis-server on port %d still answers after kill", r.port)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	<-exited
 	return nil
 }
 
