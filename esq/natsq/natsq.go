@@ -68,6 +68,11 @@ type Config struct {
 	// callback; past them nats.go drops messages and onLoss is called.
 	// Defaults: nats.go's (500,000 messages, 64 MiB).
 	PendingMsgs, PendingBytes int
+	// PingInterval is how often nats.go pings the server; after two pings
+	// without a reply the connection is taken as dead (a peer gone without a
+	// reset) and replaced, which calls onLoss as any reconnect does.
+	// Default 20s (nats.go's own default is 2 minutes).
+	PingInterval time.Duration
 	// LiveTimeout bounds the round trip that confirms a subscription, in
 	// Subscribe and after a reconnect. Default 10s.
 	LiveTimeout time.Duration
@@ -134,6 +139,12 @@ func New(ctx context.Context, cfg Config) (*Queue, error) {
 	if cfg.LiveTimeout == 0 {
 		cfg.LiveTimeout = 10 * time.Second
 	}
+	if cfg.PingInterval == 0 {
+		cfg.PingInterval = 20 * time.Second
+	}
+	if cfg.PingInterval < 0 {
+		return nil, errors.New("natsq: Config.PingInterval must not be negative")
+	}
 	if cfg.LiveTimeout < 0 {
 		return nil, errors.New("natsq: Config.LiveTimeout must not be negative")
 	}
@@ -155,6 +166,8 @@ func New(ctx context.Context, cfg Config) (*Queue, error) {
 		nats.MaxReconnects(-1),
 		nats.ReconnectWait(cfg.ReconnectWait),
 		nats.ReconnectBufSize(cfg.ReconnectBufSize),
+		nats.PingInterval(cfg.PingInterval),
+		nats.MaxPingsOutstanding(2),
 		nats.DisconnectErrHandler(q.disconnected),
 		nats.ReconnectHandler(q.reconnected),
 		nats.ErrorHandler(q.asyncError),

@@ -66,6 +66,12 @@ type Config struct {
 	// RetryInterval is how long the subscriber waits between attempts to
 	// reconnect to Redis. Default 100ms.
 	RetryInterval time.Duration
+	// PingInterval is how often the subscriber connection is pinged. A
+	// connection on which nothing, not even a reply to a ping, arrives for
+	// three intervals is taken as dead (a peer gone without a reset, a NAT
+	// that forgot the connection): it is replaced, and onLoss is called as
+	// for any reconnect. Default 5s.
+	PingInterval time.Duration
 	// Logger receives connection events. Default: logrus's standard logger.
 	Logger logrus.FieldLogger
 }
@@ -77,11 +83,13 @@ type Queue struct {
 	client  *redis.Client
 	closing chan struct{}
 
-	mu         sync.Mutex
-	closed     bool
-	subs       map[string]*subscription // by channel
-	ps         *redis.PubSub            // made by the first Subscribe
-	readerDone chan struct{}
+	mu     sync.Mutex
+	closed bool
+	subs   map[string]*subscription // by channel
+	ps     *redis.PubSub            // made by the first Subscribe
+	// readerDone and pingerDone are closed when the goroutines the first
+	// Subscribe started end.
+	readerDone, pingerDone chan struct{}
 }
 
 type subscription struct {
@@ -122,8 +130,11 @@ func New(ctx context.Context, cfg Config) (*Queue, error) {
 	if cfg.RetryInterval == 0 {
 		cfg.RetryInterval = 100 * time.Millisecond
 	}
-	if cfg.LiveTimeout < 0 || cfg.RetryInterval < 0 {
-		return nil, errors.New("redisq: Config.LiveTimeout and RetryInterval must not be negative")
+	if cfg.PingInterval == 0 {
+		cfg.PingInterval = 5 * time.Second
+	}
+	if cfg.LiveTimeout < 0 || cfg.RetryInterval < 0 || cfg.PingInterval < 0 {
+		return nil, errors.New("redisq: Config.LiveTimeout, RetryInterval and PingInterval must not be negative")
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = logrus.StandardLogger()
@@ -225,8 +236,9 @@ func (q *Queue) Subscribe(entity shared.EntityType, onMessage func([]byte), onLo
 	q.subs[channel] = s
 	if q.ps == nil {
 		q.ps = q.client.Subscribe(context.Background())
-		q.readerDone = make(chan struct{})
+		q.readerDone, q.pingerDone = make(chan struct{}), make(chan struct{})
 		go q.read(q.ps, q.readerDone)
+		go q.ping(q.ps, q.pingerDone)
 	}
 	ps := q.ps
 	q.mu.Unlock()
@@ -263,10 +275,12 @@ func (q *Queue) Subscribe(entity shared.EntityType, onMessage func([]byte), onLo
 // onLoss when Redis confirms it again.
 func (q *Queue) read(ps *redis.PubSub, done chan struct{}) {
 	defer close(done)
-	ctx := context.Background()
 	down := false
 	for {
+		// A read that times out makes go-redis replace the connection.
+		ctx, cancel := context.WithTimeout(context.Background(), 3*q.cfg.PingInterval)
 		m, err := ps.Receive(ctx)
+		cancel()
 		if err != nil {
 			select {
 			case <-q.closing:
@@ -330,6 +344,24 @@ func (q *Queue) read(ps *redis.PubSub, done chan struct{}) {
 	}
 }
 
+// ping pings the subscriber connection every PingInterval, so that read
+// sees a reply at least that often on a live connection.
+func (q *Queue) ping(ps *redis.PubSub, done chan struct{}) {
+	defer close(done)
+	t := time.NewTicker(q.cfg.PingInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-q.closing:
+			return
+		case <-t.C:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), q.cfg.PingInterval)
+		_ = ps.Ping(ctx) // a failure is read's to notice
+		cancel()
+	}
+}
+
 // Close closes the connections and waits, or until ctx ends, for the
 // subscriber goroutine (and so every callback) to return.
 func (q *Queue) Close(ctx context.Context) error {
@@ -340,17 +372,19 @@ func (q *Queue) Close(ctx context.Context) error {
 	}
 	q.closed = true
 	close(q.closing)
-	ps, done := q.ps, q.readerDone
+	ps, readerDone, pingerDone := q.ps, q.readerDone, q.pingerDone
 	q.mu.Unlock()
 	var errs []error
 	if ps != nil {
 		if err := ps.Close(); err != nil {
 			errs = append(errs, err)
 		}
-		select {
-		case <-done:
-		case <-ctx.Done():
-			return fmt.Errorf("redisq: close: subscriber did not stop: %w", ctx.Err())
+		for _, done := range []chan struct{}{readerDone, pingerDone} {
+			select {
+			case <-done:
+			case <-ctx.Done():
+				return fmt.Errorf("redisq: close: subscriber did not stop: %w", ctx.Err())
+			}
 		}
 	}
 	if err := q.client.Close(); err != nil {

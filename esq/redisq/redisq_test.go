@@ -165,8 +165,9 @@ type redisServer struct {
 	port int
 	addr string
 
-	mu  sync.Mutex
-	cmd *exec.Cmd
+	mu     sync.Mutex
+	cmd    *exec.Cmd
+	exited chan struct{} // closed when cmd has exited
 }
 
 func startRedis(t testing.TB) *redisServer {
@@ -199,34 +200,29 @@ func (r *redisServer) Start() error {
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start redis-server: %w", err)
 	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
 	r.mu.Lock()
-	r.cmd = cmd
+	r.cmd, r.exited = cmd, exited
 	r.mu.Unlock()
 	deadline := time.Now().Add(10 * time.Second)
-	for {
-		if ping(r.addr) == nil {
-			// Reap it when it is stopped.
-			go func() { <-exited }()
-			return nil
-		}
+	for ping(r.addr) != nil {
 		select {
-		case err := <-exited:
-			return fmt.Errorf("redis-server on port %d exited: %v", r.port, err)
+		case <-exited:
+			return fmt.Errorf("redis-server on port %d exited: %v", r.port, cmd.ProcessState)
 		case <-time.After(10 * time.Millisecond): // polling for readiness: no event to await
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("redis-server on port %d not answering after 10s", r.port)
 		}
 	}
+	return nil
 }
 
-// Stop kills redis-server, as a crash would, and waits until the port no
-// longer answers.
+// Stop kills redis-server, as a crash would, and waits until it has exited.
 func (r *redisServer) Stop() error {
 	r.mu.Lock()
-	cmd := r.cmd
+	cmd, exited := r.cmd, r.exited
 	r.cmd = nil
 	r.mu.Unlock()
 	if cmd == nil {
@@ -235,13 +231,7 @@ func (r *redisServer) Stop() error {
 	if err := cmd.Process.Kill(); err != nil {
 		return err
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for ping(r.addr) == nil {
-		if time.Now().After(deadline) {
-			return fmt.Errorf("redis-server on port %d still answers after kill", r.port)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	<-exited
 	return nil
 }
 
@@ -289,4 +279,121 @@ func requireMachineRedis(t *testing.T) {
 		t.Fatalf("the machine's Redis at 127.0.0.1:6379 does not answer (.ci/run should have started it): %v", err)
 	}
 	t.Skipf("the machine's Redis at 127.0.0.1:6379 does not answer (%v); .ci/run starts it", err)
+}
+
+// A subscriber connection that goes silent without a reset (here a proxy
+// that stops forwarding but keeps the connection open, as a vanished peer
+// or a NAT that forgot it would) is noticed by the pings, replaced, and
+// reported through onLoss; delivery works again afterwards.
+func TestSilentConnectionIsReplaced(t *testing.T) {
+	requireMachineRedis(t)
+	p := startFreezingProxy(t, machineAddr)
+	prefix := randomPrefix(t)
+	sub := newQueue(t, redisq.Config{Addr: p.addr, ChannelPrefix: prefix, PingInterval: 100 * time.Millisecond, RetryInterval: 20 * time.Millisecond})
+	pub := newQueue(t, redisq.Config{Addr: machineAddr, ChannelPrefix: prefix})
+	got := make(chan string, 16)
+	lost := make(chan struct{}, 16)
+	if err := sub.Subscribe("items", func(b []byte) { got <- string(b) }, func() { lost <- struct{}{} }); err != nil {
+		t.Fatal(err)
+	}
+	p.freeze()
+	select {
+	case <-lost:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the silent connection was not noticed")
+	}
+	if err := pub.Publish(context.Background(), "items", []byte(`{"entity":"items","id":"after"}`)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case b := <-got:
+		if b != `{"entity":"items","id":"after"}` {
+			t.Fatalf("received %s", b)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("message published after onLoss not received")
+	}
+}
+
+// freezingProxy forwards TCP connections to a target; freeze makes the
+// connections open so far stop forwarding, without closing them.
+type freezingProxy struct {
+	addr string
+
+	mu     sync.Mutex
+	frozen []chan struct{}
+}
+
+func startFreezingProxy(t *testing.T, target string) *freezingProxy {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &freezingProxy{addr: l.Addr().String()}
+	var wg sync.WaitGroup
+	var conns []net.Conn
+	var connsMu sync.Mutex
+	t.Cleanup(func() {
+		l.Close()
+		connsMu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		connsMu.Unlock()
+		wg.Wait()
+	})
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			u, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			connsMu.Lock()
+			conns = append(conns, c, u)
+			connsMu.Unlock()
+			stop := make(chan struct{})
+			p.mu.Lock()
+			p.frozen = append(p.frozen, stop)
+			p.mu.Unlock()
+			for _, pair := range [][2]net.Conn{{c, u}, {u, c}} {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					buf := make([]byte, 32<<10)
+					for {
+						n, err := pair[0].Read(buf)
+						if err != nil {
+							pair[1].Close()
+							return
+						}
+						select {
+						case <-stop:
+							continue // swallow: the peer hears nothing more
+						default:
+						}
+						if _, err := pair[1].Write(buf[:n]); err != nil {
+							return
+						}
+					}
+				}()
+			}
+		}
+	}()
+	return p
+}
+
+func (p *freezingProxy) freeze() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, stop := range p.frozen {
+		close(stop)
+	}
+	p.frozen = nil
 }
