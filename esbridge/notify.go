@@ -124,7 +124,13 @@ func (b *Bridge) publishQueued(done chan struct{}) {
 			n.mu.Unlock()
 			return
 		}
+		// The key leaves the waiting set as its publish starts: a change
+		// written meanwhile may be too late for this message's fetches, so
+		// NotifyAsync must queue the key again rather than count on it.
 		key := n.fifo[0]
+		n.fifo[0] = shared.EntityKey{}
+		n.fifo = n.fifo[1:]
+		delete(n.waiting, key)
 		n.mu.Unlock()
 
 		err := b.publish(b.ctx, key)
@@ -132,16 +138,15 @@ func (b *Bridge) publishQueued(done chan struct{}) {
 		n.mu.Lock()
 		if err == nil {
 			retry = 0
-			n.fifo[0] = shared.EntityKey{}
-			n.fifo = n.fifo[1:]
-			delete(n.waiting, key)
-			n.published++
-			if n.progress != nil {
-				close(n.progress)
-				n.progress = nil
-			}
+			n.done1()
 			n.mu.Unlock()
 			continue
+		}
+		if _, again := n.waiting[key]; again {
+			n.done1() // queued again meanwhile: that entry covers this one
+		} else {
+			n.fifo = append([]shared.EntityKey{key}, n.fifo...)
+			n.waiting[key] = struct{}{}
 		}
 		n.mu.Unlock()
 		b.stats.notifyErrors.Add(1)
@@ -161,6 +166,15 @@ func (b *Bridge) publishQueued(done chan struct{}) {
 		case <-b.ctx.Done():
 			t.Stop()
 		}
+	}
+}
+
+// done1 counts one queued notification as done. With n.mu held.
+func (n *notifier) done1() {
+	n.published++
+	if n.progress != nil {
+		close(n.progress)
+		n.progress = nil
 	}
 }
 

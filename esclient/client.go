@@ -14,11 +14,25 @@
 //   - When the connection ends for any reason other than Close, the client
 //     reconnects with exponential backoff and full jitter (between 0 and a
 //     ceiling that starts at Options.MinBackoff, 0.5s by default, and doubles
-//     up to Options.MaxBackoff, 20s by default). After the server's welcome it
-//     sends the secret (if one is set) and then every subscription again;
-//     each subscribe delivers the key's current state, so a change made while
-//     the client was away is not missed. Sequence numbers start afresh on the
-//     new connection.
+//     up to Options.MaxBackoff, 20s by default). The ceiling starts afresh
+//     only once a connection proved healthy (see Options.MinBackoff), so a
+//     server that drops the client right after welcoming it is not hammered.
+//     After the server's welcome the client sends the secret (if one is set)
+//     and then every subscription again, oldest first; each subscribe
+//     delivers the key's current state, so a change made while the client
+//     was away is not missed. Sequence numbers start afresh on the new
+//     connection.
+//   - The client respects the limits the server announces in its welcome:
+//     requests go out within its token bucket (limits.messageBurst at once,
+//     then limits.messagesPerSecond) with at most 32 awaiting an answer,
+//     and no more keys than limits.maxSubscriptions are subscribed on one
+//     connection; a subscription past that limit is not sent but ended with
+//     a too_many_subscriptions error (see Handlers.Error).
+//   - A connection that stays silent too long is presumed dead, closed and
+//     replaced as above: after 2 x the heartbeat interval the server
+//     announced in its welcome (plus 1s), or Options.ReadTimeout if it
+//     announced none. TCP alone may not notice a half-open connection (after
+//     a laptop sleep, say) for many minutes.
 //   - Requests carry a reference, so the server's ack or error is matched to
 //     the request. A refused subscribe ends the subscription and is reported
 //     to its Error callback (see Handlers); a "revoked" frame ends it too.
@@ -44,14 +58,6 @@ import (
 	"github.com/entity-sync/entity-sync/shared"
 )
 
-// Subprotocol is the websocket subprotocol of the envelope protocol. The
-// client offers only this one and refuses a server that does not accept it.
-const Subprotocol = shared.Subprotocol
-
-// Path is where entity-sync servers serve their websocket endpoint by
-// default; a URL passed to Dial or New usually ends with it.
-const Path = shared.WebsocketPath
-
 // State is the client's connection state.
 type State int
 
@@ -59,7 +65,8 @@ const (
 	// Connecting: dialing the server or waiting for its welcome frame.
 	Connecting State = iota
 	// Connected: the server welcomed the client, and the secret and every
-	// subscription have been sent on this connection.
+	// subscription have been queued on this connection (they go out paced
+	// within the server's announced rate limit).
 	Connected
 	// Disconnected: the last connection ended or the last attempt failed; the
 	// next attempt waits for its backoff delay.
@@ -98,14 +105,20 @@ type Options struct {
 	// MinBackoff is the ceiling of the first reconnect delay; each failed
 	// attempt doubles the ceiling up to MaxBackoff, and each delay is drawn
 	// uniformly between 0 and the ceiling (full jitter). Defaults 500ms and
-	// 20s. A connection that reached the server's welcome resets the ceiling.
+	// 20s. The ceiling starts afresh only after a connection that proved
+	// healthy: the server answered every subscription sent after its
+	// welcome, or the connection stayed open for 5s. A server that welcomes
+	// the client and drops it at once thus sees the client back off.
 	MinBackoff, MaxBackoff time.Duration
 	// HandshakeTimeout bounds one connection attempt: dial, upgrade and the
 	// server's welcome frame. Default 10s.
 	HandshakeTimeout time.Duration
 	// ReadTimeout is how long the connection may stay silent before the
-	// client gives up on it and reconnects. The server pings every 54s by
-	// default, so the default is 75s.
+	// client gives up on it and reconnects, when the server announces no
+	// heartbeat. The server pings every 54s by default, so the default is
+	// 75s. A server whose welcome frame carries heartbeatMs promises a frame
+	// at least that often; the client then gives up after 2 x heartbeatMs +
+	// 1s without any frame instead (docs/protocol.md, "heartbeat").
 	ReadTimeout time.Duration
 	// WriteTimeout bounds one write to the server. Default 10s.
 	WriteTimeout time.Duration
@@ -120,6 +133,10 @@ type Options struct {
 	// and refused subscriptions whose Handlers have no Error callback. Server
 	// refusals are *ServerError values.
 	OnError func(err error)
+
+	// jitter, if set, replaces the random draw of a backoff delay in
+	// [0, ceil]: tests set it to make delays predictable.
+	jitter func(ceil time.Duration) time.Duration
 }
 
 func (o *Options) setDefaults() {
@@ -148,7 +165,7 @@ var ErrClosed = errors.New("esclient: client closed")
 
 // ErrNotEnvelope means the server answered the handshake without accepting
 // the entitysync.v1 subprotocol (an old server, or another endpoint).
-var ErrNotEnvelope = errors.New("esclient: server did not accept subprotocol " + Subprotocol)
+var ErrNotEnvelope = errors.New("esclient: server did not accept subprotocol " + shared.Subprotocol)
 
 // Client is a connection to an entity-sync server that reconnects on its own
 // and keeps its subscriptions. Its methods are safe for concurrent use.
@@ -166,11 +183,13 @@ type Client struct {
 	secret string
 	subs   map[shared.EntityKey]*sub
 	conn   *conn // the current connection, nil between connections
+
+	nextOrder uint64 // creation order of subscriptions
 }
 
 // New returns a client that connects to rawURL in the background and keeps
 // reconnecting until Close. rawURL is a ws:// or wss:// URL (http:// and
-// https:// are accepted and mapped), normally ending in Path. Only an
+// https:// are accepted and mapped), normally ending in shared.WebsocketPath. Only an
 // unusable URL is an error; subscribe right away, the subscriptions are sent
 // once connected.
 func New(rawURL string, opts Options) (*Client, error) {
@@ -272,27 +291,29 @@ func (c *Client) SetSecret(secret string) {
 }
 
 // Close stops the client: it says goodbye to the server (close code 1000),
-// stops reconnecting, and returns once its goroutines are gone. No callback
-// runs after Close returns, except that Close called from a callback
-// returns without waiting for that callback (the goroutine running it ends
-// right after). Closing a closed client does nothing. The error is always
-// nil; it is there for io.Closer.
+// stops reconnecting, and returns once its goroutines are gone. When Close
+// returns, no callback runs and none will start: a callback running on the
+// client's goroutine is waited for, and queued events are dropped. The one
+// exception is Close called from a callback, which cannot wait for its own
+// caller: it returns at once, and no further callback starts after the
+// calling one returns. Every call waits, also a second one made while the
+// first is still closing. The error is always nil; it is there for
+// io.Closer.
 func (c *Client) Close() error {
 	c.mu.Lock()
-	if c.closed {
-		c.mu.Unlock()
-		return nil
-	}
+	first := !c.closed
 	c.closed = true
 	c.state = Closed
 	cn := c.conn
 	c.mu.Unlock()
 
-	c.cancel()
-	if cn != nil {
-		msg := websocket.FormatCloseMessage(websocket.CloseNormalClosure, "client closed")
-		_ = cn.ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
-		cn.ws.Close()
+	if first {
+		c.cancel()
+		if cn != nil {
+			msg := websocket.FormatCloseMessage(websocket.CloseNormalClosure, "client closed")
+			_ = cn.ws.WriteControl(websocket.CloseMessage, msg, time.Now().Add(time.Second))
+			cn.ws.Close()
+		}
 	}
 	<-c.done
 	c.events.close()
@@ -339,7 +360,7 @@ func (c *Client) run(first *conn) {
 					return
 				}
 				c.setState(Disconnected, err)
-				if !c.pause(backoff(c.opts.MinBackoff, c.opts.MaxBackoff, attempt)) {
+				if !c.pause(c.backoff(attempt)) {
 					return
 				}
 				attempt++
@@ -347,14 +368,18 @@ func (c *Client) run(first *conn) {
 			}
 			c.activate(cn)
 		}
-		attempt = 0
 		err := c.serve(cn)
+		c.mu.Lock()
+		if cn.healthy(time.Now()) {
+			attempt = 0
+		}
+		c.mu.Unlock()
 		cn = nil
 		if c.ctx.Err() != nil {
 			return
 		}
 		c.setState(Disconnected, err)
-		if !c.pause(backoff(c.opts.MinBackoff, c.opts.MaxBackoff, attempt)) {
+		if !c.pause(c.backoff(attempt)) {
 			return
 		}
 		attempt++
@@ -374,8 +399,10 @@ func (c *Client) pause(d time.Duration) bool {
 }
 
 // backoff returns the delay before reconnect attempt n (0 for the first one
-// after a loss): uniform in [0, min(max, lo*2^n)].
-func backoff(lo, hi time.Duration, n int) time.Duration {
+// after a healthy connection ended): uniform in [0, min(MaxBackoff,
+// MinBackoff*2^n)].
+func (c *Client) backoff(n int) time.Duration {
+	lo, hi := c.opts.MinBackoff, c.opts.MaxBackoff
 	ceil := lo
 	for i := 0; i < n && ceil < hi; i++ {
 		ceil *= 2
@@ -385,6 +412,9 @@ func backoff(lo, hi time.Duration, n int) time.Duration {
 	}
 	if ceil <= 0 {
 		return 0
+	}
+	if c.opts.jitter != nil {
+		return c.opts.jitter(ceil)
 	}
 	return rand.N(ceil + 1)
 }

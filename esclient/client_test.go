@@ -168,7 +168,7 @@ func TestSecretIsSentAndResentOnReconnect(t *testing.T) {
 	}
 	p := startProxy(t, srv.Listener.Addr().String())
 	st := newStates(t)
-	c := dial(t, "ws://"+p.Addr()+esclient.Path, fast(esclient.Options{Secret: "s1", OnState: st.onState}))
+	c := dial(t, "ws://"+p.Addr()+shared.WebsocketPath, fast(esclient.Options{Secret: "s1", OnState: st.onState}))
 	k := key("docs", "1")
 	r := newRecorder(t)
 	r.subscribe(c, k)
@@ -206,7 +206,7 @@ func TestReconnectAfterCut(t *testing.T) {
 	}
 	p := startProxy(t, srv.Listener.Addr().String())
 	st := newStates(t)
-	c := dial(t, "ws://"+p.Addr()+esclient.Path, fast(esclient.Options{OnState: st.onState}))
+	c := dial(t, "ws://"+p.Addr()+shared.WebsocketPath, fast(esclient.Options{OnState: st.onState}))
 
 	k1, k2 := key("items", "1"), key("items", "2")
 	r1, r2 := newRecorder(t), newRecorder(t)
@@ -268,7 +268,7 @@ func TestReconnectAfterServerRestart(t *testing.T) {
 	}
 	stop := start(ln)
 	st := newStates(t)
-	c := dial(t, "ws://"+addr+esclient.Path, fast(esclient.Options{OnState: st.onState}))
+	c := dial(t, "ws://"+addr+shared.WebsocketPath, fast(esclient.Options{OnState: st.onState}))
 	k := key("items", "1")
 	r := newRecorder(t)
 	r.subscribe(c, k)
@@ -320,7 +320,7 @@ func TestDialErrors(t *testing.T) {
 	ln.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
 	defer cancel()
-	if _, err := esclient.Dial(ctx, "ws://"+addr+esclient.Path, esclient.Options{}); err == nil {
+	if _, err := esclient.Dial(ctx, "ws://"+addr+shared.WebsocketPath, esclient.Options{}); err == nil {
 		t.Fatal("Dial to a closed port succeeded")
 	}
 
@@ -367,7 +367,7 @@ func TestCloseLeavesNoGoroutine(t *testing.T) {
 	addr := ln.Addr().String()
 	ln.Close()
 	st := newStates(t)
-	c2, err := esclient.New("ws://"+addr+esclient.Path, fast(esclient.Options{OnState: st.onState}))
+	c2, err := esclient.New("ws://"+addr+shared.WebsocketPath, fast(esclient.Options{OnState: st.onState}))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,11 +1,14 @@
 package esclient
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"net"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -19,7 +22,28 @@ import (
 // are guarded by Client.mu.
 type conn struct {
 	ws    *websocket.Conn
-	ready bool // welcomed; the secret and subscriptions were sent
+	ready bool // welcomed; the secret and subscriptions were queued
+	// silence is how long the connection may go without a frame before the
+	// client presumes it dead: derived from the welcome's heartbeatMs, or
+	// Options.ReadTimeout when the server announced no heartbeat.
+	silence   time.Duration
+	heartbeat time.Duration // the server's announced interval, 0 if none
+
+	// maxSubs is the welcome's limits.maxSubscriptions (0: no limit). held
+	// counts the keys this connection holds on the server: subscribes
+	// queued (or waiting for a rate-limited retry) minus unsubscribes
+	// queued, refusals and revocations. The server processes requests in
+	// order, so counting when a request is queued matches its count.
+	maxSubs int
+	held    int
+
+	// Whether the connection proved healthy, so the reconnect backoff may
+	// start afresh once it ends: see healthy.
+	welcomedAt time.Time
+	initialRef uint64 // requests with refs 1..initialRef were sent at welcome
+	initialSub bool   // and at least one of them was a subscribe
+	unanswered int    // how many of them have no ack or final error yet
+	answered   bool   // all of them were answered
 
 	nextRef uint64
 	pending map[string]request          // requests awaiting their ack or error
@@ -31,11 +55,13 @@ type conn struct {
 	unsubs map[shared.EntityKey]int
 	timers map[*time.Timer]struct{} // retries of rate-limited requests
 
-	wmu   sync.Mutex
-	queue [][]byte
-	wake  chan struct{}
-	stop  chan struct{}
-	wdone chan struct{}
+	wmu      sync.Mutex
+	queue    [][]byte
+	inFlight int   // requests written and not answered yet; guarded by wmu
+	pace     pacer // used by writeLoop only
+	wake     chan struct{}
+	stop     chan struct{}
+	wdone    chan struct{}
 }
 
 // request is a sent request that carried a ref.
@@ -47,7 +73,13 @@ type request struct {
 
 // inbound is any server frame.
 type inbound struct {
-	Type    string            `json:"type"`
+	Type        string   `json:"type"`
+	HeartbeatMs float64  `json:"heartbeatMs"` // welcome
+	Limits      struct { // welcome
+		MaxSubscriptions  float64 `json:"maxSubscriptions"`
+		MessagesPerSecond float64 `json:"messagesPerSecond"`
+		MessageBurst      float64 `json:"messageBurst"`
+	} `json:"limits"`
 	Key     *shared.EntityKey `json:"key"`
 	Seq     uint64            `json:"seq"`
 	Rows    []json.RawMessage `json:"rows"`
@@ -74,7 +106,9 @@ func (c *Client) connect(ctx context.Context) (*conn, error) {
 	if c.opts.Dialer != nil {
 		d = *c.opts.Dialer
 	}
-	d.Subprotocols = []string{Subprotocol}
+	// The client offers only the envelope protocol and refuses a server
+	// that does not accept it.
+	d.Subprotocols = []string{shared.Subprotocol}
 	ws, resp, err := d.DialContext(ctx, c.url, c.opts.Header)
 	if err != nil {
 		if resp != nil {
@@ -82,7 +116,7 @@ func (c *Client) connect(ctx context.Context) (*conn, error) {
 		}
 		return nil, fmt.Errorf("esclient: dial %s: %w", c.url, err)
 	}
-	if ws.Subprotocol() != Subprotocol {
+	if ws.Subprotocol() != shared.Subprotocol {
 		ws.Close()
 		return nil, ErrNotEnvelope
 	}
@@ -114,6 +148,8 @@ func (c *Client) connect(ctx context.Context) (*conn, error) {
 		var f inbound
 		if jerr := json.Unmarshal(data, &f); jerr != nil || f.Type != "welcome" {
 			err = fmt.Errorf("esclient: expected a welcome frame, got %.200q", data)
+		} else {
+			cn.welcomed(&f, c.opts.ReadTimeout)
 		}
 	} else {
 		err = fmt.Errorf("esclient: waiting for welcome: %w", err)
@@ -130,6 +166,107 @@ func (c *Client) connect(ctx context.Context) (*conn, error) {
 	return cn, nil
 }
 
+// heartbeatSlack is added to twice the server's heartbeat interval to make
+// the silence limit: room for a late timer on the server and for network
+// jitter, so that one delayed heartbeat is not taken for a dead connection.
+const heartbeatSlack = time.Second
+
+// welcomed applies the welcome frame's announcements to the connection.
+func (cn *conn) welcomed(f *inbound, readTimeout time.Duration) {
+	cn.silence = readTimeout
+	// A server that sends heartbeats promises a frame at least every
+	// heartbeatMs: two missed beats mean the connection is dead, although
+	// TCP may not notice for many minutes (a half-open connection after a
+	// laptop sleep or a lost NAT entry). Absent (an older server): no such
+	// promise, so only ReadTimeout, which relies on the server's pings.
+	if ms := f.HeartbeatMs; ms > 0 && ms < float64(24*time.Hour/time.Millisecond) {
+		cn.heartbeat = time.Duration(ms * float64(time.Millisecond))
+		cn.silence = 2*cn.heartbeat + heartbeatSlack
+	}
+	if n := f.Limits.MaxSubscriptions; n >= 1 && n < 1<<31 {
+		cn.maxSubs = int(n)
+	}
+	cn.pace = newPacer(f.Limits.MessagesPerSecond, f.Limits.MessageBurst)
+}
+
+// pacer keeps a connection's requests within the token bucket the server
+// announced (limits.messagesPerSecond and messageBurst), so that a client
+// resubscribing many keys after a reconnect sends a burst and then a steady
+// stream instead of a flood the server refuses with rate_limited (and, if
+// it goes on, closes with 1008). The server's bucket is full when the
+// welcome arrives, as is the pacer's. The pacer keeps one token in reserve
+// and refills at 90% of the announced rate: requests can reach the server
+// closer together than they were sent, and the margin absorbs that.
+type pacer struct {
+	rate     float64 // tokens per second; 0: no pacing
+	capacity float64
+	tokens   float64
+	last     time.Time
+}
+
+func newPacer(rate, burst float64) pacer {
+	if !(rate > 0) || math.IsInf(rate, 0) {
+		return pacer{} // an older server: it announces no rate
+	}
+	if !(burst >= 1) || math.IsInf(burst, 0) {
+		burst = 1 // a rate without a burst: one request at a time
+	}
+	capacity := max(1, math.Floor(burst)-1)
+	return pacer{rate: 0.9 * rate, capacity: capacity, tokens: capacity, last: time.Now()}
+}
+
+// take takes a token and returns 0, or returns how long until one is
+// available.
+func (p *pacer) take(now time.Time) time.Duration {
+	if p.rate <= 0 {
+		return 0
+	}
+	p.tokens = min(p.capacity, p.tokens+now.Sub(p.last).Seconds()*p.rate)
+	p.last = now
+	if p.tokens >= 1 {
+		p.tokens--
+		return 0
+	}
+	return time.Duration(math.Ceil((1 - p.tokens) / p.rate * float64(time.Second)))
+}
+
+// maxInFlight bounds the requests awaiting their ack or error. The server
+// bounds the answers it holds for a connection and drops one whose unread
+// answers pile up, taking it for a client that does not read them. That
+// bound need not cover a full burst (this package was written against an
+// esweb that queued 64 answers with a default burst of 100, and a client
+// sending a full burst to a busy server was dropped although it read
+// everything); a small window keeps a reading client clear of it whatever
+// the burst.
+const maxInFlight = 32
+
+// healthyAfter is how long a connection must stay open to count as healthy
+// when it has not proved so by answering its resubscriptions.
+const healthyAfter = 5 * time.Second
+
+// healthy reports whether the connection proved it works, so that the
+// reconnect backoff may start afresh when it ends: every request sent at
+// welcome (among them at least one subscribe) was answered, or it stayed
+// open for healthyAfter. A server that accepts and welcomes the client but
+// drops it right away (overloaded, or refusing it) must see the client back
+// off further with every attempt, not reconnect at the first delay forever.
+// With Client.mu held.
+func (cn *conn) healthy(now time.Time) bool {
+	return cn.answered || (!cn.welcomedAt.IsZero() && now.Sub(cn.welcomedAt) >= healthyAfter)
+}
+
+// noteAnswer counts the answer to request ref towards healthy. With
+// Client.mu held.
+func (cn *conn) noteAnswer(ref string) {
+	n, err := strconv.ParseUint(ref, 10, 64)
+	if err != nil || n == 0 || n > cn.initialRef {
+		return
+	}
+	if cn.unanswered--; cn.unanswered == 0 && cn.initialSub {
+		cn.answered = true
+	}
+}
+
 // activate starts a welcomed connection's writer and sends the secret and
 // every subscription; the client is then Connected.
 func (c *Client) activate(cn *conn) {
@@ -140,13 +277,51 @@ func (c *Client) activate(cn *conn) {
 		return // Close has closed the socket: serve returns at once
 	}
 	cn.ready = true
+	cn.welcomedAt = time.Now()
 	c.setStateLocked(Connected, nil)
+	// Requests are processed in order: the secret applies to every
+	// subscription that follows it.
 	if c.secret != "" {
 		c.sendSecret(cn)
 	}
+	// Oldest first, so that when the server allows fewer keys than the
+	// client holds, the ones refused are the newest, whatever the map's
+	// order.
+	subs := make([]*sub, 0, len(c.subs))
 	for _, s := range c.subs {
-		c.sendSubscribe(cn, s)
+		subs = append(subs, s)
 	}
+	slices.SortFunc(subs, func(a, b *sub) int { return cmp.Compare(a.order, b.order) })
+	for _, s := range subs {
+		if c.subscribeOn(cn, s) {
+			cn.initialSub = true
+		}
+	}
+	cn.initialRef = cn.nextRef
+	cn.unanswered = int(cn.nextRef)
+}
+
+// subscribeOn sends s's subscribe on cn, unless the server's
+// maxSubscriptions would be exceeded: the subscription then ends with a
+// too_many_subscriptions error, as if the server had refused it, without
+// spending a request the server would refuse anyway. With Client.mu held.
+func (c *Client) subscribeOn(cn *conn, s *sub) bool {
+	if cn.maxSubs > 0 && cn.held >= cn.maxSubs {
+		serr := &ServerError{
+			Code:    shared.CodeTooManySubscriptions,
+			Message: fmt.Sprintf("not sent: the server allows %d subscriptions per connection (limits.maxSubscriptions) and the client holds them all", cn.maxSubs),
+			Action:  shared.ActionSubscribe,
+			Key:     s.key,
+		}
+		c.end(s)
+		for _, h := range s.handles {
+			c.events.push(func() { h.failed(serr, c.opts.OnError) })
+		}
+		return false
+	}
+	cn.held++
+	c.sendSubscribe(cn, s)
+	return true
 }
 
 // serve reads an activated connection's frames until it ends, then releases
@@ -167,7 +342,7 @@ func (c *Client) serve(cn *conn) error {
 		<-cn.wdone
 	}()
 
-	readTimeout := c.opts.ReadTimeout
+	readTimeout := cn.silence
 	ws := cn.ws
 	_ = ws.SetReadDeadline(time.Now().Add(readTimeout))
 	ws.SetPingHandler(func(data string) error {
@@ -182,6 +357,13 @@ func (c *Client) serve(cn *conn) error {
 	for {
 		_, data, err := ws.ReadMessage()
 		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				if cn.heartbeat > 0 {
+					return fmt.Errorf("esclient: no frame for %s although the server promised a heartbeat every %s: connection presumed dead: %w", readTimeout, cn.heartbeat, err)
+				}
+				return fmt.Errorf("esclient: no frame for %s (Options.ReadTimeout): connection presumed dead: %w", readTimeout, err)
+			}
 			return err
 		}
 		_ = ws.SetReadDeadline(time.Now().Add(readTimeout))
@@ -219,30 +401,61 @@ func (c *Client) sendSubscribe(cn *conn, s *sub) {
 
 func (c *Client) sendUnsubscribe(cn *conn, key shared.EntityKey) {
 	delete(cn.lastSeq, key)
+	cn.held--
 	cn.unsubs[key]++
 	c.send(cn, shared.ActionUnsubscribe, key, request{key: key})
 }
 
-// writeLoop writes queued requests until stop. A failed write closes the
-// connection, which ends the read loop and so the connection.
+// writeLoop writes queued requests, in order, paced (see pacer) and with at
+// most maxInFlight awaiting an answer, until stop. A failed write closes
+// the connection, which ends the read loop and so the connection.
 func (cn *conn) writeLoop(timeout time.Duration) {
 	defer close(cn.wdone)
+	paused := time.NewTimer(time.Hour)
+	paused.Stop()
+	defer paused.Stop()
 	for {
 		select {
 		case <-cn.stop:
 			return
 		case <-cn.wake:
+		case <-paused.C:
 		}
-		cn.wmu.Lock()
-		q := cn.queue
-		cn.queue = nil
-		cn.wmu.Unlock()
-		for _, b := range q {
+		for {
+			cn.wmu.Lock()
+			if len(cn.queue) == 0 || cn.inFlight >= maxInFlight {
+				cn.wmu.Unlock()
+				break // woken by the next request or answer
+			}
+			if wait := cn.pace.take(time.Now()); wait > 0 {
+				cn.wmu.Unlock()
+				paused.Reset(wait)
+				break
+			}
+			b := cn.queue[0]
+			cn.queue[0] = nil
+			cn.queue = cn.queue[1:]
+			cn.inFlight++
+			cn.wmu.Unlock()
 			_ = cn.ws.SetWriteDeadline(time.Now().Add(timeout))
 			if err := cn.ws.WriteMessage(websocket.TextMessage, b); err != nil {
 				cn.ws.Close()
 				return
 			}
+		}
+	}
+}
+
+// freeSlot frees a place in the window of requests awaiting an answer.
+func (cn *conn) freeSlot() {
+	cn.wmu.Lock()
+	cn.inFlight--
+	more := len(cn.queue) > 0
+	cn.wmu.Unlock()
+	if more {
+		select {
+		case cn.wake <- struct{}{}:
+		default:
 		}
 	}
 }
@@ -286,12 +499,14 @@ func (c *Client) handle(cn *conn, data []byte) {
 		}
 	case "revoked":
 		if f.Key != nil {
-			c.revoke(*f.Key, f.Reason)
+			c.revoke(cn, *f.Key, f.Reason)
 		}
 	case "ack":
 		c.acked(cn, f.Ref)
 	case "error":
 		c.refused(cn, &f)
+	case "heartbeat":
+		// Nothing to do: reading it pushed the read deadline back.
 	default:
 		// "welcome" again, or a frame type from a newer server: ignored, as
 		// the protocol asks.
@@ -323,11 +538,12 @@ func (c *Client) applyState(cn *conn, key shared.EntityKey, seq uint64, gone boo
 }
 
 // revoke ends a subscription the server withdrew.
-func (c *Client) revoke(key shared.EntityKey, reason string) {
+func (c *Client) revoke(cn *conn, key shared.EntityKey, reason string) {
 	s := c.subs[key]
 	if s == nil {
 		return
 	}
+	cn.held-- // the server removed it
 	c.end(s)
 	for _, h := range s.handles {
 		c.events.push(func() { h.revoked(reason) })
@@ -342,6 +558,8 @@ func (c *Client) acked(cn *conn, ref string) {
 		return
 	}
 	delete(cn.pending, ref)
+	cn.freeSlot()
+	cn.noteAnswer(ref)
 	if req.action == shared.ActionUnsubscribe {
 		c.unsubDone(cn, req.key)
 	}
@@ -366,11 +584,17 @@ func (c *Client) refused(cn *conn, f *inbound) {
 		return
 	}
 	delete(cn.pending, f.Ref)
+	cn.freeSlot()
+	if f.Code != shared.CodeRateLimited {
+		// rate_limited is no answer: the request is retried, and a server
+		// that only refuses is no proof of a healthy connection.
+		cn.noteAnswer(f.Ref)
+	}
 	serr.Action = req.action
 	if req.action != shared.ActionSecret {
 		serr.Key = req.key
 	}
-	retry := backoff(c.opts.MinBackoff, c.opts.MaxBackoff, 2)
+	retry := c.backoff(2)
 	switch req.action {
 	case shared.ActionSubscribe:
 		s := req.sub
@@ -386,6 +610,7 @@ func (c *Client) refused(cn *conn, f *inbound) {
 			})
 			return
 		}
+		cn.held-- // refused: the server does not hold it
 		c.end(s)
 		for _, h := range s.handles {
 			c.events.push(func() { h.failed(serr, c.opts.OnError) })
@@ -393,6 +618,7 @@ func (c *Client) refused(cn *conn, f *inbound) {
 	case shared.ActionUnsubscribe:
 		c.unsubDone(cn, req.key)
 		if f.Code == shared.CodeRateLimited {
+			cn.held++ // the server still holds it until the retry
 			key := req.key
 			c.after(cn, retry, func() {
 				if c.subs[key] == nil {

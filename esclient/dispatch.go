@@ -1,6 +1,9 @@
 package esclient
 
 import (
+	"bytes"
+	"runtime"
+	"strconv"
 	"sync"
 	"sync/atomic"
 )
@@ -14,7 +17,7 @@ type dispatcher struct {
 	wake  chan struct{}
 	quit  chan struct{}
 	done  chan struct{}
-	busy  atomic.Bool // a callback is running
+	gid   atomic.Uint64 // the id of the goroutine running loop
 	once  sync.Once
 }
 
@@ -33,6 +36,7 @@ func (d *dispatcher) push(f func()) {
 }
 
 func (d *dispatcher) loop() {
+	d.gid.Store(goroutineID())
 	defer close(d.done)
 	for {
 		select {
@@ -51,19 +55,39 @@ func (d *dispatcher) loop() {
 			default:
 			}
 			q[i] = nil
-			d.busy.Store(true)
 			f()
-			d.busy.Store(false)
 		}
 	}
 }
 
-// close drops the events not yet run and waits for the goroutine to end,
-// unless a callback is running: it may be the caller, which cannot wait for
-// itself. The goroutine then ends as soon as the callback returns.
+// close drops the events not yet run and waits until no callback runs and
+// none will start. Called from a callback (on the dispatcher's own
+// goroutine), it cannot wait for that callback, which is its caller: it
+// returns at once, and the goroutine ends as soon as the callback returns.
 func (d *dispatcher) close() {
 	d.once.Do(func() { close(d.quit) })
-	if !d.busy.Load() {
-		<-d.done
+	if d.gid.Load() == goroutineID() {
+		return
 	}
+	<-d.done
+}
+
+// goroutineID returns the current goroutine's id, parsed from the first line
+// of its stack trace ("goroutine 123 [running]:"), as
+// golang.org/x/net/http2 does for its debug checks. The dispatcher needs it
+// only to tell "Close from a callback" (which must not wait for itself)
+// from "Close from anywhere else" (which must wait for the running
+// callback); Close is rare, so the cost does not matter.
+func goroutineID() uint64 {
+	var buf [64]byte
+	b := buf[:runtime.Stack(buf[:], false)]
+	b = bytes.TrimPrefix(b, []byte("goroutine "))
+	if i := bytes.IndexByte(b, ' '); i >= 0 {
+		b = b[:i]
+	}
+	id, err := strconv.ParseUint(string(b), 10, 64)
+	if err != nil {
+		panic("esclient: cannot parse goroutine id from " + strconv.Quote(string(buf[:])))
+	}
+	return id
 }

@@ -42,7 +42,7 @@ func Example() {
 	// --- client side ---
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	url := "ws" + strings.TrimPrefix(srv.URL, "http") + esclient.Path
+	url := "ws" + strings.TrimPrefix(srv.URL, "http") + shared.WebsocketPath
 	client, err := esclient.Dial(ctx, url, esclient.Options{
 		OnState: func(s esclient.State, err error) {
 			// Connected, Disconnected (with err), Connecting, ...: the

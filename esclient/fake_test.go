@@ -24,6 +24,16 @@ type fakeServer struct {
 	t     *testing.T
 	url   string
 	conns chan *fakeConn
+
+	mu      sync.Mutex
+	welcome map[string]any // sent first on every new connection
+}
+
+// setWelcome changes the welcome frame of later connections.
+func (f *fakeServer) setWelcome(w map[string]any) {
+	f.mu.Lock()
+	f.welcome = w
+	f.mu.Unlock()
 }
 
 type fakeConn struct {
@@ -31,6 +41,7 @@ type fakeConn struct {
 	ws   *websocket.Conn
 	reqs chan request
 	wmu  sync.Mutex
+	at   time.Time // when the connection was accepted
 }
 
 // request is a client frame as the fake server reads it.
@@ -38,6 +49,7 @@ type request struct {
 	Action string          `json:"action"`
 	Body   json.RawMessage `json:"body"`
 	Ref    string          `json:"ref"`
+	at     time.Time       // when the server read it
 }
 
 func (r request) key() shared.EntityKey {
@@ -46,13 +58,25 @@ func (r request) key() shared.EntityKey {
 	return k
 }
 
+// defaultWelcome is the welcome frame of a scripted server: an old server's,
+// without limits the client must pace by and without a heartbeat.
+func defaultWelcome() map[string]any {
+	return map[string]any{"type": "welcome", "protocol": shared.Subprotocol, "limits": map[string]any{"maxFrameBytes": 32768}}
+}
+
 func startFake(t *testing.T) *fakeServer {
 	t.Helper()
-	f := &fakeServer{t: t, conns: make(chan *fakeConn, 16)}
+	return startFakeWith(t, defaultWelcome())
+}
+
+// startFakeWith is startFake with the given welcome frame.
+func startFakeWith(t *testing.T, welcome map[string]any) *fakeServer {
+	t.Helper()
+	f := &fakeServer{t: t, conns: make(chan *fakeConn, 64), welcome: welcome}
 	var mu sync.Mutex
 	var open []*websocket.Conn
 	var handlers sync.WaitGroup
-	up := websocket.Upgrader{Subprotocols: []string{esclient.Subprotocol}}
+	up := websocket.Upgrader{Subprotocols: []string{shared.Subprotocol}}
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ws, err := up.Upgrade(w, r, nil)
 		if err != nil {
@@ -63,8 +87,11 @@ func startFake(t *testing.T) *fakeServer {
 		mu.Lock()
 		open = append(open, ws)
 		mu.Unlock()
-		fc := &fakeConn{t: t, ws: ws, reqs: make(chan request, 256)}
-		fc.send(map[string]any{"type": "welcome", "protocol": esclient.Subprotocol, "limits": map[string]any{"maxFrameBytes": 32768}})
+		fc := &fakeConn{t: t, ws: ws, reqs: make(chan request, 256), at: time.Now()}
+		f.mu.Lock()
+		welcome := f.welcome
+		f.mu.Unlock()
+		fc.send(welcome)
 		f.conns <- fc
 		defer close(fc.reqs)
 		for {
@@ -72,6 +99,7 @@ func startFake(t *testing.T) *fakeServer {
 			if err := ws.ReadJSON(&req); err != nil {
 				return
 			}
+			req.at = time.Now()
 			fc.reqs <- req
 		}
 	}))

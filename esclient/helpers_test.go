@@ -45,7 +45,7 @@ func server(t *testing.T, store *testkit.Store, cfg entitysync.Config) (*entitys
 }
 
 func wsURL(httpURL string) string {
-	return "ws" + strings.TrimPrefix(httpURL, "http") + esclient.Path
+	return "ws" + strings.TrimPrefix(httpURL, "http") + shared.WebsocketPath
 }
 
 // change bumps key in store and notifies through e.

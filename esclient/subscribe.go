@@ -29,7 +29,11 @@ type Handlers struct {
 	Revoked func(reason string)
 	// Error is called when the server refused the subscription (a
 	// *ServerError: unknown_entity, forbidden, invalid_key,
-	// too_many_subscriptions, ...). The subscription has ended. A
+	// too_many_subscriptions, ...). The subscription has ended. The client
+	// itself ends a subscription with too_many_subscriptions, without
+	// sending it, when the connection already holds as many keys as the
+	// server's welcome allows (limits.maxSubscriptions); after a reconnect
+	// the oldest subscriptions are kept. A
 	// rate_limited refusal does not end it: the client retries after a
 	// delay. If Error is nil, the error goes to Options.OnError.
 	Error func(err error)
@@ -39,6 +43,7 @@ type Handlers struct {
 // subscribed to it.
 type sub struct {
 	key     shared.EntityKey
+	order   uint64 // creation order: resubscribed oldest first
 	handles []*handle
 	// The last state received, given at once to a handle that joins later.
 	has  bool
@@ -125,12 +130,15 @@ func (c *Client) SubscribeWith(key shared.EntityKey, h Handlers) (unsubscribe fu
 	hd.active.Store(true)
 	s := c.subs[key]
 	if s == nil {
-		s = &sub{key: key}
+		c.nextOrder++
+		s = &sub{key: key, order: c.nextOrder, handles: []*handle{hd}}
 		c.subs[key] = s
 		if cn := c.conn; cn != nil && cn.ready {
-			c.sendSubscribe(cn, s)
+			c.subscribeOn(cn, s) // or ends it at once, when the server's limit is reached
 		}
-	} else if s.has {
+		return func() { c.unsubscribe(s, hd) }, nil
+	}
+	if s.has {
 		gone, rows := s.gone, s.rows
 		c.events.push(func() { hd.deliver(gone, rows) })
 	}
@@ -166,7 +174,9 @@ func (c *Client) end(s *sub) {
 	}
 }
 
-// ServerError is a request the server refused.
+// ServerError is a request the server refused, or one the client did not
+// send because the server's announced limits would refuse it
+// (too_many_subscriptions; its Message then starts with "not sent").
 type ServerError struct {
 	Code    shared.ErrorCode
 	Message string

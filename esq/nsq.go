@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/url"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -44,10 +45,12 @@ type NSQConfig struct {
 	// ReconnectInterval is how long go-nsq waits between attempts to reach a
 	// lost nsqd, and how often it polls nsqlookupd. Default 5s (go-nsq's
 	// default of 60s would leave a server deaf for a minute after nsqd
-	// restarts). Must be at least twice WatchInterval.
+	// restarts). Between 10ms and 5m (go-nsq's bounds), and at least twice
+	// WatchInterval.
 	ReconnectInterval time.Duration
 	// WatchInterval is how often each consumer's connection count is checked
-	// to detect a lost and regained nsqd. Default 100ms.
+	// to detect a lost and regained nsqd. Default 100ms. Negative durations
+	// and counts are refused by NewNSQ.
 	WatchInterval time.Duration
 	// LiveTimeout bounds how long Subscribe waits for the subscription to be
 	// live on every nsqd (and how long a resync waits after a reconnect).
@@ -64,6 +67,8 @@ const (
 	defaultWatchInterval     = 100 * time.Millisecond
 	defaultLiveTimeout       = 10 * time.Second
 	probeRetryInterval       = 50 * time.Millisecond
+	minReconnectInterval     = 10 * time.Millisecond // go-nsq's LookupdPollInterval bounds
+	maxReconnectInterval     = 5 * time.Minute
 	maxTopicLength           = 64
 )
 
@@ -80,15 +85,43 @@ func TopicName(prefix string, entity shared.EntityType) (string, error) {
 	return topic, nil
 }
 
+// setDefaults fills in the defaults and validates the whole configuration,
+// once, so that a bad value is a clear error from NewNSQ rather than a
+// failure later on a goroutine (a negative WatchInterval used to panic in
+// the first Subscribe's watcher). Negative values are refused explicitly:
+// zero means "default", but a negative one is a mistake, not a wish for the
+// default.
 func (c *NSQConfig) setDefaults() error {
 	if len(c.NSQDAddrs) == 0 {
 		return errors.New("esq: NSQConfig.NSQDAddrs needs at least one nsqd TCP address to publish to")
 	}
-	if c.MaxInFlight == 0 {
-		c.MaxInFlight = defaultMaxInFlight
+	for i, a := range c.NSQDAddrs {
+		if strings.TrimSpace(a) == "" {
+			return fmt.Errorf("esq: NSQConfig.NSQDAddrs[%d] is empty", i)
+		}
+	}
+	for i, a := range c.LookupdHTTPAddrs {
+		if strings.TrimSpace(a) == "" {
+			return fmt.Errorf("esq: NSQConfig.LookupdHTTPAddrs[%d] is empty", i)
+		}
+	}
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{
+		{"ReconnectInterval", c.ReconnectInterval},
+		{"WatchInterval", c.WatchInterval},
+		{"LiveTimeout", c.LiveTimeout},
+	} {
+		if d.v < 0 {
+			return fmt.Errorf("esq: NSQConfig.%s is %s, must not be negative (0 means the default)", d.name, d.v)
+		}
 	}
 	if c.MaxInFlight < 0 {
-		return fmt.Errorf("esq: NSQConfig.MaxInFlight is %d, must be positive", c.MaxInFlight)
+		return fmt.Errorf("esq: NSQConfig.MaxInFlight is %d, must not be negative (0 means the default)", c.MaxInFlight)
+	}
+	if c.MaxInFlight == 0 {
+		c.MaxInFlight = defaultMaxInFlight
 	}
 	if c.ReconnectInterval == 0 {
 		c.ReconnectInterval = defaultReconnectInterval
@@ -99,12 +132,15 @@ func (c *NSQConfig) setDefaults() error {
 	if c.LiveTimeout == 0 {
 		c.LiveTimeout = defaultLiveTimeout
 	}
+	// go-nsq's own bounds for LookupdPollInterval, which ReconnectInterval
+	// sets: checked here so the error names our field, not go-nsq's.
+	if c.ReconnectInterval < minReconnectInterval || c.ReconnectInterval > maxReconnectInterval {
+		return fmt.Errorf("esq: NSQConfig.ReconnectInterval is %s, must be between %s and %s",
+			c.ReconnectInterval, minReconnectInterval, maxReconnectInterval)
+	}
 	if c.ReconnectInterval < 2*c.WatchInterval {
 		return fmt.Errorf("esq: NSQConfig.ReconnectInterval (%s) must be at least twice WatchInterval (%s), or a reconnect could go unnoticed",
 			c.ReconnectInterval, c.WatchInterval)
-	}
-	if c.LiveTimeout < 0 {
-		return errors.New("esq: NSQConfig.LiveTimeout must not be negative")
 	}
 	if c.Logger == nil {
 		c.Logger = logrus.StandardLogger()
@@ -199,24 +235,99 @@ func (q *NSQ) producer(addr string) (*producer, error) {
 }
 
 // Publish sends body to the entity type's topic on the first nsqd in
-// NSQDAddrs that accepts it.
-func (q *NSQ) Publish(_ context.Context, entity shared.EntityType, body []byte) error {
+// NSQDAddrs that accepts it, and returns once nsqd has acknowledged it.
+//
+// An nsqd that is being dialed by another publish, whose last dial failed,
+// or that does not complete a connection within go-nsq's dial timeout (1s)
+// is passed over for the next one; only when every nsqd failed does Publish
+// come back to the passed-over ones and wait for their connection. It gives
+// up when ctx ends, returning an error that wraps ctx.Err(); a message
+// already written to nsqd by then may still be published.
+func (q *NSQ) Publish(ctx context.Context, entity shared.EntityType, body []byte) error {
 	topic, err := TopicName(q.cfg.TopicPrefix, entity)
 	if err != nil {
 		return err
 	}
+	ctxErr := func() error { return fmt.Errorf("esq: publish to topic %q: %w", topic, ctx.Err()) }
+	if ctx.Err() != nil {
+		return ctxErr()
+	}
 	var errs []error
+	var passedOver []*producer
 	for _, addr := range q.cfg.NSQDAddrs {
 		p, err := q.producer(addr)
 		if err != nil {
 			return err
 		}
-		if err = p.Publish(topic, body); err == nil {
+		err = p.publish(ctx, topic, body, false)
+		var skip *skipped
+		switch {
+		case err == nil:
 			return nil
+		case ctx.Err() != nil:
+			return ctxErr()
+		case errors.Is(err, ErrClosed):
+			return err
+		case errors.As(err, &skip):
+			passedOver = append(passedOver, p)
+		default:
+			errs = append(errs, fmt.Errorf("nsqd %s: %w", addr, err))
 		}
-		errs = append(errs, fmt.Errorf("nsqd %s: %w", addr, err))
+	}
+	// Every nsqd failed or was passed over: wait for whichever passed-over
+	// nsqd connects first (one of them may be a dial that hangs).
+	for len(passedOver) > 0 {
+		p, err := firstConnected(ctx, passedOver)
+		if p == nil {
+			if ctx.Err() != nil {
+				return ctxErr()
+			}
+			if errors.Is(err, ErrClosed) {
+				return err
+			}
+			errs = append(errs, err)
+			break
+		}
+		err = p.publish(ctx, topic, body, true)
+		switch {
+		case err == nil:
+			return nil
+		case ctx.Err() != nil:
+			return ctxErr()
+		case errors.Is(err, ErrClosed):
+			return err
+		}
+		errs = append(errs, fmt.Errorf("nsqd %s: %w", p.addr, err))
+		passedOver = slices.DeleteFunc(passedOver, func(x *producer) bool { return x == p })
 	}
 	return fmt.Errorf("esq: publish to topic %q failed on every nsqd: %w", topic, errors.Join(errs...))
+}
+
+// firstConnected waits until one of ps has a connection (dialing where
+// none is in flight) and returns it, or nil and every dial's error.
+func firstConnected(ctx context.Context, ps []*producer) (*producer, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	type result struct {
+		p   *producer
+		err error
+	}
+	results := make(chan result, len(ps))
+	for _, p := range ps {
+		go func() {
+			_, err := p.conn(ctx, true)
+			results <- result{p, err}
+		}()
+	}
+	var errs []error
+	for range ps {
+		r := <-results
+		if r.err == nil {
+			return r.p, nil // the others end with the cancelled ctx
+		}
+		errs = append(errs, fmt.Errorf("nsqd %s: %w", r.p.addr, r.err))
+	}
+	return nil, errors.Join(errs...)
 }
 
 // Subscribe consumes the entity type's topic on this server's ephemeral
@@ -298,7 +409,13 @@ func (q *NSQ) ensureTopic(s *nsqSubscription) error {
 	if err != nil {
 		return err
 	}
-	if err := p.Publish(s.topic, body); err != nil {
+	ctx, cancel := q.boundedCtx(q.cfg.LiveTimeout)
+	err = p.publish(ctx, s.topic, body, true)
+	cancel()
+	if err != nil {
+		if q.isClosing() {
+			return ErrClosed
+		}
 		return fmt.Errorf("esq: create topic %q on nsqd %s: %w", s.topic, q.cfg.NSQDAddrs[0], err)
 	}
 	deadline := time.Now().Add(q.cfg.LiveTimeout)
@@ -403,9 +520,11 @@ func (q *NSQ) probe(s *nsqSubscription, addr string, deadline time.Time) error {
 	if err != nil {
 		return err
 	}
+	ctx, cancel := q.boundedCtx(time.Until(deadline))
+	defer cancel()
 	var lastErr error
 	for {
-		if err := p.Publish(s.topic, body); err != nil {
+		if err := p.publish(ctx, s.topic, body, true); err != nil {
 			lastErr = err
 		}
 		select {
@@ -419,6 +538,29 @@ func (q *NSQ) probe(s *nsqSubscription, addr string, deadline time.Time) error {
 			return fmt.Errorf("esq: subscription to topic %q on nsqd %s not live after %s (last publish error: %v)",
 				s.topic, addr, q.cfg.LiveTimeout, lastErr)
 		}
+	}
+}
+
+// boundedCtx returns a context that ends after d or when the queue closes,
+// for the queue's own publishes (topic creation, probes).
+func (q *NSQ) boundedCtx(d time.Duration) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	go func() {
+		select {
+		case <-q.closing:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	return ctx, cancel
+}
+
+func (q *NSQ) isClosing() bool {
+	select {
+	case <-q.closing:
+		return true
+	default:
+		return false
 	}
 }
 
@@ -515,7 +657,7 @@ func (q *NSQ) Close(ctx context.Context) error {
 		}
 	}
 	for _, p := range producers {
-		p.Stop()
+		p.Stop(ctx)
 	}
 	q.http.CloseIdleConnections()
 	done := make(chan struct{})

@@ -107,7 +107,9 @@ func TestPassThroughPanicDoesNotEndTheServer(t *testing.T) {
 
 func TestPingsKeepAReadingClientAlive(t *testing.T) {
 	store := testkit.NewStore()
-	e, srv := testkit.Serve(t, es.Config{Web: esweb.Options{PongWait: 200 * time.Millisecond}})
+	// Pings every 100 ms keep a 500 ms read deadline moving, with room for a
+	// loaded machine.
+	e, srv := testkit.Serve(t, es.Config{Web: esweb.Options{PongWait: 500 * time.Millisecond, HeartbeatInterval: 100 * time.Millisecond}})
 	if err := e.Register("items", store.Fetch); err != nil {
 		t.Fatal(err)
 	}

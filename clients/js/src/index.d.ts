@@ -63,7 +63,10 @@ export interface ClientOptions {
   WebSocket?: new (url: string, protocols?: string | string[]) => WebSocket | any;
   /** Secret sent first on every connection. */
   secret?: string;
-  /** Ceiling of the first reconnect delay in ms (default 500); doubles per failed attempt. */
+  /**
+   * Ceiling of the first reconnect delay in ms (default 500); doubles per failed attempt,
+   * and starts afresh only after a connection that proved healthy.
+   */
   minBackoff?: number;
   /** Largest reconnect delay ceiling in ms (default 20000). Delays are uniform in [0, ceiling). */
   maxBackoff?: number;
@@ -85,7 +88,11 @@ export interface SubscriptionHandlers<Row = unknown> {
   onGone?: () => void;
   /** The server withdrew access; the subscription has ended. Default: onGone. */
   onRevoked?: (reason: string) => void;
-  /** The server refused the subscription; it has ended. Default: the client's 'error' listeners. */
+  /**
+   * The server refused the subscription, or the client did not send it because the
+   * connection holds the server's announced maxSubscriptions (code
+   * 'too_many_subscriptions'); it has ended. Default: the client's 'error' listeners.
+   */
   onError?: (err: EntitySyncError) => void;
 }
 

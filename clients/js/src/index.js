@@ -14,7 +14,7 @@ export const PATH = '/ws/entity-sync/';
 export const State = Object.freeze({
   /** Opening the websocket or waiting for the server's welcome. */
   CONNECTING: 'connecting',
-  /** Welcomed; the secret and every subscription have been sent. */
+  /** Welcomed; the secret and every subscription have been queued (sent paced within the server's rate limit). */
   CONNECTED: 'connected',
   /** The connection ended or an attempt failed; a retry is scheduled. */
   DISCONNECTED: 'disconnected',
@@ -49,6 +49,24 @@ export function connect(url, options = {}) {
 }
 
 const keyString = (entity, id) => JSON.stringify([entity, id]);
+
+// Added to twice the server's heartbeat interval to make the silence limit:
+// room for a late timer on the server and for network jitter, so one late
+// heartbeat is not taken for a dead connection.
+const HEARTBEAT_SLACK = 1000;
+
+// How long a connection must stay open to count as healthy (see #lost) when
+// it has not proved so by answering its resubscriptions.
+const HEALTHY_AFTER = 5000;
+
+// At most this many requests await their ack or error at a time. The server
+// bounds the answers it holds for a connection and drops one whose unread
+// answers pile up (it takes that for a client that does not read them).
+// That bound need not cover a full burst (an esweb that queued 64 answers
+// with a default burst of 100 dropped a page that sent a full burst while
+// busy, although it read everything); a small window keeps a reading client
+// clear of it whatever the burst.
+const MAX_IN_FLIGHT = 32;
 
 /** The client. Use connect() to make one. */
 export class EntitySyncClient {
@@ -156,11 +174,14 @@ export class EntitySyncClient {
     const k = keyString(entity, id);
     let sub = this.#subs.get(k);
     if (!sub) {
-      sub = { key: { entity, id }, handles: [], has: false, gone: false, rows: null };
+      sub = { key: { entity, id }, handles: [handle], has: false, gone: false, rows: null };
       this.#subs.set(k, sub);
       const conn = this.#conn;
-      if (conn && conn.ready) this.#sendSubscribe(conn, sub);
-    } else if (sub.has) {
+      // Or ends it (reported asynchronously) when the server's limit is reached.
+      if (conn && conn.ready) this.#subscribeOn(conn, k, sub);
+      return () => this.#unsubscribe(k, sub, handle);
+    }
+    if (sub.has) {
       const { gone, rows } = sub;
       queueMicrotask(() => this.#deliver(handle, gone, rows));
     }
@@ -222,6 +243,22 @@ export class EntitySyncClient {
       lastSeq: new Map(), // key -> seq last applied
       unsubs: new Map(), // key -> unacknowledged unsubscribes
       timers: new Set(),
+      lastFrameAt: Date.now(),
+      watchdog: null,
+      queue: [], // requests not yet written, paced by pace
+      inFlight: 0, // requests written and not answered yet
+      pace: newPacer(0, 0),
+      pumpTimer: null,
+      maxSubs: Infinity, // the welcome's limits.maxSubscriptions
+      // Keys held on the server: subscribes sent (or awaiting a rate-limited
+      // retry) minus unsubscribes sent, refusals and revocations. Requests
+      // are processed in order, so counting when one is queued matches.
+      held: 0,
+      welcomedAt: 0,
+      initialRef: 0, // requests 1..initialRef were sent at welcome
+      initialSub: false, // among them at least one subscribe
+      unanswered: 0,
+      answered: false, // all of them were answered (see #lost)
     };
     this.#conn = conn;
     conn.handshake = setTimeout(() => {
@@ -248,6 +285,12 @@ export class EntitySyncClient {
       if (conn !== this.#conn) return;
       this.#release(conn);
       this.#conn = null;
+      // The backoff starts afresh only after a connection that proved
+      // healthy: the server answered every request sent after its welcome,
+      // or it stayed open HEALTHY_AFTER. A server that welcomes clients and
+      // drops them at once (overloaded, or refusing them) must see them
+      // back off further each time, not return at the first delay forever.
+      if (conn.ready && (conn.answered || Date.now() - conn.welcomedAt >= HEALTHY_AFTER)) this.#attempt = 0;
     }
     if (this.#closed) return;
     this.#setState(State.DISCONNECTED, info);
@@ -258,30 +301,136 @@ export class EntitySyncClient {
 
   #release(conn) {
     clearTimeout(conn.handshake);
+    clearTimeout(conn.watchdog);
+    clearTimeout(conn.pumpTimer);
+    conn.pumpTimer = null;
+    conn.queue.length = 0;
     for (const t of conn.timers) clearTimeout(t);
     conn.timers.clear();
     conn.ws.onopen = conn.ws.onmessage = conn.ws.onclose = null;
     conn.ws.onerror = () => {};
   }
 
-  #welcome(conn) {
+  #welcome(conn, f) {
     clearTimeout(conn.handshake);
     conn.ready = true;
-    this.#attempt = 0;
+    conn.welcomedAt = Date.now();
+    this.#watch(conn, Number(f.heartbeatMs));
+    const limits = f.limits && typeof f.limits === 'object' ? f.limits : {};
+    const max = Number(limits.maxSubscriptions);
+    if (max >= 1) conn.maxSubs = Math.floor(max);
+    conn.pace = newPacer(Number(limits.messagesPerSecond), Number(limits.messageBurst));
     // Requests are processed in order: the secret applies to every
     // subscription that follows it.
     if (this.#secret !== '') this.#send(conn, 'secret', this.#secret, {});
-    for (const sub of this.#subs.values()) this.#sendSubscribe(conn, sub);
+    // A Map iterates in insertion order: oldest first, so when the server
+    // allows fewer keys than the client holds, the newest are refused.
+    for (const [k, sub] of [...this.#subs]) {
+      if (this.#subscribeOn(conn, k, sub)) conn.initialSub = true;
+    }
+    conn.initialRef = conn.nextRef;
+    conn.unanswered = conn.nextRef;
     this.#setState(State.CONNECTED);
+  }
+
+  // #subscribeOn sends sub's subscribe on conn, unless the server's
+  // maxSubscriptions would be exceeded: the subscription then ends with a
+  // too_many_subscriptions error, as if the server had refused it, without
+  // spending a request the server would refuse anyway.
+  #subscribeOn(conn, k, sub) {
+    if (conn.held >= conn.maxSubs) {
+      const err = new EntitySyncError(
+        'too_many_subscriptions',
+        `entity-sync: not sent: the server allows ${conn.maxSubs} subscriptions per connection (limits.maxSubscriptions) and the client holds them all`,
+        { action: 'subscribe', key: sub.key },
+      );
+      this.#end(k, sub);
+      queueMicrotask(() => this.#fail(sub, err));
+      return false;
+    }
+    conn.held++;
+    this.#sendSubscribe(conn, sub);
+    return true;
+  }
+
+  // #answered frees a place in the window of requests awaiting an answer.
+  #answered(conn) {
+    conn.inFlight--;
+    if (conn.queue.length > 0) this.#pump(conn);
+  }
+
+  // #noteAnswer counts the answer to request ref towards the connection's
+  // health (see #lost).
+  #noteAnswer(conn, ref) {
+    const n = Number(ref);
+    if (!(n >= 1 && n <= conn.initialRef)) return;
+    if (--conn.unanswered === 0 && conn.initialSub) conn.answered = true;
+  }
+
+  // #watch gives up on a connection that stays silent longer than the
+  // server's heartbeat promises: browsers neither expose websocket pings nor
+  // time out a read, so after a laptop sleep or a lost NAT entry a
+  // half-open socket would otherwise stay "connected" on stale data for
+  // as long as TCP takes to notice (often many minutes). A server that
+  // announces no heartbeatMs (an older one) makes no promise: no timeout.
+  // The timer checks the time of the last frame rather than being reset on
+  // every frame, which would cost a timer per message; Date.now() also
+  // moves on while the machine sleeps, so a check that fires late on wake-up
+  // sees the whole silence.
+  #watch(conn, heartbeatMs) {
+    if (!(heartbeatMs > 0) || !Number.isFinite(heartbeatMs)) return;
+    const limit = 2 * heartbeatMs + HEARTBEAT_SLACK;
+    const check = () => {
+      if (conn !== this.#conn) return;
+      const silent = Date.now() - conn.lastFrameAt;
+      if (silent < limit) {
+        conn.watchdog = setTimeout(check, limit - silent);
+        return;
+      }
+      this.#lost(conn, {
+        error: new EntitySyncError(
+          'timeout',
+          `entity-sync: no frame for ${silent} ms although the server promised a heartbeat every ${heartbeatMs} ms: connection presumed dead`,
+        ),
+      });
+      try {
+        conn.ws.close();
+      } catch {
+        // nothing to do: the connection is already forgotten
+      }
+    };
+    conn.watchdog = setTimeout(check, limit);
   }
 
   #send(conn, action, body, req) {
     const ref = String(++conn.nextRef);
     conn.pending.set(ref, { ...req, action });
-    try {
-      conn.ws.send(JSON.stringify({ action, body, ref }));
-    } catch {
-      // the connection is going away; everything is sent again on reconnect
+    conn.queue.push(JSON.stringify({ action, body, ref }));
+    this.#pump(conn);
+  }
+
+  // #pump writes queued requests in order, within the server's announced
+  // token bucket (see newPacer) and with at most MAX_IN_FLIGHT awaiting an
+  // answer; it comes back on a timer when the bucket is empty, and on the
+  // next answer when the window is full.
+  #pump(conn) {
+    if (conn.pumpTimer !== null) return; // the timer will carry on
+    while (conn.queue.length > 0 && conn.inFlight < MAX_IN_FLIGHT) {
+      const wait = take(conn.pace, performance.now());
+      if (wait > 0) {
+        conn.pumpTimer = setTimeout(() => {
+          conn.pumpTimer = null;
+          if (conn === this.#conn) this.#pump(conn);
+        }, wait);
+        return;
+      }
+      const msg = conn.queue.shift();
+      conn.inFlight++;
+      try {
+        conn.ws.send(msg);
+      } catch {
+        // the connection is going away; everything is sent again on reconnect
+      }
     }
   }
 
@@ -292,6 +441,7 @@ export class EntitySyncClient {
   #sendUnsubscribe(conn, key) {
     const k = keyString(key.entity, key.id);
     conn.lastSeq.delete(k);
+    conn.held--;
     conn.unsubs.set(k, (conn.unsubs.get(k) ?? 0) + 1);
     this.#send(conn, 'unsubscribe', key, { key });
   }
@@ -308,6 +458,7 @@ export class EntitySyncClient {
 
   #onMessage(conn, data) {
     if (conn !== this.#conn) return;
+    conn.lastFrameAt = Date.now(); // any frame proves the connection alive
     let f;
     try {
       f = JSON.parse(typeof data === 'string' ? data : new TextDecoder().decode(data));
@@ -318,7 +469,7 @@ export class EntitySyncClient {
     if (f === null || typeof f !== 'object') return;
     if (!conn.ready) {
       if (f.type === 'welcome') {
-        this.#welcome(conn);
+        this.#welcome(conn, f);
       } else {
         this.#lost(conn, { error: new EntitySyncError('bad_frame', `entity-sync: expected welcome, got ${String(f.type)}`) });
         conn.ws.close();
@@ -331,7 +482,7 @@ export class EntitySyncClient {
         if (f.key) this.#applyState(conn, f.key, Number(f.seq) || 0, f.type === 'gone', f.rows);
         break;
       case 'revoked':
-        if (f.key) this.#revoke(f.key, f.reason ?? '');
+        if (f.key) this.#revoke(conn, f.key, f.reason ?? '');
         break;
       case 'ack':
         this.#acked(conn, f.ref);
@@ -339,6 +490,8 @@ export class EntitySyncClient {
       case 'error':
         this.#refused(conn, f);
         break;
+      case 'heartbeat':
+        break; // its arrival, noted above, is all it says
       default:
       // a frame type from a newer server: ignored, as the protocol asks
     }
@@ -360,10 +513,11 @@ export class EntitySyncClient {
     for (const h of [...sub.handles]) this.#deliver(h, gone, rows);
   }
 
-  #revoke(key, reason) {
+  #revoke(conn, key, reason) {
     const k = keyString(key.entity, key.id);
     const sub = this.#subs.get(k);
     if (!sub) return;
+    conn.held--; // the server removed it
     this.#end(k, sub);
     for (const h of sub.handles) {
       if (h.cancelled) continue;
@@ -377,6 +531,8 @@ export class EntitySyncClient {
     const req = conn.pending.get(ref);
     if (!req) return;
     conn.pending.delete(ref);
+    this.#answered(conn);
+    this.#noteAnswer(conn, ref);
     if (req.action === 'unsubscribe') this.#unsubDone(conn, req.key);
   }
 
@@ -404,7 +560,11 @@ export class EntitySyncClient {
       return;
     }
     conn.pending.delete(f.ref);
+    this.#answered(conn);
     const limited = f.code === 'rate_limited';
+    // rate_limited is no answer: the request is retried, and a server that
+    // only refuses is no proof of a healthy connection.
+    if (!limited) this.#noteAnswer(conn, f.ref);
     const retry = Math.random() * Math.min(this.#maxBackoff, this.#minBackoff * 4);
     if (req.action === 'subscribe') {
       const sub = req.sub;
@@ -417,18 +577,16 @@ export class EntitySyncClient {
         });
         return;
       }
+      conn.held--; // refused: the server does not hold it
       this.#end(k, sub);
-      for (const h of sub.handles) {
-        if (h.cancelled) continue;
-        if (h.handlers.onError) this.#call(h.handlers.onError, err);
-        else this.#emit('error', err);
-      }
+      this.#fail(sub, err);
       return;
     }
     if (req.action === 'unsubscribe') {
       this.#unsubDone(conn, req.key);
       const k = keyString(req.key.entity, req.key.id);
       if (limited) {
+        conn.held++; // the server still holds it until the retry
         this.#after(conn, retry, () => {
           if (!this.#subs.has(k)) this.#sendUnsubscribe(conn, req.key);
         });
@@ -450,6 +608,15 @@ export class EntitySyncClient {
     this.#subs.delete(k);
     const conn = this.#conn;
     if (conn && conn.ready && !this.#closed) this.#sendUnsubscribe(conn, sub.key);
+  }
+
+  // #fail reports a refused subscription to its handles.
+  #fail(sub, err) {
+    for (const h of sub.handles) {
+      if (h.cancelled) continue;
+      if (h.handlers.onError) this.#call(h.handlers.onError, err);
+      else this.#emit('error', err);
+    }
   }
 
   #end(k, sub) {
@@ -494,6 +661,35 @@ export class EntitySyncClient {
       else console.error('entity-sync: callback threw', error);
     }
   }
+}
+
+// newPacer makes the token bucket a connection's requests go through, from
+// the welcome's limits.messagesPerSecond and messageBurst, so that a client
+// resubscribing many keys sends a burst and then a steady stream instead of
+// a flood the server refuses with rate_limited (and, if it goes on, closes
+// with 1008). The server's bucket is full when the welcome arrives, as is
+// this one. One token is kept in reserve and the refill runs at 90% of the
+// announced rate: requests can reach the server closer together than they
+// were sent, and the margin absorbs that. No rate announced (an older
+// server): no pacing.
+function newPacer(rate, burst) {
+  if (!(rate > 0) || !Number.isFinite(rate)) return { rate: 0 };
+  if (!(burst >= 1) || !Number.isFinite(burst)) burst = 1; // a rate without a burst: one at a time
+  const capacity = Math.max(1, Math.floor(burst) - 1);
+  return { rate: 0.9 * rate, capacity, tokens: capacity, last: performance.now() };
+}
+
+// take takes a token from the pacer and returns 0, or returns how many ms
+// until one is available.
+function take(p, now) {
+  if (p.rate === 0) return 0;
+  p.tokens = Math.min(p.capacity, p.tokens + ((now - p.last) / 1000) * p.rate);
+  p.last = now;
+  if (p.tokens >= 1) {
+    p.tokens--;
+    return 0;
+  }
+  return Math.ceil(((1 - p.tokens) / p.rate) * 1000);
 }
 
 function positive(v, dflt) {

@@ -10,8 +10,16 @@ import WebSocket, { WebSocketServer } from 'ws';
 import { connect, State, SUBPROTOCOL } from '../../src/index.js';
 import { Recorder } from '../helpers.js';
 
-/** A scripted server; each connection is handed to the test via accept(). */
-async function fakeServer(t, { subprotocol = true } = {}) {
+/** The welcome of a scripted server: an older server's, with no rate limits and no heartbeat. */
+const DEFAULT_WELCOME = { type: 'welcome', protocol: SUBPROTOCOL, limits: { maxFrameBytes: 32768 } };
+
+/**
+ * A scripted server; each connection is handed to the test via accept().
+ * welcome is the first frame of every connection; setWelcome changes it for
+ * later ones. Each connection and request records its arrival time (`at`,
+ * performance.now()).
+ */
+async function fakeServer(t, { subprotocol = true, welcome = DEFAULT_WELCOME } = {}) {
   const wss = new WebSocketServer({
     host: '127.0.0.1',
     port: 0,
@@ -20,10 +28,12 @@ async function fakeServer(t, { subprotocol = true } = {}) {
   await new Promise((res) => wss.once('listening', res));
   const conns = new Recorder();
   wss.on('connection', (ws) => {
+    const at = performance.now();
     const reqs = new Recorder();
-    ws.on('message', (data) => reqs.push(JSON.parse(data.toString())));
+    ws.on('message', (data) => reqs.push({ ...JSON.parse(data.toString()), at: performance.now() }));
     const fc = {
       ws,
+      at,
       send: (v) => ws.send(JSON.stringify(v)),
       /** The next request; must have this action (and key). */
       async expect(action, key) {
@@ -38,7 +48,7 @@ async function fakeServer(t, { subprotocol = true } = {}) {
       gone: (key, seq) => fc.send({ type: 'gone', key, seq }),
       drain: () => reqs.drain(),
     };
-    fc.send({ type: 'welcome', protocol: SUBPROTOCOL, limits: { maxFrameBytes: 32768 } });
+    fc.send(welcome);
     conns.push(fc);
   });
   t.after(async () => {
@@ -46,7 +56,13 @@ async function fakeServer(t, { subprotocol = true } = {}) {
     await new Promise((res) => wss.close(res));
   });
   const url = `ws://127.0.0.1:${wss.address().port}/ws/entity-sync/`;
-  return { url, accept: () => conns.next('a connection') };
+  return {
+    url,
+    accept: () => conns.next('a connection'),
+    setWelcome: (w) => {
+      welcome = w;
+    },
+  };
 }
 
 function client(t, url, extra = {}) {
@@ -55,7 +71,8 @@ function client(t, url, extra = {}) {
     WebSocket,
     minBackoff: 5,
     maxBackoff: 50,
-    onStateChange: (state, info) => states.push({ kind: state, info }),
+    // at: when the client reported it (the test may resume later).
+    onStateChange: (state, info) => states.push({ kind: state, info, at: performance.now() }),
     ...extra,
   });
   t.after(() => c.close());
@@ -242,8 +259,8 @@ test('backoff doubles per failed attempt up to the cap', async (t) => {
   const { c, states } = client(t, f.url, { minBackoff: 20, maxBackoff: 80 });
   const failures = [];
   for (let i = 0; i < 7; i++) {
-    await states.until((e) => e.kind === State.DISCONNECTED, 'a failed attempt');
-    failures.push(performance.now());
+    const e = await states.until((e) => e.kind === State.DISCONNECTED, 'a failed attempt');
+    failures.push(e.at); // not performance.now(): this await may resume late
   }
   c.close();
   Math.random = random;
@@ -273,4 +290,197 @@ test('connect needs a WebSocket constructor and a ws/http URL', () => {
     globalThis.WebSocket = had;
   }
   assert.throws(() => connect('ftp://x/', { WebSocket }), TypeError);
+});
+
+test('a connection silent for 2 x heartbeatMs (+1 s) is given up and replaced', async (t) => {
+  const f = await fakeServer(t, { welcome: { ...DEFAULT_WELCOME, heartbeatMs: 100 } });
+  const { c, states } = client(t, f.url);
+  const rec = new Recorder();
+  c.subscribe('items', '1', rec.handlers());
+  let fc = await f.accept();
+  fc.ack(await fc.expect('subscribe', key('1')));
+  fc.rows(key('1'), 1, 'v1');
+  await expectRows(rec, 'v1');
+  const lastFrame = performance.now(); // the client read the rows no earlier
+
+  // The server goes silent without closing anything: a half-open socket.
+  const lost = await states.until((e) => e.kind === State.DISCONNECTED, 'disconnected');
+  const silent = performance.now() - lastFrame;
+  assert.ok(silent >= 200, `gave up after ${silent} ms, before twice the heartbeat interval`);
+  assert.equal(lost.info?.error?.code, 'timeout', `disconnect info ${JSON.stringify(lost.info)}`);
+  assert.match(lost.info.error.message, /heartbeat/);
+
+  fc = await f.accept(); // reconnected, and subscribed again
+  fc.ack(await fc.expect('subscribe', key('1')));
+  fc.rows(key('1'), 1, 'v1 again');
+  await expectRows(rec, 'v1 again');
+});
+
+test('heartbeat frames keep a connection alive and reach no callback', async (t) => {
+  const f = await fakeServer(t, { welcome: { ...DEFAULT_WELCOME, heartbeatMs: 100 } });
+  const errors = new Recorder();
+  const { c, states } = client(t, f.url, { onError: (err) => errors.push({ kind: 'error', err }) });
+  const fc = await f.accept();
+  await states.until((e) => e.kind === State.CONNECTED, 'connected');
+  // The limit is 2 x 100 ms + 1 s: beat every 50 ms for twice that.
+  const end = performance.now() + 2 * 1200;
+  while (performance.now() < end) {
+    fc.send({ type: 'heartbeat' });
+    await new Promise((res) => setTimeout(res, 50)); // the server's beat, not a wait for the client
+  }
+  c.subscribe('items', '1', () => {});
+  await fc.expect('subscribe', key('1')); // still the first connection
+  assert.deepEqual(states.drain(), []);
+  assert.deepEqual(errors.drain(), []);
+  assert.equal(c.state, State.CONNECTED);
+});
+
+/**
+ * Fails unless the requests' arrival times fit the server's token bucket: by
+ * time t after the first, at most burst + rate*t of them. 5 ms of leeway: the
+ * scripted server shares the client's event loop, so an arrival may be
+ * noted late (the first one, late, shrinks every gap). Unpaced requests
+ * arrive within a millisecond, far below the gaps checked (20 ms and more).
+ */
+function checkBucket(reqs, rate, burst) {
+  for (let i = burst; i < reqs.length; i++) {
+    const minGap = ((i + 1 - burst) / rate) * 1000;
+    const gap = reqs[i].at - reqs[0].at;
+    assert.ok(gap >= minGap - 5, `request ${i + 1} arrived ${gap.toFixed(1)} ms after the first; a bucket of ${burst} at ${rate}/s allows it after ${minGap} ms`);
+  }
+}
+
+test('requests are paced within the announced rate limit, also when resubscribing', async (t) => {
+  const rate = 40;
+  const burst = 5;
+  const f = await fakeServer(t, { welcome: { ...DEFAULT_WELCOME, limits: { maxSubscriptions: 100, messagesPerSecond: rate, messageBurst: burst } } });
+  const { c, states } = client(t, f.url);
+  let fc = await f.accept();
+  await states.until((e) => e.kind === State.CONNECTED, 'connected');
+  const ids = Array.from({ length: 16 }, (_, i) => String(i));
+  for (const id of ids) c.subscribe('items', id, () => {});
+  const reqs = [];
+  for (const id of ids) {
+    const r = await fc.expect('subscribe', key(id));
+    fc.ack(r);
+    reqs.push(r);
+  }
+  checkBucket(reqs, rate, burst);
+
+  fc.ws.terminate();
+  await states.until((e) => e.kind === State.DISCONNECTED, 'disconnected');
+  fc = await f.accept();
+  const again = [];
+  for (const id of ids) again.push(await fc.expect('subscribe', key(id))); // oldest first
+  checkBucket(again, rate, burst);
+});
+
+test('no more keys than maxSubscriptions are sent; the excess is reported as too_many_subscriptions', async (t) => {
+  const f = await fakeServer(t, { welcome: { ...DEFAULT_WELCOME, limits: { maxSubscriptions: 3 } } });
+  const { c, states } = client(t, f.url);
+  let fc = await f.accept();
+  await states.until((e) => e.kind === State.CONNECTED, 'connected');
+  const recs = [];
+  const unsubs = [];
+  for (let i = 0; i < 5; i++) {
+    recs.push(new Recorder());
+    unsubs.push(c.subscribe('items', String(i), recs[i].handlers()));
+  }
+  for (let i = 0; i < 3; i++) fc.ack(await fc.expect('subscribe', key(String(i))));
+  for (let i = 3; i < 5; i++) {
+    const e = await recs[i].next(`error for key ${i}`);
+    assert.equal(e.kind, 'error');
+    assert.equal(e.err.code, 'too_many_subscriptions');
+    assert.deepEqual(e.err.key, key(String(i)));
+    assert.equal(e.err.action, 'subscribe');
+  }
+  // Room again after an unsubscribe; the refused keys were never sent.
+  unsubs[0]();
+  fc.ack(await fc.expect('unsubscribe', key('0')));
+  const fence = new Recorder();
+  c.subscribe('items', 'fence', fence.handlers());
+  fc.ack(await fc.expect('subscribe', key('fence')));
+
+  // Holding 1, 2 and the fence, the client meets a server that allows 2.
+  f.setWelcome({ ...DEFAULT_WELCOME, limits: { maxSubscriptions: 2 } });
+  fc.ws.terminate();
+  await states.until((e) => e.kind === State.DISCONNECTED, 'disconnected');
+  fc = await f.accept();
+  fc.ack(await fc.expect('subscribe', key('1')));
+  fc.ack(await fc.expect('subscribe', key('2')));
+  const e = await fence.next('error for the fence');
+  assert.equal(e.err.code, 'too_many_subscriptions');
+  unsubs[1]();
+  await fc.expect('unsubscribe', key('1')); // and no subscribe of the fence before it
+  for (const r of [...recs, fence]) assert.deepEqual(r.drain(), []);
+});
+
+test('a server that drops the client right after welcome makes it back off; a healthy connection resets the backoff', async (t) => {
+  const f = await fakeServer(t);
+  // Draw every delay at the top of its range, so the gaps show the ceilings.
+  const random = Math.random;
+  Math.random = () => 0.999;
+  t.after(() => (Math.random = random));
+  const { c } = client(t, f.url, { minBackoff: 20, maxBackoff: 640 });
+  c.subscribe('items', '1', () => {});
+  let fc = await f.accept();
+  let req = await fc.expect('subscribe', key('1'));
+  for (const ceil of [20, 40, 80, 160, 320, 640, 640]) {
+    const prev = fc;
+    prev.ws.terminate(); // dropped before answering anything
+    fc = await f.accept();
+    const gap = fc.at - prev.at;
+    assert.ok(gap >= ceil * 0.999 - 2, `reconnected ${gap.toFixed(1)} ms after a connection dropped right after welcome; the backoff ceiling should have grown to ${ceil} ms`);
+    req = await fc.expect('subscribe', key('1'));
+  }
+  // This connection answers its resubscription, so it proved healthy: the
+  // next reconnect waits the first ceiling (20 ms) again, not 640 ms.
+  fc.ack(req);
+  // The client has read the ack once it answers a later frame: a rows frame
+  // it delivers is the fence.
+  const rec = new Recorder();
+  c.subscribe('items', '1', rec.handlers()); // shares the key: no request
+  fc.rows(key('1'), 1, 'v');
+  await expectRows(rec, 'v');
+  const cut = performance.now();
+  fc.ws.terminate();
+  fc = await f.accept();
+  const gap = fc.at - cut;
+  assert.ok(gap < 320, `reconnected ${gap.toFixed(1)} ms after a healthy connection ended: the backoff was not reset`);
+  Math.random = random;
+});
+
+test('at most 32 requests await an answer at a time', async (t) => {
+  const f = await fakeServer(t); // no rate limit: only the window holds requests back
+  const { c, states } = client(t, f.url);
+  const fc = await f.accept();
+  await states.until((e) => e.kind === State.CONNECTED, 'connected');
+  const ids = Array.from({ length: 40 }, (_, i) => String(i));
+  for (const id of ids) c.subscribe('items', id, () => {});
+  const reqs = [];
+  for (const id of ids.slice(0, 32)) reqs.push(await fc.expect('subscribe', key(id)));
+  // Each further request is sent only once an earlier one was answered.
+  for (let i = 32; i < ids.length; i++) {
+    const answered = performance.now();
+    fc.ack(reqs[i - 32]);
+    const r = await fc.expect('subscribe', key(ids[i]));
+    assert.ok(r.at >= answered, `request ${i + 1} arrived before an answer freed a place for it`);
+  }
+});
+
+test('a rate announced without a burst paces requests one at a time', async (t) => {
+  const rate = 50;
+  const f = await fakeServer(t, { welcome: { ...DEFAULT_WELCOME, limits: { messagesPerSecond: rate } } });
+  const { c, states } = client(t, f.url);
+  const fc = await f.accept();
+  await states.until((e) => e.kind === State.CONNECTED, 'connected');
+  const ids = ['0', '1', '2', '3', '4', '5'];
+  for (const id of ids) c.subscribe('items', id, () => {});
+  const reqs = [];
+  for (const id of ids) {
+    const r = await fc.expect('subscribe', key(id));
+    fc.ack(r);
+    reqs.push(r);
+  }
+  checkBucket(reqs, rate, 1);
 });

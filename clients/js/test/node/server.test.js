@@ -184,3 +184,30 @@ test('close stops reconnecting', async () => {
   assert.throws(() => c.subscribe('items', 'x', () => {}), /closed/);
   c.close();
 });
+
+test('a client holding more keys than the server burst resubscribes them all cleanly after a cut', async (t) => {
+  const n = 130; // the server's defaults: 50 requests/s, burst 100
+  const errors = new Recorder();
+  const { c, states } = client(0, { onError: (err) => errors.push({ kind: 'error', err }) });
+  t.after(async () => {
+    c.close();
+    await srv.control('/up?server=0');
+  });
+  await states.until((e) => e.kind === State.CONNECTED, 'connected');
+  const ids = Array.from({ length: n }, () => uniqueID('many'));
+  const recs = ids.map(() => new Recorder());
+  const seen = ids.map(() => ({ last: -1 }));
+  ids.forEach((id, i) => c.subscribe('items', id, recs[i].handlers()));
+  for (let i = 0; i < n; i++) await awaitVersion(recs[i], 0, seen[i]);
+
+  await srv.control('/cut?server=0&down=1');
+  await states.until((e) => e.kind === State.DISCONNECTED, 'disconnected');
+  const versions = [];
+  for (const id of ids) versions.push(await bump(1, id)); // while away
+  await srv.control('/up?server=0');
+  await states.until((e) => e.kind === State.CONNECTED, 'reconnected');
+  for (let i = 0; i < n; i++) await awaitVersion(recs[i], versions[i], seen[i]);
+  // Every rate_limited refusal is reported to the 'error' listeners.
+  assert.deepEqual(errors.drain().map((e) => `${e.err.code}: ${e.err.message}`), []);
+  assert.deepEqual(states.drain(), []); // connected once, never dropped
+});

@@ -1,0 +1,10 @@
+package esclient
+
+import "time"
+
+// WithMaxJitter makes every backoff delay the full ceiling, so a test can
+// tell the ceilings from the delays.
+func WithMaxJitter(o Options) Options {
+	o.jitter = func(ceil time.Duration) time.Duration { return ceil }
+	return o
+}

@@ -1,0 +1,420 @@
+// Package natsq is an esq.Queue over core NATS publish/subscribe
+// (github.com/nats-io/nats.go, imported only here).
+//
+// Each entity type is one subject, SubjectPrefix + entity type. Every Queue
+// subscribes with a plain subscription, never a queue group, so every server
+// receives every message. NATS core delivers at most once and keeps nothing:
+// a message published while a server is disconnected, or dropped because the
+// server fell behind, is gone. Both are reported through Subscribe's onLoss,
+// so the bridge re-fetches its subscribed keys:
+//
+//   - a reconnect: once nats.go has reconnected and the server has the
+//     subscriptions again (a flush round trip), onLoss is called for every
+//     subscription;
+//   - a slow consumer: when a subscription's pending buffer overflows,
+//     nats.go drops messages and reports it; onLoss is called for that
+//     subscription. (A server that cuts off a slow client causes a
+//     reconnect.)
+//
+// Use with entitysync:
+//
+//	q, err := natsq.New(ctx, natsq.Config{URL: "nats://127.0.0.1:4222", SubjectPrefix: "myapp.es."})
+//	if err != nil { ... }
+//	e, err := entitysync.New(entitysync.Config{Queue: q})
+package natsq
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/sirupsen/logrus"
+
+	"github.com/entity-sync/entity-sync/esq"
+	"github.com/entity-sync/entity-sync/shared"
+)
+
+// MaxSubjectLength is the longest subject (prefix included) this package
+// publishes to. NATS servers refuse a protocol line longer than their
+// max_control_line (4 KiB by default) by closing the connection; the limit
+// keeps a bad entity type from doing that.
+const MaxSubjectLength = 512
+
+// Config configures a Queue. Only URL is commonly set.
+type Config struct {
+	// URL is the NATS server URL, or several separated by commas
+	// ("nats://127.0.0.1:4222"). Default nats.DefaultURL.
+	URL string
+	// SubjectPrefix is put before every entity type to make its subject
+	// ("myapp.es." gives "myapp.es.items"), so several applications can
+	// share one NATS server. It may not contain whitespace or the wildcards
+	// '*' and '>'.
+	SubjectPrefix string
+	// Name is the connection name the server shows. Default "entity-sync".
+	Name string
+	// ReconnectWait is how long nats.go waits between reconnect attempts to
+	// the same server. Default 2s (nats.go's). Reconnects never stop.
+	ReconnectWait time.Duration
+	// ReconnectBufSize is how many bytes Publish buffers while the
+	// connection is being re-established; they are sent on reconnect. -1
+	// makes Publish fail while disconnected instead. Default 8 MiB
+	// (nats.go's).
+	ReconnectBufSize int
+	// PendingMsgs and PendingBytes bound what a subscription holds for its
+	// callback; past them nats.go drops messages and onLoss is called.
+	// Defaults: nats.go's (500,000 messages, 64 MiB).
+	PendingMsgs, PendingBytes int
+	// PingInterval is how often nats.go pings the server; after two pings
+	// without a reply the connection is taken as dead (a peer gone without a
+	// reset) and replaced, which calls onLoss as any reconnect does.
+	// Default 20s (nats.go's own default is 2 minutes).
+	PingInterval time.Duration
+	// LiveTimeout bounds the round trip that confirms a subscription, in
+	// Subscribe and after a reconnect. Default 10s.
+	LiveTimeout time.Duration
+	// Options are further nats.go options (credentials, TLS, ...). They are
+	// applied first: this package's own handlers and reconnect settings
+	// win.
+	Options []nats.Option
+	// Logger receives connection events. Default: logrus's standard logger.
+	Logger logrus.FieldLogger
+}
+
+// Queue is an esq.Queue over one NATS connection.
+type Queue struct {
+	cfg    Config
+	log    logrus.FieldLogger
+	nc     *nats.Conn
+	closed chan struct{} // closed by nats.go's ClosedHandler
+
+	mu       sync.RWMutex
+	isClosed bool
+	subs     map[string]*subscription // by subject
+	// running counts callbacks and reconnect confirmations at work. Add
+	// happens under mu's read lock while the queue is open, so every Add
+	// happens before Close's Wait.
+	running sync.WaitGroup
+}
+
+type subscription struct {
+	subject   string
+	onMessage func([]byte)
+	onLoss    func()
+	sub       *nats.Subscription
+}
+
+var _ esq.Queue = (*Queue)(nil)
+
+// New connects to NATS and returns a Queue. ctx bounds the connection
+// attempt; it is not kept.
+func New(ctx context.Context, cfg Config) (*Queue, error) {
+	if cfg.URL == "" {
+		cfg.URL = nats.DefaultURL
+	}
+	if cfg.Name == "" {
+		cfg.Name = "entity-sync"
+	}
+	if cfg.ReconnectWait == 0 {
+		cfg.ReconnectWait = nats.DefaultReconnectWait
+	}
+	if cfg.ReconnectWait < 0 {
+		return nil, fmt.Errorf("natsq: Config.ReconnectWait is %s, must not be negative", cfg.ReconnectWait)
+	}
+	if cfg.ReconnectBufSize == 0 {
+		cfg.ReconnectBufSize = nats.DefaultReconnectBufSize
+	}
+	if cfg.PendingMsgs == 0 {
+		cfg.PendingMsgs = nats.DefaultSubPendingMsgsLimit
+	}
+	if cfg.PendingBytes == 0 {
+		cfg.PendingBytes = nats.DefaultSubPendingBytesLimit
+	}
+	if cfg.PendingMsgs < 0 || cfg.PendingBytes < 0 {
+		return nil, errors.New("natsq: Config.PendingMsgs and PendingBytes must not be negative")
+	}
+	if cfg.LiveTimeout == 0 {
+		cfg.LiveTimeout = 10 * time.Second
+	}
+	if cfg.PingInterval == 0 {
+		cfg.PingInterval = 20 * time.Second
+	}
+	if cfg.PingInterval < 0 {
+		return nil, errors.New("natsq: Config.PingInterval must not be negative")
+	}
+	if cfg.LiveTimeout < 0 {
+		return nil, errors.New("natsq: Config.LiveTimeout must not be negative")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = logrus.StandardLogger()
+	}
+	if err := checkSubject(cfg.SubjectPrefix, true); err != nil {
+		return nil, fmt.Errorf("natsq: Config.SubjectPrefix %q: %w", cfg.SubjectPrefix, err)
+	}
+	q := &Queue{
+		cfg:    cfg,
+		log:    cfg.Logger.WithField("component", "esq.natsq"),
+		closed: make(chan struct{}),
+		subs:   make(map[string]*subscription),
+	}
+	opts := append([]nats.Option(nil), cfg.Options...)
+	opts = append(opts,
+		nats.Name(cfg.Name),
+		nats.MaxReconnects(-1),
+		nats.ReconnectWait(cfg.ReconnectWait),
+		nats.ReconnectBufSize(cfg.ReconnectBufSize),
+		nats.PingInterval(cfg.PingInterval),
+		nats.MaxPingsOutstanding(2),
+		nats.DisconnectErrHandler(q.disconnected),
+		nats.ReconnectHandler(q.reconnected),
+		nats.ErrorHandler(q.asyncError),
+		nats.ClosedHandler(func(*nats.Conn) { close(q.closed) }),
+	)
+	if deadline, ok := ctx.Deadline(); ok {
+		opts = append(opts, nats.Timeout(time.Until(deadline)))
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("natsq: connect to %s: %w", cfg.URL, err)
+	}
+	nc, err := nats.Connect(cfg.URL, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("natsq: connect to %s: %w", cfg.URL, err)
+	}
+	q.nc = nc
+	return q, nil
+}
+
+// Subject returns the subject for an entity type under prefix, or an error
+// naming the rule it breaks.
+func Subject(prefix string, entity shared.EntityType) (string, error) {
+	if entity == "" {
+		return "", errors.New(`natsq: entity type "" is not valid: it must not be empty`)
+	}
+	subject := prefix + entity.GetQueueName()
+	if err := checkSubject(subject, false); err != nil {
+		return "", fmt.Errorf("natsq: entity type %q gives NATS subject %q, which is not valid: %w", abbreviate(string(entity)), abbreviate(subject), err)
+	}
+	return subject, nil
+}
+
+func abbreviate(s string) string {
+	if len(s) > 80 {
+		return fmt.Sprintf("%s...(%d bytes)", s[:60], len(s))
+	}
+	return s
+}
+
+// checkSubject checks a subject, or with prefix set a subject's beginning
+// (which may be empty and end with a dot).
+func checkSubject(s string, prefix bool) error {
+	if len(s) > MaxSubjectLength {
+		return fmt.Errorf("longer than %d bytes", MaxSubjectLength)
+	}
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case c <= ' ' || c == 0x7f:
+			return fmt.Errorf("whitespace or control character at byte %d", i)
+		case c == '*' || c == '>':
+			return fmt.Errorf("wildcard %q at byte %d (subjects are literal here)", c, i)
+		}
+	}
+	tokens := strings.Split(s, ".")
+	if prefix {
+		if s == "" {
+			return nil
+		}
+		tokens = tokens[:len(tokens)-1] // "a.b." ends with an empty token to come
+		if len(tokens) == 0 {
+			return nil
+		}
+	}
+	for _, tok := range tokens {
+		if tok == "" {
+			return errors.New("empty token (a leading, trailing or doubled '.')")
+		}
+	}
+	return nil
+}
+
+// enter registers a callback about to run; false once the queue is closed.
+func (q *Queue) enter() bool {
+	q.mu.RLock()
+	defer q.mu.RUnlock()
+	if q.isClosed {
+		return false
+	}
+	q.running.Add(1)
+	return true
+}
+
+// Publish sends body on the entity type's subject. It returns once the
+// message is in the connection's buffer, which nats.go writes out at once
+// (NATS core does not acknowledge publishes). While the connection is being
+// re-established, up to ReconnectBufSize bytes are buffered and sent on
+// reconnect. A body larger than the server's max_payload is refused.
+func (q *Queue) Publish(_ context.Context, entity shared.EntityType, body []byte) error {
+	q.mu.RLock()
+	closed := q.isClosed
+	q.mu.RUnlock()
+	if closed {
+		return esq.ErrClosed
+	}
+	subject, err := Subject(q.cfg.SubjectPrefix, entity)
+	if err != nil {
+		return err
+	}
+	if max := q.nc.MaxPayload(); max > 0 && int64(len(body)) > max {
+		return fmt.Errorf("natsq: message of %d bytes on subject %q exceeds the NATS server's max_payload of %d bytes", len(body), subject, max)
+	}
+	if err := q.nc.Publish(subject, body); err != nil {
+		if errors.Is(err, nats.ErrConnectionClosed) {
+			return esq.ErrClosed
+		}
+		return fmt.Errorf("natsq: publish on subject %q: %w", subject, err)
+	}
+	return nil
+}
+
+// Subscribe subscribes to the entity type's subject and returns once the
+// NATS server has the subscription (a flush round trip), so a message
+// published after it returns is delivered. onMessage is called on one
+// goroutine per subscription, in order. onLoss is called after a reconnect,
+// once the subscription is live again, and when a slow consumer made
+// nats.go drop messages.
+func (q *Queue) Subscribe(entity shared.EntityType, onMessage func([]byte), onLoss func()) error {
+	subject, err := Subject(q.cfg.SubjectPrefix, entity)
+	if err != nil {
+		return err
+	}
+	s := &subscription{subject: subject, onMessage: onMessage, onLoss: onLoss}
+	q.mu.Lock()
+	switch {
+	case q.isClosed:
+		q.mu.Unlock()
+		return esq.ErrClosed
+	case q.subs[subject] != nil:
+		q.mu.Unlock()
+		return esq.ErrAlreadySubscribed
+	}
+	q.subs[subject] = s // reserved: a concurrent Subscribe to it is refused
+	q.mu.Unlock()
+
+	sub, err := q.nc.Subscribe(subject, func(m *nats.Msg) {
+		if !q.enter() {
+			return
+		}
+		defer q.running.Done()
+		s.onMessage(m.Data)
+	})
+	if err == nil {
+		err = sub.SetPendingLimits(q.cfg.PendingMsgs, q.cfg.PendingBytes)
+		if err == nil {
+			err = q.nc.FlushTimeout(q.cfg.LiveTimeout)
+		}
+		if err != nil {
+			_ = sub.Unsubscribe()
+		}
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if err != nil {
+		delete(q.subs, subject)
+		if errors.Is(err, nats.ErrConnectionClosed) || q.isClosed {
+			return esq.ErrClosed
+		}
+		return fmt.Errorf("natsq: subscribe to subject %q: %w", subject, err)
+	}
+	s.sub = sub
+	return nil
+}
+
+func (q *Queue) disconnected(_ *nats.Conn, err error) {
+	q.mu.RLock()
+	closed := q.isClosed
+	q.mu.RUnlock()
+	if closed {
+		return
+	}
+	q.log.WithError(err).Warn("disconnected from NATS; reconnecting (changes published meanwhile will be recovered by a resync)")
+}
+
+// reconnected runs on nats.go's callback goroutine once the connection is
+// back and the subscriptions were sent again. A flush confirms the server
+// has them; then every subscription's onLoss is called.
+func (q *Queue) reconnected(nc *nats.Conn) {
+	q.mu.RLock()
+	if q.isClosed {
+		q.mu.RUnlock()
+		return
+	}
+	q.running.Add(1)
+	subs := make([]*subscription, 0, len(q.subs))
+	for _, s := range q.subs {
+		subs = append(subs, s)
+	}
+	q.mu.RUnlock()
+	go func() {
+		defer q.running.Done()
+		if err := nc.FlushTimeout(q.cfg.LiveTimeout); err != nil {
+			// Disconnected again (the next reconnect reports the loss) or
+			// closed.
+			q.log.WithError(err).Warn("reconnected to NATS but could not confirm the subscriptions; waiting for the next reconnect")
+			return
+		}
+		q.log.WithField("server", nc.ConnectedUrlRedacted()).Infof("reconnected to NATS; resyncing %d subscriptions", len(subs))
+		for _, s := range subs {
+			if s.onLoss != nil && q.enter() {
+				s.onLoss()
+				q.running.Done()
+			}
+		}
+	}()
+}
+
+// asyncError receives nats.go's asynchronous errors; a slow consumer means
+// messages were dropped.
+func (q *Queue) asyncError(_ *nats.Conn, sub *nats.Subscription, err error) {
+	if !errors.Is(err, nats.ErrSlowConsumer) || sub == nil {
+		q.log.WithError(err).Warn("NATS error")
+		return
+	}
+	q.mu.RLock()
+	s := q.subs[sub.Subject]
+	q.mu.RUnlock()
+	if s == nil {
+		return
+	}
+	dropped, _ := sub.Dropped()
+	q.log.WithField("subject", sub.Subject).Warnf("slow consumer: nats.go dropped %d messages so far (raise Config.PendingMsgs or find what stalls the server); resyncing", dropped)
+	if s.onLoss != nil && q.enter() {
+		s.onLoss()
+		q.running.Done()
+	}
+}
+
+// MaxPayload returns the largest body the connected server accepts.
+func (q *Queue) MaxPayload() int64 { return q.nc.MaxPayload() }
+
+// Close closes the connection and waits, or until ctx ends, for running
+// callbacks to return and nats.go to finish closing.
+func (q *Queue) Close(ctx context.Context) error {
+	q.mu.Lock()
+	if q.isClosed {
+		q.mu.Unlock()
+		return nil
+	}
+	q.isClosed = true
+	q.mu.Unlock()
+	q.nc.Close()
+	done := make(chan struct{})
+	go func() { q.running.Wait(); <-q.closed; close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("natsq: close: %w", ctx.Err())
+	}
+}

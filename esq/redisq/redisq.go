@@ -1,0 +1,397 @@
+// Package redisq is an esq.Queue over Redis publish/subscribe
+// (github.com/redis/go-redis/v9, imported only here).
+//
+// Each entity type is one channel, ChannelPrefix + entity type, published
+// with PUBLISH and received with SUBSCRIBE (never a pattern), so every server
+// receives every message. Redis pub/sub delivers at most once and keeps
+// nothing: a message published while a server's subscriber connection is
+// down is gone, and so is everything Redis drops when it disconnects a
+// subscriber that fell behind (client-output-buffer-limit pubsub). Both end
+// in a reconnect, and once Redis has confirmed the subscriptions on the new
+// connection, onLoss is called for each, so the bridge re-fetches its
+// subscribed keys.
+//
+// All of one Queue's subscriptions share one connection, read by one
+// goroutine that calls the callbacks in order.
+//
+// Use with entitysync:
+//
+//	q, err := redisq.New(ctx, redisq.Config{Addr: "127.0.0.1:6379", ChannelPrefix: "myapp:es:"})
+//	if err != nil { ... }
+//	e, err := entitysync.New(entitysync.Config{Queue: q})
+package redisq
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/sirupsen/logrus"
+
+	"github.com/entity-sync/entity-sync/esq"
+	"github.com/entity-sync/entity-sync/shared"
+)
+
+// MaxChannelLength is the longest channel name (prefix included) this
+// package uses.
+const MaxChannelLength = 1024
+
+// DefaultMaxPayload is Config.MaxPayload's default: 1 MiB, as NSQ's and
+// NATS's default limits. A notification is a key of a few dozen bytes.
+const DefaultMaxPayload = 1 << 20
+
+// Config configures a Queue. Only Addr is commonly set.
+type Config struct {
+	// Addr is the Redis server's host:port. Default "127.0.0.1:6379".
+	Addr string
+	// ChannelPrefix is put before every entity type to make its channel
+	// ("myapp:es:" gives "myapp:es:items"), so several applications can
+	// share one Redis. It may not contain whitespace or control
+	// characters.
+	ChannelPrefix string
+	// Options, if not nil, are the go-redis options to start from
+	// (password, TLS, timeouts, ...); Addr overrides their Addr when set.
+	// By default go-redis does not retry a failed PUBLISH (MaxRetries -1), so
+	// a publish is never sent twice: set MaxRetries here to change that.
+	Options *redis.Options
+	// MaxPayload is the largest body Publish accepts, in bytes. Default
+	// DefaultMaxPayload. Redis itself takes up to 512 MiB.
+	MaxPayload int
+	// LiveTimeout bounds how long Subscribe waits for Redis to confirm a
+	// subscription. Default 10s.
+	LiveTimeout time.Duration
+	// RetryInterval is how long the subscriber waits between attempts to
+	// reconnect to Redis. Default 100ms.
+	RetryInterval time.Duration
+	// PingInterval is how often the subscriber connection is pinged. A
+	// connection on which nothing, not even a reply to a ping, arrives for
+	// three intervals is taken as dead (a peer gone without a reset, a NAT
+	// that forgot the connection): it is replaced, and onLoss is called as
+	// for any reconnect. Default 5s.
+	PingInterval time.Duration
+	// Logger receives connection events. Default: logrus's standard logger.
+	Logger logrus.FieldLogger
+}
+
+// Queue is an esq.Queue over Redis pub/sub.
+type Queue struct {
+	cfg     Config
+	log     logrus.FieldLogger
+	client  *redis.Client
+	closing chan struct{}
+
+	mu     sync.Mutex
+	closed bool
+	subs   map[string]*subscription // by channel
+	ps     *redis.PubSub            // made by the first Subscribe
+	// readerDone and pingerDone are closed when the goroutines the first
+	// Subscribe started end.
+	readerDone, pingerDone chan struct{}
+}
+
+type subscription struct {
+	channel   string
+	onMessage func([]byte)
+	onLoss    func()
+	confirmed chan struct{} // closed when Redis first confirms the subscription
+	isLive    bool          // confirmed and not lost since; under Queue.mu
+	lost      bool          // the connection dropped since it was live; under Queue.mu
+}
+
+var _ esq.Queue = (*Queue)(nil)
+
+// New checks that Redis answers (ctx bounds the PING) and returns a Queue.
+func New(ctx context.Context, cfg Config) (*Queue, error) {
+	var opt redis.Options
+	if cfg.Options != nil {
+		opt = *cfg.Options
+	} else {
+		opt.MaxRetries = -1
+	}
+	if cfg.Addr != "" {
+		opt.Addr = cfg.Addr
+	}
+	if opt.Addr == "" {
+		opt.Addr = "127.0.0.1:6379"
+	}
+	cfg.Addr = opt.Addr
+	if cfg.MaxPayload == 0 {
+		cfg.MaxPayload = DefaultMaxPayload
+	}
+	if cfg.MaxPayload < 0 {
+		return nil, fmt.Errorf("redisq: Config.MaxPayload is %d, must be positive", cfg.MaxPayload)
+	}
+	if cfg.LiveTimeout == 0 {
+		cfg.LiveTimeout = 10 * time.Second
+	}
+	if cfg.RetryInterval == 0 {
+		cfg.RetryInterval = 100 * time.Millisecond
+	}
+	if cfg.PingInterval == 0 {
+		cfg.PingInterval = 5 * time.Second
+	}
+	if cfg.LiveTimeout < 0 || cfg.RetryInterval < 0 || cfg.PingInterval < 0 {
+		return nil, errors.New("redisq: Config.LiveTimeout, RetryInterval and PingInterval must not be negative")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = logrus.StandardLogger()
+	}
+	if err := checkChannel(cfg.ChannelPrefix); err != nil {
+		return nil, fmt.Errorf("redisq: Config.ChannelPrefix %q: %w", cfg.ChannelPrefix, err)
+	}
+	client := redis.NewClient(&opt)
+	if err := client.Ping(ctx).Err(); err != nil {
+		client.Close()
+		return nil, fmt.Errorf("redisq: Redis at %s does not answer: %w", opt.Addr, err)
+	}
+	return &Queue{
+		cfg:     cfg,
+		log:     cfg.Logger.WithField("component", "esq.redisq"),
+		client:  client,
+		closing: make(chan struct{}),
+		subs:    make(map[string]*subscription),
+	}, nil
+}
+
+// Channel returns the Redis channel for an entity type under prefix, or an
+// error naming the rule it breaks.
+func Channel(prefix string, entity shared.EntityType) (string, error) {
+	if entity == "" {
+		return "", errors.New(`redisq: entity type "" is not valid: it must not be empty`)
+	}
+	channel := prefix + entity.GetQueueName()
+	if err := checkChannel(channel); err != nil {
+		return "", fmt.Errorf("redisq: entity type %q gives Redis channel %q, which is not valid: %w",
+			abbreviate(string(entity)), abbreviate(channel), err)
+	}
+	return channel, nil
+}
+
+func abbreviate(s string) string {
+	if len(s) > 80 {
+		return fmt.Sprintf("%s...(%d bytes)", s[:60], len(s))
+	}
+	return s
+}
+
+func checkChannel(s string) error {
+	if len(s) > MaxChannelLength {
+		return fmt.Errorf("longer than %d bytes", MaxChannelLength)
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c <= ' ' || c == 0x7f {
+			return fmt.Errorf("whitespace or control character at byte %d", i)
+		}
+	}
+	return nil
+}
+
+// Publish sends body on the entity type's channel with PUBLISH and returns
+// once Redis accepted it.
+func (q *Queue) Publish(ctx context.Context, entity shared.EntityType, body []byte) error {
+	q.mu.Lock()
+	closed := q.closed
+	q.mu.Unlock()
+	if closed {
+		return esq.ErrClosed
+	}
+	channel, err := Channel(q.cfg.ChannelPrefix, entity)
+	if err != nil {
+		return err
+	}
+	if len(body) > q.cfg.MaxPayload {
+		return fmt.Errorf("redisq: message of %d bytes on channel %q exceeds Config.MaxPayload of %d bytes", len(body), channel, q.cfg.MaxPayload)
+	}
+	if err := q.client.Publish(ctx, channel, body).Err(); err != nil {
+		if errors.Is(err, redis.ErrClosed) {
+			return esq.ErrClosed
+		}
+		return fmt.Errorf("redisq: publish on channel %q to %s: %w", channel, q.cfg.Addr, err)
+	}
+	return nil
+}
+
+// Subscribe subscribes to the entity type's channel and returns once Redis
+// confirmed the subscription, so a message published after it returns is
+// delivered. onLoss is called after the connection dropped and Redis
+// confirmed the subscription on the new one.
+func (q *Queue) Subscribe(entity shared.EntityType, onMessage func([]byte), onLoss func()) error {
+	channel, err := Channel(q.cfg.ChannelPrefix, entity)
+	if err != nil {
+		return err
+	}
+	s := &subscription{channel: channel, onMessage: onMessage, onLoss: onLoss, confirmed: make(chan struct{})}
+	q.mu.Lock()
+	switch {
+	case q.closed:
+		q.mu.Unlock()
+		return esq.ErrClosed
+	case q.subs[channel] != nil:
+		q.mu.Unlock()
+		return esq.ErrAlreadySubscribed
+	}
+	q.subs[channel] = s
+	if q.ps == nil {
+		q.ps = q.client.Subscribe(context.Background())
+		q.readerDone, q.pingerDone = make(chan struct{}), make(chan struct{})
+		go q.read(q.ps, q.readerDone)
+		go q.ping(q.ps, q.pingerDone)
+	}
+	ps := q.ps
+	q.mu.Unlock()
+
+	ctx, cancel := context.WithTimeout(context.Background(), q.cfg.LiveTimeout)
+	defer cancel()
+	err = ps.Subscribe(ctx, channel)
+	if err == nil {
+		select {
+		case <-s.confirmed:
+			return nil
+		case <-q.closing:
+			err = esq.ErrClosed
+		case <-ctx.Done():
+			err = fmt.Errorf("no confirmation within %s", q.cfg.LiveTimeout)
+		}
+	}
+	q.mu.Lock()
+	delete(q.subs, channel)
+	closed := q.closed
+	q.mu.Unlock()
+	if closed {
+		return esq.ErrClosed
+	}
+	uctx, ucancel := context.WithTimeout(context.Background(), time.Second)
+	_ = ps.Unsubscribe(uctx, channel) // so a reconnect does not subscribe it again
+	ucancel()
+	return fmt.Errorf("redisq: subscribe to channel %q on %s: %w", channel, q.cfg.Addr, err)
+}
+
+// read receives everything on the subscriber connection and calls the
+// callbacks. go-redis reconnects and subscribes again to every channel
+// after a read error; read notes the error and calls each subscription's
+// onLoss when Redis confirms it again.
+func (q *Queue) read(ps *redis.PubSub, done chan struct{}) {
+	defer close(done)
+	down := false
+	for {
+		// A read that times out makes go-redis replace the connection.
+		ctx, cancel := context.WithTimeout(context.Background(), 3*q.cfg.PingInterval)
+		m, err := ps.Receive(ctx)
+		cancel()
+		if err != nil {
+			select {
+			case <-q.closing:
+				return
+			default:
+			}
+			q.mu.Lock()
+			for _, s := range q.subs {
+				if s.isLive {
+					s.isLive, s.lost = false, true
+				}
+			}
+			q.mu.Unlock()
+			if !down {
+				q.log.WithError(err).Warn("Redis subscriber connection lost; reconnecting (changes published meanwhile will be recovered by a resync)")
+				down = true
+			}
+			select {
+			case <-q.closing:
+				return
+			case <-time.After(q.cfg.RetryInterval): // reconnect backoff
+			}
+			continue
+		}
+		switch m := m.(type) {
+		case *redis.Message:
+			q.mu.Lock()
+			s := q.subs[m.Channel]
+			q.mu.Unlock()
+			if s != nil {
+				s.onMessage([]byte(m.Payload))
+			}
+		case *redis.Subscription:
+			if m.Kind != "subscribe" {
+				continue
+			}
+			q.mu.Lock()
+			s := q.subs[m.Channel]
+			var lossFor *subscription
+			if s != nil && !s.isLive {
+				s.isLive = true
+				select {
+				case <-s.confirmed:
+				default:
+					close(s.confirmed)
+				}
+				if s.lost {
+					s.lost = false
+					lossFor = s
+				}
+			}
+			q.mu.Unlock()
+			if down {
+				q.log.Info("Redis subscriber connection back; resyncing")
+				down = false
+			}
+			if lossFor != nil && lossFor.onLoss != nil {
+				lossFor.onLoss()
+			}
+		}
+	}
+}
+
+// ping pings the subscriber connection every PingInterval, so that read
+// sees a reply at least that often on a live connection.
+func (q *Queue) ping(ps *redis.PubSub, done chan struct{}) {
+	defer close(done)
+	t := time.NewTicker(q.cfg.PingInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-q.closing:
+			return
+		case <-t.C:
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), q.cfg.PingInterval)
+		_ = ps.Ping(ctx) // a failure is read's to notice
+		cancel()
+	}
+}
+
+// Close closes the connections and waits, or until ctx ends, for the
+// subscriber goroutine (and so every callback) to return.
+func (q *Queue) Close(ctx context.Context) error {
+	q.mu.Lock()
+	if q.closed {
+		q.mu.Unlock()
+		return nil
+	}
+	q.closed = true
+	close(q.closing)
+	ps, readerDone, pingerDone := q.ps, q.readerDone, q.pingerDone
+	q.mu.Unlock()
+	var errs []error
+	if ps != nil {
+		if err := ps.Close(); err != nil {
+			errs = append(errs, err)
+		}
+		for _, done := range []chan struct{}{readerDone, pingerDone} {
+			select {
+			case <-done:
+			case <-ctx.Done():
+				return fmt.Errorf("redisq: close: subscriber did not stop: %w", ctx.Err())
+			}
+		}
+	}
+	if err := q.client.Close(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("redisq: close: %w", err)
+	}
+	return nil
+}

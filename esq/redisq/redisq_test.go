@@ -1,0 +1,399 @@
+package redisq_test
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"github.com/sirupsen/logrus"
+
+	"github.com/entity-sync/entity-sync/esq"
+	"github.com/entity-sync/entity-sync/esq/esqtest"
+	"github.com/entity-sync/entity-sync/esq/redisq"
+	"github.com/entity-sync/entity-sync/shared"
+)
+
+// machineAddr is the Redis this machine runs (.ci/run starts it).
+const machineAddr = "127.0.0.1:6379"
+
+func quietLogger() logrus.FieldLogger {
+	l := logrus.New()
+	l.SetLevel(logrus.ErrorLevel)
+	return l
+}
+
+func randomPrefix(t testing.TB) string {
+	b := make([]byte, 6)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return "esqtest:" + hex.EncodeToString(b) + ":"
+}
+
+func newQueue(t testing.TB, cfg redisq.Config) *redisq.Queue {
+	t.Helper()
+	if cfg.Logger == nil {
+		cfg.Logger = quietLogger()
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	q, err := redisq.New(ctx, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { q.Close(context.Background()) })
+	return q
+}
+
+var invalidEntities = []shared.EntityType{"", "has space", "new\nline", "nul\x00",
+	shared.EntityType(strings.Repeat("a", redisq.MaxChannelLength+1))}
+
+// The suite against the machine's Redis, which the test cannot restart: the
+// burst runs without a restart. A random channel prefix keeps runs apart.
+func TestConformanceMachineRedis(t *testing.T) {
+	requireMachineRedis(t)
+	prefix := randomPrefix(t)
+	esqtest.Run(t, esqtest.Factory{
+		NewQueue: func(t testing.TB) esq.Queue {
+			return newQueue(t, redisq.Config{Addr: machineAddr, ChannelPrefix: prefix})
+		},
+	}, esqtest.Features{
+		MaxPayload:      redisq.DefaultMaxPayload,
+		InvalidEntities: invalidEntities,
+	})
+}
+
+// The suite against a redis-server child process on a random port, which the
+// burst kills and starts again.
+func TestConformanceRestartedRedis(t *testing.T) {
+	srv := startRedis(t)
+	esqtest.Run(t, esqtest.Factory{
+		NewQueue: func(t testing.TB) esq.Queue {
+			return newQueue(t, redisq.Config{Addr: srv.addr, ChannelPrefix: "es:", RetryInterval: 20 * time.Millisecond})
+		},
+		Broker: srv,
+	}, esqtest.Features{
+		MaxPayload:      redisq.DefaultMaxPayload,
+		InvalidEntities: invalidEntities,
+	})
+}
+
+// A reconnect calls onLoss once Redis confirmed the subscription again: a
+// message published as soon as onLoss runs arrives.
+func TestReconnectCallsOnLoss(t *testing.T) {
+	srv := startRedis(t)
+	sub := newQueue(t, redisq.Config{Addr: srv.addr, RetryInterval: 20 * time.Millisecond})
+	pub := newQueue(t, redisq.Config{Addr: srv.addr})
+	got := make(chan string, 16)
+	lost := make(chan struct{}, 16)
+	if err := sub.Subscribe("items", func(b []byte) { got <- string(b) }, func() { lost <- struct{}{} }); err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-lost:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no loss reported after Redis restarted")
+	}
+	// The publisher's pooled connection died with the server: retry.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		err := pub.Publish(context.Background(), "items", []byte(`{"entity":"items","id":"after"}`))
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal(err)
+		}
+	}
+	select {
+	case b := <-got:
+		if b != `{"entity":"items","id":"after"}` {
+			t.Fatalf("received %s", b)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("message published after onLoss not received")
+	}
+}
+
+// Subscribe waits for Redis's confirmation: with Redis gone, it fails with
+// a clear error within LiveTimeout, and New fails when Redis does not answer.
+func TestErrorsWhenRedisIsDown(t *testing.T) {
+	srv := startRedis(t)
+	q := newQueue(t, redisq.Config{Addr: srv.addr, LiveTimeout: 500 * time.Millisecond})
+	if err := srv.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	err := q.Subscribe("items", func([]byte) {}, nil)
+	if err == nil || !strings.Contains(err.Error(), srv.addr) {
+		t.Fatalf("Subscribe with Redis down: got %v, want an error naming %s", err, srv.addr)
+	}
+	t.Log(err)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := redisq.New(ctx, redisq.Config{Addr: srv.addr}); err == nil || !strings.Contains(err.Error(), srv.addr) {
+		t.Fatalf("New with Redis down: got %v, want an error naming %s", err, srv.addr)
+	} else {
+		t.Log(err)
+	}
+	if _, err := redisq.New(ctx, redisq.Config{Addr: machineAddr, ChannelPrefix: "bad prefix"}); err == nil {
+		t.Fatal("prefix with a space accepted")
+	}
+}
+
+// redisServer is a redis-server child process on a fixed random port that
+// can be stopped (killed) and started again.
+type redisServer struct {
+	t    testing.TB
+	bin  string
+	port int
+	addr string
+
+	mu     sync.Mutex
+	cmd    *exec.Cmd
+	exited chan struct{} // closed when cmd has exited
+}
+
+func startRedis(t testing.TB) *redisServer {
+	t.Helper()
+	bin, err := exec.LookPath("redis-server")
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("redis-server is not installed (.ci/run installs it): the restart tests need it")
+		}
+		t.Skip("redis-server is not installed: the restart tests need it (apt-get install redis-server)")
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	r := &redisServer{t: t, bin: bin, port: port, addr: "127.0.0.1:" + strconv.Itoa(port)}
+	if err := r.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Stop() })
+	return r
+}
+
+// Start starts redis-server and returns once it answers PING.
+func (r *redisServer) Start() error {
+	cmd := exec.Command(r.bin, "--port", strconv.Itoa(r.port), "--bind", "127.0.0.1",
+		"--save", "", "--appendonly", "no", "--dir", r.t.TempDir())
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start redis-server: %w", err)
+	}
+	exited := make(chan struct{})
+	go func() { cmd.Wait(); close(exited) }()
+	r.mu.Lock()
+	r.cmd, r.exited = cmd, exited
+	r.mu.Unlock()
+	deadline := time.Now().Add(10 * time.Second)
+	for ping(r.addr) != nil {
+		select {
+		case <-exited:
+			return fmt.Errorf("redis-server on port %d exited: %v", r.port, cmd.ProcessState)
+		case <-time.After(10 * time.Millisecond): // polling for readiness: no event to await
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("redis-server on port %d not answering after 10s", r.port)
+		}
+	}
+	return nil
+}
+
+// Stop kills redis-server, as a crash would, and waits until it has exited.
+func (r *redisServer) Stop() error {
+	r.mu.Lock()
+	cmd, exited := r.cmd, r.exited
+	r.cmd = nil
+	r.mu.Unlock()
+	if cmd == nil {
+		return nil
+	}
+	if err := cmd.Process.Kill(); err != nil {
+		return err
+	}
+	<-exited
+	return nil
+}
+
+func ping(addr string) error {
+	c, err := net.DialTimeout("tcp", addr, time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(time.Second))
+	if _, err := c.Write([]byte("PING\r\n")); err != nil {
+		return err
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return err
+	}
+	if line != "+PONG\r\n" {
+		return fmt.Errorf("PING answered %q", line)
+	}
+	return nil
+}
+
+// go-redis logs every failed dial of the restart tests to stderr through its
+// package-level logger; the tests silence it (the library leaves it alone).
+func TestMain(m *testing.M) {
+	redis.SetLogger(silent{})
+	os.Exit(m.Run())
+}
+
+type silent struct{}
+
+func (silent) Printf(context.Context, string, ...interface{}) {}
+
+// requireMachineRedis skips the test when nothing listens on 127.0.0.1:6379,
+// unless CI is set (.ci/run starts the service, so there it must answer).
+func requireMachineRedis(t *testing.T) {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", "127.0.0.1:6379", time.Second)
+	if err == nil {
+		c.Close()
+		return
+	}
+	if os.Getenv("CI") != "" {
+		t.Fatalf("the machine's Redis at 127.0.0.1:6379 does not answer (.ci/run should have started it): %v", err)
+	}
+	t.Skipf("the machine's Redis at 127.0.0.1:6379 does not answer (%v); .ci/run starts it", err)
+}
+
+// A subscriber connection that goes silent without a reset (here a proxy
+// that stops forwarding but keeps the connection open, as a vanished peer
+// or a NAT that forgot it would) is noticed by the pings, replaced, and
+// reported through onLoss; delivery works again afterwards.
+func TestSilentConnectionIsReplaced(t *testing.T) {
+	requireMachineRedis(t)
+	p := startFreezingProxy(t, machineAddr)
+	prefix := randomPrefix(t)
+	sub := newQueue(t, redisq.Config{Addr: p.addr, ChannelPrefix: prefix, PingInterval: 100 * time.Millisecond, RetryInterval: 20 * time.Millisecond})
+	pub := newQueue(t, redisq.Config{Addr: machineAddr, ChannelPrefix: prefix})
+	got := make(chan string, 16)
+	lost := make(chan struct{}, 16)
+	if err := sub.Subscribe("items", func(b []byte) { got <- string(b) }, func() { lost <- struct{}{} }); err != nil {
+		t.Fatal(err)
+	}
+	p.freeze()
+	select {
+	case <-lost:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the silent connection was not noticed")
+	}
+	if err := pub.Publish(context.Background(), "items", []byte(`{"entity":"items","id":"after"}`)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case b := <-got:
+		if b != `{"entity":"items","id":"after"}` {
+			t.Fatalf("received %s", b)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("message published after onLoss not received")
+	}
+}
+
+// freezingProxy forwards TCP connections to a target; freeze makes the
+// connections open so far stop forwarding, without closing them.
+type freezingProxy struct {
+	addr string
+
+	mu     sync.Mutex
+	frozen []chan struct{}
+}
+
+func startFreezingProxy(t *testing.T, target string) *freezingProxy {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &freezingProxy{addr: l.Addr().String()}
+	var wg sync.WaitGroup
+	var conns []net.Conn
+	var connsMu sync.Mutex
+	t.Cleanup(func() {
+		l.Close()
+		connsMu.Lock()
+		for _, c := range conns {
+			c.Close()
+		}
+		connsMu.Unlock()
+		wg.Wait()
+	})
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			u, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			connsMu.Lock()
+			conns = append(conns, c, u)
+			connsMu.Unlock()
+			stop := make(chan struct{})
+			p.mu.Lock()
+			p.frozen = append(p.frozen, stop)
+			p.mu.Unlock()
+			for _, pair := range [][2]net.Conn{{c, u}, {u, c}} {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					buf := make([]byte, 32<<10)
+					for {
+						n, err := pair[0].Read(buf)
+						if err != nil {
+							pair[1].Close()
+							return
+						}
+						select {
+						case <-stop:
+							continue // swallow: the peer hears nothing more
+						default:
+						}
+						if _, err := pair[1].Write(buf[:n]); err != nil {
+							return
+						}
+					}
+				}()
+			}
+		}
+	}()
+	return p
+}
+
+func (p *freezingProxy) freeze() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, stop := range p.frozen {
+		close(stop)
+	}
+	p.frozen = nil
+}
