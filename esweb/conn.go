@@ -34,8 +34,8 @@ type conn struct {
 	nc     net.Conn
 	client *esbridge.Client
 	info   *shared.Connection
-	ctx    context.Context // carries info, for the hooks; cancelled when the connection ends
-	cancel context.CancelFunc
+	ctx    context.Context // &hctx: carries info, for the hooks; done when the connection ends
+	hctx   hookContext
 
 	envelope bool // the client negotiated shared.Subprotocol
 
@@ -62,7 +62,7 @@ func (c *conn) logger() logrus.FieldLogger {
 func (c *conn) readPump() {
 	defer func() {
 		close(c.readDone)
-		c.cancel()
+		c.hctx.end()
 		c.client.Close()
 		c.end()
 		c.s.forget(c)

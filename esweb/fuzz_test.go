@@ -85,8 +85,9 @@ func FuzzHandle(f *testing.F) {
 		c := &conn{s: s, envelope: true, readDone: make(chan struct{}),
 			info: shared.NewConnection("fuzz", &http.Request{RemoteAddr: "fuzz"}, nil, nil)}
 		c.direct = func(b []byte) (int, error) { written = append(written, b...); return len(b), nil }
-		c.ctx, c.cancel = context.WithCancel(context.Background())
-		defer c.cancel()
+		c.hctx.Context = context.Background()
+		c.ctx = &c.hctx
+		defer c.hctx.end()
 		c.client = bridge.ClientBuilder(c.ctx)
 		defer c.client.Close()
 		for i := 0; i < 5; i++ { // repeated, so limits and re-subscribes are exercised

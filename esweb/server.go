@@ -308,14 +308,15 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	// The client exists before anything (the heartbeat loop, Close) can
 	// reach the connection; hooks read its secret through info.
 	c.info = shared.NewConnection(id, hookRequest(r), principal, func() string { return c.client.Secret() })
-	c.ctx, c.cancel = context.WithCancel(shared.WithConnection(context.Background(), c.info))
+	c.hctx.Context = shared.WithConnection(context.Background(), c.info)
+	c.ctx = &c.hctx
 	c.client = s.build(c.ctx)
 	c.client.SetDirect(c.writeNow)
 	c.client.OnReady(c.signal)
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
-		c.cancel()
+		c.hctx.end()
 		c.client.Close()
 		ws.Close()
 		return
@@ -474,7 +475,7 @@ func (s *Server) Close(ctx context.Context) error {
 	}
 	s.mu.Lock()
 	for c := range s.conns {
-		c.cancel()
+		c.hctx.end()
 		c.end() // unblocks a flusher stuck on a client that does not read
 	}
 	s.mu.Unlock()
