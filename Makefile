@@ -27,6 +27,8 @@ help:
 	@echo 'make client   run the demo client (subscribes to items/100)'
 	@echo 'make test     run every test: Go with the race detector, then test-js'
 	@echo 'make test-js  run the JavaScript client tests (node + headless Chromium)'
+	@echo 'make bench    run the benchmarks: go run ./bench, then bench-peer (about 2 min)'
+	@echo 'make bench-peer  entity-sync vs Centrifuge, the TCP floor, the latency breakdown'
 	@echo 'make fmt      gofmt the tree'
 	@echo 'make vet      go vet the module'
 	@echo 'make nsq      build nsqd and nsqlookupd v1.3.0 into ./bin'
