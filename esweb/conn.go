@@ -51,7 +51,6 @@ type conn struct {
 	kicked    bool          // closed for exceeding the rate: requests are ignored
 
 	writeState
-	readDone chan struct{} // closed when the reader returns
 }
 
 // logger returns a log entry naming the connection.
@@ -61,8 +60,7 @@ func (c *conn) logger() logrus.FieldLogger {
 
 func (c *conn) readPump() {
 	defer func() {
-		close(c.readDone)
-		c.hctx.end()
+		c.hctx.end() // also tells awaitCloseReply that the reader is gone
 		c.client.Close()
 		c.end()
 		c.s.forget(c)

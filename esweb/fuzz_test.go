@@ -82,7 +82,7 @@ func FuzzHandle(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
 		// No socket: the direct writer collects what the connection writes.
 		var written []byte
-		c := &conn{s: s, envelope: true, readDone: make(chan struct{}),
+		c := &conn{s: s, envelope: true,
 			info: shared.NewConnection("fuzz", &http.Request{RemoteAddr: "fuzz"}, nil, nil)}
 		c.direct = func(b []byte) (int, error) { written = append(written, b...); return len(b), nil }
 		c.hctx.Context = context.Background()

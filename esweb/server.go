@@ -300,7 +300,6 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		ws:       ws,
 		nc:       ws.NetConn(),
 		envelope: ws.Subprotocol() == shared.Subprotocol,
-		readDone: make(chan struct{}),
 		tokens:   float64(s.opts.MessageBurst),
 		refilled: time.Now(),
 	}

@@ -227,7 +227,7 @@ func (c *conn) awaitCloseReply() {
 	t := time.NewTimer(c.s.opts.WriteWait)
 	defer t.Stop()
 	select {
-	case <-c.readDone:
+	case <-c.hctx.Done(): // the reader has returned
 	case <-t.C:
 	}
 	c.wmu.Lock()
