@@ -395,6 +395,7 @@ func (q *NSQ) connect(s *nsqSubscription) error {
 	if err := s.consumer.ConnectToNSQLookupds(q.cfg.LookupdHTTPAddrs); err != nil {
 		return fmt.Errorf("esq: connect to nsqlookupd for topic %q: %w", s.topic, err)
 	}
+	q.redialConfigured(s) // from now on the watcher keeps these connected
 	return q.waitLive(s)
 }
 
@@ -578,11 +579,14 @@ func (q *NSQ) watch(s *nsqSubscription) {
 			return
 		case <-ticker.C:
 		}
+		// A redial can lose and regain a connection between two ticks, so
+		// it counts as regained whatever the count says.
+		regained := len(q.cfg.LookupdHTTPAddrs) > 0 && q.redialConfigured(s)
 		n := s.consumer.Stats().Connections
 		switch {
-		case n < last:
+		case n < last && !regained:
 			q.log.WithField("topic", s.topic).Warnf("lost an nsqd connection (%d left); changes published meanwhile will be recovered by a resync", n)
-		case n > last:
+		case n > last || regained:
 			if err := q.waitLive(s); err != nil {
 				if errors.Is(err, ErrClosed) {
 					return
@@ -595,6 +599,26 @@ func (q *NSQ) watch(s *nsqSubscription) {
 		}
 		last = n
 	}
+}
+
+// redialConfigured connects the consumer to each of NSQDAddrs it is not
+// connected to. With nsqlookupd, go-nsq reconnects to a lost nsqd only once
+// nsqlookupd lists it again: an nsqd that restarts while nsqlookupd is
+// unreachable would stay unheard for as long (the soak run saw 30 s). The
+// configured nsqds are known without nsqlookupd, so they are dialled
+// directly; go-nsq answers ErrAlreadyConnected for those it holds. It
+// reports whether it made a connection.
+func (q *NSQ) redialConfigured(s *nsqSubscription) (regained bool) {
+	for _, addr := range q.cfg.NSQDAddrs {
+		err := s.consumer.ConnectToNSQD(addr)
+		if err == nil {
+			regained = true
+		}
+		if err != nil && !errors.Is(err, nsq.ErrAlreadyConnected) && !q.isClosing() {
+			q.log.WithField("topic", s.topic).WithError(err).Debugf("nsqd %s still unreachable", addr)
+		}
+	}
+	return regained
 }
 
 // probeMessage is the body of a liveness probe. Real notifications are keys
