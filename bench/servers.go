@@ -120,7 +120,7 @@ func runServers(cfg config) int {
 
 	db := &store{rows: make(map[string]version)}
 	webOpts := esweb.Options{} // the library's defaults
-	hello.Web = "esweb.Options defaults (raw seed protocol, 256 B read buffer, 1 KiB write buffers pooled between writes)"
+	hello.Web = "esweb.Options defaults (raw seed protocol, 256 B read buffer; frames encoded once per update and written without a per-connection buffer)"
 	type running struct {
 		es   *entitysync.EntitySync
 		http *http.Server
