@@ -53,6 +53,17 @@ func main() {
 	flag.DurationVar(&cfg.budget, "budget", 200*time.Second, "time budget for all phases: a phase still running when it ends fails, and its row says so")
 	flag.BoolVar(&cfg.verbose, "v", false, "let the children log at info level")
 	flag.StringVar(&cfg.profile, "profile", "", "directory for pprof profiles: CPU of servers and clients during the rate phase, servers heap with the idle connections")
+	flag.BoolVar(&cfg.queues, "queues", false, "instead of the phases above, compare the queues (in-process, NSQ, Postgres, NATS, Redis): latency and notify throughput, one table")
+	flag.StringVar(&cfg.queue, "queue", "", "servers: the queue to build with -queues (memory | nsq | postgres | nats | redis); empty: the embedded nsqd of -nsqd")
+	flag.StringVar(&cfg.queuePrefix, "queue-prefix", "", "servers: topic, subject, channel prefix (or Postgres channel) of -queue, unique per run")
+	flag.StringVar(&cfg.pgDSN, "pg", "postgres://postgres@127.0.0.1:5432/test?sslmode=disable", "-queues: PostgreSQL connection string")
+	flag.StringVar(&cfg.natsURL, "nats", "nats://127.0.0.1:4222", "-queues: NATS server URL")
+	flag.StringVar(&cfg.redisAddr, "redis", "127.0.0.1:6379", "-queues: Redis address")
+	flag.IntVar(&cfg.qClients, "queue-clients", 200, "-queues: clients on the key of the latency run, all on the server that does not publish")
+	flag.IntVar(&cfg.qRate, "queue-rate", 100, "-queues: changes per second of the latency run")
+	flag.DurationVar(&cfg.qFor, "queue-for", 2500*time.Millisecond, "-queues: duration of the latency run")
+	flag.IntVar(&cfg.qWriters, "queue-writers", 16, "-queues: goroutines calling NotifyAllOfChange in the throughput run")
+	flag.DurationVar(&cfg.qTputFor, "queue-tput-for", time.Second, "-queues: duration of the throughput run")
 	flag.Parse()
 
 	if err := raiseNOFILE(); err != nil {
@@ -60,6 +71,9 @@ func main() {
 	}
 	switch cfg.role {
 	case "orchestrator":
+		if cfg.queues {
+			os.Exit(runQueues(cfg))
+		}
 		os.Exit(runOrchestrator(cfg))
 	case "servers":
 		os.Exit(runServers(cfg))
@@ -77,6 +91,13 @@ type config struct {
 	lowRate                            int
 	rateFor, budget                    time.Duration
 	verbose, rateAsync                 bool
+
+	// The queue comparison (-queues).
+	queues                    bool
+	queue, queuePrefix        string
+	pgDSN, natsURL, redisAddr string
+	qClients, qRate, qWriters int
+	qFor, qTputFor            time.Duration
 }
 
 // raiseNOFILE lifts the open-file soft limit to the hard limit: the memory

@@ -114,8 +114,12 @@ func runServers(cfg config) int {
 		_ = json.NewEncoder(os.Stdout).Encode(hello)
 		return 1
 	}
-	if cfg.nsqd == "" {
-		return fail(errors.New("servers: -nsqd is required"))
+	if cfg.nsqd == "" && cfg.queue == "" {
+		return fail(errors.New("servers: -nsqd or -queue is required"))
+	}
+	count := serverCount
+	if cfg.queue == "memory" {
+		count = 1 // an in-process queue connects no other server
 	}
 
 	db := &store{rows: make(map[string]version)}
@@ -126,8 +130,16 @@ func runServers(cfg config) int {
 		http *http.Server
 	}
 	var all []running
-	for i := range serverCount {
-		es, err := entitysync.New(entitysync.Config{NSQAddr: cfg.nsqd, Logger: log, Web: webOpts})
+	for i := range count {
+		esCfg := entitysync.Config{NSQAddr: cfg.nsqd, Logger: log, Web: webOpts}
+		if cfg.queue != "" {
+			q, err := newQueue(cfg, log)
+			if err != nil {
+				return fail(fmt.Errorf("server %d: %s queue: %w", i, cfg.queue, err))
+			}
+			esCfg = entitysync.Config{Queue: q, Logger: log, Web: webOpts}
+		}
+		es, err := entitysync.New(esCfg)
 		if err != nil {
 			return fail(fmt.Errorf("server %d: %w", i, err))
 		}
@@ -209,20 +221,24 @@ func addControl(i int, es *entitysync.EntitySync, db *store) {
 		n, _ := strconv.Atoi(qv.Get("n"))
 		rate, _ := strconv.ParseFloat(qv.Get("rate"), 64)
 		conc, _ := strconv.Atoi(qv.Get("conc"))
+		durMs, _ := strconv.Atoi(qv.Get("dur_ms"))
 		if id == "" || n <= 0 {
 			http.Error(w, "need id and n > 0", http.StatusBadRequest)
 			return
 		}
 		async := qv.Get("async") == "1"
-		writeJSON(w, bump(r.Context(), es, db, shared.EntityKey{Entity: entity, ID: id}, n, rate, max(conc, 1), async))
+		writeJSON(w, bump(r.Context(), es, db, shared.EntityKey{Entity: entity, ID: id}, n, rate, max(conc, 1), async,
+			time.Duration(durMs)*time.Millisecond))
 	})
 }
 
-func bump(ctx context.Context, es *entitysync.EntitySync, db *store, key shared.EntityKey, n int, rate float64, conc int, async bool) bumpResult {
+// With dur > 0 (and no rate), the conc writers stop when dur has passed or
+// n changes were made, whichever comes first.
+func bump(ctx context.Context, es *entitysync.EntitySync, db *store, key shared.EntityKey, n int, rate float64, conc int, async bool, dur time.Duration) bumpResult {
 	var (
 		mu   sync.Mutex
 		res  bumpResult
-		durs = make([]int64, 0, n)
+		durs = make([]int64, 0, min(n, 1<<16))
 		wg   sync.WaitGroup
 	)
 	res.Async = async
@@ -272,11 +288,15 @@ func bump(ctx context.Context, es *entitysync.EntitySync, db *store, key shared.
 	} else {
 		var next atomic.Int64
 		res.FirstNotify = time.Now().UnixNano()
+		var stop time.Time
+		if dur > 0 {
+			stop = begin.Add(dur)
+		}
 		for range conc {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				for next.Add(1) <= int64(n) && ctx.Err() == nil {
+				for (stop.IsZero() || time.Now().Before(stop)) && next.Add(1) <= int64(n) && ctx.Err() == nil {
 					notify(db.bump(key.ID))
 				}
 			}()
@@ -294,7 +314,7 @@ func bump(ctx context.Context, es *entitysync.EntitySync, db *store, key shared.
 		res.NotifyErrors = st.NotifyErrors - stBefore.NotifyErrors
 		res.Pending = st.Pending
 	}
-	if res.N < n {
+	if res.N < n && (dur <= 0 || ctx.Err() != nil) {
 		res.Errors += n - res.N
 		if res.FirstError == "" {
 			res.FirstError = fmt.Sprintf("request cancelled after %d changes", res.N)
