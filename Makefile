@@ -27,7 +27,8 @@ help:
 	@echo 'make client   run the demo client (subscribes to items/100)'
 	@echo 'make test     run every test: Go with the race detector, then test-js'
 	@echo 'make test-js  run the JavaScript client tests (node + headless Chromium)'
-	@echo 'make bench    run the benchmarks: go run ./bench, then bench-peer (about 2 min)'
+	@echo 'make bench    run the benchmarks: go run ./bench, bench-queues, bench-peer (about 2.5 min)'
+	@echo 'make bench-queues  every queue: latency through it, notify throughput (about 20 s)'
 	@echo 'make bench-peer  entity-sync vs Centrifuge, the TCP floor, the latency breakdown'
 	@echo 'make fmt      gofmt the tree'
 	@echo 'make vet      go vet the module'
@@ -105,17 +106,30 @@ clean:
 # End-to-end benchmark: embedded nsqd, two servers in one process, websocket
 # clients in another, all on 127.0.0.1; prints one markdown table (about
 # 20 s with the build). Flags via BENCH_ARGS, e.g. make bench BENCH_ARGS='-profile /tmp/prof'
-# (go run ./bench -h lists them). Then the peer, floor and latency breakdown
-# phases (bench-peer), about 90 s more. Both run even if the first fails;
-# the target fails if either did. The in-process Go benchmarks are separate:
+# (go run ./bench -h lists them). Then the queue comparison (bench-queues,
+# about 20 s), then the peer, floor and latency breakdown phases
+# (bench-peer), about 90 s more. All run even if one fails; the target
+# fails if any did. The in-process Go benchmarks are separate:
 # go test -run xxx -bench . ./esbridge/
 BENCH_ARGS ?=
 .PHONY: bench
 bench:
 	@status=0; \
 	$(GO) run ./bench $(BENCH_ARGS) || status=$$?; \
+	$(MAKE) --no-print-directory bench-queues || status=$$?; \
 	$(MAKE) --no-print-directory bench-peer || status=$$?; \
 	exit $$status
+
+# The queue comparison alone: latency through each queue (in-process, NSQ
+# embedded, and the machine's PostgreSQL 127.0.0.1:5432, NATS 127.0.0.1:4222,
+# Redis 127.0.0.1:6379) and notify throughput, one markdown table (about
+# 20 s). A broker that does not answer is skipped, and its row says so.
+# Flags via BENCH_QUEUES_ARGS, e.g.
+# make bench-queues BENCH_QUEUES_ARGS='-pg postgres://app@127.0.0.1:5432/app'
+BENCH_QUEUES_ARGS ?=
+.PHONY: bench-queues
+bench-queues:
+	$(GO) run ./bench -queues $(BENCH_QUEUES_ARGS)
 
 # The peer phase alone: entity-sync vs Centrifuge v0.40.1 (one server, then
 # two through nsqd / Redis at 127.0.0.1:6379) and the plain-TCP floor, with

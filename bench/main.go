@@ -17,6 +17,13 @@
 //     reports received frames, versions and notify -> receive latencies over
 //     its own HTTP control endpoint.
 //
+// With -queues (`make bench-queues`) the orchestrator instead compares the
+// queues: for each of in-process, NSQ (embedded), Postgres, NATS and Redis
+// (the machine's, at 127.0.0.1), it starts a servers process built on that
+// queue (-queue) and a clients process, and prints one table of latency
+// through the queue and notify throughput (queues.go). A broker that does
+// not answer is skipped, and its row says so.
+//
 // The entity's fetch function returns one small JSON row holding the key,
 // a version and the UnixNano time of the notify that made that version, so a
 // client computes the notify -> receive latency on the same machine clock.
