@@ -14,7 +14,8 @@ package main
 //
 //   - latency: qClients clients on one key, qRate changes/s for qFor, each
 //     change a NotifyAllOfChange; notify -> client read, on the machine's
-//     clock, over every frame;
+//     clock, over every frame (after a warm-up of a few changes, not
+//     recorded);
 //   - throughput: qWriters goroutines calling NotifyAllOfChange for a key
 //     nobody subscribes to (no fetch, no delivery) for qTputFor; calls/s,
 //     and whether every server's bridge received every notification.
@@ -153,6 +154,10 @@ func runQueues(cfg config) int {
 	return code
 }
 
+// warmup is how many changes each queue carries, four at a time, before the
+// latency run.
+const warmup = 20
+
 // queueRow measures one queue; every failure ends up in the row.
 func (o *orchestrator) queueRow(k queueKind) (r queueResult) {
 	cfg := o.cfg
@@ -224,6 +229,15 @@ func (o *orchestrator) queueRow(k queueKind) (r queueResult) {
 	}
 	if _, err := o.subscribe(ctx, "hot", n, false, 30*time.Second); err != nil {
 		return fail(&r.latency, "subscribe", err)
+	}
+	// Warm-up, not recorded: the queue's first publishes open connections
+	// (Postgres's pool opens them on demand).
+	wu, err := o.bump(ctx, "hot", warmup, 0, 4, false, 30*time.Second)
+	if err != nil {
+		return fail(&r.latency, "warm-up", err)
+	}
+	if _, err := o.wait(ctx, "hot", wu.LastVersion, n, 20*time.Second); err != nil {
+		return fail(&r.latency, "warm-up", err)
 	}
 	if _, err := o.record(ctx, true); err != nil {
 		return fail(&r.latency, "record", err)
