@@ -1,0 +1,127 @@
+package esq_test
+
+import (
+	"io"
+	"net"
+	"os"
+	"sync"
+	"testing"
+
+	"github.com/entity-sync/entity-sync/internal/nsqtest"
+)
+
+// TestNSQReconnectsToRestartedNSQDWhileLookupdIsDown is a regression test
+// from the soak run (soak/, `make soak`): with LookupdHTTPAddrs set, go-nsq
+// reconnects to a lost nsqd only through nsqlookupd. When an nsqd restarts
+// while nsqlookupd is unreachable, the server stays deaf to everything
+// published to that nsqd until nsqlookupd answers again and lists the nsqd
+// (after a real nsqlookupd restart, up to 15 s more while nsqd registers
+// again): in the soak, a server that never went down received no
+// notification for about 30 s and its clients stayed stale until a resync.
+// The nsqd's address is in NSQDAddrs, so the queue could reconnect to it
+// directly, as it does without nsqlookupd.
+//
+// It fails today (onLoss not called within 15 s); with nsqlookupd reachable
+// the same restart is handled in well under a second. It is skipped unless
+// ES_KNOWN_DEFECTS is set, so that CI stays green until esq is fixed:
+// ES_KNOWN_DEFECTS=1 go test -run LookupdIsDown ./esq
+func TestNSQReconnectsToRestartedNSQDWhileLookupdIsDown(t *testing.T) {
+	if os.Getenv("ES_KNOWN_DEFECTS") == "" {
+		t.Skip("known defect found by the soak run; set ES_KNOWN_DEFECTS=1 to run")
+	}
+	lookupd := nsqtest.StartLookupd(t)
+	// The consumer reaches nsqlookupd's HTTP port through a proxy that can
+	// go down with every connection: an in-process nsqlookupd's Exit keeps
+	// serving keep-alive connections, which a real outage does not.
+	proxy := startProxy(t, lookupd.HTTPAddr())
+
+	nsqd := nsqtest.StartNSQD(t, lookupd.TCPAddr())
+	cfg := fastCfg(nsqd.TCPAddr())
+	cfg.LookupdHTTPAddrs = []string{proxy.addr()}
+	q := newNSQ(t, cfg)
+	rec := newRecorder()
+	if err := q.Subscribe("items", rec.onMessage, rec.onLoss); err != nil {
+		t.Fatal(err)
+	}
+	publish(t, q, `{"n":"before"}`)
+	rec.awaitMessage(t, `{"n":"before"}`)
+
+	// nsqlookupd becomes unreachable, then nsqd restarts (both happened
+	// together in the soak run; either alone is handled).
+	proxy.close()
+	if err := nsqd.Restart(); err != nil {
+		t.Fatal(err)
+	}
+	// The restart lost what nsqd held: onLoss must say so once the
+	// subscription is live again, and what is published next must arrive.
+	// ReconnectInterval is 200ms: resyncWait (15 s) is 75 reconnect
+	// intervals.
+	rec.awaitLoss(t)
+	publish(t, q, `{"n":"after restart"}`)
+	rec.awaitMessage(t, `{"n":"after restart"}`)
+}
+
+// proxy forwards TCP connections to a target until closed.
+type proxy struct {
+	l     net.Listener
+	mu    sync.Mutex
+	conns map[net.Conn]struct{}
+	wg    sync.WaitGroup
+}
+
+func startProxy(t *testing.T, target string) *proxy {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &proxy{l: l, conns: map[net.Conn]struct{}{}}
+	p.wg.Go(func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			up, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			if !p.track(c, up) {
+				return
+			}
+			p.wg.Go(func() { _, _ = io.Copy(up, c); up.Close() })
+			p.wg.Go(func() { _, _ = io.Copy(c, up); c.Close() })
+		}
+	})
+	t.Cleanup(p.close)
+	return p
+}
+
+func (p *proxy) addr() string { return p.l.Addr().String() }
+
+// track records a connection pair, or closes it when the proxy is closed.
+func (p *proxy) track(a, b net.Conn) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.conns == nil {
+		a.Close()
+		b.Close()
+		return false
+	}
+	p.conns[a], p.conns[b] = struct{}{}, struct{}{}
+	return true
+}
+
+// close stops accepting, closes every forwarded connection and waits for
+// the proxy's goroutines.
+func (p *proxy) close() {
+	p.l.Close()
+	p.mu.Lock()
+	for c := range p.conns {
+		c.Close()
+	}
+	p.conns = nil
+	p.mu.Unlock()
+	p.wg.Wait()
+}
