@@ -54,8 +54,12 @@ type checkResult struct {
 	Errors        int64    `json:"errors"`     // esclient OnError / subscription errors
 	ErrorEx       []string `json:"error_examples,omitempty"`
 	PerServer     []int    `json:"per_server"` // connected clients per server (index in -server-urls)
-	Misbehaved    misStats `json:"misbehaved"`
-	Goroutines    int      `json:"goroutines"`
+	// Stale and missing subscriptions by where their client is: connected
+	// to server i (StaleOn[i]) or not connected (StaleOff).
+	StaleOn    []int    `json:"stale_on"`
+	StaleOff   int      `json:"stale_off"`
+	Misbehaved misStats `json:"misbehaved"`
+	Goroutines int      `json:"goroutines"`
 }
 
 // misStats counts what the misbehaving clients did.
@@ -331,7 +335,7 @@ func (p *clientsProc) handleCheck(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
-	res := checkResult{Clients: len(p.clients), PerServer: make([]int, len(p.servers))}
+	res := checkResult{Clients: len(p.clients), PerServer: make([]int, len(p.servers)), StaleOn: make([]int, len(p.servers))}
 	for _, sc := range p.clients {
 		sc.mu.Lock()
 		if sc.connected {
@@ -342,6 +346,13 @@ func (p *clientsProc) handleCheck(w http.ResponseWriter, r *http.Request) {
 			res.Subscriptions++
 			v, ok := sc.hold[k]
 			want := req.Versions[k]
+			if !ok || v < want {
+				if sc.connected {
+					res.StaleOn[sc.server]++
+				} else {
+					res.StaleOff++
+				}
+			}
 			switch {
 			case !ok:
 				res.Missing++

@@ -108,7 +108,27 @@ type orchestrator struct {
 	incarnations []map[int]serverStats
 
 	writes, writeErrors, renotified, notifyLost atomic.Int64
+
+	lagMu sync.Mutex
+	lag   lagStats
 }
+
+// lagStats summarizes the lag samples taken during the run: how many
+// subscriptions held a version older than the store's of lagBehind before.
+type lagStats struct {
+	samples, lagging int        // samples taken, of which with any lagging subscription
+	worst            int        // the most lagging subscriptions in one sample
+	worstAt          float64    // seconds into the run
+	worstOf          int        // subscriptions in that sample
+	worstOn          []int      // of which per server the client was connected to
+	worstOff         int        // and of clients not connected
+	longest          float64    // the longest run of consecutive lagging samples, in seconds
+	runStart         *time.Time // when the current run of lagging samples began
+}
+
+// lagBehind is how far behind the store a subscription may be before a lag
+// sample counts it: a change normally reaches clients in milliseconds.
+const lagBehind = 3 * time.Second
 
 func runOrchestrator(cfg config) int {
 	if cfg.seed == 0 {
@@ -272,6 +292,7 @@ func (o *orchestrator) run() (int, error) {
 	var pollWG sync.WaitGroup
 	pollWG.Go(func() { o.pollStats(pollCtx) })
 	kinds := o.faultKinds()
+	pollWG.Go(func() { o.sampleLag(pollCtx) })
 	var writeWG, faultWG sync.WaitGroup
 	master := rand.New(rand.NewPCG(uint64(cfg.seed), 1))
 	for w := range 4 {
@@ -557,6 +578,64 @@ func (o *orchestrator) waitConverged(timeout time.Duration) (checkResult, time.D
 	}
 }
 
+// sampleLag checks every 2 s how many subscriptions are more than
+// lagBehind behind the store, until ctx ends.
+func (o *orchestrator) sampleLag(ctx context.Context) {
+	type snap struct {
+		at       time.Time
+		versions []int64
+	}
+	var hist []snap
+	t := time.NewTicker(500 * time.Millisecond)
+	defer t.Stop()
+	lastSample := time.Now()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		v, _ := o.store.snapshot()
+		now := time.Now()
+		hist = append(hist, snap{now, v})
+		// The newest snapshot at least lagBehind old.
+		i := -1
+		for j := range hist {
+			if now.Sub(hist[j].at) >= lagBehind {
+				i = j
+			}
+		}
+		if i < 0 || now.Sub(lastSample) < 2*time.Second {
+			continue
+		}
+		old := hist[i]
+		hist = hist[i:]
+		lastSample = now
+		var res checkResult
+		if err := o.post(o.clientsCtl+"/check", checkRequest{Versions: old.versions}, &res, 10*time.Second); err != nil {
+			continue
+		}
+		n := res.Stale + res.Missing
+		o.lagMu.Lock()
+		l := &o.lag
+		l.samples++
+		if n > 0 {
+			l.lagging++
+			if l.runStart == nil {
+				l.runStart = &now
+			}
+			l.longest = max(l.longest, now.Sub(*l.runStart).Seconds()+2)
+		} else {
+			l.runStart = nil
+		}
+		if n > l.worst {
+			l.worst, l.worstAt, l.worstOf = n, now.Sub(o.start).Seconds(), res.Subscriptions
+			l.worstOn, l.worstOff = res.StaleOn, res.StaleOff
+		}
+		o.lagMu.Unlock()
+	}
+}
+
 // --- faults ---
 
 func (o *orchestrator) faultKinds() []*faultKind {
@@ -722,6 +801,20 @@ func (o *orchestrator) report(res checkResult, converged bool, convergeAfter tim
 		conv = fmt.Sprintf("%.2f s", convergeAfter.Seconds())
 	}
 	fmt.Fprintf(&b, "| time to converge after the last write | %s (limit %s) | %s |\n", conv, cfg.quiet, mark(converged))
+	o.lagMu.Lock()
+	l := o.lag
+	o.lagMu.Unlock()
+	worst := "none"
+	if l.worst > 0 {
+		var on []string
+		for i, n := range l.worstOn {
+			on = append(on, fmt.Sprintf("%d on server%d", n, i+1))
+		}
+		worst = fmt.Sprintf("worst %d of %d subscriptions (%.1f%%) at %.0f s: %s, %d of disconnected clients",
+			l.worst, l.worstOf, 100*float64(l.worst)/float64(max(1, l.worstOf)), l.worstAt, strings.Join(on, ", "), l.worstOff)
+	}
+	fmt.Fprintf(&b, "| (information) subscriptions more than %s behind the store during the run, sampled every 2 s | %d of %d samples had some; %s; longest stretch of such samples about %.0f s | |\n",
+		lagBehind, l.lagging, l.samples, worst, l.longest)
 	fmt.Fprintf(&b, "| every write notified | %d writes at %d/s; %d not confirmed by their server and notified through another; %d not notified at all | %s |\n",
 		o.writes.Load(), cfg.rate, o.writeErrors.Load(), o.notifyLost.Load(), mark(o.notifyLost.Load() == 0))
 	faultsOK := true
