@@ -61,6 +61,7 @@ func main() {
 	flag.IntVar(&cfg.churn, "churn", 20, "subscription changes per second (one unsubscribe and one subscribe each)")
 	flag.DurationVar(&cfg.quiet, "quiet", 60*time.Second, "after the last write, how long clients get to converge before the check fails")
 	flag.StringVar(&cfg.logDir, "logs", "", "directory for the children's logs (default: a temporary directory, removed when every check passed)")
+	flag.StringVar(&cfg.faults, "faults", "all", "comma-separated fault kinds to inject (server-kill, nsqd-kill, server-stop, lookupd-down, client-stuck, client-flood, client-churn), all, or none")
 	flag.BoolVar(&cfg.verbose, "v", false, "log more: the orchestrator prints each fault as it happens")
 	// Set by the orchestrator for its children.
 	flag.StringVar(&cfg.listen, "listen", "", "server: address to listen on")
@@ -90,7 +91,7 @@ type config struct {
 	role                   string
 	duration, quiet        time.Duration
 	seed                   int64
-	bin, logDir            string
+	bin, logDir, faults    string
 	servers, clients, keys int
 	perClient, rate, churn int
 	verbose                bool

@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -165,6 +166,17 @@ func (o *orchestrator) run() (int, error) {
 		os.Exit(3)
 	}()
 
+	if cfg.faults != "all" && cfg.faults != "none" {
+		known := map[string]bool{}
+		for _, k := range o.allFaultKinds() {
+			known[k.name] = true
+		}
+		for _, name := range strings.Split(cfg.faults, ",") {
+			if !known[name] {
+				return 2, fmt.Errorf("-faults: unknown fault kind %q", name)
+			}
+		}
+	}
 	var err error
 	if cfg.logDir != "" {
 		o.dir = cfg.logDir
@@ -638,7 +650,24 @@ func (o *orchestrator) sampleLag(ctx context.Context) {
 
 // --- faults ---
 
+// faultKinds returns the fault kinds -faults selects.
 func (o *orchestrator) faultKinds() []*faultKind {
+	all := o.allFaultKinds()
+	if o.cfg.faults == "all" || o.cfg.faults == "" {
+		return all
+	}
+	var out []*faultKind
+	for _, k := range all {
+		if slices.Contains(strings.Split(o.cfg.faults, ","), k.name) {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
+// allFaultKinds returns every kind of fault, each with its count for the
+// run's duration.
+func (o *orchestrator) allFaultKinds() []*faultKind {
 	d := o.cfg.duration
 	count := func(every time.Duration) int { return max(2, int(d/every)) }
 	mis := func(kind string, span time.Duration) func(ctx context.Context, rng *rand.Rand) (string, error) {
@@ -648,7 +677,7 @@ func (o *orchestrator) faultKinds() []*faultKind {
 			return "", err
 		}
 	}
-	return []*faultKind{
+	all := []*faultKind{
 		{name: "server-kill", desc: "SIGKILL a server, start it again (its clients reconnect to the others)", count: count(20 * time.Second), span: 5 * time.Second, run: o.faultServerKill},
 		{name: "nsqd-kill", desc: "SIGKILL an nsqd, start it again 1 s later", count: count(30 * time.Second), span: 3 * time.Second, run: o.faultNSQDKill},
 		{name: "server-stop", desc: "SIGSTOP a server for 5 s, then SIGCONT", count: count(30 * time.Second), span: 6 * time.Second, run: o.faultServerStop},
@@ -657,6 +686,7 @@ func (o *orchestrator) faultKinds() []*faultKind {
 		{name: "client-flood", desc: "a client sends subscribe/unsubscribe requests as fast as the server takes them, for 10 s", count: count(45 * time.Second), span: 10 * time.Second, run: mis("flood", 10*time.Second)},
 		{name: "client-churn", desc: "a client opens a connection, subscribes to 3 keys and drops it, 20 times a second for 10 s", count: count(45 * time.Second), span: 10 * time.Second, run: mis("churn", 10*time.Second)},
 	}
+	return all
 }
 
 // place returns when each occurrence of k starts, relative to the start of
@@ -824,6 +854,9 @@ func (o *orchestrator) report(res checkResult, converged bool, convergeAfter tim
 			faultsOK = false
 		}
 		fl = append(fl, fmt.Sprintf("%s %d/%d", k.name, k.injected.Load(), k.count))
+	}
+	if len(fl) == 0 {
+		fl = append(fl, "none selected (-faults)")
 	}
 	fmt.Fprintf(&b, "| every fault injected | %s | %s |\n", strings.Join(fl, ", "), mark(faultsOK))
 	for i := range o.servers {
