@@ -103,6 +103,7 @@ type orchestrator struct {
 	serverLock  []sync.Mutex // one fault at a time per server
 	clients     *proc
 	clientsCtl  string
+	nextNSQD    int // the nsqd the next nsqd-kill fault hits (-1: pick one)
 
 	statsMu sync.Mutex
 	// per server, per pid: the last stats read from that incarnation
@@ -135,7 +136,7 @@ func runOrchestrator(cfg config) int {
 	if cfg.seed == 0 {
 		cfg.seed = time.Now().UnixNano() % 1_000_000
 	}
-	o := &orchestrator{cfg: cfg, hc: &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 32}}}
+	o := &orchestrator{cfg: cfg, nextNSQD: -1, hc: &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 32}}}
 	o.logf = func(format string, args ...any) {
 		fmt.Fprintf(os.Stderr, "soak %6.1fs: %s\n", time.Since(o.start).Seconds(), fmt.Sprintf(format, args...))
 	}
@@ -780,7 +781,12 @@ func (o *orchestrator) faultServerStop(ctx context.Context, rng *rand.Rand) (str
 }
 
 func (o *orchestrator) faultNSQDKill(ctx context.Context, rng *rand.Rand) (string, error) {
-	i := rng.IntN(len(o.nsqds))
+	// Each nsqd in turn, starting with a random one, so both are hit.
+	if o.nextNSQD < 0 {
+		o.nextNSQD = rng.IntN(len(o.nsqds))
+	}
+	i := o.nextNSQD
+	o.nextNSQD = (i + 1) % len(o.nsqds)
 	if err := o.nsqds[i].kill(); err != nil {
 		return "", err
 	}
