@@ -142,8 +142,9 @@ test-js:
 # SIGKILLed and restarted, a server SIGSTOPped, nsqlookupd down for 20 s,
 # misbehaving clients); then a quiet period and the checks, printed as
 # markdown tables. Fails when a check fails. SOAK_DURATION is how long
-# writes and faults go on (the whole run takes about a minute more);
-# SOAK_ARGS passes more flags, e.g. SOAK_ARGS='-seed 42 -logs /tmp/soak'
+# writes and faults go on (the whole run takes up to a minute more:
+# start-up, a fault still running, the quiet period); SOAK_ARGS passes
+# more flags, e.g. SOAK_ARGS='-seed 42 -logs /tmp/soak'
 # (go run ./soak -h lists them).
 SOAK_DURATION ?= 3m
 SOAK_ARGS ?=
