@@ -851,6 +851,11 @@ func (o *orchestrator) report(res checkResult, converged bool, convergeAfter tim
 	}
 	fmt.Fprintf(&b, "| (information) subscriptions more than %s behind the store during the run, sampled every 2 s | %d of %d samples had some; %s; longest stretch of such samples about %.0f s | |\n",
 		lagBehind, l.lagging, l.samples, worst, l.longest)
+	errs := "none"
+	if res.Errors > 0 {
+		errs = fmt.Sprintf("%d, e.g. %s", res.Errors, strings.Join(res.ErrorEx[:min(3, len(res.ErrorEx))], "; "))
+	}
+	fmt.Fprintf(&b, "| no client request refused or failed (esclient errors) | %s | %s |\n", errs, mark(res.Errors == 0))
 	fmt.Fprintf(&b, "| every write notified | %d writes at %d/s; %d not confirmed by their server and notified through another; %d not notified at all | %s |\n",
 		o.writes.Load(), cfg.rate, o.writeErrors.Load(), o.notifyLost.Load(), mark(o.notifyLost.Load() == 0))
 	faultsOK := true
