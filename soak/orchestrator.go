@@ -29,11 +29,16 @@ import (
 //   - goroutines not explained by connections (goroutines minus the
 //     per-connection count measured at warm-up times the server's current
 //     clients) at most goroutineMargin more than before;
-//   - RSS at most rssFactor times its level before plus rssSlack.
+//   - RSS not explained by connections (likewise, with the per-connection
+//     RSS measured at warm-up) at most rssFactor times its level before
+//     plus rssSlack.
+//
+// Clients do not return to a restarted server, so a server may end with
+// twice its clients or none: both are counted per connection.
 const (
 	goroutineMargin = 20
-	rssFactor       = 1.5
-	rssSlack        = 16 << 20
+	rssFactor       = 1.25
+	rssSlack        = 8 << 20
 )
 
 // store is the servers' shared database: one version per key, held by the
@@ -287,7 +292,7 @@ func (o *orchestrator) run() (int, error) {
 	}
 	o.logf("warm-up: %d clients connected, %d subscriptions at the store's version", warm.Connected, warm.Matched)
 	base := o.readAllStats(true)
-	perConn := perConnection(bare, base)
+	perConn, perConnRSS := perConnection(bare, base)
 	for i := range bare {
 		if bare[i] != nil && base[i] != nil {
 			o.logf("server%d: %d goroutines with no client, %d with %d clients (RSS %.1f, %.1f MiB)", i+1,
@@ -344,7 +349,7 @@ func (o *orchestrator) run() (int, error) {
 	if err == nil {
 		final = final2
 	}
-	ok := o.report(final, cerr == nil, convergeAfter, kinds, base, end, perConn)
+	ok := o.report(final, cerr == nil, convergeAfter, kinds, base, end, perConn, perConnRSS)
 	if !ok {
 		return 1, nil
 	}
@@ -494,21 +499,24 @@ func (o *orchestrator) pollStats(ctx context.Context) {
 	}
 }
 
-// perConnection estimates the goroutines a server spends per connected
-// client, from the servers with no client and with the warm-up's clients.
-func perConnection(bare, base []*serverStats) float64 {
+// perConnection estimates the goroutines and RSS bytes a server spends per
+// connected client, from the servers with no client and with the warm-up's
+// clients.
+func perConnection(bare, base []*serverStats) (goroutines, rss float64) {
 	var dg, dc int
+	var dr int64
 	for i := range bare {
 		if bare[i] == nil || base[i] == nil {
 			continue
 		}
 		dg += base[i].Goroutines - bare[i].Goroutines
+		dr += base[i].RSS - bare[i].RSS
 		dc += base[i].Bridge.Clients - bare[i].Bridge.Clients
 	}
 	if dc <= 0 {
-		return 0
+		return 0, 0
 	}
-	return float64(dg) / float64(dc)
+	return float64(dg) / float64(dc), max(0, float64(dr)/float64(dc))
 }
 
 // writer changes random keys through random servers until ctx ends, at
@@ -808,7 +816,7 @@ func (o *orchestrator) faultLookupd(ctx context.Context, _ *rand.Rand) (string, 
 // --- report ---
 
 // report prints the tables and returns whether every check passed.
-func (o *orchestrator) report(res checkResult, converged bool, convergeAfter time.Duration, kinds []*faultKind, base, end []*serverStats, perConn float64) bool {
+func (o *orchestrator) report(res checkResult, converged bool, convergeAfter time.Duration, kinds []*faultKind, base, end []*serverStats, perConn, perConnRSS float64) bool {
 	cfg := o.cfg
 	allOK := true
 	mark := func(ok bool) string {
@@ -878,11 +886,13 @@ func (o *orchestrator) report(res checkResult, converged bool, convergeAfter tim
 		otherBase := float64(base[i].Goroutines) - perConn*float64(base[i].Bridge.Clients)
 		otherEnd := float64(end[i].Goroutines) - perConn*float64(end[i].Bridge.Clients)
 		gOK := otherEnd <= otherBase+goroutineMargin
-		rssLimit := int64(rssFactor*float64(base[i].RSS)) + rssSlack
-		rOK := end[i].RSS <= rssLimit
-		fmt.Fprintf(&b, "| server%d goroutines and RSS back to their level | goroutines %d → %d with %d → %d clients (%.0f → %.0f besides %.1f per client; limit +%d); RSS %.1f → %.1f MiB (limit %.1f) | %s |\n",
+		rssBase := float64(base[i].RSS) - perConnRSS*float64(base[i].Bridge.Clients)
+		rssEnd := float64(end[i].RSS) - perConnRSS*float64(end[i].Bridge.Clients)
+		rssLimit := rssFactor*rssBase + rssSlack
+		rOK := rssEnd <= rssLimit
+		fmt.Fprintf(&b, "| server%d goroutines and RSS back to their level | goroutines %d → %d with %d → %d clients (%.0f → %.0f besides %.1f per client; limit +%d); RSS %.1f → %.1f MiB (%.1f → %.1f besides %.0f KiB per client; limit %.1f) | %s |\n",
 			i+1, base[i].Goroutines, end[i].Goroutines, base[i].Bridge.Clients, end[i].Bridge.Clients, otherBase, otherEnd, perConn, goroutineMargin,
-			mib(base[i].RSS), mib(end[i].RSS), mib(rssLimit), mark(gOK && rOK))
+			mib(base[i].RSS), mib(end[i].RSS), rssBase/(1<<20), rssEnd/(1<<20), perConnRSS/1024, rssLimit/(1<<20), mark(gOK && rOK))
 	}
 
 	fmt.Fprintf(&b, "\n| fault | injected | what |\n| --- | --- | --- |\n")
@@ -937,8 +947,9 @@ func (o *orchestrator) report(res checkResult, converged bool, convergeAfter tim
 	}
 	fmt.Fprintf(&b, "\nCounters are summed over each server's processes as last read (every 0.5 s), so a killed process's last half second is missing. "+
 		"A server receives fewer notifications than were published while it was down or stopped. "+
-		"Resource margins: goroutines besides %.1f per connected client at most %d above the level before the faults; RSS at most %.1f × before + %d MiB (both after GC and returning free memory to the OS).\n",
-		perConn, goroutineMargin, rssFactor, rssSlack>>20)
+		"Resource margins: goroutines besides %.1f per connected client at most %d above the level before the faults; RSS besides %.0f KiB per connected client at most %.2f × its level before + %d MiB "+
+		"(per-client costs measured between the servers with no client and after warm-up; RSS read after a GC that returns free memory to the OS). Clients do not move back to a restarted server, so a server may end with many more clients or none.\n",
+		perConn, goroutineMargin, perConnRSS/1024, rssFactor, rssSlack>>20)
 	if len(res.ViolationEx) > 0 {
 		fmt.Fprintf(&b, "\nOrder violations (first %d): %s\n", len(res.ViolationEx), strings.Join(res.ViolationEx, "; "))
 	}
