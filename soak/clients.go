@@ -452,9 +452,16 @@ func (p *clientsProc) stuck(ctx context.Context) {
 		}
 		return serr
 	}
-	ws, err := p.rawDial(ctx, small)
-	if err != nil {
-		return
+	// A server may be down or starting (503): try again until one takes us.
+	var ws *websocket.Conn
+	for ws == nil {
+		var err error
+		if ws, err = p.rawDial(ctx, small); err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			sleepCtx(ctx, 200*time.Millisecond)
+		}
 	}
 	defer ws.Close()
 	for k := range p.cfg.keys {

@@ -909,8 +909,8 @@ func (o *orchestrator) report(res checkResult, converged bool, convergeAfter tim
 		fmt.Fprintf(&b, "| %s | %d | %s |\n", k.name, k.injected.Load(), what)
 	}
 	m := res.Misbehaved
-	fmt.Fprintf(&b, "\nMisbehaving clients: stuck %d episodes (%d subscribes sent); flood %d episodes, %d requests written to the socket (the server reads them at its rate limit; the rest wait in socket buffers until the episode ends), %d connections closed by the server; churn %d episodes, %d connections opened and dropped.\n",
-		m.StuckEpisodes, m.StuckSubscribes, m.FloodEpisodes, m.FloodRequests, m.FloodDropped, m.ChurnEpisodes, m.ChurnConnections)
+	fmt.Fprintf(&b, "\nMisbehaving clients: stuck %d episodes (%d subscribes sent); flood %d episodes, %d requests written to the socket (the server reads them at its rate limit; the rest wait in socket buffers until the episode ends), %d connections closed by the server; churn %d episodes, %d connections opened and dropped; %d failed dials of these clients.\n",
+		m.StuckEpisodes, m.StuckSubscribes, m.FloodEpisodes, m.FloodRequests, m.FloodDropped, m.ChurnEpisodes, m.ChurnConnections, m.DialErrors)
 
 	// Notifications per server, over all its incarnations.
 	o.statsMu.Lock()
