@@ -34,6 +34,7 @@ help:
 	@echo 'make vet      go vet the module'
 	@echo 'make nsq      build nsqd and nsqlookupd v1.3.0 into ./bin'
 	@echo 'make cluster  run nsqlookupd + two nsqd locally until Ctrl-C'
+	@echo 'make soak     3-minute soak run with faults (SOAK_DURATION=60s, SOAK_ARGS=...)'
 
 run:
 	$(GO) run ./examples/basic $(ARGS)
@@ -151,3 +152,19 @@ bench-peer:
 .PHONY: test-js
 test-js:
 	bash clients/js/scripts/test.sh
+
+# Soak run: nsqlookupd, two nsqd, three soak servers and 500 esclient
+# clients as separate processes on 127.0.0.1, writers changing random keys
+# through random servers, faults injected at random times (servers and nsqd
+# SIGKILLed and restarted, a server SIGSTOPped, nsqlookupd down for 20 s,
+# misbehaving clients); then a quiet period and the checks, printed as
+# markdown tables. Fails when a check fails. SOAK_DURATION is how long
+# writes and faults go on (the whole run takes up to a minute more:
+# start-up, a fault still running, the quiet period); SOAK_ARGS passes
+# more flags, e.g. SOAK_ARGS='-seed 42 -logs /tmp/soak'
+# (go run ./soak -h lists them).
+SOAK_DURATION ?= 3m
+SOAK_ARGS ?=
+.PHONY: soak
+soak: nsq
+	$(GO) run ./soak -bin $(BIN) -duration $(SOAK_DURATION) $(SOAK_ARGS)
