@@ -333,7 +333,7 @@ func (s *seqSub) check(pub []byte, n uint64, mark bool) (missing uint64) {
 // lost logs a loss and calls onLoss.
 func (s *seqSub) lost(missing uint64, how string) {
 	s.d.log.WithField("entity", s.entity).Warnf(
-		"%d notifications lost by the queue (found by %s): re-fetching the subscribed keys. With NSQ, this server's channel overflowed: raise nsqd's --mem-queue-size or find what stalls the server", missing, how)
+		"%d notifications lost by the queue (found by %s): re-fetching the subscribed keys. With NSQ: an nsqd restarted or was unreachable, or this server's channel overflowed (then raise nsqd's --mem-queue-size or find what stalls the server)", missing, how)
 	if s.onLoss != nil {
 		s.onLoss()
 	}
