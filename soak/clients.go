@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"os"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -46,7 +47,8 @@ type checkResult struct {
 	Missing       int      `json:"missing"`       // received nothing yet
 	Ahead         int      `json:"ahead"`         // holds a version the store does not have
 	StaleExamples []string `json:"stale_examples,omitempty"`
-	Violations    int64    `json:"violations"` // rows older than one received before on the same connection
+	StaleKeys     []int    `json:"stale_keys,omitempty"` // distinct stale or missing keys (up to 10)
+	Violations    int64    `json:"violations"`           // rows older than one received before on the same connection
 	ViolationEx   []string `json:"violation_examples,omitempty"`
 	Rows          int64    `json:"rows"`       // rows callbacks, all clients
 	Reconnects    int64    `json:"reconnects"` // connections after a client's first
@@ -347,6 +349,9 @@ func (p *clientsProc) handleCheck(w http.ResponseWriter, r *http.Request) {
 			v, ok := sc.hold[k]
 			want := req.Versions[k]
 			if !ok || v < want {
+				if !slices.Contains(res.StaleKeys, k) && len(res.StaleKeys) < 10 {
+					res.StaleKeys = append(res.StaleKeys, k)
+				}
 				if sc.connected {
 					res.StaleOn[sc.server]++
 				} else {

@@ -49,6 +49,13 @@ type store struct {
 	versions []int64
 	lastBump time.Time
 	bumps    int64
+	last     []bump // per key, its last change: for diagnosing a stale key
+}
+
+// bump is one change of a key in the store.
+type bump struct {
+	at time.Time
+	by string // the server's listen address
 }
 
 func (s *store) serveHTTP(w http.ResponseWriter, r *http.Request) {
@@ -64,6 +71,10 @@ func (s *store) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		s.versions[k]++
 		s.bumps++
 		s.lastBump = time.Now()
+		if s.last == nil {
+			s.last = make([]bump, len(s.versions))
+		}
+		s.last[k] = bump{at: s.lastBump, by: r.URL.Query().Get("by")}
 	}
 	v := s.versions[k]
 	s.mu.Unlock()
@@ -954,7 +965,23 @@ func (o *orchestrator) report(res checkResult, converged bool, convergeAfter tim
 		fmt.Fprintf(&b, "\nOrder violations (first %d): %s\n", len(res.ViolationEx), strings.Join(res.ViolationEx, "; "))
 	}
 	if len(res.StaleExamples) > 0 {
-		fmt.Fprintf(&b, "\nNot converged (first %d): %s\n", len(res.StaleExamples), strings.Join(res.StaleExamples, "; "))
+		fmt.Fprintf(&b, "\nNot converged (first %d; servers numbered from 0): %s\n", len(res.StaleExamples), strings.Join(res.StaleExamples, "; "))
+		o.store.mu.Lock()
+		for _, k := range res.StaleKeys {
+			if k < 0 || k >= len(o.store.versions) || o.store.last == nil {
+				continue
+			}
+			l := o.store.last[k]
+			by := l.by
+			for i, u := range o.serverURL {
+				if u == "http://"+l.by {
+					by = fmt.Sprintf("server%d", i+1)
+				}
+			}
+			fmt.Fprintf(&b, "- key %s: version %d written through %s at %s (%.1f s into the run)\n",
+				keyID(k), o.store.versions[k], by, l.at.UTC().Format("15:04:05.000"), l.at.Sub(o.start).Seconds())
+		}
+		o.store.mu.Unlock()
 	}
 	if res.Errors > 0 {
 		fmt.Fprintf(&b, "\nClient errors: %d (first %d: %s)\n", res.Errors, len(res.ErrorEx), strings.Join(res.ErrorEx, "; "))

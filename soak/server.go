@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"runtime"
 	"runtime/debug"
@@ -87,7 +88,7 @@ func runServer(cfg config) int {
 	mux.HandleFunc("/write", func(w http.ResponseWriter, r *http.Request) {
 		id := r.URL.Query().Get("id")
 		var out row
-		if err := storeCall(r.Context(), storeClient, cfg.store+"/bump?id="+id, &out); err != nil {
+		if err := storeCall(r.Context(), storeClient, cfg.store+"/bump?id="+id+"&by="+url.QueryEscape(cfg.listen), &out); err != nil {
 			http.Error(w, "store: "+err.Error(), http.StatusBadGateway)
 			return
 		}
