@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nsqio/go-nsq"
@@ -176,6 +177,10 @@ type nsqSubscription struct {
 	consumer  *nsq.Consumer
 	onMessage func([]byte)
 	onLoss    func()
+	// closes counts the consumer's lost connections, as go-nsq reports
+	// them to its logger: a connection lost and regained between two of
+	// the watcher's ticks leaves the count of connections unchanged.
+	closes atomic.Uint64
 
 	probeMu sync.Mutex
 	probes  map[string]chan struct{}
@@ -228,7 +233,7 @@ func (q *NSQ) producer(addr string) (*producer, error) {
 	}
 	p, ok := q.producers[addr]
 	if !ok {
-		p = newProducer(addr, q.nsqCfg, nsqLogger{q.log.WithField("nsqd", addr)})
+		p = newProducer(addr, q.nsqCfg, nsqLogger{log: q.log.WithField("nsqd", addr)})
 		q.producers[addr] = p
 	}
 	return p, nil
@@ -344,11 +349,11 @@ func (q *NSQ) Subscribe(entity shared.EntityType, onMessage func([]byte), onLoss
 	if err != nil {
 		return fmt.Errorf("esq: consumer for topic %q: %w", topic, err)
 	}
-	consumer.SetLogger(nsqLogger{q.log.WithField("topic", topic)}, nsq.LogLevelInfo)
 	// Our client, so Close can drop its idle keep-alive connections.
 	consumer.SetLookupdHttpClient(q.http)
 	s := &nsqSubscription{topic: topic, consumer: consumer, onMessage: onMessage, onLoss: onLoss,
 		probes: make(map[string]chan struct{})}
+	consumer.SetLogger(nsqLogger{log: q.log.WithField("topic", topic), closes: &s.closes}, nsq.LogLevelInfo)
 	consumer.AddHandler(nsq.HandlerFunc(s.handle))
 
 	q.mu.Lock()
@@ -572,7 +577,7 @@ func (q *NSQ) watch(s *nsqSubscription) {
 	defer q.watchers.Done()
 	ticker := time.NewTicker(q.cfg.WatchInterval)
 	defer ticker.Stop()
-	last := s.consumer.Stats().Connections
+	last, lastCloses := s.consumer.Stats().Connections, s.closes.Load()
 	for {
 		select {
 		case <-q.closing:
@@ -582,7 +587,13 @@ func (q *NSQ) watch(s *nsqSubscription) {
 		// A redial can lose and regain a connection between two ticks, so
 		// it counts as regained whatever the count says.
 		regained := len(q.cfg.LookupdHTTPAddrs) > 0 && q.redialConfigured(s)
-		n := s.consumer.Stats().Connections
+		n, closes := s.consumer.Stats().Connections, s.closes.Load()
+		// Lost and regained since the last tick: the count is back where
+		// it was, but go-nsq said a connection closed.
+		if closes != lastCloses && n >= last && n > 0 {
+			regained = true
+		}
+		lastCloses = closes
 		switch {
 		case n < last && !regained:
 			q.log.WithField("topic", s.topic).Warnf("lost an nsqd connection (%d left); changes published meanwhile will be recovered by a resync", n)
@@ -696,12 +707,20 @@ func (q *NSQ) Close(ctx context.Context) error {
 
 // nsqLogger routes go-nsq's log lines ("INF    1 [topic/channel] ...") into
 // logrus at the matching level.
-type nsqLogger struct{ log logrus.FieldLogger }
+// A consumer's logger also counts its lost connections (go-nsq says "there
+// are N connections left alive" once per closed connection) in closes.
+type nsqLogger struct {
+	log    logrus.FieldLogger
+	closes *atomic.Uint64
+}
 
 func (l nsqLogger) Output(_ int, s string) error {
 	level, msg, _ := strings.Cut(s, " ")
 	msg = strings.TrimSpace(msg)
 	if strings.Contains(msg, "connections left alive") {
+		if l.closes != nil {
+			l.closes.Add(1)
+		}
 		level = "DBG" // said on every clean stop; watch() reports real losses
 	}
 	switch level {

@@ -5,6 +5,7 @@ import (
 	"net"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/entity-sync/entity-sync/internal/nsqtest"
 )
@@ -116,4 +117,30 @@ func (p *proxy) close() {
 	p.conns = nil
 	p.mu.Unlock()
 	p.wg.Wait()
+}
+
+// TestNSQLossWithinOneWatchTickIsReported: with nsqlookupd, go-nsq
+// reconnects as soon as nsqlookupd lists the restarted nsqd again, which
+// can be between two ticks of the watcher: the count of connections is
+// then unchanged, but the restart lost what nsqd held, so onLoss must be
+// called. (A candidate cause of the soak's one-version-behind failure.)
+func TestNSQLossWithinOneWatchTickIsReported(t *testing.T) {
+	lookupd := nsqtest.StartLookupd(t)
+	nsqd := nsqtest.StartNSQD(t, lookupd.TCPAddr())
+	cfg := fastCfg(nsqd.TCPAddr())
+	cfg.LookupdHTTPAddrs = []string{lookupd.HTTPAddr()}
+	cfg.ReconnectInterval, cfg.WatchInterval = 10*time.Second, 3*time.Second
+	q := newNSQ(t, cfg)
+	rec := newRecorder()
+	if err := q.Subscribe("items", rec.onMessage, rec.onLoss); err != nil {
+		t.Fatal(err)
+	}
+	publish(t, q, `{"n":"before"}`)
+	rec.awaitMessage(t, `{"n":"before"}`)
+	if err := nsqd.Restart(); err != nil {
+		t.Fatal(err)
+	}
+	rec.awaitLoss(t)
+	publish(t, q, `{"n":"after restart"}`)
+	rec.awaitMessage(t, `{"n":"after restart"}`)
 }
