@@ -10,7 +10,6 @@ import (
 	"os/exec"
 	"strconv"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -101,71 +100,19 @@ func runQueueBurst(t *testing.T, b burst, qb queueBroker) {
 	checkOrder(t, clients)
 
 	// The burst, with the broker stopped and started again at half of it.
-	start = time.Now()
-	var published, failures atomic.Int64
-	half := make(chan struct{})
-	var wg sync.WaitGroup
-	errs := make(chan error, b.publishers)
-	for p := 0; p < b.publishers; p++ {
-		n := b.changes / b.publishers
-		if p == 0 {
-			n += b.changes % b.publishers
-		}
-		prng := rand.New(rand.NewSource(seed + int64(p) + 1))
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for j := 0; j < n; j++ {
-				k := keys[prng.Intn(b.keys)]
-				store.Bump(k)
-				if err := notifyUntilAccepted(servers[prng.Intn(b.servers)].es, k, &failures); err != nil {
-					errs <- err
-					return
-				}
-				if published.Add(1) == int64(b.changes/2) {
-					close(half)
-				}
-			}
-		}()
-	}
-	publishersDone := make(chan struct{})
-	go func() { wg.Wait(); close(publishersDone) }()
+	var midway func()
 	if b.restart {
-		select {
-		case <-half:
-		case <-publishersDone:
-			t.Fatal("publishers stopped before half of the burst")
-		case <-time.After(60 * time.Second):
-			t.Fatal("half of the burst not published within 60s")
+		midway = func() {
+			if err := qb.stop(); err != nil {
+				t.Fatal(err)
+			}
+			if err := qb.start(); err != nil {
+				t.Fatal(err)
+			}
 		}
-		rs := time.Now()
-		if err := qb.stop(); err != nil {
-			t.Fatal(err)
-		}
-		if err := qb.start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Logf("broker restarted after %d of %d changes (down for %s)", published.Load(), b.changes, time.Since(rs).Round(time.Millisecond))
 	}
-	select {
-	case <-publishersDone:
-	case <-time.After(90 * time.Second):
-		t.Fatalf("burst not published within 90s (%d of %d)", published.Load(), b.changes)
-	}
-	close(errs)
-	for err := range errs {
-		t.Fatal(err)
-	}
-	burstTook := time.Since(start)
-
-	final := make(map[shared.EntityKey]int, len(keys))
-	for _, k := range keys {
-		final[k] = store.Version(k)
-	}
-	start = time.Now()
-	awaitAll(t, progress, clients, 60*time.Second, "final versions", func(k shared.EntityKey) (int, bool) { return final[k], true })
-	convergeTook := time.Since(start)
-	checkOrder(t, clients)
+	res := publishAndConverge(t, b, seed, keys, servers, store, progress, clients, midway)
+	burstTook, convergeTook := res.burstTook, res.convergeTook
 
 	if b.restart {
 		// Every server's subscriber connection dropped: each must have
@@ -199,7 +146,7 @@ func runQueueBurst(t *testing.T, b burst, qb queueBroker) {
 		t.Logf("server %d: received %d, fetches %d, deliveries %d, resyncs %d", i, st.Received, st.Fetches, st.Deliveries, st.Resyncs)
 	}
 	t.Logf("burst of %d changes published in %s (%d failed notifies retried); converged %s after the last publish",
-		b.changes, burstTook.Round(time.Millisecond), failures.Load(), convergeTook.Round(time.Millisecond))
+		b.changes, burstTook.Round(time.Millisecond), res.failures, convergeTook.Round(time.Millisecond))
 }
 
 // natsBroker is an embedded nats-server on a random 127.0.0.1 port.

@@ -127,70 +127,16 @@ func runBurst(t *testing.T, b burst) {
 	// The burst: every change is a Bump (the write) then a notify from a
 	// random server. A notify that fails (nsqd down) is retried until it
 	// succeeds, as an application must; the library only reports the error.
-	start = time.Now()
-	var published, failures atomic.Int64
-	half := make(chan struct{})
-	var wg sync.WaitGroup
-	errs := make(chan error, b.publishers)
-	for p := 0; p < b.publishers; p++ {
-		n := b.changes / b.publishers
-		if p == 0 {
-			n += b.changes % b.publishers
-		}
-		prng := rand.New(rand.NewSource(seed + int64(p) + 1))
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for j := 0; j < n; j++ {
-				k := keys[prng.Intn(b.keys)]
-				store.Bump(k)
-				if err := notifyUntilAccepted(servers[prng.Intn(b.servers)].es, k, &failures); err != nil {
-					errs <- err
-					return
-				}
-				if published.Add(1) == int64(b.changes/2) {
-					close(half)
-				}
-			}
-		}()
-	}
-	publishersDone := make(chan struct{})
-	go func() { wg.Wait(); close(publishersDone) }()
+	var midway func()
 	if b.restart {
-		select {
-		case <-half:
-		case <-publishersDone:
-			t.Fatal("publishers stopped before half of the burst")
-		case <-time.After(60 * time.Second):
-			t.Fatal("half of the burst not published within 60s")
+		midway = func() {
+			if err := nsqd.Restart(); err != nil {
+				t.Fatal(err)
+			}
 		}
-		rs := time.Now()
-		if err := nsqd.Restart(); err != nil {
-			t.Fatal(err)
-		}
-		t.Logf("nsqd restarted after %d of %d changes (down for %s)", published.Load(), b.changes, time.Since(rs).Round(time.Millisecond))
 	}
-	select {
-	case <-publishersDone:
-	case <-time.After(90 * time.Second):
-		t.Fatalf("burst not published within 90s (%d of %d)", published.Load(), b.changes)
-	}
-	close(errs)
-	for err := range errs {
-		t.Fatal(err)
-	}
-	burstTook := time.Since(start)
-
-	// Convergence: every client ends on the final version of every key it
-	// holds. Nothing bumps any more, so the final versions are fixed.
-	final := make(map[shared.EntityKey]int, len(keys))
-	for _, k := range keys {
-		final[k] = store.Version(k)
-	}
-	start = time.Now()
-	awaitAll(t, progress, clients, 60*time.Second, "final versions", func(k shared.EntityKey) (int, bool) { return final[k], true })
-	convergeTook := time.Since(start)
-	checkOrder(t, clients)
+	res := publishAndConverge(t, b, seed, keys, servers, store, progress, clients, midway)
+	burstTook, convergeTook := res.burstTook, res.convergeTook
 
 	if b.restart {
 		// Every server lost its nsqd connection and must have re-fetched its
@@ -234,7 +180,7 @@ func runBurst(t *testing.T, b burst) {
 			i, st.Received, st.Fetches, st.Fetches-before[i], st.Deliveries, st.Resyncs)
 	}
 	t.Logf("burst of %d changes published in %s (%d failed notifies retried); converged %s after the last publish",
-		b.changes, burstTook.Round(time.Millisecond), failures.Load(), convergeTook.Round(time.Millisecond))
+		b.changes, burstTook.Round(time.Millisecond), res.failures, convergeTook.Round(time.Millisecond))
 	t.Logf("fetches for the burst: %d (store: %d) vs %d changes x %d servers = %d without coalescing (%.1f%%); frames received: %d",
 		fetches, store.Fetches()-storeBefore, b.changes, b.servers, b.changes*b.servers,
 		100*float64(fetches)/float64(b.changes*b.servers), frames)
@@ -247,6 +193,84 @@ func runBurst(t *testing.T, b burst) {
 
 // notifyUntilAccepted notifies until the queue accepts, backing off between
 // attempts, for at most 30s.
+// burstResult is what publishAndConverge measured.
+type burstResult struct {
+	burstTook, convergeTook time.Duration
+	failures                int64 // notifies that failed and were retried
+}
+
+// publishAndConverge publishes b.changes changes of random keys (a Bump, then a
+// notify through a random server, retried until accepted) from
+// b.publishers goroutines, calls midway once half of them are published
+// (when midway is not nil: the broker fault of the test), then waits until
+// every client holds the final version of every key it subscribes to and
+// checks per-key order.
+func publishAndConverge(t *testing.T, b burst, seed int64, keys []shared.EntityKey, servers []server, store *testkit.Store,
+	progress *testkit.Progress, clients []burstClient, midway func()) burstResult {
+	t.Helper()
+	start := time.Now()
+	var published, failures atomic.Int64
+	half := make(chan struct{})
+	var wg sync.WaitGroup
+	errs := make(chan error, b.publishers)
+	for p := 0; p < b.publishers; p++ {
+		n := b.changes / b.publishers
+		if p == 0 {
+			n += b.changes % b.publishers
+		}
+		prng := rand.New(rand.NewSource(seed + int64(p) + 1))
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for j := 0; j < n; j++ {
+				k := keys[prng.Intn(b.keys)]
+				store.Bump(k)
+				if err := notifyUntilAccepted(servers[prng.Intn(b.servers)].es, k, &failures); err != nil {
+					errs <- err
+					return
+				}
+				if published.Add(1) == int64(b.changes/2) {
+					close(half)
+				}
+			}
+		}()
+	}
+	publishersDone := make(chan struct{})
+	go func() { wg.Wait(); close(publishersDone) }()
+	if midway != nil {
+		select {
+		case <-half:
+		case <-publishersDone:
+			t.Fatal("publishers stopped before half of the burst")
+		case <-time.After(60 * time.Second):
+			t.Fatal("half of the burst not published within 60s")
+		}
+		midway()
+		t.Logf("fault injected after %d of %d changes", published.Load(), b.changes)
+	}
+	select {
+	case <-publishersDone:
+	case <-time.After(90 * time.Second):
+		t.Fatalf("burst not published within 90s (%d of %d)", published.Load(), b.changes)
+	}
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	r := burstResult{burstTook: time.Since(start), failures: failures.Load()}
+
+	// Convergence: nothing bumps any more, so the final versions are fixed.
+	final := make(map[shared.EntityKey]int, len(keys))
+	for _, k := range keys {
+		final[k] = store.Version(k)
+	}
+	start = time.Now()
+	awaitAll(t, progress, clients, 60*time.Second, "final versions", func(k shared.EntityKey) (int, bool) { return final[k], true })
+	r.convergeTook = time.Since(start)
+	checkOrder(t, clients)
+	return r
+}
+
 func notifyUntilAccepted(e *es.EntitySync, k shared.EntityKey, failures *atomic.Int64) error {
 	deadline := time.Now().Add(30 * time.Second)
 	for {

@@ -8,8 +8,6 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -165,69 +163,20 @@ func runPostgresBurst(t *testing.T, kill bool) {
 	}
 	awaitAll(t, progress, clients, 30*time.Second, "initial state", func(shared.EntityKey) (int, bool) { return 0, false })
 
-	start := time.Now()
-	var published, failures atomic.Int64
-	half := make(chan struct{})
-	var wg sync.WaitGroup
-	errs := make(chan error, b.publishers)
-	for p := 0; p < b.publishers; p++ {
-		n := b.changes / b.publishers
-		if p == 0 {
-			n += b.changes % b.publishers
-		}
-		prng := rand.New(rand.NewSource(seed + int64(p) + 1))
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for j := 0; j < n; j++ {
-				k := keys[prng.Intn(b.keys)]
-				store.Bump(k)
-				if err := notifyUntilAccepted(servers[prng.Intn(b.servers)].es, k, &failures); err != nil {
-					errs <- err
-					return
-				}
-				if published.Add(1) == int64(b.changes/2) {
-					close(half)
-				}
-			}
-		}()
-	}
-	publishersDone := make(chan struct{})
-	go func() { wg.Wait(); close(publishersDone) }()
+	var midway func()
 	if kill {
-		select {
-		case <-half:
-		case <-time.After(60 * time.Second):
-			t.Fatal("half of the burst not published within 60s")
-		}
-		for i, q := range queues {
-			pid := q.ListenerPID()
-			if pid == 0 {
-				t.Fatalf("server %d has no listener", i)
+		midway = func() {
+			for i, q := range queues {
+				pid := q.ListenerPID()
+				if pid == 0 {
+					t.Fatalf("server %d has no listener", i)
+				}
+				pgtest.Terminate(t, pool, pid)
 			}
-			pgtest.Terminate(t, pool, pid)
 		}
-		t.Logf("every listener killed after %d of %d changes", published.Load(), b.changes)
 	}
-	select {
-	case <-publishersDone:
-	case <-time.After(90 * time.Second):
-		t.Fatalf("burst not published within 90s (%d of %d)", published.Load(), b.changes)
-	}
-	close(errs)
-	for err := range errs {
-		t.Fatal(err)
-	}
-	burstTook := time.Since(start)
-
-	final := make(map[shared.EntityKey]int, len(keys))
-	for _, k := range keys {
-		final[k] = store.Version(k)
-	}
-	start = time.Now()
-	awaitAll(t, progress, clients, 60*time.Second, "final versions", func(k shared.EntityKey) (int, bool) { return final[k], true })
-	convergeTook := time.Since(start)
-	checkOrder(t, clients)
+	res := publishAndConverge(t, b, seed, keys, servers, store, progress, clients, midway)
+	burstTook, convergeTook := res.burstTook, res.convergeTook
 	testkit.AwaitCond(t, 30*time.Second, func() (bool, string) {
 		for i, s := range servers {
 			st := s.es.Bridge.Stats()
@@ -252,7 +201,7 @@ func runPostgresBurst(t *testing.T, kill bool) {
 		t.Logf("server %d: received %d, fetches %d, deliveries %d, resyncs %d", i, st.Received, st.Fetches, st.Deliveries, st.Resyncs)
 	}
 	t.Logf("burst of %d changes published in %s (%d failed notifies retried); converged %s after the last publish",
-		b.changes, burstTook.Round(time.Millisecond), failures.Load(), convergeTook.Round(time.Millisecond))
+		b.changes, burstTook.Round(time.Millisecond), res.failures, convergeTook.Round(time.Millisecond))
 }
 
 // The package entitysync does not depend on pgx nor on esq/pgq: only an

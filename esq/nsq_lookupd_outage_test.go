@@ -1,13 +1,11 @@
 package esq_test
 
 import (
-	"io"
-	"net"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/entity-sync/entity-sync/internal/nsqtest"
+	"github.com/entity-sync/entity-sync/internal/testkit"
 )
 
 // TestNSQReconnectsToRestartedNSQDWhileLookupdIsDown is a regression test
@@ -26,11 +24,11 @@ func TestNSQReconnectsToRestartedNSQDWhileLookupdIsDown(t *testing.T) {
 	// The consumer reaches nsqlookupd's HTTP port through a proxy that can
 	// go down with every connection: an in-process nsqlookupd's Exit keeps
 	// serving keep-alive connections, which a real outage does not.
-	proxy := startProxy(t, lookupd.HTTPAddr())
+	proxy := testkit.StartProxy(t, lookupd.HTTPAddr())
 
 	nsqd := nsqtest.StartNSQD(t, lookupd.TCPAddr())
 	cfg := fastCfg(nsqd.TCPAddr())
-	cfg.LookupdHTTPAddrs = []string{proxy.addr()}
+	cfg.LookupdHTTPAddrs = []string{proxy.Addr()}
 	q := newNSQ(t, cfg)
 	rec := newRecorder()
 	if err := q.Subscribe("items", rec.onMessage, rec.onLoss); err != nil {
@@ -41,7 +39,7 @@ func TestNSQReconnectsToRestartedNSQDWhileLookupdIsDown(t *testing.T) {
 
 	// nsqlookupd becomes unreachable, then nsqd restarts (both happened
 	// together in the soak run; either alone is handled).
-	proxy.close()
+	proxy.Close()
 	if err := nsqd.Restart(); err != nil {
 		t.Fatal(err)
 	}
@@ -52,71 +50,6 @@ func TestNSQReconnectsToRestartedNSQDWhileLookupdIsDown(t *testing.T) {
 	rec.awaitLoss(t)
 	publish(t, q, `{"n":"after restart"}`)
 	rec.awaitMessage(t, `{"n":"after restart"}`)
-}
-
-// proxy forwards TCP connections to a target until closed.
-type proxy struct {
-	l     net.Listener
-	mu    sync.Mutex
-	conns map[net.Conn]struct{}
-	wg    sync.WaitGroup
-}
-
-func startProxy(t *testing.T, target string) *proxy {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &proxy{l: l, conns: map[net.Conn]struct{}{}}
-	p.wg.Go(func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			up, err := net.Dial("tcp", target)
-			if err != nil {
-				c.Close()
-				continue
-			}
-			if !p.track(c, up) {
-				return
-			}
-			p.wg.Go(func() { _, _ = io.Copy(up, c); up.Close() })
-			p.wg.Go(func() { _, _ = io.Copy(c, up); c.Close() })
-		}
-	})
-	t.Cleanup(p.close)
-	return p
-}
-
-func (p *proxy) addr() string { return p.l.Addr().String() }
-
-// track records a connection pair, or closes it when the proxy is closed.
-func (p *proxy) track(a, b net.Conn) bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.conns == nil {
-		a.Close()
-		b.Close()
-		return false
-	}
-	p.conns[a], p.conns[b] = struct{}{}, struct{}{}
-	return true
-}
-
-// close stops accepting, closes every forwarded connection and waits for
-// the proxy's goroutines.
-func (p *proxy) close() {
-	p.l.Close()
-	p.mu.Lock()
-	for c := range p.conns {
-		c.Close()
-	}
-	p.conns = nil
-	p.mu.Unlock()
-	p.wg.Wait()
 }
 
 // TestNSQLossWithinOneWatchTickIsReported: with nsqlookupd, go-nsq

@@ -19,6 +19,7 @@ import (
 	"github.com/entity-sync/entity-sync/esq"
 	"github.com/entity-sync/entity-sync/esq/esqtest"
 	"github.com/entity-sync/entity-sync/esq/natsq"
+	"github.com/entity-sync/entity-sync/internal/testkit"
 	"github.com/entity-sync/entity-sync/shared"
 )
 
@@ -272,15 +273,15 @@ func requireMachineNATS(t *testing.T) {
 // onLoss is called and delivery works again.
 func TestSilentConnectionIsReplaced(t *testing.T) {
 	srv := startServer(t)
-	p := startFreezingProxy(t, strings.TrimPrefix(srv.URL(), "nats://"))
-	sub := newQueue(t, natsq.Config{URL: "nats://" + p.addr, PingInterval: 100 * time.Millisecond, ReconnectWait: 20 * time.Millisecond})
+	p := testkit.StartProxy(t, strings.TrimPrefix(srv.URL(), "nats://"))
+	sub := newQueue(t, natsq.Config{URL: "nats://" + p.Addr(), PingInterval: 100 * time.Millisecond, ReconnectWait: 20 * time.Millisecond})
 	pub := newQueue(t, natsq.Config{URL: srv.URL()})
 	got := make(chan string, 16)
 	lost := make(chan struct{}, 16)
 	if err := sub.Subscribe("items", func(b []byte) { got <- string(b) }, func() { lost <- struct{}{} }); err != nil {
 		t.Fatal(err)
 	}
-	p.freeze()
+	p.Freeze()
 	select {
 	case <-lost:
 	case <-time.After(10 * time.Second):
@@ -297,87 +298,4 @@ func TestSilentConnectionIsReplaced(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("message published after onLoss not received")
 	}
-}
-
-// freezingProxy forwards TCP connections to a target; freeze makes the
-// connections open so far stop forwarding, without closing them.
-type freezingProxy struct {
-	addr string
-
-	mu     sync.Mutex
-	frozen []chan struct{}
-}
-
-func startFreezingProxy(t *testing.T, target string) *freezingProxy {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &freezingProxy{addr: l.Addr().String()}
-	var wg sync.WaitGroup
-	var conns []net.Conn
-	var connsMu sync.Mutex
-	t.Cleanup(func() {
-		l.Close()
-		connsMu.Lock()
-		for _, c := range conns {
-			c.Close()
-		}
-		connsMu.Unlock()
-		wg.Wait()
-	})
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			u, err := net.Dial("tcp", target)
-			if err != nil {
-				c.Close()
-				continue
-			}
-			connsMu.Lock()
-			conns = append(conns, c, u)
-			connsMu.Unlock()
-			stop := make(chan struct{})
-			p.mu.Lock()
-			p.frozen = append(p.frozen, stop)
-			p.mu.Unlock()
-			for _, pair := range [][2]net.Conn{{c, u}, {u, c}} {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					buf := make([]byte, 32<<10)
-					for {
-						n, err := pair[0].Read(buf)
-						if err != nil {
-							pair[1].Close()
-							return
-						}
-						select {
-						case <-stop:
-							continue // swallow: the peer hears nothing more
-						default:
-						}
-						if _, err := pair[1].Write(buf[:n]); err != nil {
-							return
-						}
-					}
-				}()
-			}
-		}
-	}()
-	return p
-}
-
-func (p *freezingProxy) freeze() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for _, stop := range p.frozen {
-		close(stop)
-	}
-	p.frozen = nil
 }

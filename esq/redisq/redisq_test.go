@@ -21,6 +21,7 @@ import (
 	"github.com/entity-sync/entity-sync/esq"
 	"github.com/entity-sync/entity-sync/esq/esqtest"
 	"github.com/entity-sync/entity-sync/esq/redisq"
+	"github.com/entity-sync/entity-sync/internal/testkit"
 	"github.com/entity-sync/entity-sync/shared"
 )
 
@@ -287,16 +288,16 @@ func requireMachineRedis(t *testing.T) {
 // reported through onLoss; delivery works again afterwards.
 func TestSilentConnectionIsReplaced(t *testing.T) {
 	requireMachineRedis(t)
-	p := startFreezingProxy(t, machineAddr)
+	p := testkit.StartProxy(t, machineAddr)
 	prefix := randomPrefix(t)
-	sub := newQueue(t, redisq.Config{Addr: p.addr, ChannelPrefix: prefix, PingInterval: 100 * time.Millisecond, RetryInterval: 20 * time.Millisecond})
+	sub := newQueue(t, redisq.Config{Addr: p.Addr(), ChannelPrefix: prefix, PingInterval: 100 * time.Millisecond, RetryInterval: 20 * time.Millisecond})
 	pub := newQueue(t, redisq.Config{Addr: machineAddr, ChannelPrefix: prefix})
 	got := make(chan string, 16)
 	lost := make(chan struct{}, 16)
 	if err := sub.Subscribe("items", func(b []byte) { got <- string(b) }, func() { lost <- struct{}{} }); err != nil {
 		t.Fatal(err)
 	}
-	p.freeze()
+	p.Freeze()
 	select {
 	case <-lost:
 	case <-time.After(10 * time.Second):
@@ -313,87 +314,4 @@ func TestSilentConnectionIsReplaced(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("message published after onLoss not received")
 	}
-}
-
-// freezingProxy forwards TCP connections to a target; freeze makes the
-// connections open so far stop forwarding, without closing them.
-type freezingProxy struct {
-	addr string
-
-	mu     sync.Mutex
-	frozen []chan struct{}
-}
-
-func startFreezingProxy(t *testing.T, target string) *freezingProxy {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	p := &freezingProxy{addr: l.Addr().String()}
-	var wg sync.WaitGroup
-	var conns []net.Conn
-	var connsMu sync.Mutex
-	t.Cleanup(func() {
-		l.Close()
-		connsMu.Lock()
-		for _, c := range conns {
-			c.Close()
-		}
-		connsMu.Unlock()
-		wg.Wait()
-	})
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			u, err := net.Dial("tcp", target)
-			if err != nil {
-				c.Close()
-				continue
-			}
-			connsMu.Lock()
-			conns = append(conns, c, u)
-			connsMu.Unlock()
-			stop := make(chan struct{})
-			p.mu.Lock()
-			p.frozen = append(p.frozen, stop)
-			p.mu.Unlock()
-			for _, pair := range [][2]net.Conn{{c, u}, {u, c}} {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					buf := make([]byte, 32<<10)
-					for {
-						n, err := pair[0].Read(buf)
-						if err != nil {
-							pair[1].Close()
-							return
-						}
-						select {
-						case <-stop:
-							continue // swallow: the peer hears nothing more
-						default:
-						}
-						if _, err := pair[1].Write(buf[:n]); err != nil {
-							return
-						}
-					}
-				}()
-			}
-		}
-	}()
-	return p
-}
-
-func (p *freezingProxy) freeze() {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for _, stop := range p.frozen {
-		close(stop)
-	}
-	p.frozen = nil
 }
