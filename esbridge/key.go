@@ -35,17 +35,11 @@ type Update struct {
 	coll  *collection // the key's collection settings; nil: not a collection
 	// state is the update whose rows this one carries, when it is a copy
 	// under another Seq (withSeq) or a view; nil for the original. What is
-	// derived from the rows (version, ids) lives on the original.
-	state *Update
-	// A view's fields: the update it presents (same Seq), and either the
-	// change from the client's base state or the fact that the client
-	// holds this state already.
-	full      *Update
-	base      string // the version of the state the client holds
-	diff      *Diff
-	unchanged bool
-
-	derived derived
+	// derived from the rows (version, ids) lives on the original, made on
+	// first use.
+	state   *Update
+	view    *view
+	derived atomic.Pointer[derived]
 
 	memoMu sync.Mutex                  // serialises building
 	memo   atomic.Pointer[[]memoEntry] // copy-on-write: read without the lock
@@ -96,11 +90,10 @@ func (u *Update) withSeq(seq uint64) *Update {
 // size is the update's weight against a client's MaxPendingBytes.
 func (u *Update) size() int {
 	n := 64
-	if u.unchanged {
+	if v := u.view; v != nil && v.unchanged {
 		return n
-	}
-	if u.diff != nil {
-		for _, i := range u.diff.Upsert {
+	} else if v != nil {
+		for _, i := range v.diff.Upsert {
 			n += len(u.Rows[i])
 		}
 		return n

@@ -23,7 +23,13 @@ var ErrNotifyBacklog = errors.New("esbridge: too many notifications waiting to b
 // accepted the notification (for NSQ, nsqd's acknowledgement), or with the
 // error that prevented it.
 func (b *Bridge) NotifyAllOfChange(key shared.EntityKey) error {
-	return b.NotifyKeys(context.Background(), key)
+	if err := key.Validate(); err != nil {
+		return err
+	}
+	if b.isClosed() {
+		return ErrClosed
+	}
+	return b.publishKey(context.Background(), key)
 }
 
 // NotifyKeys tells every server that the entities behind keys changed: a
@@ -55,19 +61,40 @@ func (b *Bridge) isClosed() bool {
 
 // publish sends keys' notifications (see NotifyKeys).
 func (b *Bridge) publish(ctx context.Context, keys []shared.EntityKey) error {
+	if len(keys) == 1 {
+		return b.publishKey(ctx, keys[0])
+	}
 	msgs, err := notifications(keys, esq.MaxMessageBytes(b.queue))
 	if err != nil {
 		return err
 	}
 	for _, m := range msgs {
-		if err := b.queue.Publish(ctx, m.entity, m.body); err != nil {
-			if m.keys == 1 {
-				return fmt.Errorf("esbridge: notify %s: %w", shared.EntityKey{Entity: m.entity, ID: m.first}, err)
-			}
-			return fmt.Errorf("esbridge: notify %d keys of %q: %w", m.keys, m.entity, err)
+		if err := b.send(ctx, m); err != nil {
+			return err
 		}
-		b.stats.notifications.Add(uint64(m.keys))
 	}
+	return nil
+}
+
+// publishKey sends one key's notification in the seed's form, without the
+// grouping's allocations: the common case.
+func (b *Bridge) publishKey(ctx context.Context, key shared.EntityKey) error {
+	body, err := json.Marshal(key)
+	if err != nil {
+		return fmt.Errorf("esbridge: encode key: %w", err)
+	}
+	return b.send(ctx, message{entity: key.Entity, body: body, keys: 1, first: key.ID})
+}
+
+// send publishes one message.
+func (b *Bridge) send(ctx context.Context, m message) error {
+	if err := b.queue.Publish(ctx, m.entity, m.body); err != nil {
+		if m.keys == 1 {
+			return fmt.Errorf("esbridge: notify %s: %w", shared.EntityKey{Entity: m.entity, ID: m.first}, err)
+		}
+		return fmt.Errorf("esbridge: notify %d keys of %q: %w", m.keys, m.entity, err)
+	}
+	b.stats.notifications.Add(uint64(m.keys))
 	return nil
 }
 

@@ -3,6 +3,7 @@ package esbridge_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -139,4 +140,52 @@ func TestNotifyAsyncBacklogIsBoundedAndCloseSaysWhatWasLost(t *testing.T) {
 		t.Errorf("NotifyAsync after Close: %v", err)
 	}
 	testkit.AwaitGoroutines(t, base, unitWait)
+}
+
+// NotifyKeysAsync queues keys together and publishes them in one message
+// per entity type, retried as a whole; the keys' subscribers get their new
+// states.
+func TestNotifyKeysAsyncPublishesOneMessage(t *testing.T) {
+	q := &flakyQueue{Memory: esq.NewMemory()}
+	q.failures.Store(1)
+	f := newVersions()
+	var reported atomic.Int64
+	b := esbridge.New(q, f, esbridge.Options{Logger: quietLogger(), RetryDelay: time.Millisecond,
+		OnNotifyError: func(shared.EntityKey, error) { reported.Add(1) }})
+	if err := b.ServeEntity("items"); err != nil {
+		t.Fatal(err)
+	}
+	keys := []shared.EntityKey{{Entity: "items", ID: "1"}, {Entity: "items", ID: "2"}, {Entity: "items", ID: "3"}}
+	clients := make([]*esbridge.Client, len(keys))
+	want := make([]string, len(keys))
+	for i, k := range keys {
+		clients[i] = b.ClientBuilder(nil)
+		if err := clients[i].Subscribe(k); err != nil {
+			t.Fatal(err)
+		}
+		nextOne(t, clients[i], k)
+		want[i] = fmt.Sprintf(":%d", f.bump(k))
+	}
+	if err := b.NotifyKeysAsync(append(keys, keys[1])...); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), unitWait)
+	defer cancel()
+	if err := b.FlushNotifications(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for i, k := range keys {
+		if u := nextOne(t, clients[i], k); row(u) != want[i] {
+			t.Errorf("%s: got %s, want %s", k, row(u), want[i])
+		}
+	}
+	if n := q.calls.Load(); n != 2 {
+		t.Errorf("%d publishes for 3 keys of one type (the first failing), want 2", n)
+	}
+	if st := b.Stats(); st.Notifications != 3 || st.NotifyErrors != 1 || st.Pending != 0 || reported.Load() != 1 {
+		t.Errorf("stats %+v, %d reported; want 3 keys published after 1 error, none pending", st, reported.Load())
+	}
+	if err := b.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
 }

@@ -40,6 +40,16 @@ type collection struct {
 // per key: a fetch that keeps returning them must not flood the log.
 const badIDWarnEvery = time.Minute
 
+// view is what makes an update a view of a state for the clients at one
+// base: the update it presents (same Seq), and either the change from the
+// base or the fact that the client holds this state already.
+type view struct {
+	full      *Update
+	base      string // the version of the state the client holds
+	diff      *Diff
+	unchanged bool
+}
+
 // derived holds what is computed from a state's rows, once.
 type derived struct {
 	versionOnce sync.Once
@@ -59,6 +69,17 @@ func (u *Update) canon() *Update {
 	return u
 }
 
+// lazy returns the state's derived values, made on first use (most
+// updates of a raw-dialect server never need them).
+func (u *Update) lazy() *derived {
+	s := u.canon()
+	if d := s.derived.Load(); d != nil {
+		return d
+	}
+	s.derived.CompareAndSwap(nil, &derived{})
+	return s.derived.Load()
+}
+
 // Collection reports whether the update is about a collection key, whose
 // rows have ids (see IDs).
 func (u *Update) Collection() bool { return u.coll != nil }
@@ -66,9 +87,9 @@ func (u *Update) Collection() bool { return u.coll != nil }
 // Version returns the version of the update's state: shared.Version of its
 // rows, computed once per state.
 func (u *Update) Version() string {
-	s := u.canon()
-	s.derived.versionOnce.Do(func() { s.derived.version = shared.Version(s.Rows) })
-	return s.derived.version
+	d := u.lazy()
+	d.versionOnce.Do(func() { d.version = shared.Version(u.Rows) })
+	return d.version
 }
 
 // IDs returns the ids of a collection state's rows, parallel to Rows (an
@@ -77,34 +98,34 @@ func (u *Update) Version() string {
 // "#<index>" (see esdb.DatabaseHub.RegisterCollection). The slice is shared:
 // do not modify it.
 func (u *Update) IDs() []string {
-	s := u.canon()
-	if s.coll == nil {
+	if u.coll == nil {
 		return nil
 	}
-	s.derived.idsOnce.Do(func() { s.derived.ids = s.coll.name(s.Key, s.Rows) })
-	return s.derived.ids
+	d := u.lazy()
+	d.idsOnce.Do(func() { d.ids = u.coll.name(u.Key, u.Rows) })
+	return d.ids
 }
 
 // index returns a collection state's positions by id.
 func (u *Update) index() map[string]int {
-	s := u.canon()
-	s.derived.indexOnce.Do(func() {
-		ids := s.IDs()
+	d := u.lazy()
+	d.indexOnce.Do(func() {
+		ids := u.IDs()
 		m := make(map[string]int, len(ids))
 		for i, id := range ids {
 			m[id] = i
 		}
-		s.derived.index = m
+		d.index = m
 	})
-	return s.derived.index
+	return d.index
 }
 
 // Full returns the update a view presents (see Diff and Unchanged), with
 // the same Key, Rows and Seq; for any other update, u itself. A transport
 // that sends only full states sends Full.
 func (u *Update) Full() *Update {
-	if u.full != nil {
-		return u.full
+	if u.view != nil {
+		return u.view.full
 	}
 	return u
 }
@@ -114,13 +135,18 @@ func (u *Update) Full() *Update {
 // one; "" and nil for any other update. Sending the change instead of the
 // rows is the transport's choice (it may compare sizes); either way the
 // client holds this state afterwards.
-func (u *Update) Diff() (base string, d *Diff) { return u.base, u.diff }
+func (u *Update) Diff() (base string, d *Diff) {
+	if u.view == nil {
+		return "", nil
+	}
+	return u.view.base, u.view.diff
+}
 
 // Unchanged reports whether the update is a view made for a client that
 // already holds this state (it said so when subscribing, or the state came
 // back to rows it holds): the transport can say so instead of resending the
 // rows.
-func (u *Update) Unchanged() bool { return u.unchanged }
+func (u *Update) Unchanged() bool { return u.view != nil && u.view.unchanged }
 
 // Diff is the change from one state of a collection key to another, as
 // positions in the new state and ids.
@@ -204,7 +230,7 @@ func (u *Update) viewFrom(base *Update) *Update {
 	d := u.canon().Memo(diffKey{v}, func(next *Update) any { return diffStates(base, next) }).(*Diff)
 	return u.Memo(viewKey{v}, func(u *Update) any {
 		return &Update{Key: u.Key, Rows: u.Rows, Seq: u.Seq, group: u.group, coll: u.coll,
-			state: u.canon(), full: u, base: v, diff: d}
+			state: u.canon(), view: &view{full: u, base: v, diff: d}}
 	}).(*Update)
 }
 
@@ -212,7 +238,7 @@ func (u *Update) viewFrom(base *Update) *Update {
 func (u *Update) unchangedView() *Update {
 	return u.Memo(unchangedKey{}, func(u *Update) any {
 		return &Update{Key: u.Key, Rows: u.Rows, Seq: u.Seq, group: u.group, coll: u.coll,
-			state: u.canon(), full: u, unchanged: true}
+			state: u.canon(), view: &view{full: u, unchanged: true}}
 	}).(*Update)
 }
 
