@@ -178,7 +178,7 @@ type Bridge struct {
 type notifier struct {
 	mu        sync.Mutex
 	fifo      [][]shared.EntityKey          // batches of keys, each published together
-	pending   int                           // keys in fifo
+	pending   int                           // keys in fifo or being published
 	waiting   map[shared.EntityKey]struct{} // the keys in fifo
 	queued    uint64                        // keys ever queued
 	published uint64                        // of which published
@@ -212,7 +212,7 @@ type counters struct {
 type Stats struct {
 	Notifications uint64 // notifications published (NotifyAllOfChange, NotifyAsync)
 	NotifyErrors  uint64 // failed attempts to publish a NotifyAsync notification
-	Pending       int    // NotifyAsync notifications waiting to be published
+	Pending       int    // keys NotifyAsync queued that are not published yet (also the ones being published)
 	Received      uint64 // notifications received from the queue
 	Fetches       uint64 // calls to the fetch function
 	FetchErrors   uint64 // of which failed

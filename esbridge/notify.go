@@ -285,10 +285,10 @@ func (b *Bridge) publishQueued(done chan struct{}) {
 		// The keys leave the waiting set as their publish starts: a change
 		// written meanwhile may be too late for this message's fetches, so
 		// NotifyAsync must queue the key again rather than count on it.
+		// They count as pending (MaxPendingNotifications) until published.
 		batch := n.fifo[0]
 		n.fifo[0] = nil
 		n.fifo = n.fifo[1:]
-		n.pending -= len(batch)
 		for _, key := range batch {
 			delete(n.waiting, key)
 		}
@@ -299,6 +299,7 @@ func (b *Bridge) publishQueued(done chan struct{}) {
 		n.mu.Lock()
 		if err == nil {
 			retry = 0
+			n.pending -= len(batch)
 			n.count(len(batch))
 			n.mu.Unlock()
 			continue
@@ -310,6 +311,7 @@ func (b *Bridge) publishQueued(done chan struct{}) {
 		var again []shared.EntityKey
 		for _, key := range batch {
 			if _, queued := n.waiting[key]; queued {
+				n.pending--
 				n.count(1)
 				continue
 			}
@@ -318,7 +320,6 @@ func (b *Bridge) publishQueued(done chan struct{}) {
 		}
 		if len(again) > 0 {
 			n.fifo = slices.Insert(n.fifo, 0, again)
-			n.pending += len(again)
 		}
 		n.mu.Unlock()
 		b.stats.notifyErrors.Add(1)
