@@ -11,6 +11,13 @@
 //     Gone callback. A frame whose seq is not above the last one applied for
 //     its key on the current connection is dropped, so state never goes back
 //     in time.
+//   - Collections (keys of an entity type the server registered with
+//     RegisterCollection): the client keeps the key's rows by id, applies
+//     the server's "diff" frames to them, and hands the Changes callback
+//     every state with what changed (added, modified, removed, see
+//     Snapshot). A diff from a state the client does not hold is never
+//     applied: the client subscribes to the key again and the answer brings
+//     it up to date.
 //   - When the connection ends for any reason other than Close, the client
 //     reconnects with exponential backoff and full jitter (between 0 and a
 //     ceiling that starts at Options.MinBackoff, 0.5s by default, and doubles
@@ -18,10 +25,12 @@
 //     only once a connection proved healthy (see Options.MinBackoff), so a
 //     server that drops the client right after welcoming it is not hammered.
 //     After the server's welcome the client sends the secret (if one is set)
-//     and then every subscription again, oldest first; each subscribe
-//     delivers the key's current state, so a change made while the client
-//     was away is not missed. Sequence numbers start afresh on the new
-//     connection.
+//     and then every subscription again, oldest first, each with the
+//     version of the state it holds; the server answers with the current
+//     state, only what changed since that version, or "unchanged" (then no
+//     callback runs), so a change made while the client was away is not
+//     missed and nothing it holds is sent again. Sequence numbers start
+//     afresh on the new connection.
 //   - The client respects the limits the server announces in its welcome:
 //     requests go out within its token bucket (limits.messageBurst at once,
 //     then limits.messagesPerSecond) with at most 32 awaiting an answer,

@@ -82,7 +82,13 @@ type inbound struct {
 	} `json:"limits"`
 	Key     *shared.EntityKey `json:"key"`
 	Seq     uint64            `json:"seq"`
+	Version string            `json:"version"` // state frames
+	IDs     []string          `json:"ids"`     // rows, of a collection
 	Rows    []json.RawMessage `json:"rows"`
+	Base    string            `json:"base"` // diff
+	Upsert  []upsert          `json:"upsert"`
+	Remove  []string          `json:"remove"`
+	Order   []string          `json:"order"`
 	Ref     string            `json:"ref"`
 	Code    shared.ErrorCode  `json:"code"`
 	Message string            `json:"message"`
@@ -320,6 +326,7 @@ func (c *Client) subscribeOn(cn *conn, s *sub) bool {
 		return false
 	}
 	cn.held++
+	s.resyncing = false // this subscribe's answer brings the key up to date
 	c.sendSubscribe(cn, s)
 	return true
 }
@@ -396,7 +403,11 @@ func (c *Client) sendSecret(cn *conn) {
 }
 
 func (c *Client) sendSubscribe(cn *conn, s *sub) {
-	c.send(cn, shared.ActionSubscribe, s.key, request{key: s.key, sub: s})
+	body := subscribeBody{Entity: s.key.Entity, ID: s.key.ID}
+	if s.state.has {
+		body.Version = s.state.version // "unchanged" or a diff, if the server can
+	}
+	c.send(cn, shared.ActionSubscribe, body, request{key: s.key, sub: s})
 }
 
 func (c *Client) sendUnsubscribe(cn *conn, key shared.EntityKey) {
@@ -493,9 +504,9 @@ func (c *Client) handle(cn *conn, data []byte) {
 		return
 	}
 	switch f.Type {
-	case "rows", "gone":
+	case "rows", "gone", "diff", "unchanged":
 		if f.Key != nil {
-			c.applyState(cn, *f.Key, f.Seq, f.Type == "gone", f.Rows)
+			c.applyState(cn, &f)
 		}
 	case "revoked":
 		if f.Key != nil {
@@ -513,28 +524,70 @@ func (c *Client) handle(cn *conn, data []byte) {
 	}
 }
 
-// applyState delivers a rows or gone frame to the key's callbacks, unless it
-// is older than the state already applied.
-func (c *Client) applyState(cn *conn, key shared.EntityKey, seq uint64, gone bool, rows []json.RawMessage) {
+// applyState applies a state frame (rows, gone, diff, unchanged) to the
+// key's subscription and hands the new state to its callbacks, unless the
+// frame is older than the state already applied. A diff from a state the
+// client does not hold is not applied: the key is subscribed again, with
+// the version the client holds, and the answer brings it up to date.
+func (c *Client) applyState(cn *conn, f *inbound) {
+	key := *f.Key
 	s := c.subs[key]
 	if s == nil {
 		return // unsubscribed meanwhile
 	}
 	if cn.unsubs[key] == 0 {
-		if last, ok := cn.lastSeq[key]; ok && seq <= last {
+		if last, ok := cn.lastSeq[key]; ok && f.Seq <= last {
 			return
 		}
 	}
-	cn.lastSeq[key] = seq
-	if gone {
-		rows = nil
-	} else if rows == nil {
-		rows = []json.RawMessage{}
+	var changes []Change
+	switch f.Type {
+	case "unchanged":
+		if !s.state.has || s.state.version != f.Version {
+			// The server takes the client for holding a state it does not
+			// hold: ask for everything (a subscribe without a version),
+			// keeping the rows to tell the application what changed.
+			s.state.version = ""
+			c.resubscribe(cn, s)
+			return
+		}
+		cn.lastSeq[key] = f.Seq
+		s.resyncing = false
+		return // nothing new for the application
+	case "diff":
+		var ok bool
+		changes, ok = s.state.applyDiff(f.Version, diffFrame{Base: f.Base, Upsert: f.Upsert, Remove: f.Remove, Order: f.Order})
+		if !ok {
+			if !s.resyncing {
+				c.resubscribe(cn, s)
+			}
+			return
+		}
+	default:
+		rows, ids := f.Rows, f.IDs
+		if f.Type == "gone" {
+			rows, ids = nil, nil
+		} else if rows == nil {
+			rows = []json.RawMessage{}
+		}
+		if ids != nil && len(ids) != len(rows) {
+			ids = nil // not a collection state this client understands
+		}
+		changes = s.state.replace(f.Version, ids, rows)
 	}
-	s.has, s.gone, s.rows = true, gone, rows
+	cn.lastSeq[key] = f.Seq
+	s.resyncing = false
+	snap := Snapshot{Rows: s.state.rows, IDs: s.state.ids, Changes: changes, Version: s.state.version}
 	for _, h := range s.handles {
-		c.events.push(func() { h.deliver(gone, rows) })
+		c.events.push(func() { h.deliver(snap) })
 	}
+}
+
+// resubscribe sends s's subscribe again on cn, with the version the client
+// holds, to get the key's state after a diff it could not apply.
+func (c *Client) resubscribe(cn *conn, s *sub) {
+	s.resyncing = true
+	c.sendSubscribe(cn, s)
 }
 
 // revoke ends a subscription the server withdrew.

@@ -27,6 +27,13 @@ type Handlers struct {
 	// not sent again on reconnect; subscribe again if access may have come
 	// back. If Revoked is nil, Gone is called instead.
 	Revoked func(reason string)
+	// Changes, if set, receives every state the key's Rows and Gone
+	// callbacks receive, with more: a collection's row ids, what changed
+	// since the previous state (see Snapshot) and the state's version. For
+	// a key that is not a collection, IDs and Changes are empty. A server
+	// answering a resubscribe with "unchanged" (after a reconnect, nothing
+	// changed) calls no callback at all.
+	Changes func(s Snapshot)
 	// Error is called when the server refused the subscription (a
 	// *ServerError: unknown_entity, forbidden, invalid_key,
 	// too_many_subscriptions, ...). The subscription has ended. The client
@@ -45,10 +52,12 @@ type sub struct {
 	key     shared.EntityKey
 	order   uint64 // creation order: resubscribed oldest first
 	handles []*handle
-	// The last state received, given at once to a handle that joins later.
-	has  bool
-	gone bool
-	rows []json.RawMessage
+	// The last state received, given at once to a handle that joins later,
+	// and whose version is sent when subscribing again.
+	state state
+	// resyncing is set while a subscribe sent because a diff did not apply
+	// awaits its answer: diffs meanwhile are dropped without asking again.
+	resyncing bool
 }
 
 // handle is one Subscribe call.
@@ -58,15 +67,18 @@ type handle struct {
 	cancelled atomic.Bool // its unsubscribe function was called
 }
 
-func (h *handle) deliver(gone bool, rows []json.RawMessage) {
+func (h *handle) deliver(snap Snapshot) {
 	if !h.active.Load() {
 		return
 	}
-	switch {
+	switch gone := len(snap.Rows) == 0; {
 	case gone && h.h.Gone != nil:
 		h.h.Gone()
 	case !gone && h.h.Rows != nil:
-		h.h.Rows(rows)
+		h.h.Rows(snap.Rows)
+	}
+	if h.h.Changes != nil && h.active.Load() {
+		h.h.Changes(snap)
 	}
 }
 
@@ -138,9 +150,9 @@ func (c *Client) SubscribeWith(key shared.EntityKey, h Handlers) (unsubscribe fu
 		}
 		return func() { c.unsubscribe(s, hd) }, nil
 	}
-	if s.has {
-		gone, rows := s.gone, s.rows
-		c.events.push(func() { hd.deliver(gone, rows) })
+	if s.state.has {
+		snap := s.state.snapshot()
+		c.events.push(func() { hd.deliver(snap) })
 	}
 	s.handles = append(s.handles, hd)
 	return func() { c.unsubscribe(s, hd) }, nil
