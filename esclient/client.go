@@ -60,6 +60,7 @@ import (
 	"net/http"
 	"net/url"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -194,6 +195,11 @@ type Client struct {
 	conn   *conn // the current connection, nil between connections
 
 	nextOrder uint64 // creation order of subscriptions
+
+	// resyncs counts subscribes sent because a state frame did not apply to
+	// the state held (a diff from another base): with a correct server,
+	// only after races with the client's own unsubscribes. Tests read it.
+	resyncs atomic.Uint64
 }
 
 // New returns a client that connects to rawURL in the background and keeps

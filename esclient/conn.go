@@ -586,6 +586,7 @@ func (c *Client) applyState(cn *conn, f *inbound) {
 // resubscribe sends s's subscribe again on cn, with the version the client
 // holds, to get the key's state after a diff it could not apply.
 func (c *Client) resubscribe(cn *conn, s *sub) {
+	c.resyncs.Add(1)
 	s.resyncing = true
 	c.sendSubscribe(cn, s)
 }

@@ -8,3 +8,7 @@ func WithMaxJitter(o Options) Options {
 	o.jitter = func(ceil time.Duration) time.Duration { return ceil }
 	return o
 }
+
+// Resyncs returns how many subscribes c sent because a state frame did not
+// apply to the state it held.
+func Resyncs(c *Client) uint64 { return c.resyncs.Load() }
