@@ -27,8 +27,9 @@ help:
 	@echo 'make client   run the demo client (subscribes to items/100)'
 	@echo 'make test     run every test: Go with the race detector, then test-js'
 	@echo 'make test-js  run the JavaScript client tests (node + headless Chromium)'
-	@echo 'make bench    run the benchmarks: go run ./bench, bench-queues, bench-peer (about 2.5 min)'
+	@echo 'make bench    run the benchmarks: go run ./bench, bench-queues, bench-collections, bench-peer (about 2.5 min)'
 	@echo 'make bench-queues  every queue: latency through it, notify throughput (about 20 s)'
+	@echo 'make bench-collections  a 500-row collection: diff vs full per change, reconnects with and without resume (about 10 s)'
 	@echo 'make bench-peer  entity-sync vs Centrifuge, the TCP floor, the latency breakdown'
 	@echo 'make fmt      gofmt the tree'
 	@echo 'make vet      go vet the module'
@@ -108,7 +109,8 @@ clean:
 # clients in another, all on 127.0.0.1; prints one markdown table (about
 # 20 s with the build). Flags via BENCH_ARGS, e.g. make bench BENCH_ARGS='-profile /tmp/prof'
 # (go run ./bench -h lists them). Then the queue comparison (bench-queues,
-# about 20 s), then the peer, floor and latency breakdown phases
+# about 20 s), the collection comparison (bench-collections, about 10 s),
+# then the peer, floor and latency breakdown phases
 # (bench-peer), about 90 s more. All run even if one fails; the target
 # fails if any did. The in-process Go benchmarks are separate:
 # go test -run xxx -bench . ./esbridge/
@@ -118,6 +120,7 @@ bench:
 	@status=0; \
 	$(GO) run ./bench $(BENCH_ARGS) || status=$$?; \
 	$(MAKE) --no-print-directory bench-queues || status=$$?; \
+	$(MAKE) --no-print-directory bench-collections || status=$$?; \
 	$(MAKE) --no-print-directory bench-peer || status=$$?; \
 	exit $$status
 
@@ -131,6 +134,16 @@ BENCH_QUEUES_ARGS ?=
 .PHONY: bench-queues
 bench-queues:
 	$(GO) run ./bench -queues $(BENCH_QUEUES_ARGS)
+
+# The collection comparison alone: bytes a client reads per change of one
+# row of a 500-row collection (diff vs full state), and 1,000 clients
+# holding it reconnecting at once without and with resume (bytes, time,
+# servers CPU); one markdown table (about 10 s). Flags via
+# BENCH_COLLECTIONS_ARGS, e.g. BENCH_COLLECTIONS_ARGS='-coll-rows 2000'.
+BENCH_COLLECTIONS_ARGS ?=
+.PHONY: bench-collections
+bench-collections:
+	$(GO) run ./bench -collections $(BENCH_COLLECTIONS_ARGS)
 
 # The peer phase alone: entity-sync vs Centrifuge v0.40.1 (one server, then
 # two through nsqd / Redis at 127.0.0.1:6379) and the plain-TCP floor, with

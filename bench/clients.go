@@ -88,6 +88,8 @@ func runClients(cfg config) int {
 	mux.HandleFunc("/record", f.handleRecord)
 	mux.HandleFunc("/closeall", f.handleCloseAll)
 	mux.HandleFunc("/stats", f.handleStats)
+	coll := newCollFleet(f.servers)
+	coll.routes(mux)
 	mux.Handle("/debug/pprof/", http.DefaultServeMux)
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = srv.Serve(l) }()
@@ -98,6 +100,7 @@ func runClients(cfg config) int {
 	waitForParent()
 	_ = srv.Close()
 	f.closeAll(5 * time.Second)
+	coll.closeAll()
 	return 0
 }
 

@@ -24,6 +24,12 @@
 // through the queue and notify throughput (queues.go). A broker that does
 // not answer is skipped, and its row says so.
 //
+// With -collections (`make bench-collections`) the orchestrator instead
+// measures a collection key (collections.go): the bytes a client reads per
+// change when one row of a 500-row collection changes, as a diff and in
+// full, and 1,000 clients holding it reconnecting at once without and with
+// resume. One table.
+//
 // The entity's fetch function returns one small JSON row holding the key,
 // a version and the UnixNano time of the notify that made that version, so a
 // client computes the notify -> receive latency on the same machine clock.
@@ -71,6 +77,11 @@ func main() {
 	flag.DurationVar(&cfg.qFor, "queue-for", 2500*time.Millisecond, "-queues: duration of the latency run")
 	flag.IntVar(&cfg.qWriters, "queue-writers", 16, "-queues: goroutines calling NotifyAllOfChange in the throughput run")
 	flag.DurationVar(&cfg.qTputFor, "queue-tput-for", time.Second, "-queues: duration of the throughput run")
+	flag.BoolVar(&cfg.collections, "collections", false, "instead of the phases above, measure a collection: bytes per change with one row changed (diff vs full state), and clients reconnecting with and without resume (servers: serve the collection, server 1 with DisableDiffs)")
+	flag.IntVar(&cfg.collRows, "coll-rows", 500, "-collections: rows in the collection")
+	flag.IntVar(&cfg.collClients, "coll-clients", 50, "-collections: clients on each server in the bytes-per-change run")
+	flag.IntVar(&cfg.collChanges, "coll-changes", 20, "-collections: changes in the bytes-per-change run")
+	flag.IntVar(&cfg.collReconnect, "coll-reconnect", 1000, "-collections: clients that reconnect at once")
 	flag.Parse()
 
 	if err := raiseNOFILE(); err != nil {
@@ -80,6 +91,9 @@ func main() {
 	case "orchestrator":
 		if cfg.queues {
 			os.Exit(runQueues(cfg))
+		}
+		if cfg.collections {
+			os.Exit(runCollections(cfg))
 		}
 		os.Exit(runOrchestrator(cfg))
 	case "servers":
@@ -105,6 +119,10 @@ type config struct {
 	pgDSN, natsURL, redisAddr string
 	qClients, qRate, qWriters int
 	qFor, qTputFor            time.Duration
+
+	// The collection comparison (-collections).
+	collections                                       bool
+	collRows, collClients, collChanges, collReconnect int
 }
 
 // raiseNOFILE lifts the open-file soft limit to the hard limit: the memory

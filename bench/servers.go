@@ -130,14 +130,23 @@ func runServers(cfg config) int {
 		http *http.Server
 	}
 	var all []running
+	var coll *collStore
+	if cfg.collections && cfg.collRows > 0 {
+		coll = newCollStore(cfg.collRows)
+		hello.Web += fmt.Sprintf("; collection %q of %d rows, server 1 with DisableDiffs", collEntity, cfg.collRows)
+	}
 	for i := range count {
-		esCfg := entitysync.Config{NSQAddr: cfg.nsqd, Logger: log, Web: webOpts}
+		web := webOpts
+		if coll != nil && i == 1 {
+			web.DisableDiffs = true // the full-state side of the comparison
+		}
+		esCfg := entitysync.Config{NSQAddr: cfg.nsqd, Logger: log, Web: web}
 		if cfg.queue != "" {
 			q, err := newQueue(cfg, log)
 			if err != nil {
 				return fail(fmt.Errorf("server %d: %s queue: %w", i, cfg.queue, err))
 			}
-			esCfg = entitysync.Config{Queue: q, Logger: log, Web: webOpts}
+			esCfg = entitysync.Config{Queue: q, Logger: log, Web: web}
 		}
 		es, err := entitysync.New(esCfg)
 		if err != nil {
@@ -151,6 +160,11 @@ func runServers(cfg config) int {
 			return fail(fmt.Errorf("server %d: listen: %w", i, err))
 		}
 		addControl(i, es, db)
+		if coll != nil {
+			if err := coll.serve(es); err != nil {
+				return fail(fmt.Errorf("server %d: %w", i, err))
+			}
+		}
 		es.Mux.PathPrefix("/debug/pprof/").Handler(http.DefaultServeMux)
 		srv := &http.Server{Handler: es.Mux, ReadHeaderTimeout: 10 * time.Second}
 		go func() {
