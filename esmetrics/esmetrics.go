@@ -1,5 +1,5 @@
 // Package esmetrics exports an entity-sync server's metrics to Prometheus.
-// It is the only package of the module that imports the Prometheus client:
+// It is the only library package that imports the Prometheus client:
 // an application that does not use it does not link it.
 //
 // Two calls wire it, because the latency histograms are fed by the bridge's
