@@ -529,6 +529,17 @@ func (s *seqSub) sweep() {
 
 // Close stops the marks' timers, closes the wrapped queue, then stops the
 // subscriptions' timers, and waits for running timer callbacks or ctx.
+// Live is the wrapped queue's (see CheckLive).
+func (d *lossDetector) Live() error {
+	d.mu.RLock()
+	closed := d.closed
+	d.mu.RUnlock()
+	if closed {
+		return ErrClosed
+	}
+	return CheckLive(d.q)
+}
+
 func (d *lossDetector) Close(ctx context.Context) error {
 	d.mu.Lock()
 	if d.closed {
