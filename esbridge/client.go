@@ -251,6 +251,7 @@ func (c *Client) queueLocked(s *subscription, u *Update) bool {
 		c.npending++
 	} else {
 		c.bytes -= s.pending.size()
+		c.b.stats.coalesced.Add(1)
 	}
 	s.pending = u
 	c.bytes += u.size()
@@ -423,8 +424,11 @@ func (c *Client) resumeFrom(s *subscription, g *group, coll *collection, version
 	defer c.mu.Unlock()
 	s.base, s.resume = base, version
 	if p := s.pending; p != nil && !p.Revoked {
-		// Made for the old base: make it again for the new one.
-		c.queueLocked(s, s.view(p.Full()))
+		// Made for the old base: make it again for the new one (the same
+		// state, so not a latest-wins replacement; never larger, so never
+		// an overflow).
+		s.pending = s.view(p.Full())
+		c.bytes += s.pending.size() - p.size()
 	}
 }
 

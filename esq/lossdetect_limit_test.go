@@ -13,16 +13,12 @@ func TestStampFitsTheLimitMargin(t *testing.T) {
 	if !ok {
 		t.Fatal("body not stampable")
 	}
-	id, err := randomHex(8)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := len(stamp(body, at, id, math.MaxUint64)); got != len(body)+stampBytes {
-		t.Fatalf("stamped body is %d bytes, want at most %d + %d", got, len(body), stampBytes)
-	}
 	d := newLossDetector(limited{NewMemory(), 7999}, defaultLossTiming)
-	if got := d.MaxMessageBytes(); got != 7999-stampBytes {
-		t.Fatalf("MaxMessageBytes %d, want %d", got, 7999-stampBytes)
+	if got, want := len(stamp(body, at, d.id, math.MaxUint64)), len(body)+stampBytes(d.id); got != want {
+		t.Fatalf("stamped body is %d bytes, want at most %d", got, want)
+	}
+	if got, want := d.MaxMessageBytes(), 7999-stampBytes(d.id); got != want {
+		t.Fatalf("MaxMessageBytes %d, want %d", got, want)
 	}
 	if got := newLossDetector(NewMemory(), defaultLossTiming).MaxMessageBytes(); got != 0 {
 		t.Fatalf("MaxMessageBytes without a limit: %d, want 0", got)

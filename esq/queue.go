@@ -53,3 +53,25 @@ func MaxMessageBytes(q Queue) int {
 	}
 	return 0
 }
+
+// LiveReporter is implemented by queues that can tell, at any moment,
+// whether their subscriptions are connected to the broker: the readiness
+// check of package entitysync asks it, so a load balancer can send new
+// clients to servers that hear every change. Every queue in this module
+// implements it.
+type LiveReporter interface {
+	// Live returns nil while every subscription receives the messages
+	// published on its entity type (none subscribed counts as live), or
+	// an error saying which does not and why: the broker connection is
+	// lost and being re-established, or the queue is closed (ErrClosed).
+	Live() error
+}
+
+// CheckLive returns q's Live error, or nil when q does not implement
+// LiveReporter (a queue that cannot tell is taken to be live).
+func CheckLive(q Queue) error {
+	if r, ok := q.(LiveReporter); ok {
+		return r.Live()
+	}
+	return nil
+}
