@@ -141,37 +141,21 @@ func (f *fleet) handleOpen(w http.ResponseWriter, r *http.Request) {
 	base := len(f.conns)
 	f.mu.Unlock()
 	opened := make([]*bconn, n)
-	var errs atomic.Int64
-	var firstErr atomic.Value
-	var next atomic.Int64
-	var wg sync.WaitGroup
-	for range 32 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1) - 1)
-				if i >= n || ctx.Err() != nil {
-					return
-				}
-				server := (base + i) % len(f.servers)
-				ws, resp, err := f.dialer.DialContext(ctx, f.servers[server], nil)
-				if resp != nil && resp.Body != nil {
-					resp.Body.Close()
-				}
-				if err != nil {
-					errs.Add(1)
-					firstErr.CompareAndSwap(nil, err.Error())
-					continue
-				}
-				c := &bconn{ws: ws, server: server, keys: make(map[string]*seen, 2)}
-				opened[i] = c
-				f.readers.Add(1)
-				go f.read(c)
-			}
-		}()
-	}
-	wg.Wait()
+	errs, firstErr := parallel(ctx, n, func(i int) error {
+		server := (base + i) % len(f.servers)
+		ws, resp, err := f.dialer.DialContext(ctx, f.servers[server], nil)
+		if resp != nil && resp.Body != nil {
+			resp.Body.Close()
+		}
+		if err != nil {
+			return err
+		}
+		c := &bconn{ws: ws, server: server, keys: make(map[string]*seen, 2)}
+		opened[i] = c
+		f.readers.Add(1)
+		go f.read(c)
+		return nil
+	})
 	f.mu.Lock()
 	for _, c := range opened {
 		if c != nil {
@@ -180,7 +164,7 @@ func (f *fleet) handleOpen(w http.ResponseWriter, r *http.Request) {
 	}
 	total := len(f.conns)
 	f.mu.Unlock()
-	res := openResult{Opened: n - int(errs.Load()), Total: total, Errors: int(errs.Load()), Ms: msSince(start)}
+	res := openResult{Opened: n - errs, Total: total, Errors: errs, FirstErr: firstErr, Ms: msSince(start)}
 	if ctx.Err() != nil {
 		res.Opened = 0
 		for _, c := range opened {
@@ -190,10 +174,38 @@ func (f *fleet) handleOpen(w http.ResponseWriter, r *http.Request) {
 		}
 		res.Errors = n - res.Opened
 	}
-	if s, ok := firstErr.Load().(string); ok {
-		res.FirstErr = s
-	}
 	writeJSON(w, res)
+}
+
+// parallel calls do(i) for every i in [0, n) from 32 goroutines, stopping
+// early when ctx ends, and returns how many calls failed and the first
+// error: how the clients process dials many connections at once.
+func parallel(ctx context.Context, n int, do func(i int) error) (errs int, firstErr string) {
+	var (
+		failed atomic.Int64
+		first  atomic.Value
+		next   atomic.Int64
+		wg     sync.WaitGroup
+	)
+	for range 32 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= n || ctx.Err() != nil {
+					return
+				}
+				if err := do(i); err != nil {
+					failed.Add(1)
+					first.CompareAndSwap(nil, err.Error())
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	s, _ := first.Load().(string)
+	return int(failed.Load()), s
 }
 
 func msSince(t time.Time) float64 { return float64(time.Since(t).Microseconds()) / 1000 }

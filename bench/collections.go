@@ -275,49 +275,27 @@ func (f *collFleet) handleOpen(w http.ResponseWriter, r *http.Request) {
 	}
 	start := time.Now()
 	opened := make([]*collConn, n)
-	var errs atomic.Int64
-	var firstErr atomic.Value
-	var next atomic.Int64
-	var wg sync.WaitGroup
-	for range 32 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1) - 1)
-				if i >= n || ctx.Err() != nil {
-					return
-				}
-				version, srv := "", server
-				if i < len(old) {
-					srv = old[i].server
-					if resume {
-						old[i].mu.Lock()
-						version = old[i].version
-						old[i].mu.Unlock()
-					}
-				}
-				c, err := f.dial(ctx, srv, version)
-				if err != nil {
-					errs.Add(1)
-					firstErr.CompareAndSwap(nil, err.Error())
-					continue
-				}
-				opened[i] = c
+	errs, firstErr := parallel(ctx, n, func(i int) error {
+		version, srv := "", server
+		if i < len(old) {
+			srv = old[i].server
+			if resume {
+				old[i].mu.Lock()
+				version = old[i].version
+				old[i].mu.Unlock()
 			}
-		}()
-	}
-	wg.Wait()
+		}
+		c, err := f.dial(ctx, srv, version)
+		opened[i] = c
+		return err
+	})
 	var conns []*collConn
 	for _, c := range opened {
 		if c != nil {
 			conns = append(conns, c)
 		}
 	}
-	res := collOpenResult{Opened: len(conns), Errors: int(errs.Load())}
-	if s, ok := firstErr.Load().(string); ok {
-		res.FirstErr = s
-	}
+	res := collOpenResult{Opened: len(conns), Errors: errs, FirstErr: firstErr}
 	res.Behind = awaitVersion(ctx, conns, want, resume)
 	res.Ms = msSince(start)
 	res.Bytes, res.Frames = readSoFar(conns)

@@ -23,13 +23,10 @@ func received(servers []server) []uint64 {
 	return out
 }
 
-// checkNotifyKeys changes keys of two entity types, notifies them in one
-// NotifyKeys call on server 0 and checks that every server's subscribers
-// get every new state, and that each server received one queue message per
-// entity type.
-func checkNotifyKeys(t *testing.T, servers []server, store *testkit.Store) {
+// subscribeOnEach connects one client to each server, subscribed to keys,
+// and waits for their initial states.
+func subscribeOnEach(t *testing.T, servers []server, keys []shared.EntityKey) []*testkit.WS {
 	t.Helper()
-	keys := []shared.EntityKey{key("items", "1"), key("items", "2"), key("users", "7")}
 	var clients []*testkit.WS
 	for _, s := range servers {
 		ws := testkit.Dial(t, s.srv)
@@ -39,19 +36,28 @@ func checkNotifyKeys(t *testing.T, servers []server, store *testkit.Store) {
 		ws.AwaitKeys(wait, keys...)
 		clients = append(clients, ws)
 	}
+	return clients
+}
+
+// checkNotifyKeys changes keys of two entity types, notifies them in one
+// NotifyKeys call on server 0 and checks that every server's subscribers
+// get every new state, and that each server received one queue message per
+// entity type.
+func checkNotifyKeys(t *testing.T, servers []server, store *testkit.Store) {
+	t.Helper()
+	keys := []shared.EntityKey{key("items", "1"), key("items", "2"), key("users", "7")}
+	clients := subscribeOnEach(t, servers, keys)
 	before := received(servers)
-	versions := make([]int, len(keys))
-	for i, k := range keys {
-		versions[i] = store.Bump(k)
+	want := map[shared.EntityKey]int{}
+	for _, k := range keys {
+		want[k] = store.Bump(k)
 	}
 	// items/1 twice: still one id in the message.
 	if err := servers[0].es.NotifyKeys(append(keys, keys[0])...); err != nil {
 		t.Fatal(err)
 	}
-	for i, ws := range clients {
-		for j, k := range keys {
-			ws.Await(wait, fmt.Sprintf("%s v%d on server %d", k, versions[j], i), testkit.Is(string(k.Entity), k.ID, versions[j]))
-		}
+	for _, ws := range clients {
+		ws.AwaitVersions(wait, want)
 	}
 	for i, n := range received(servers) {
 		if got := n - before[i]; got != 2 {
@@ -106,26 +112,17 @@ func TestNotifyKeysSplitForPostgres(t *testing.T) {
 	for i := range keys {
 		keys[i] = key("items", fmt.Sprintf("%03d%s", i, strings.Repeat("x", 197)))
 	}
-	var clients []*testkit.WS
-	for _, s := range servers {
-		ws := testkit.Dial(t, s.srv)
-		for _, k := range keys {
-			ws.Subscribe(string(k.Entity), k.ID)
-		}
-		ws.AwaitKeys(wait, keys...)
-		clients = append(clients, ws)
-	}
+	clients := subscribeOnEach(t, servers, keys)
 	before := received(servers)
+	want := map[shared.EntityKey]int{}
 	for _, k := range keys {
-		store.Bump(k)
+		want[k] = store.Bump(k)
 	}
 	if err := servers[0].es.NotifyKeys(keys...); err != nil {
 		t.Fatalf("NotifyKeys: %v (a payload over %d bytes?)", err, pgq.MaxPayload)
 	}
-	for i, ws := range clients {
-		for _, k := range keys {
-			ws.Await(wait, fmt.Sprintf("%s on server %d", k, i), testkit.Is("items", k.ID, 1))
-		}
+	for _, ws := range clients {
+		ws.AwaitVersions(wait, want)
 	}
 	// Every key's new state arrived, so every message was received.
 	for i, n := range received(servers) {

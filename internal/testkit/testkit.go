@@ -6,6 +6,7 @@ package testkit
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/http/httptest"
 	"strings"
 	"testing"
@@ -125,19 +126,41 @@ func (w *WS) Await(timeout time.Duration, what string, match func(Row) bool) []R
 // failing the test after timeout. Every frame read is consumed.
 func (w *WS) AwaitKeys(timeout time.Duration, keys ...shared.EntityKey) {
 	w.t.Helper()
-	missing := make(map[shared.EntityKey]bool, len(keys))
+	anyVersion := make(map[shared.EntityKey]int, len(keys))
 	for _, k := range keys {
-		missing[k] = true
+		anyVersion[k] = 0
+	}
+	w.AwaitVersions(timeout, anyVersion)
+}
+
+// AwaitVersions reads frames until it has seen, for each key of want, a row
+// at that version or later, in any order (different keys' pushes are not
+// ordered), failing the test after timeout. Every frame read is consumed.
+func (w *WS) AwaitVersions(timeout time.Duration, want map[shared.EntityKey]int) {
+	w.t.Helper()
+	missing := make(map[shared.EntityKey]int, len(want))
+	for k, v := range want {
+		missing[k] = v
 	}
 	deadline := time.After(timeout)
 	for len(missing) > 0 {
 		select {
 		case b := <-w.frames:
-			delete(missing, ParseRow(b).Key())
+			r := ParseRow(b)
+			if v, ok := missing[r.Key()]; ok && r.Version >= v {
+				delete(missing, r.Key())
+			}
 		case <-deadline:
-			w.t.Fatalf("timed out after %s waiting for rows of %v", timeout, missing)
+			w.t.Fatalf("timed out after %s waiting for %d keys at their versions, e.g. %v", timeout, len(missing), firstOf(missing))
 		}
 	}
+}
+
+func firstOf(m map[shared.EntityKey]int) string {
+	for k, v := range m {
+		return fmt.Sprintf("%s v%d", k, v)
+	}
+	return ""
 }
 
 // Row is the shape of the rows the test store emits.
