@@ -1,6 +1,9 @@
 package esbridge_test
 
 import (
+	"context"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -135,5 +138,66 @@ func TestSubscribeFromTheCurrentVersion(t *testing.T) {
 	}
 	if u := nextOne(t, c, k1); u.Unchanged() || u.Full() != u {
 		t.Fatal("a subscribe without a version got a view")
+	}
+}
+
+// With a row filter, a client's diffs go from the rows it was sent to the
+// rows it may see: a withheld row is never named, and a resume from the
+// version of the unfiltered state is not taken for one the client holds.
+func TestDiffsRespectTheRowFilter(t *testing.T) {
+	store := testkit.NewCollection()
+	hub := esdb.NewDatabaseHub()
+	if err := hub.RegisterCollection("items", store.Fetch, esdb.JSONField("id")); err != nil {
+		t.Fatal(err)
+	}
+	rounds := make(chan esbridge.Round, 16)
+	hidden := func(row []byte) bool { return strings.Contains(string(row), `"id":"secret`) }
+	b := newUnitBridge(t, hub, esbridge.Options{
+		OnRound: func(r esbridge.Round) { rounds <- r },
+		Filter: func(_ context.Context, _ shared.EntityKey, rows [][]byte) [][]byte {
+			var out [][]byte
+			for _, r := range rows {
+				if !hidden(r) {
+					out = append(out, r)
+				}
+			}
+			return out
+		},
+	})
+	store.Fill("1", 5, 10)
+	store.Set("1", "secret", "s")
+	c := diffClient(b)
+	if err := c.Subscribe(k1); err != nil {
+		t.Fatal(err)
+	}
+	<-rounds
+	first := nextOne(t, c, k1)
+	if slices.Contains(first.IDs(), "secret") {
+		t.Fatalf("first state names the hidden row: %v", first.IDs())
+	}
+	store.Set("1", "secret", "changed")
+	store.Set("1", "r1", "changed")
+	store.Insert("1", 0, "secret2", "new")
+	change(t, b, rounds)
+	u := nextOne(t, c, k1)
+	base, d := u.Diff()
+	if d == nil || base != first.Version() {
+		t.Fatalf("got base %q diff %v, want a diff from the filtered state %s", base, d, first.Version())
+	}
+	named := append(append(slices.Clone(d.Remove), d.Order...), u.IDs()...)
+	for _, i := range d.Upsert {
+		named = append(named, u.IDs()[i])
+	}
+	for _, id := range named {
+		if strings.HasPrefix(id, "secret") {
+			t.Fatalf("the diff names the hidden row %s", id)
+		}
+	}
+	// The unfiltered state's version is not the client's: full state.
+	if err := c.SubscribeFrom(k1, shared.Version(store.Rows("1"))); err != nil {
+		t.Fatal(err)
+	}
+	if u := nextOne(t, c, k1); u.Unchanged() || u.Full() != u {
+		t.Fatal("a resume from the unfiltered version got a view")
 	}
 }
