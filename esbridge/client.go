@@ -52,11 +52,18 @@ type subscription struct {
 	group   string    // the key's group the client is in
 	sent    uint64    // Seq of the last update handed over for this key
 	pending *Update   // waiting for Take
-	// With AcceptDiffs, for a collection key: the state the connection
-	// holds once everything handed over so far is written, the base of the
-	// next update's diff. A pending update does not count until it is
-	// taken, so a newer state replacing it is diffed from what the
-	// connection actually got.
+	held    *held     // with AcceptDiffs: what the client holds, when known
+}
+
+// held is what a client that accepts diffs holds of a key, as far as the
+// bridge knows: kept apart from subscription, which every subscriber of a
+// busy server has, so that it costs only the subscriptions that use it.
+type held struct {
+	// base, for a collection key: the state the connection holds once
+	// everything handed over so far is written, the base of the next
+	// update's diff. A pending update does not count until it is taken, so
+	// a newer state replacing it is diffed from what the connection
+	// actually got.
 	base *Update
 	// resume is the version the client said it holds when it subscribed,
 	// until the first state is handed over: if that state has it, the
@@ -218,28 +225,36 @@ func (c *Client) deliverTo(s *subscription, u *Update) bool {
 // it relative to the state the client holds (see Update.Diff,
 // Update.Unchanged). With c.mu held.
 func (s *subscription) view(u *Update) *Update {
-	if s.resume != "" {
-		v := s.resume
-		s.resume = ""
+	h := s.held
+	if h == nil {
+		return u
+	}
+	if h.resume != "" {
+		v := h.resume
+		h.resume = ""
 		if u.Version() == v {
 			if u.Collection() {
-				s.base = u.canon()
+				h.base = u.canon()
 			}
 			return u.unchangedView()
 		}
 	}
-	if s.base == nil || !u.Collection() {
+	if h.base == nil || !u.Collection() {
 		return u
 	}
-	return u.viewFrom(s.base)
+	return u.viewFrom(h.base)
 }
 
 // handedOver records that u went to the transport, to be written next:
 // for a collection, the connection then holds u's state. With c.mu held.
 func (s *subscription) handedOver(u *Update) {
-	if u.Collection() && s.c.diffs.Load() {
-		s.base = u.canon()
+	if !u.Collection() || !s.c.diffs.Load() {
+		return
 	}
+	if s.held == nil {
+		s.held = &held{}
+	}
+	s.held.base = u.canon()
 }
 
 // queueLocked makes u the pending update of s, replacing an older one. Past
@@ -398,7 +413,7 @@ func (c *Client) SubscribeFrom(key shared.EntityKey, version string) error {
 	}
 	g := ks.join(s, s.group)
 	if c.diffs.Load() {
-		c.resumeFrom(s, g, ks.coll, version)
+		c.resumeFrom(s, ks, g, version)
 	}
 	cur := c.currentFor(g, s)
 	c.b.request(ks, false) // a new group needs its first fetch
@@ -415,14 +430,21 @@ func (c *Client) SubscribeFrom(key shared.EntityKey, version string) error {
 // state goes in full, or as unchanged if it has that version. With a row
 // filter, the kept states are not what the client may see, so only the
 // check against the state actually handed over is made. With ks.mu held.
-func (c *Client) resumeFrom(s *subscription, g *group, coll *collection, version string) {
+func (c *Client) resumeFrom(s *subscription, ks *keyState, g *group, version string) {
 	var base *Update
-	if version != "" && coll != nil && c.b.opts.Filter == nil {
-		base = g.kept(version)
+	if version != "" && ks.coll != nil && c.b.opts.Filter == nil {
+		base = ks.kept(g, version)
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	s.base, s.resume = base, version
+	switch {
+	case base == nil && version == "":
+		s.held = nil // holds nothing
+	case s.held == nil:
+		s.held = &held{base: base, resume: version}
+	default:
+		*s.held = held{base: base, resume: version}
+	}
 	if p := s.pending; p != nil && !p.Revoked {
 		// Made for the old base: make it again for the new one (the same
 		// state, so not a latest-wins replacement; never larger, so never

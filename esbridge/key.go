@@ -135,12 +135,6 @@ type group struct {
 	// of editing it.
 	snap    []*subscription
 	current *Update // the newest state published to the group, nil before the first fetch
-	// history holds a collection's states before current, newest first, so
-	// that a client resuming from one of them gets a diff (Options.KeptStates).
-	history []*Update
-	// differs counts the members whose client accepts diffs: only then are
-	// diffs worth preparing before a fan-out.
-	differs int
 	// stale means the group is new: its rows must be fetched even if no
 	// notification arrived. (A failed fetch is retried by a timer instead.)
 	stale bool
@@ -173,8 +167,8 @@ func (ks *keyState) join(s *subscription, name string) *group {
 	}
 	if _, ok := g.members[s.c]; !ok {
 		ks.nsubs++
-		if s.c.diffs.Load() {
-			g.differs++
+		if ks.coll != nil && s.c.diffs.Load() {
+			ks.coll.differs++
 		}
 	}
 	g.members[s.c] = s
@@ -192,8 +186,8 @@ func (ks *keyState) leave(c *Client, name string) {
 		delete(g.members, c)
 		g.snap = nil
 		ks.nsubs--
-		if c.diffs.Load() {
-			g.differs--
+		if ks.coll != nil && c.diffs.Load() {
+			ks.coll.differs--
 		}
 	}
 	if len(g.members) == 0 {
@@ -219,23 +213,23 @@ func (ks *keyState) needsRound() bool {
 }
 
 // publish makes u the group's current state. A collection's previous state
-// joins the history, which keeps at most keep states and maxKeptBytes of
+// joins its history, which keeps at most keep states and maxKeptBytes of
 // rows. With ks.mu held.
-func (g *group) publish(u *Update, keep int) (prev *Update) {
+func (ks *keyState) publish(g *group, u *Update, keep int) (prev *Update) {
 	prev, g.current = g.current, u
-	if prev == nil || u.coll == nil || keep <= 0 {
-		g.history = nil
+	c := ks.coll
+	if c == nil || prev == nil || keep <= 0 {
 		return prev
 	}
-	g.history = append(g.history, nil)
-	copy(g.history[1:], g.history)
-	g.history[0] = prev
+	c.history = append(c.history, nil)
+	copy(c.history[1:], c.history)
+	c.history[0] = prev
 	total := 0
-	for i, h := range g.history {
+	for i, h := range c.history {
 		total += h.size()
 		if i >= keep || total > maxKeptBytes {
-			clear(g.history[i:])
-			g.history = g.history[:i]
+			clear(c.history[i:])
+			c.history = c.history[:i]
 			break
 		}
 	}
@@ -245,13 +239,13 @@ func (g *group) publish(u *Update, keep int) (prev *Update) {
 // maxKeptBytes bounds the rows one collection key keeps in its history.
 const maxKeptBytes = 8 << 20
 
-// kept returns the group's state with the given version: the current one or
-// one from the history, or nil. With ks.mu held.
-func (g *group) kept(version string) *Update {
+// kept returns the collection key's state with the given version: g's
+// current one or one from the history, or nil. With ks.mu held.
+func (ks *keyState) kept(g *group, version string) *Update {
 	if g.current != nil && g.current.Version() == version {
 		return g.current
 	}
-	for _, h := range g.history {
+	for _, h := range ks.coll.history {
 		if h.Version() == version {
 			return h
 		}

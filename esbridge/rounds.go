@@ -134,10 +134,10 @@ func (b *Bridge) round(ks *keyState) {
 		}
 		var prev *Update
 		if g.current == nil || !sameRows(g.current.Rows, j.rows) {
-			prev = g.publish(&Update{Key: ks.key, Rows: j.rows, Seq: b.seq.Add(1), group: j.group, coll: ks.coll}, b.opts.KeptStates)
+			prev = ks.publish(g, &Update{Key: ks.key, Rows: j.rows, Seq: b.seq.Add(1), group: j.group, coll: ks.coll}, b.opts.KeptStates)
 		}
 		p := publication{u: g.current, members: g.snapshot()}
-		if prev != nil && ks.coll != nil && g.differs > 0 {
+		if prev != nil && ks.coll != nil && ks.coll.differs > 0 {
 			p.prev = prev
 		}
 		pubs = append(pubs, p)

@@ -27,10 +27,19 @@ type Collections interface {
 	RowID(entity shared.EntityType) esdb.RowID
 }
 
-// collection is what the bridge keeps for a collection key.
+// collection is what the bridge keeps for a collection key (which has one
+// group: its rows never depend on the secret).
 type collection struct {
 	rowID esdb.RowID
 	log   logrus.FieldLogger
+
+	// Guarded by the key's mu. history holds the states before the
+	// current one, newest first, so that a client resuming from one of
+	// them gets a diff (Options.KeptStates). differs counts the
+	// subscribers whose client accepts diffs: only then are diffs worth
+	// preparing before a fan-out.
+	history []*Update
+	differs int
 
 	mu     sync.Mutex
 	warned time.Time // when rows without a usable id were last logged
