@@ -2,7 +2,9 @@ package esbridge_test
 
 import (
 	"context"
+	"fmt"
 	"strconv"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -10,6 +12,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/entity-sync/entity-sync/esbridge"
+	"github.com/entity-sync/entity-sync/esdb"
 	"github.com/entity-sync/entity-sync/esq"
 	"github.com/entity-sync/entity-sync/shared"
 )
@@ -156,6 +159,85 @@ func BenchmarkFanOut(b *testing.B) {
 			b.StopTimer()
 			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/float64(n), "ns/delivery")
 			b.ReportMetric(float64(br.Stats().Fetches-fetches)/float64(b.N), "fetches/op")
+		})
+	}
+}
+
+// flipCollection is flipFetcher for a collection: 500 rows of about 100
+// bytes, of which one changes on every fetch.
+type flipCollection struct {
+	n    atomic.Uint64
+	rows [2][][]byte
+}
+
+func newFlipCollection() *flipCollection {
+	f := &flipCollection{}
+	for v := range f.rows {
+		for i := range 500 {
+			rev := 0
+			if i == 250 {
+				rev = v // the row that changes
+			}
+			row := fmt.Sprintf(`{"id":"item-%d","title":"task %04d: %s","rev":%d}`, i, i, strings.Repeat("x", 40), rev)
+			f.rows[v] = append(f.rows[v], []byte(row))
+		}
+	}
+	return f
+}
+
+func (f *flipCollection) Fetch(context.Context, shared.EntityKey, string) ([][]byte, error) {
+	return f.rows[f.n.Add(1)%2], nil
+}
+
+func (*flipCollection) PerSecret(shared.EntityType) bool { return false }
+
+func (*flipCollection) RowID(shared.EntityType) esdb.RowID { return esdb.JSONField("id") }
+
+// BenchmarkCollectionFanOut is BenchmarkFanOut for a 500-row collection
+// whose changes touch one row, with clients that take diffs (as envelope
+// connections do) and clients that take full states: what the diff path
+// adds per delivery (the diff itself is made once per change, before the
+// fan-out), and what a change costs the bridge (ids, version, diff).
+func BenchmarkCollectionFanOut(b *testing.B) {
+	for _, diffs := range []bool{false, true} {
+		b.Run(fmt.Sprintf("subs=1000/diffs=%v", diffs), func(b *testing.B) {
+			const n = 1000
+			log := logrus.New()
+			log.SetLevel(logrus.WarnLevel)
+			br := esbridge.New(esq.NewMemory(), newFlipCollection(), esbridge.Options{Logger: log})
+			if err := br.ServeEntity(benchEntity); err != nil {
+				b.Fatalf("ServeEntity: %v", err)
+			}
+			b.Cleanup(func() { _ = br.Close(context.Background()) })
+			key := shared.EntityKey{Entity: benchEntity, ID: "list"}
+			clients := make([]*esbridge.Client, n)
+			for i := range clients {
+				clients[i] = br.ClientBuilder(context.Background())
+				if diffs {
+					clients[i].AcceptDiffs()
+				}
+				b.Cleanup(clients[i].Close)
+				if err := clients[i].Subscribe(key); err != nil {
+					b.Fatalf("Subscribe: %v", err)
+				}
+			}
+			var buf []*esbridge.Update
+			last := make([]uint64, n)
+			for i, c := range clients {
+				buf, last[i] = awaitSeq(b, c, key, 1, buf)
+			}
+			b.ReportAllocs()
+			b.ResetTimer()
+			for range b.N {
+				if err := br.NotifyAllOfChange(key); err != nil {
+					b.Fatalf("NotifyAllOfChange: %v", err)
+				}
+				for i, c := range clients {
+					buf, last[i] = awaitSeq(b, c, key, last[i]+1, buf)
+				}
+			}
+			b.StopTimer()
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/float64(n), "ns/delivery")
 		})
 	}
 }

@@ -37,9 +37,13 @@ type Update struct {
 	// under another Seq (withSeq) or a view; nil for the original. What is
 	// derived from the rows (version, ids) lives on the original, made on
 	// first use.
-	state   *Update
-	view    *view
-	derived atomic.Pointer[derived]
+	state    *Update
+	view     *view
+	derived  atomic.Pointer[derived]
+	rowBytes int // the rows' total length, for size: summed once, not per delivery
+	// prev is the collection state this one replaced, until IDs has used
+	// it: a row with the same bytes at the same place has the same id.
+	prev *Update
 
 	memoMu sync.Mutex                  // serialises building
 	memo   atomic.Pointer[[]memoEntry] // copy-on-write: read without the lock
@@ -84,7 +88,7 @@ func (u *Update) memoLookup(id any) (any, bool) {
 // withSeq returns a copy of u's state under a new sequence number: how a
 // client that may already have seen u's Seq gets the state again.
 func (u *Update) withSeq(seq uint64) *Update {
-	return &Update{Key: u.Key, Rows: u.Rows, Seq: seq, Revoked: u.Revoked, group: u.group, coll: u.coll, state: u.canon()}
+	return &Update{Key: u.Key, Rows: u.Rows, Seq: seq, Revoked: u.Revoked, group: u.group, coll: u.coll, state: u.canon(), rowBytes: u.rowBytes}
 }
 
 // size is the update's weight against a client's MaxPendingBytes.
@@ -98,10 +102,16 @@ func (u *Update) size() int {
 		}
 		return n
 	}
-	for _, r := range u.Rows {
+	return n + u.rowBytes
+}
+
+// newState returns the update publishing rows as a key's new state.
+func newState(key shared.EntityKey, rows [][]byte, seq uint64, group string, coll *collection) *Update {
+	n := 0
+	for _, r := range rows {
 		n += len(r)
 	}
-	return n
+	return &Update{Key: key, Rows: rows, Seq: seq, group: group, coll: coll, rowBytes: n}
 }
 
 // keyState is everything the bridge knows about one key with local
@@ -218,6 +228,9 @@ func (ks *keyState) needsRound() bool {
 func (ks *keyState) publish(g *group, u *Update, keep int) (prev *Update) {
 	prev, g.current = g.current, u
 	c := ks.coll
+	if c != nil && prev != nil && prev.idsKnown() {
+		u.prev = prev
+	}
 	if c == nil || prev == nil || keep <= 0 {
 		return prev
 	}

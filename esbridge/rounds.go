@@ -134,7 +134,7 @@ func (b *Bridge) round(ks *keyState) {
 		}
 		var prev *Update
 		if g.current == nil || !sameRows(g.current.Rows, j.rows) {
-			prev = ks.publish(g, &Update{Key: ks.key, Rows: j.rows, Seq: b.seq.Add(1), group: j.group, coll: ks.coll}, b.opts.KeptStates)
+			prev = ks.publish(g, newState(ks.key, j.rows, b.seq.Add(1), j.group, ks.coll), b.opts.KeptStates)
 		}
 		p := publication{u: g.current, members: g.snapshot()}
 		if prev != nil && ks.coll != nil && ks.coll.differs > 0 {
@@ -274,7 +274,7 @@ func (b *Bridge) filter(c *Client, u *Update) (out *Update) {
 	if len(rows) == len(u.Rows) && (len(rows) == 0 || &rows[0] == &u.Rows[0]) {
 		return u
 	}
-	return &Update{Key: u.Key, Rows: rows, Seq: u.Seq, group: u.group, coll: u.coll}
+	return newState(u.Key, rows, u.Seq, u.group, u.coll)
 }
 
 // scheduleRetry re-requests a failed key after a growing delay. With ks.mu

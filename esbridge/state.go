@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -65,6 +66,8 @@ type derived struct {
 	version     string
 	idsOnce     sync.Once
 	ids         []string
+	named       bool        // every id is the application's (none "#<index>")
+	idsDone     atomic.Bool // ids is set
 	indexOnce   sync.Once
 	index       map[string]int // id -> position
 }
@@ -110,9 +113,30 @@ func (u *Update) IDs() []string {
 	if u.coll == nil {
 		return nil
 	}
-	d := u.lazy()
-	d.idsOnce.Do(func() { d.ids = u.coll.name(u.Key, u.Rows) })
+	s := u.canon()
+	d := s.lazy()
+	d.idsOnce.Do(func() {
+		var prevIDs []string
+		var prevRows [][]byte
+		if p := s.prev; p != nil {
+			// Its ids are known (see idsKnown), so this costs nothing.
+			if ids := p.IDs(); p.lazy().named {
+				prevIDs, prevRows = ids, p.Rows
+			}
+		}
+		s.prev = nil // not kept alive by its successor
+		d.ids, d.named = s.coll.name(s.Key, s.Rows, prevRows, prevIDs)
+		d.idsDone.Store(true)
+	})
 	return d.ids
+}
+
+// idsKnown reports whether IDs has been computed: only then is the state
+// worth handing to its successor (which would otherwise keep it alive, and
+// maybe a chain of predecessors, until its own ids are asked for).
+func (u *Update) idsKnown() bool {
+	d := u.canon().derived.Load()
+	return d != nil && d.idsDone.Load()
 }
 
 // index returns a collection state's positions by id.
@@ -252,14 +276,23 @@ func (u *Update) unchangedView() *Update {
 }
 
 // name returns the ids of a fetch's rows: the application's, made unique
-// (see esdb.DatabaseHub.RegisterCollection).
-func (c *collection) name(key shared.EntityKey, rows [][]byte) []string {
-	ids := make([]string, len(rows))
+// (see esdb.DatabaseHub.RegisterCollection), and whether none had to be
+// made up. A row with the same bytes at the same place as in the previous
+// state (prevRows, named prevIDs) keeps its id without asking RowID: most
+// of a collection's rows do not change from one state to the next.
+func (c *collection) name(key shared.EntityKey, rows, prevRows [][]byte, prevIDs []string) (ids []string, named bool) {
+	ids = make([]string, len(rows))
 	var bad []int
 	var firstErr error
 	seen := make(map[string]struct{}, len(rows))
 	for i, r := range rows {
-		id, err := c.id(r)
+		var id string
+		var err error
+		if i < len(prevIDs) && bytes.Equal(prevRows[i], r) {
+			id = prevIDs[i]
+		} else {
+			id, err = c.id(r)
+		}
 		if err == nil && id == "" {
 			err = fmt.Errorf("empty id")
 		}
@@ -294,7 +327,7 @@ func (c *collection) name(key shared.EntityKey, rows [][]byte) []string {
 	if len(bad) > 0 {
 		c.warn(key, len(bad), len(rows), firstErr)
 	}
-	return ids
+	return ids, len(bad) == 0
 }
 
 // id runs the application's RowID, turning a panic into an error.

@@ -9,7 +9,10 @@ import (
 
 // RowID names one row of a collection: given a row as the fetch function
 // returned it, it returns the row's id, unique among the rows of one fetch.
-// It runs once per row per change per server, so it should be cheap.
+// The id must depend on the row's bytes alone: a row whose bytes and place
+// did not change since the previous state keeps its id without another
+// call. It runs at most once per row per change per server, so it should
+// be cheap.
 type RowID func(row []byte) (string, error)
 
 // JSONField returns a RowID for rows that are JSON objects: the id is the

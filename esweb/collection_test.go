@@ -421,4 +421,36 @@ func TestBadRowIDs(t *testing.T) {
 	if string(f.Rows[3]) != `"not json"` {
 		t.Errorf("non-JSON row embedded as %s", f.Rows[3])
 	}
+
+	// Later states: rows that did not change keep their ids without
+	// being read again, and the rules still hold for the rest.
+	var h held
+	if err := h.apply(f); err != nil {
+		t.Fatal(err)
+	}
+	for _, step := range []struct {
+		rows []string
+		ids  []string
+	}{
+		{[]string{`{"id":"a"}`, `{"id":"b"}`}, []string{"a", "b"}},
+		{[]string{`{"id":"a"}`, `{"id":"b"}`, `{"id":"a","again":1}`}, []string{"a", "b", "#2"}},
+		{[]string{`{"id":"a"}`, `{"id":"b"}`, `{"id":"c"}`, `{"x":1}`}, []string{"a", "b", "c", "#3"}},
+		{[]string{`{"id":"a"}`, `{"id":"b2"}`, `{"id":"c"}`, `{"x":1}`}, []string{"a", "b2", "c", "#3"}},
+		{[]string{`{"id":"b"}`, `{"id":"a"}`}, []string{"b", "a"}},
+	} {
+		rows = nil
+		for _, r := range step.rows {
+			rows = append(rows, []byte(r))
+		}
+		if err := e.NotifyAllOfChange(list1); err != nil {
+			t.Fatal(err)
+		}
+		f := cl.next()
+		if err := h.apply(f); err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(h.ids, step.ids) {
+			t.Fatalf("rows %s: ids %q, want %q (frame %s)", step.rows, h.ids, step.ids, f.raw)
+		}
+	}
 }
