@@ -68,8 +68,7 @@ type derived struct {
 	ids         []string
 	named       bool        // every id is the application's (none "#<index>")
 	idsDone     atomic.Bool // ids is set
-	indexOnce   sync.Once
-	index       map[string]int // id -> position
+	index       map[string]int // id -> position, made with ids
 }
 
 // canon returns the update whose rows u carries: u itself, or the original
@@ -125,7 +124,7 @@ func (u *Update) IDs() []string {
 			}
 		}
 		s.prev = nil // not kept alive by its successor
-		d.ids, d.named = s.coll.name(s.Key, s.Rows, prevRows, prevIDs)
+		d.ids, d.index, d.named = s.coll.name(s.Key, s.Rows, prevRows, prevIDs)
 		d.idsDone.Store(true)
 	})
 	return d.ids
@@ -141,16 +140,8 @@ func (u *Update) idsKnown() bool {
 
 // index returns a collection state's positions by id.
 func (u *Update) index() map[string]int {
-	d := u.lazy()
-	d.indexOnce.Do(func() {
-		ids := u.IDs()
-		m := make(map[string]int, len(ids))
-		for i, id := range ids {
-			m[id] = i
-		}
-		d.index = m
-	})
-	return d.index
+	u.IDs()
+	return u.lazy().index
 }
 
 // Full returns the update a view presents (see Diff and Unchanged), with
@@ -280,11 +271,11 @@ func (u *Update) unchangedView() *Update {
 // made up. A row with the same bytes at the same place as in the previous
 // state (prevRows, named prevIDs) keeps its id without asking RowID: most
 // of a collection's rows do not change from one state to the next.
-func (c *collection) name(key shared.EntityKey, rows, prevRows [][]byte, prevIDs []string) (ids []string, named bool) {
+func (c *collection) name(key shared.EntityKey, rows, prevRows [][]byte, prevIDs []string) (ids []string, index map[string]int, named bool) {
 	ids = make([]string, len(rows))
 	var bad []int
 	var firstErr error
-	seen := make(map[string]struct{}, len(rows))
+	seen := make(map[string]int, len(rows)) // id -> position: the state's index
 	for i, r := range rows {
 		var id string
 		var err error
@@ -309,7 +300,7 @@ func (c *collection) name(key shared.EntityKey, rows, prevRows [][]byte, prevIDs
 			continue
 		}
 		ids[i] = id
-		seen[id] = struct{}{}
+		seen[id] = i
 	}
 	for _, i := range bad {
 		// "#<index>", unless a row's own id reads so: then the first free
@@ -322,12 +313,12 @@ func (c *collection) name(key shared.EntityKey, rows, prevRows [][]byte, prevIDs
 			id = "#" + strconv.Itoa(i) + "~" + strconv.Itoa(n)
 		}
 		ids[i] = id
-		seen[id] = struct{}{}
+		seen[id] = i
 	}
 	if len(bad) > 0 {
 		c.warn(key, len(bad), len(rows), firstErr)
 	}
-	return ids, len(bad) == 0
+	return ids, seen, len(bad) == 0
 }
 
 // id runs the application's RowID, turning a panic into an error.
