@@ -13,6 +13,7 @@ import (
 
 	"github.com/entity-sync/entity-sync/entitysync"
 	"github.com/entity-sync/entity-sync/esbridge"
+	"github.com/entity-sync/entity-sync/esdb"
 	"github.com/entity-sync/entity-sync/shared"
 )
 
@@ -98,4 +99,68 @@ func ExampleEntitySync_NotifyAsync() {
 	fmt.Println("published:", es.Bridge.Stats().Notifications)
 	// Output:
 	// published: 3
+}
+
+// A collection: each row of a key is named by its "id" field. An envelope
+// client gets the first state in full, with the rows' ids, then only what
+// changed. A write that touches several keys notifies them in one call.
+func ExampleEntitySync_RegisterCollection() {
+	var mu sync.Mutex
+	lists := map[string][]string{"ann": {"milk", "bread", "eggs"}, "bob": {"tea"}}
+	es, err := entitysync.New(entitysync.Config{})
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer es.Close(context.Background())
+	err = es.RegisterCollection("todos", func(_ context.Context, key shared.EntityKey) ([][]byte, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		var rows [][]byte
+		for _, t := range lists[key.ID] {
+			rows = append(rows, []byte(`{"id":"`+t+`","note":"buy before Friday, from the shop on the corner"}`))
+		}
+		return rows, nil
+	}, esdb.JSONField("id"))
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	srv := httptest.NewServer(es.Mux)
+	defer srv.Close()
+
+	d := websocket.Dialer{Subprotocols: []string{shared.Subprotocol}} // the envelope protocol
+	ws, _, err := d.Dial("ws"+strings.TrimPrefix(srv.URL, "http")+shared.WebsocketPath, nil)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer ws.Close()
+	show := func() {
+		var f struct {
+			Type   string
+			IDs    []string
+			Upsert []struct{ ID string }
+			Remove []string
+		}
+		_ = ws.ReadJSON(&f)
+		fmt.Println(f.Type, f.IDs, f.Upsert, f.Remove)
+	}
+	show() // welcome
+	_ = ws.WriteMessage(websocket.TextMessage, []byte(`{"action":"subscribe","body":{"entity":"todos","id":"ann"}}`))
+	show()
+
+	// One write moves "bread" from ann's list to bob's: one call for both.
+	mu.Lock()
+	lists["ann"], lists["bob"] = []string{"milk", "eggs"}, []string{"tea", "bread"}
+	mu.Unlock()
+	if err := es.NotifyKeys(shared.EntityKey{Entity: "todos", ID: "ann"}, shared.EntityKey{Entity: "todos", ID: "bob"}); err != nil {
+		fmt.Println(err)
+		return
+	}
+	show()
+	// Output:
+	// welcome [] [] []
+	// rows [milk bread eggs] [] []
+	// diff [] [] [bread]
 }
