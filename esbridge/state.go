@@ -66,8 +66,8 @@ type derived struct {
 	version     string
 	idsOnce     sync.Once
 	ids         []string
-	named       bool        // every id is the application's (none "#<index>")
-	idsDone     atomic.Bool // ids is set
+	named       bool           // every id is the application's (none "#<index>")
+	idsDone     atomic.Bool    // ids is set
 	index       map[string]int // id -> position, made with ids
 }
 
