@@ -14,7 +14,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/jackc/pgx/v5/stdlib"
-	_ "modernc.org/sqlite" // the "sqlite" database/sql driver: pure Go, no cgo
+	"modernc.org/sqlite" // the "sqlite" database/sql driver: pure Go, no cgo
+	sqlite3 "modernc.org/sqlite/lib"
 
 	"github.com/entity-sync/entity-sync/esq/pgq"
 )
@@ -69,17 +70,35 @@ func openSQLite(dir string) (*store, error) {
 		return nil, err
 	}
 	path := filepath.Join(dir, "todo.db")
-	db, err := sql.Open("sqlite", "file:"+path+
-		"?_pragma=busy_timeout(10000)&_pragma=journal_mode(WAL)&_pragma=foreign_keys(1)")
+	db, err := sql.Open("sqlite", "file:"+path+"?_pragma=busy_timeout(10000)&_pragma=foreign_keys(1)")
 	if err != nil {
 		return nil, err
 	}
-	// The busy timeout also covers two servers creating the schema at once.
+	if err := useWAL(db); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("sqlite %s: %w", path, err)
+	}
 	if _, err := db.Exec(fmt.Sprintf(schema, "INTEGER PRIMARY KEY AUTOINCREMENT")); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("sqlite %s: create schema: %w", path, err)
 	}
 	return &store{db: db, where: "SQLite " + path}, nil
+}
+
+// useWAL switches the database file to WAL mode (it stays so). SQLite
+// refuses the switch while another process has the file open, at once
+// (SQLITE_BUSY) rather than after the busy timeout, so servers that start
+// together on a new file take turns here.
+func useWAL(db *sql.DB) error {
+	deadline := time.Now().Add(10 * time.Second)
+	for delay := time.Millisecond; ; delay = min(2*delay, 100*time.Millisecond) {
+		_, err := db.Exec(`PRAGMA journal_mode = WAL`)
+		var e *sqlite.Error
+		if !errors.As(err, &e) || e.Code()&0xff != sqlite3.SQLITE_BUSY || time.Now().After(deadline) {
+			return err
+		}
+		time.Sleep(delay)
+	}
 }
 
 // openPostgres connects to PostgreSQL, creates the tables if needed and
