@@ -2,7 +2,6 @@ package main
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -17,7 +16,6 @@ import (
 	"regexp"
 	"runtime"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -276,24 +274,6 @@ func TestTwoServersSharePostgres(t *testing.T) {
 	awaitItems(t, onA, item{ID: 2, Title: "Rye bread"}, item{ID: 3, Title: "Eggs", Done: true})
 }
 
-// syncBuffer collects a process's output for failure messages.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // launcher is the todo command run as a user runs it (this test binary
 // stands in for it, see TestMain), with two servers on free ports.
 type launcher struct {
@@ -301,7 +281,13 @@ type launcher struct {
 	urls    []string // the two servers' URLs, as printed
 	servers []int    // the servers' process ids
 	exited  chan error
-	output  *syncBuffer
+	log     *os.File // its output, stdout and stderr
+}
+
+// output is what the launcher and its servers printed so far.
+func (l *launcher) output() string {
+	b, _ := os.ReadFile(l.log.Name())
+	return string(b)
 }
 
 var urlLine = regexp.MustCompile(`^\s+(http://127\.0\.0\.1:\d+)/$`)
@@ -315,10 +301,15 @@ func startLauncher(t *testing.T) *launcher {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l := &launcher{exited: make(chan error, 1), output: &syncBuffer{}}
-	l.cmd = exec.Command(exe, "-listen", "127.0.0.1:0,127.0.0.1:0", "-data", t.TempDir())
+	dir := t.TempDir()
+	log, err := os.Create(filepath.Join(dir, "output"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := &launcher{exited: make(chan error, 1), log: log}
+	l.cmd = exec.Command(exe, "-listen", "127.0.0.1:0,127.0.0.1:0", "-data", dir)
 	l.cmd.Env = append(os.Environ(), "TODO_TEST_RUN_MAIN=1")
-	l.cmd.Stderr = l.output
+	l.cmd.Stderr = log
 	stdout, err := l.cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -330,12 +321,13 @@ func startLauncher(t *testing.T) *launcher {
 	go func() {
 		lines := bufio.NewScanner(stdout)
 		for lines.Scan() {
-			fmt.Fprintln(l.output, lines.Text())
+			fmt.Fprintln(l.log, lines.Text())
 			if m := urlLine.FindStringSubmatch(lines.Text()); m != nil {
 				urls <- m[1]
 			}
 		}
 		l.exited <- l.cmd.Wait()
+		log.Close()
 	}()
 	t.Cleanup(func() {
 		// Whatever the test did not stop, so that a failure leaves no process.
@@ -346,7 +338,7 @@ func startLauncher(t *testing.T) *launcher {
 			}
 		}
 		if t.Failed() {
-			t.Logf("the launcher's output:\n%s", l.output)
+			t.Logf("the launcher's output:\n%s", l.output())
 		}
 	})
 	for len(l.urls) < 2 {
@@ -354,9 +346,9 @@ func startLauncher(t *testing.T) *launcher {
 		case u := <-urls:
 			l.urls = append(l.urls, u)
 		case err := <-l.exited:
-			t.Fatalf("the launcher exited (%v) before printing two URLs:\n%s", err, l.output)
+			t.Fatalf("the launcher exited (%v) before printing two URLs:\n%s", err, l.output())
 		case <-time.After(time.Minute):
-			t.Fatalf("the launcher printed no two URLs within a minute:\n%s", l.output)
+			t.Fatalf("the launcher printed no two URLs within a minute:\n%s", l.output())
 		}
 	}
 	l.servers = childrenOf(t, l.cmd.Process.Pid)
@@ -470,8 +462,8 @@ func TestLauncherStopsWhenAServerDies(t *testing.T) {
 	if !errors.As(err, &exit) || exit.ExitCode() != 1 {
 		t.Errorf("the launcher exited with %v, want exit status 1", err)
 	}
-	if !strings.Contains(l.output.String(), "stopped: signal: killed") {
-		t.Errorf("the launcher does not say which server stopped and why:\n%s", l.output)
+	if !strings.Contains(l.output(), "stopped: signal: killed") {
+		t.Errorf("the launcher does not say which server stopped and why:\n%s", l.output())
 	}
 	l.awaitServersGone(t)
 }
