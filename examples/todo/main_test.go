@@ -16,7 +16,6 @@ import (
 	"regexp"
 	"runtime"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -334,7 +333,7 @@ func startLauncher(t *testing.T) *launcher {
 		_ = l.cmd.Process.Kill()
 		for _, pid := range l.servers {
 			if running(pid) {
-				_ = syscall.Kill(pid, syscall.SIGKILL)
+				_ = kill(pid)
 			}
 		}
 		if t.Failed() {
@@ -383,6 +382,15 @@ func (l *launcher) awaitServersGone(t *testing.T) {
 			time.Sleep(20 * time.Millisecond)
 		}
 	}
+}
+
+// kill ends process pid at once.
+func kill(pid int) error {
+	p, err := os.FindProcess(pid)
+	if err != nil {
+		return err
+	}
+	return p.Kill()
 }
 
 // childrenOf lists the processes whose parent is pid.
@@ -454,7 +462,7 @@ func TestLauncherKilledLeavesNoServer(t *testing.T) {
 // reason, rather than leaving a half-working demo.
 func TestLauncherStopsWhenAServerDies(t *testing.T) {
 	l := startLauncher(t)
-	if err := syscall.Kill(l.servers[0], syscall.SIGKILL); err != nil {
+	if err := kill(l.servers[0]); err != nil {
 		t.Fatal(err)
 	}
 	err := l.awaitExit(t)
