@@ -68,6 +68,11 @@ func main() {
 		}
 	}
 
+	if len(o.listen) == 0 {
+		fmt.Fprintln(os.Stderr, "todo: -listen names no address")
+		os.Exit(2)
+	}
+
 	// Ctrl-C (SIGINT) or SIGTERM starts a graceful shutdown.
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
