@@ -8,9 +8,10 @@ import (
 	"testing"
 )
 
-// Each broker's client library is imported only by its own esq/ package:
-// an application that uses NSQ or the in-process queue does not build NATS
-// or Redis clients.
+// Each broker's client library is imported only by its own esq/ package,
+// and the Prometheus client only by esmetrics: an application that uses NSQ
+// or the in-process queue, without metrics, builds no NATS, Redis or
+// Prometheus client.
 func TestEntitysyncImportsNoBrokerClient(t *testing.T) {
 	goBin := filepath.Join(runtime.GOROOT(), "bin", "go")
 	out, err := exec.Command(goBin, "list", "-deps", ".").CombinedOutput()
@@ -18,7 +19,7 @@ func TestEntitysyncImportsNoBrokerClient(t *testing.T) {
 		t.Fatalf("go list -deps: %v\n%s", err, out)
 	}
 	for _, pkg := range strings.Fields(string(out)) {
-		for _, banned := range []string{"nats-io", "go-redis", "/natsq", "/redisq", "/esqtest"} {
+		for _, banned := range []string{"nats-io", "go-redis", "/natsq", "/redisq", "/esqtest", "prometheus", "/esmetrics"} {
 			if strings.Contains(pkg, banned) {
 				t.Errorf("package entitysync depends on %s", pkg)
 			}

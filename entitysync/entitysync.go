@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync/atomic"
 
 	"github.com/gorilla/mux"
 	"github.com/sirupsen/logrus"
@@ -70,6 +71,10 @@ type EntitySync struct {
 	Web *esweb.Server
 
 	err error // set by Setup when New failed: every method returns it
+
+	queue   esq.Queue    // as the bridge uses it, for Ready
+	served  atomic.Int32 // entity types registered, for Ready
+	closing atomic.Bool  // Close was called, for Ready
 }
 
 // New builds an EntitySync from config, or explains why it cannot.
@@ -101,7 +106,7 @@ func New(config Config) (*EntitySync, error) {
 	}
 	web := esweb.NewServer(bridge.ClientBuilder, config.Web)
 	config.Mux.Handle(shared.WebsocketPath, web)
-	return &EntitySync{Mux: config.Mux, Bridge: bridge, DatabaseHub: hub, Web: web}, nil
+	return &EntitySync{Mux: config.Mux, Bridge: bridge, DatabaseHub: hub, Web: web, queue: queue}, nil
 }
 
 func buildQueue(config *Config) (esq.Queue, error) {
@@ -192,6 +197,7 @@ func (e *EntitySync) serve(entity shared.EntityType) error {
 		e.DatabaseHub.Unregister(entity)
 		return err
 	}
+	e.served.Add(1)
 	return nil
 }
 
@@ -216,6 +222,7 @@ func (e *EntitySync) NotifyAsync(key shared.EntityKey) error {
 // 1001), then the bridge and its queue. It returns when their goroutines
 // are gone, or with ctx's error.
 func (e *EntitySync) Close(ctx context.Context) error {
+	e.closing.Store(true)
 	if e.err != nil {
 		return e.Bridge.Close(ctx) // a failed Setup wired no transport
 	}

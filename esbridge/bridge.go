@@ -195,6 +195,7 @@ type shard struct {
 
 type counters struct {
 	notifications, notifyErrors, received, fetches, fetchErrors, deliveries, resyncs, revocations, overflows atomic.Uint64
+	coalesced, resyncedKeys                                                                                  atomic.Uint64
 }
 
 // Stats is a snapshot of the bridge's counters since it started.
@@ -211,6 +212,14 @@ type Stats struct {
 	Overflows     uint64 // updates dropped for clients over MaxPendingBytes (then disconnected)
 	Keys          int    // keys with at least one local subscriber
 	Clients       int    // connected clients
+	// Subscriptions counts (client, key) pairs in the index, PendingBytes
+	// the updates waiting in clients' outbound queues (as MaxPendingBytes
+	// counts them). Both are read at the call, which costs a lock per key
+	// and per client: for a metrics scrape, not a hot loop.
+	Subscriptions int
+	PendingBytes  int
+	Coalesced     uint64 // pending updates replaced by a newer state of their key before being written (latest-wins)
+	ResyncedKeys  uint64 // keys re-fetched by the Resyncs
 }
 
 // New returns a bridge that publishes to and receives from queue and looks
@@ -332,6 +341,7 @@ func (b *Bridge) resync(entity shared.EntityType) {
 		ks.mu.Unlock()
 	}
 	n := len(keys)
+	b.stats.resyncedKeys.Add(uint64(n))
 	b.log.WithField("entity", entity).Infof("the queue may have lost notifications (broker reconnect, new broker, or a gap in a publisher's sequence): re-fetching %d subscribed keys", n)
 }
 
@@ -405,16 +415,28 @@ func (b *Bridge) Stats() Stats {
 		Resyncs:       b.stats.resyncs.Load(),
 		Revocations:   b.stats.revocations.Load(),
 		Overflows:     b.stats.overflows.Load(),
+		Coalesced:     b.stats.coalesced.Load(),
+		ResyncedKeys:  b.stats.resyncedKeys.Load(),
 	}
 	b.notifier.mu.Lock()
 	s.Pending = len(b.notifier.fifo)
 	b.notifier.mu.Unlock()
 	b.clientsMu.Lock()
 	s.Clients = len(b.clients)
+	for c := range b.clients {
+		c.mu.Lock()
+		s.PendingBytes += c.bytes
+		c.mu.Unlock()
+	}
 	b.clientsMu.Unlock()
 	for i := range b.shards {
 		b.shards[i].mu.Lock()
 		s.Keys += len(b.shards[i].keys)
+		for _, ks := range b.shards[i].keys {
+			ks.mu.Lock()
+			s.Subscriptions += ks.nsubs
+			ks.mu.Unlock()
+		}
 		b.shards[i].mu.Unlock()
 	}
 	return s

@@ -200,6 +200,7 @@ func (c *Client) queueLocked(s *subscription, u *Update) bool {
 		c.npending++
 	} else {
 		c.bytes -= s.pending.size()
+		c.b.stats.coalesced.Add(1)
 	}
 	s.pending = u
 	c.bytes += u.size()

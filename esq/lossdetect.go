@@ -19,10 +19,10 @@ import (
 // default) while a server is paused or saturated, and says nothing.
 //
 // Publish stamps each message, a JSON object, with one more field naming the
-// publisher (a random id per DetectLoss call) and a sequence number per entity
-// type starting at 1:
+// publisher (an id per DetectLoss call: its start time and random digits) and
+// a sequence number per entity type starting at 1:
 //
-//	{"entity":"items","id":"100","_es":{"p":"9f2c41d07be36a58","n":42}}
+//	{"entity":"items","id":"100","_es":{"p":"19ac0e4f7a2-9f2c41d07be36a58","n":42}}
 //
 // Decoders that ignore unknown fields (encoding/json's default) still see the
 // key; subscribers receive the stamped body. A body that is not a non-empty
@@ -40,7 +40,14 @@ import (
 // were lost: onLoss is called, once for every hole open at that moment, of
 // every publisher (the resync it starts covers them all). Numbers at or below
 // the highest (late or duplicate messages) are passed on and fill their hole.
-// The first message or mark heard from a publisher opens no hole. Marks never
+// The first message or mark heard from a publisher opens no hole, unless the
+// publisher started after the subscription (the publisher id begins with its
+// start time): then every number from 1 should have arrived, and those below
+// the first one heard are a hole like any other. That is how a server that
+// restarted, and whose first notifications were lost on their way to this
+// one, is noticed (before, the first it heard of the new publisher looked
+// like any other start). A publisher's clock running ahead makes that a
+// resync too many; one running behind, a loss missed as before. Marks never
 // reach onMessage. Messages without a stamp (the plain key, e.g. from a
 // producer outside Go) are passed on untracked. The wrapped queue's own
 // onLoss calls are passed on unchanged (they cover the open holes too).
@@ -109,12 +116,15 @@ type lossDetector struct {
 }
 
 func newLossDetector(q Queue, timing lossTiming) *lossDetector {
-	id, err := randomHex(8)
+	r, err := randomHex(8)
 	if err != nil {
 		// crypto/rand does not fail on the platforms Go supports; a fixed
 		// id would still work for one publisher.
-		id = "0000000000000000"
+		r = "0000000000000000"
 	}
+	// The id starts with the publisher's start time, so that a subscriber
+	// can tell a publisher that started after it (see DetectLoss).
+	id := publisherID(time.Now(), r)
 	ctx, cancel := context.WithCancel(context.Background())
 	return &lossDetector{q: q, id: id, timing: timing, ctx: ctx, cancel: cancel,
 		log:    logrus.StandardLogger().WithField("component", "esq.detectloss"),
@@ -241,8 +251,9 @@ func (t *seqTopic) markDue() {
 // Subscribe subscribes on the wrapped queue, checking each stamped message's
 // sequence number and consuming marks (see DetectLoss).
 func (d *lossDetector) Subscribe(entity shared.EntityType, onMessage func(body []byte), onLoss func()) error {
+	now := time.Now()
 	s := &seqSub{d: d, entity: entity, onMessage: onMessage, onLoss: onLoss,
-		peers: make(map[string]*seqPeer), lastSweep: time.Now()}
+		peers: make(map[string]*seqPeer), lastSweep: now, since: now}
 	innerLoss := onLoss
 	if onLoss != nil {
 		innerLoss = func() {
@@ -280,6 +291,10 @@ type seqSub struct {
 	entity    shared.EntityType
 	onMessage func([]byte)
 	onLoss    func()
+
+	// since is when Subscribe was called: a publisher that started later
+	// had every message it published reach the subscription.
+	since time.Time
 
 	mu        sync.Mutex
 	peers     map[string]*seqPeer // by publisher id
@@ -359,8 +374,13 @@ func (s *seqSub) record(pub []byte, n uint64, mark bool) (lost bool) {
 	p := s.peers[string(pub)]
 	if p == nil {
 		s.sweep()
-		s.peers[string(pub)] = &seqPeer{last: n, epoch: s.epoch}
-		return false
+		if !s.startedSince(pub) {
+			s.peers[string(pub)] = &seqPeer{last: n, epoch: s.epoch}
+			return false
+		}
+		// Numbers from 1 should all have come: check n as if 0 had.
+		p = &seqPeer{}
+		s.peers[string(pub)] = p
 	}
 	p.epoch = s.epoch
 	if mark {
@@ -396,6 +416,34 @@ func (s *seqSub) record(pub []byte, n uint64, mark bool) (lost bool) {
 		p.fill(n)
 	}
 	return false
+}
+
+// startedSince reports whether publisher pub started after the subscription
+// and less than the forget period ago: then it cannot have been heard and
+// forgotten, so this is the first time it is heard from. With s.mu held.
+func (s *seqSub) startedSince(pub []byte) bool {
+	start, ok := publisherStart(pub)
+	return ok && start.After(s.since) && time.Since(start) < s.d.timing.forget
+}
+
+// publisherID is a publisher's id: its start time in Unix milliseconds, in
+// hex, a dash, and random hex digits.
+func publisherID(start time.Time, random string) string {
+	return strconv.FormatInt(start.UnixMilli(), 16) + "-" + random
+}
+
+// publisherStart reads the start time from a publisher id; ok is false for
+// an id without one (from an older version, or a test).
+func publisherStart(pub []byte) (time.Time, bool) {
+	dash := bytes.IndexByte(pub, '-')
+	if dash < 1 || dash > 16 {
+		return time.Time{}, false
+	}
+	ms, err := strconv.ParseInt(string(pub[:dash]), 16, 64)
+	if err != nil || ms <= 0 {
+		return time.Time{}, false
+	}
+	return time.UnixMilli(ms), true
 }
 
 // fill records the late arrival of n.
@@ -481,6 +529,17 @@ func (s *seqSub) sweep() {
 
 // Close stops the marks' timers, closes the wrapped queue, then stops the
 // subscriptions' timers, and waits for running timer callbacks or ctx.
+// Live is the wrapped queue's (see CheckLive).
+func (d *lossDetector) Live() error {
+	d.mu.RLock()
+	closed := d.closed
+	d.mu.RUnlock()
+	if closed {
+		return ErrClosed
+	}
+	return CheckLive(d.q)
+}
+
 func (d *lossDetector) Close(ctx context.Context) error {
 	d.mu.Lock()
 	if d.closed {

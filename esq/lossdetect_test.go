@@ -388,6 +388,92 @@ func TestLossFirstSightingIsNotAGap(t *testing.T) {
 	})
 }
 
+// A publisher that started after the subscription (a server restarted
+// elsewhere) should have had every number from 1 delivered: the numbers below
+// the first one heard are a hole. The soak run found subscriptions left one
+// version behind when a restarted server's first notifications were lost and
+// its later ones, or its marks, were the first this server heard of it.
+func TestLossFirstSightingOfANewPublisherStartsAtOne(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := newFakeBroker()
+		d := quietDetector(f)
+		defer d.Close(context.Background())
+		ev := &events{}
+		if err := d.Subscribe("items", ev.onMessage, ev.onLoss); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Minute)
+		started := publisherID(time.Now(), "0123456789abcdef")
+
+		// Its first message heard is its third: 1 and 2 are a hole, a
+		// loss once they are a grace period late.
+		f.deliver("items", stamp(keyBody("c"), len(keyBody("c"))-1, started, 3))
+		time.Sleep(defaultLossTiming.grace / 2)
+		synctest.Wait()
+		ev.expect(t, "msg c")
+		time.Sleep(defaultLossTiming.grace)
+		synctest.Wait()
+		ev.expect(t, "msg c, loss")
+
+		// All its messages lost: its first mark is the first sighting.
+		marked := publisherID(time.Now(), "fedcba9876543210")
+		f.deliver("items", markBody(marked, 2))
+		ev.expect(t, "msg c, loss, loss")
+
+		// One that starts at 1 opens no hole, even out of order.
+		inOrder := publisherID(time.Now(), "00000000000000aa")
+		f.deliver("items", stamp(keyBody("x"), len(keyBody("x"))-1, inOrder, 2))
+		f.deliver("items", stamp(keyBody("y"), len(keyBody("y"))-1, inOrder, 1))
+		f.deliver("items", markBody(inOrder, 2))
+		time.Sleep(time.Hour)
+		synctest.Wait()
+		ev.expect(t, "msg c, loss, loss, msg x, msg y")
+	})
+}
+
+// Publishers that started before the subscription, or longer ago than the
+// forget period (they may have been heard and forgotten), are taken as they
+// come, as before.
+func TestLossFirstSightingOfAnOlderPublisherIsNotAGap(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := newFakeBroker()
+		d := quietDetector(f)
+		defer d.Close(context.Background())
+		before := publisherID(time.Now().Add(-time.Second), "0123456789abcdef")
+		time.Sleep(time.Second)
+		ev := &events{}
+		if err := d.Subscribe("items", ev.onMessage, ev.onLoss); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Second)
+		after := publisherID(time.Now(), "fedcba9876543210")
+		f.deliver("items", stamp(keyBody("a"), len(keyBody("a"))-1, before, 40))
+		f.deliver("items", markBody(before, 41))
+		time.Sleep(time.Hour)
+		synctest.Wait()
+		ev.expect(t, "msg a, loss") // 41 was never heard: a hole as ever
+		time.Sleep(defaultLossTiming.forget)
+		f.deliver("items", markBody(after, 7))
+		time.Sleep(time.Hour)
+		synctest.Wait()
+		ev.expect(t, "msg a, loss")
+	})
+}
+
+func TestPublisherIDCarriesItsStartTime(t *testing.T) {
+	at := time.UnixMilli(1764160000123)
+	id := publisherID(at, "0123456789abcdef")
+	got, ok := publisherStart([]byte(id))
+	if !ok || !got.Equal(at) {
+		t.Fatalf("publisherStart(%q) = %v, %v; want %v", id, got, ok, at)
+	}
+	for _, bad := range []string{"", "-", "pub-a", "0123456789abcdef", "zz-01", "-01", "00000000000000000-01", "0-01"} {
+		if _, ok := publisherStart([]byte(bad)); ok {
+			t.Errorf("publisherStart(%q) found a start time", bad)
+		}
+	}
+}
+
 func TestLossUnstampedMessagesPassThrough(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := newFakeBroker()

@@ -58,3 +58,14 @@ func (m *Memory) Close(context.Context) error {
 	m.subs = nil
 	return nil
 }
+
+// Live returns ErrClosed once the queue is closed: an in-process queue is
+// otherwise always live.
+func (m *Memory) Live() error {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	if m.closed {
+		return ErrClosed
+	}
+	return nil
+}

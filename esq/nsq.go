@@ -666,6 +666,36 @@ func (s *nsqSubscription) handle(m *nsq.Message) error {
 	return nil
 }
 
+// Live returns nil while every subscription holds at least one nsqd
+// connection. A subscription with none hears nothing (go-nsq redials every
+// ReconnectInterval; the watcher resyncs once a connection is back).
+// Losing one of several nsqd connections is not reported here: the others
+// still carry what is published to them, the watcher logs the loss, and the
+// resync follows the reconnect.
+func (q *NSQ) Live() error {
+	q.mu.Lock()
+	if q.closed {
+		q.mu.Unlock()
+		return ErrClosed
+	}
+	subs := make([]*nsqSubscription, 0, len(q.subs))
+	for _, s := range q.subs {
+		subs = append(subs, s)
+	}
+	q.mu.Unlock()
+	var deaf []string
+	for _, s := range subs {
+		if s.consumer.Stats().Connections == 0 {
+			deaf = append(deaf, s.topic)
+		}
+	}
+	if len(deaf) > 0 {
+		slices.Sort(deaf)
+		return fmt.Errorf("esq: no nsqd connection for topic %s: reconnecting every %s", strings.Join(deaf, ", "), q.cfg.ReconnectInterval)
+	}
+	return nil
+}
+
 // Close stops every consumer and producer and waits for them, or for ctx.
 func (q *NSQ) Close(ctx context.Context) error {
 	q.mu.Lock()

@@ -36,3 +36,25 @@ var ErrClosed = errors.New("esq: queue closed")
 // ErrAlreadySubscribed is returned when an entity type is subscribed twice on
 // the same queue.
 var ErrAlreadySubscribed = errors.New("esq: entity type already subscribed")
+
+// LiveReporter is implemented by queues that can tell, at any moment,
+// whether their subscriptions are connected to the broker: the readiness
+// check of package entitysync asks it, so a load balancer can send new
+// clients to servers that hear every change. Every queue in this module
+// implements it.
+type LiveReporter interface {
+	// Live returns nil while every subscription receives the messages
+	// published on its entity type (none subscribed counts as live), or
+	// an error saying which does not and why: the broker connection is
+	// lost and being re-established, or the queue is closed (ErrClosed).
+	Live() error
+}
+
+// CheckLive returns q's Live error, or nil when q does not implement
+// LiveReporter (a queue that cannot tell is taken to be live).
+func CheckLive(q Queue) error {
+	if r, ok := q.(LiveReporter); ok {
+		return r.Live()
+	}
+	return nil
+}

@@ -982,6 +982,7 @@ func (o *orchestrator) report(res checkResult, converged bool, convergeAfter tim
 				keyID(k), o.store.versions[k], by, l.at.UTC().Format("15:04:05.000"), l.at.Sub(o.start).Seconds())
 		}
 		o.store.mu.Unlock()
+		o.printTraces(&b, res.StaleKeys)
 	}
 	if res.Errors > 0 {
 		fmt.Fprintf(&b, "\nClient errors: %d (first %d: %s)\n", res.Errors, len(res.ErrorEx), strings.Join(res.ErrorEx, "; "))
@@ -998,3 +999,23 @@ func (o *orchestrator) report(res checkResult, converged bool, convergeAfter tim
 }
 
 func mib(n int64) float64 { return float64(n) / (1 << 20) }
+
+// printTraces adds what each server recorded of the keys that did not
+// converge (see keyTrace): the notifications it published and received, its
+// fetches and rounds, the losses its queue reported and the last mark heard
+// from each publisher.
+func (o *orchestrator) printTraces(b *strings.Builder, keys []int) {
+	for i, u := range o.serverURL {
+		for _, k := range keys {
+			var rep traceReport
+			if err := o.post(u+"/trace?id="+keyID(k), nil, &rep, 2*time.Second); err != nil {
+				fmt.Fprintf(b, "\nserver%d trace of %s: %v\n", i+1, keyID(k), err)
+				continue
+			}
+			fmt.Fprintf(b, "\nserver%d trace of %s:\n  %s\n", i+1, keyID(k), strings.Join(rep.Events, "\n  "))
+			if k == keys[0] {
+				fmt.Fprintf(b, "server%d losses reported at: %s\nserver%d last marks: %v\n", i+1, strings.Join(rep.Losses, ", "), i+1, rep.Marks)
+			}
+		}
+	}
+}

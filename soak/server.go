@@ -21,6 +21,7 @@ import (
 
 	"github.com/entity-sync/entity-sync/entitysync"
 	"github.com/entity-sync/entity-sync/esbridge"
+	"github.com/entity-sync/entity-sync/esq"
 	"github.com/entity-sync/entity-sync/shared"
 )
 
@@ -51,11 +52,17 @@ func runServer(cfg config) int {
 	}
 	storeClient := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
 	nsqds := strings.Split(cfg.nsqd, ",")
+	// The queue is built here, as entitysync.New would from the same
+	// addresses, to trace what it carries (see keyTrace).
+	queue, err := esq.NewNSQ(esq.NSQConfig{NSQDAddrs: nsqds, LookupdHTTPAddrs: []string{cfg.lookupd}, Logger: log})
+	if err != nil {
+		return fail("esq.NewNSQ: %v", err)
+	}
+	trace := newKeyTrace()
 	es, err := entitysync.New(entitysync.Config{
-		NSQAddr:         nsqds[0],
-		NSQDAddrs:       nsqds[1:],
-		NSQLookupdAddrs: []string{cfg.lookupd},
-		Logger:          log,
+		Queue:  tracedQueue{queue, trace},
+		Bridge: esbridge.Options{OnRound: trace.onRound},
+		Logger: log,
 	})
 	if err != nil {
 		return fail("entitysync.New: %v", err)
@@ -68,6 +75,7 @@ func runServer(cfg config) int {
 		if err := storeCall(ctx, storeClient, cfg.store+"/get?id="+key.ID, &r); err != nil {
 			return nil, err
 		}
+		trace.add(key.ID, "fetched v%d", r.V)
 		b, err := json.Marshal(r)
 		return [][]byte{b}, err
 	}
@@ -105,6 +113,7 @@ func runServer(cfg config) int {
 		}
 		writeJSON(w, struct{}{})
 	})
+	mux.HandleFunc("/trace", trace.serveHTTP)
 	mux.HandleFunc("/stats", func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Query().Get("gc") != "" {
 			// Count what the server needs, not idle keep-alive connections

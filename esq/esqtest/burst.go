@@ -147,6 +147,9 @@ func (s *suite) burstWithRestart(t *testing.T) {
 			t.Fatalf("stop the broker: %v", err)
 		}
 		close(stopped)
+		for i, q := range subs {
+			awaitLive(t, fmt.Sprintf("subscriber %d", i), q, false, s.ft.Timeout)
+		}
 		triedWhileDown.Wait()
 		if err := broker.Start(); err != nil {
 			t.Fatalf("start the broker: %v", err)
@@ -194,6 +197,9 @@ func (s *suite) burstWithRestart(t *testing.T) {
 			}
 			return false, fmt.Sprintf("received %d of %d messages; the loss callback was called %d times, but no message published after it arrived: it was called before delivery was live again", n, len(all), losses)
 		})
+	}
+	for i, q := range subs {
+		awaitLive(t, fmt.Sprintf("subscriber %d", i), q, true, s.ft.Timeout)
 	}
 	for i, r := range recs {
 		r.mu.Lock()

@@ -49,6 +49,12 @@
 //     after the callback must arrive. A subscriber missing messages with no
 //     loss callback is a silent loss and fails the test.
 //
+// A queue that implements esq.LiveReporter is also held to it: Live
+// returns nil right after Subscribe returns, an error wrapping esq.ErrClosed
+// after Close, and, in BurstWithRestart, an error on every subscriber within
+// Features.Timeout of the broker stopping and nil again once delivery is
+// back.
+//
 // Instances must be independent: each Factory.NewQueue call gives what one
 // more server process would make, with its own connections, on the same
 // broker and with the same naming (prefix) as the others. The suite closes

@@ -93,6 +93,11 @@ func (s *suite) liveOnReturn(t *testing.T) {
 		entity := shared.EntityType("live_" + strconv.Itoa(i))
 		r := newRecorder("subscriber of " + string(entity))
 		subscribe(t, sub, entity, r)
+		if lr, ok := sub.(esq.LiveReporter); ok {
+			if err := lr.Live(); err != nil {
+				t.Errorf("Live right after Subscribe returned: %v", err)
+			}
+		}
 		// At once, with nothing in between: delivery must already be live.
 		fromOther, fromSelf := body(entity, "from-other"), body(entity, "from-self")
 		publish(t, pub, entity, fromOther)
@@ -319,6 +324,11 @@ func (s *suite) publishAfterClose(t *testing.T) {
 		}
 		if err := q.Subscribe("closed_other", func([]byte) {}, nil); !errors.Is(err, esq.ErrClosed) {
 			t.Errorf("%s queue: Subscribe after Close: got %v, want esq.ErrClosed", name, err)
+		}
+		if lr, ok := q.(esq.LiveReporter); ok {
+			if err := lr.Live(); !errors.Is(err, esq.ErrClosed) {
+				t.Errorf("%s queue: Live after Close: got %v, want esq.ErrClosed", name, err)
+			}
 		}
 		done := make(chan error, 1)
 		go func() { done <- q.Close(ctx) }()

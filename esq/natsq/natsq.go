@@ -331,6 +331,21 @@ func (q *Queue) Subscribe(entity shared.EntityType, onMessage func([]byte), onLo
 	return nil
 }
 
+// Live returns nil while the connection to NATS is up (nats.go sends the
+// subscriptions again on every reconnect), and an error while it is down.
+func (q *Queue) Live() error {
+	q.mu.RLock()
+	closed := q.isClosed
+	q.mu.RUnlock()
+	if closed {
+		return esq.ErrClosed
+	}
+	if !q.nc.IsConnected() {
+		return fmt.Errorf("natsq: not connected to NATS (%s): reconnecting", q.nc.Status())
+	}
+	return nil
+}
+
 func (q *Queue) disconnected(_ *nats.Conn, err error) {
 	q.mu.RLock()
 	closed := q.isClosed

@@ -260,6 +260,21 @@ func (q *Queue) ListenerPID() uint32 {
 	return q.pid
 }
 
+// Live returns nil while the listening connection is LISTENing, and an
+// error while it is being reconnected (notifications sent meanwhile are not
+// received; the subscribed keys are re-fetched once it is back).
+func (q *Queue) Live() error {
+	q.mu.RLock()
+	defer q.mu.RUnlock()
+	switch {
+	case q.closed:
+		return esq.ErrClosed
+	case q.pid == 0:
+		return errors.New("pgq: the listening connection is lost: reconnecting")
+	}
+	return nil
+}
+
 // run receives notifications on conn until it is lost, reconnects, calls the
 // loss callbacks and receives again, until Close.
 func (q *Queue) run(conn *pgx.Conn) {

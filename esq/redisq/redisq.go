@@ -25,6 +25,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -267,6 +269,28 @@ func (q *Queue) Subscribe(entity shared.EntityType, onMessage func([]byte), onLo
 	_ = ps.Unsubscribe(uctx, channel) // so a reconnect does not subscribe it again
 	ucancel()
 	return fmt.Errorf("redisq: subscribe to channel %q on %s: %w", channel, q.cfg.Addr, err)
+}
+
+// Live returns nil while Redis has confirmed every subscription on the
+// current subscriber connection, and an error naming the channels it has
+// not (the connection was lost and go-redis is subscribing again).
+func (q *Queue) Live() error {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.closed {
+		return esq.ErrClosed
+	}
+	var down []string
+	for _, s := range q.subs {
+		if !s.isLive {
+			down = append(down, s.channel)
+		}
+	}
+	if len(down) > 0 {
+		slices.Sort(down)
+		return fmt.Errorf("redisq: channel %s not subscribed on %s: reconnecting", strings.Join(down, ", "), q.cfg.Addr)
+	}
+	return nil
 }
 
 // read receives everything on the subscriber connection and calls the

@@ -10,6 +10,8 @@
 //
 // or open http://127.0.0.1:8080/ in a browser: the page there subscribes
 // with the JavaScript client (clients/js) and shows the item change live.
+// The same address serves Prometheus metrics on /metrics, and liveness and
+// readiness probes on /healthz and /readyz (docs/operations.md).
 //
 // Or run several instances on NSQ, sharing one item file as servers share a
 // database: instance 8080 changes the item, and the clients of 8081 see it
@@ -45,9 +47,13 @@ import (
 	"time"
 
 	"github.com/gorilla/mux"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/sirupsen/logrus"
 
 	"github.com/entity-sync/entity-sync/entitysync"
+	"github.com/entity-sync/entity-sync/esmetrics"
 	"github.com/entity-sync/entity-sync/shared"
 )
 
@@ -56,6 +62,14 @@ const entityItems shared.EntityType = "items"
 
 // demoItemID is the item the demo keeps changing.
 const demoItemID = "100"
+
+// The operator's endpoints: Prometheus metrics, liveness and readiness
+// probes (see docs/operations.md).
+const (
+	metricsPath   = "/metrics"
+	livenessPath  = "/healthz"
+	readinessPath = "/readyz"
+)
 
 // shutdownTimeout bounds a graceful shutdown, so a stuck client cannot keep
 // the process alive after Ctrl-C.
@@ -130,16 +144,33 @@ func run(ctx context.Context, cfg config, ln net.Listener) error {
 	log := cfg.Log.WithField("addr", ln.Addr().String())
 
 	// With no NSQ address, New picks the in-process queue.
-	es, err := entitysync.New(entitysync.Config{
+	esCfg := entitysync.Config{
 		Mux:             mux.NewRouter(),
 		NSQDAddrs:       cfg.NSQDAddrs,
 		NSQLookupdAddrs: cfg.LookupdAddrs,
 		Logger:          cfg.Log,
-	})
+	}
+	// Metrics: Instrument before New (it hooks the fetch rounds), Register
+	// after. The registry is the demo's own, with the Go runtime's and the
+	// process's metrics beside entity-sync's.
+	metrics := esmetrics.Instrument(&esCfg)
+	es, err := entitysync.New(esCfg)
 	if err != nil {
 		ln.Close()
 		return fmt.Errorf("set up entity-sync: %w", err)
 	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if err := metrics.Register(reg, es); err != nil {
+		ln.Close()
+		return errors.Join(fmt.Errorf("register metrics: %w", err), es.Close(context.Background()))
+	}
+	// The operator's endpoints (docs/operations.md). A real deployment
+	// would serve them on an address the load balancer and Prometheus
+	// reach but the public does not.
+	es.Mux.Handle(metricsPath, promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	es.Mux.Handle(livenessPath, es.LivenessHandler())
+	es.Mux.Handle(readinessPath, es.ReadinessHandler())
 
 	// The fetch function is how the library reads an entity: it is called once
 	// per change on each server that has subscribers for the key, and its rows
@@ -181,6 +212,7 @@ func run(ctx context.Context, cfg config, ln net.Listener) error {
 	go func() { serveErr <- srv.Serve(ln) }()
 	log.WithField("endpoint", "ws://"+ln.Addr().String()+shared.WebsocketPath).
 		WithField("page", "http://"+ln.Addr().String()+"/").
+		WithField("metrics", "http://"+ln.Addr().String()+metricsPath).
 		WithField("queue", queueName(cfg)).
 		Info("serving; subscribe to items/" + demoItemID)
 
