@@ -9,6 +9,8 @@
 // Open one in each of two windows, create a list in one and open it in the
 // other (the home page lists it): add, edit, tick or delete an item on
 // either side and the other shows it at once. Ctrl-C stops everything.
+// Each server also serves Prometheus metrics on /metrics, and liveness and
+// readiness probes on /healthz and /readyz (docs/operations.md).
 //
 // With PostgreSQL as both the database and the queue between the servers
 // (LISTEN/NOTIFY; a trigger on the items table notifies every write, even

@@ -243,6 +243,35 @@ func TestTwoServersShareSQLiteThroughNSQ(t *testing.T) {
 	a := runTestServer(t, openTestSQLite(t, dir), nsqd.TCPAddr())
 	b := runTestServer(t, openTestSQLite(t, dir), nsqd.TCPAddr())
 	exercise(t, a, b)
+
+	// The operator's endpoints: probes, and metrics that counted the above
+	// (server b holds the test's one subscription and fetched the list).
+	for path, want := range map[string]string{"/healthz": "ok\n", "/readyz": "ready\n"} {
+		if status, body := get(t, b+path); status != 200 || body != want {
+			t.Errorf("%s: %d %q, want 200 %q", path, status, body, want)
+		}
+	}
+	_, metrics := get(t, b+"/metrics")
+	for _, want := range []string{"\nentitysync_subscriptions 1\n", "\nentitysync_ready 1\n", "\nentitysync_fetches_total ", "\ngo_goroutines "} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("/metrics lacks %q", strings.TrimSpace(want))
+		}
+	}
+}
+
+// get returns the status and body of a GET.
+func get(t *testing.T, url string) (int, string) {
+	t.Helper()
+	res, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	b, err := io.ReadAll(res.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res.StatusCode, string(b)
 }
 
 // With Postgres, the trigger notifies at commit (the app does not), and a

@@ -11,10 +11,14 @@ import (
 	"time"
 
 	"github.com/gorilla/mux"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/sirupsen/logrus"
 
 	esjs "github.com/entity-sync/entity-sync/clients/js"
 	"github.com/entity-sync/entity-sync/entitysync"
+	"github.com/entity-sync/entity-sync/esmetrics"
 	"github.com/entity-sync/entity-sync/esq/pgq"
 	"github.com/entity-sync/entity-sync/shared"
 )
@@ -60,10 +64,17 @@ func serve(ctx context.Context, cfg serverConfig, ln net.Listener) error {
 		}
 		esCfg.Queue = q // es.Close closes it
 	}
+	metrics := esmetrics.Instrument(&esCfg) // before New: it times the fetch rounds
 	es, err := entitysync.New(esCfg)
 	if err != nil {
 		ln.Close()
 		return fmt.Errorf("set up entity-sync: %w", err)
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if err := metrics.Register(reg, es); err != nil {
+		ln.Close()
+		return errors.Join(fmt.Errorf("register metrics: %w", err), es.Close(context.Background()))
 	}
 
 	// How entity-sync reads a list: once per change on each server that has
@@ -97,6 +108,12 @@ func serve(ctx context.Context, cfg serverConfig, ln net.Listener) error {
 	r.HandleFunc("/", page).Methods(http.MethodGet)
 	r.HandleFunc("/lists/{list}", page).Methods(http.MethodGet)
 	r.Handle("/entity-sync.js", esjs.Handler()).Methods(http.MethodGet) // the JavaScript client
+	// The operator's endpoints (docs/operations.md): Prometheus metrics, and
+	// the probes a load balancer or orchestrator asks. A real deployment
+	// serves them where only those reach.
+	r.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	r.Handle("/healthz", es.LivenessHandler())
+	r.Handle("/readyz", es.ReadinessHandler())
 
 	srv := &http.Server{Handler: r, ReadHeaderTimeout: 10 * time.Second}
 	serveErr := make(chan error, 1)
