@@ -20,10 +20,11 @@ NSQD1_HTTP   ?= 4151
 NSQD2_TCP    ?= 4152
 NSQD2_HTTP   ?= 4153
 
-.PHONY: help run client test fmt vet nsq cluster clean
+.PHONY: help todo run client test fmt vet nsq cluster clean
 
 help:
-	@echo 'make run      run the demo server (in-process queue; ARGS=... for flags)'
+	@echo 'make todo     run the todo demo: two servers, SQLite, NSQ between them (ARGS=... for flags)'
+	@echo 'make run      run the basic demo server (in-process queue; ARGS=... for flags)'
 	@echo 'make client   run the demo client (subscribes to items/100)'
 	@echo 'make test     run every test: Go with the race detector, then test-js'
 	@echo 'make test-js  run the JavaScript client tests (node + headless Chromium)'
@@ -36,6 +37,9 @@ help:
 	@echo 'make nsq      build nsqd and nsqlookupd v1.3.0 into ./bin'
 	@echo 'make cluster  run nsqlookupd + two nsqd locally until Ctrl-C'
 	@echo 'make soak     3-minute soak run with faults (SOAK_DURATION=60s, SOAK_ARGS=...)'
+
+todo:
+	$(GO) run ./examples/todo $(ARGS)
 
 run:
 	$(GO) run ./examples/basic $(ARGS)

@@ -93,19 +93,7 @@ func runServer(cfg config) int {
 			next.ServeHTTP(w, r)
 		})
 	})
-	mux.HandleFunc("/write", func(w http.ResponseWriter, r *http.Request) {
-		id := r.URL.Query().Get("id")
-		var out row
-		if err := storeCall(r.Context(), storeClient, cfg.store+"/bump?id="+id+"&by="+url.QueryEscape(cfg.listen), &out); err != nil {
-			http.Error(w, "store: "+err.Error(), http.StatusBadGateway)
-			return
-		}
-		if err := es.NotifyAllOfChange(shared.EntityKey{Entity: entity, ID: id}); err != nil {
-			http.Error(w, "notify: "+err.Error(), http.StatusServiceUnavailable)
-			return
-		}
-		writeJSON(w, out)
-	})
+	mux.HandleFunc("/write", writeHandler(storeClient, cfg.store, cfg.listen, es.NotifyAllOfChange))
 	mux.HandleFunc("/notify", func(w http.ResponseWriter, r *http.Request) {
 		if err := es.NotifyAllOfChange(shared.EntityKey{Entity: entity, ID: r.URL.Query().Get("id")}); err != nil {
 			http.Error(w, "notify: "+err.Error(), http.StatusServiceUnavailable)
@@ -168,6 +156,38 @@ func runServer(cfg config) int {
 		return fail("close: %v", cerr)
 	}
 	return 0
+}
+
+// writeHandler serves /write: it bumps a key's version in the store, then
+// notifies the change. Two rules every application calling
+// NotifyAllOfChange must keep, which the soak's own first version broke:
+//
+//   - The write does not take the request's context. A client that gives
+//     up (the orchestrator's 3 s timeout, while this server was SIGSTOPped)
+//     must not cancel a write that may already have reached the store: the
+//     store applied it, this server saw "context canceled" and skipped the
+//     notification, and the other servers, which had fetched before the
+//     write, kept the old version for good.
+//   - A write whose outcome is unknown (an error after the request went
+//     out) is notified anyway: a needless notification costs one fetch, a
+//     missing one leaves clients stale.
+func writeHandler(hc *http.Client, store, by string, notify func(shared.EntityKey) error) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		id := r.URL.Query().Get("id")
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), 10*time.Second)
+		defer cancel()
+		var out row
+		werr := storeCall(ctx, hc, store+"/bump?id="+url.QueryEscape(id)+"&by="+url.QueryEscape(by), &out)
+		nerr := notify(shared.EntityKey{Entity: entity, ID: id})
+		switch {
+		case werr != nil:
+			http.Error(w, "store: "+werr.Error(), http.StatusBadGateway)
+		case nerr != nil:
+			http.Error(w, "notify: "+nerr.Error(), http.StatusServiceUnavailable)
+		default:
+			writeJSON(w, out)
+		}
+	}
 }
 
 // storeCall POSTs to the store and decodes its answer into out.

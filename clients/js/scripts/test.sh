@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of the JavaScript client: the node tests (against a
 # scripted server and against the real Go servers of testserver/) and the
-# browser test in headless Chromium. Installs what is missing first:
+# browser tests in headless Chromium (the client's, and the todo demo's,
+# which writes screenshots to test-results/). Installs what is missing first:
 # the npm devDependencies (npm ci, from package-lock.json) and, as root on
 # Debian, the chromium package. Needs Go, Node.js 20+ and npm.
 #
@@ -42,10 +43,10 @@ if [ ! -x "$chromium" ]; then
 	fi
 fi
 
-# Build the Go test server once for every test file.
+# Build the Go test server and the todo demo once for every test file.
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-(cd "$repo" && go build -o "$tmp/testserver" ./clients/js/testserver)
-export ES_TESTSERVER="$tmp/testserver" CHROMIUM_PATH="$chromium"
+(cd "$repo" && go build -o "$tmp/testserver" ./clients/js/testserver && go build -o "$tmp/todo" ./examples/todo)
+export ES_TESTSERVER="$tmp/testserver" ES_TODO="$tmp/todo" CHROMIUM_PATH="$chromium"
 
 node --test test/node/ test/browser/

@@ -2,6 +2,7 @@
 // (testserver/main.go) and records callbacks as awaitable events.
 
 import { spawn, execFile } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, dirname, resolve } from 'node:path';
@@ -54,6 +55,39 @@ export async function startTestServer() {
     await rm(dir, { recursive: true, force: true });
   }
   return { ...info, control, stop };
+}
+
+/**
+ * Starts headless Chromium (Debian's, CHROMIUM_PATH to override) with a
+ * fresh profile. Returns a playwright-core BrowserContext whose close()
+ * also removes the profile.
+ */
+export async function launchChromium() {
+  const { chromium } = await import('playwright-core');
+  const executablePath = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
+  if (!existsSync(executablePath)) {
+    throw new Error(`no Chromium at ${executablePath}: run scripts/test.sh (installs Debian's chromium) or set CHROMIUM_PATH`);
+  }
+  const profile = await mkdtemp(join(tmpdir(), 'es-chromium-'));
+  const context = await chromium.launchPersistentContext(profile, {
+    executablePath,
+    headless: true,
+    args: [
+      '--no-sandbox',
+      '--disable-gpu',
+      '--disable-quic',
+      '--no-first-run',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+    ],
+  });
+  const close = context.close.bind(context);
+  context.close = async () => {
+    await close();
+    await rm(profile, { recursive: true, force: true });
+  };
+  return context;
 }
 
 /** Rejects with a message naming what did not happen within ms. */

@@ -4,45 +4,20 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { existsSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { chromium } from 'playwright-core';
 
-import { startTestServer, WAIT } from '../helpers.js';
-
-const executablePath = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
+import { startTestServer, launchChromium, WAIT } from '../helpers.js';
 
 let srv;
 let context;
-let profile;
 
 before(async () => {
-  if (!existsSync(executablePath)) {
-    throw new Error(`no Chromium at ${executablePath}: run scripts/test.sh (installs Debian's chromium) or set CHROMIUM_PATH`);
-  }
   srv = await startTestServer();
-  profile = await mkdtemp(join(tmpdir(), 'es-chromium-'));
-  context = await chromium.launchPersistentContext(profile, {
-    executablePath,
-    headless: true,
-    args: [
-      '--no-sandbox',
-      '--disable-gpu',
-      '--disable-quic',
-      '--no-first-run',
-      '--disable-background-networking',
-      '--disable-component-update',
-      '--disable-sync',
-    ],
-  });
+  context = await launchChromium();
 });
 
 after(async () => {
   await context?.close();
   await srv?.stop();
-  if (profile) await rm(profile, { recursive: true, force: true });
 });
 
 const bump = (server, id) => srv.control(`/bump?server=${server}&id=${id}`).then((r) => r.v);

@@ -1,0 +1,233 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+	"unicode/utf8"
+
+	"github.com/gorilla/mux"
+	"github.com/sirupsen/logrus"
+
+	"github.com/entity-sync/entity-sync/entitysync"
+	"github.com/entity-sync/entity-sync/shared"
+)
+
+// The HTTP API the page writes through. Every answer is JSON; an error is
+// {"error":"message"} with a 4xx status for bad input, so the page can show
+// the message as it is.
+//
+//	GET    /api/lists                      the newest lists
+//	POST   /api/lists            {title}   create a list
+//	GET    /api/lists/{id}                 one list (404 if unknown)
+//	POST   /api/lists/{id}/items {title}   add an item
+//	PATCH  /api/lists/{id}/items/{item} {title?, done?}   edit or tick an item
+//	DELETE /api/lists/{id}/items/{item}    delete an item
+//
+// Reads of a list's items go through entity-sync, not this API: the page
+// subscribes to the key {"entity":"list","id":ID} and gets the items on
+// every change.
+
+const (
+	// maxTitle is the longest title, in characters. The server is the one
+	// place that enforces it, so every client gets the same message.
+	maxTitle = 200
+	// maxBody bounds a request body; anything larger is refused unread.
+	maxBody = 16 << 10
+)
+
+// api serves the HTTP API over the store and tells entity-sync about writes.
+type api struct {
+	db  *store
+	es  *entitysync.EntitySync
+	log logrus.FieldLogger
+}
+
+func (a *api) routes(r *mux.Router) {
+	r.HandleFunc("/api/lists", a.getLists).Methods(http.MethodGet)
+	r.HandleFunc("/api/lists", a.createList).Methods(http.MethodPost)
+	r.HandleFunc("/api/lists/{list}", a.getList).Methods(http.MethodGet)
+	r.HandleFunc("/api/lists/{list}/items", a.addItem).Methods(http.MethodPost)
+	r.HandleFunc("/api/lists/{list}/items/{item}", a.updateItem).Methods(http.MethodPatch)
+	r.HandleFunc("/api/lists/{list}/items/{item}", a.deleteItem).Methods(http.MethodDelete)
+	r.NotFoundHandler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, "nothing at %s", r.URL.Path)
+	})
+	r.MethodNotAllowedHandler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusMethodNotAllowed, "%s is not allowed on %s", r.Method, r.URL.Path)
+	})
+}
+
+func (a *api) getLists(w http.ResponseWriter, r *http.Request) {
+	ls, err := a.db.lists(r.Context())
+	if err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, ls)
+}
+
+func (a *api) createList(w http.ResponseWriter, r *http.Request) {
+	var req struct {
+		Title string `json:"title"`
+	}
+	if !readJSON(w, r, &req) || !validTitle(w, &req.Title) {
+		return
+	}
+	l, err := a.db.createList(r.Context(), req.Title)
+	if err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusCreated, l)
+}
+
+func (a *api) getList(w http.ResponseWriter, r *http.Request) {
+	l, err := a.db.list(r.Context(), mux.Vars(r)["list"])
+	if err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, l)
+}
+
+func (a *api) addItem(w http.ResponseWriter, r *http.Request) {
+	var req struct {
+		Title string `json:"title"`
+	}
+	if !readJSON(w, r, &req) || !validTitle(w, &req.Title) {
+		return
+	}
+	listID := mux.Vars(r)["list"]
+	it, err := a.db.addItem(r.Context(), listID, req.Title)
+	if err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	a.changed(w, r, listID, http.StatusCreated, it)
+}
+
+func (a *api) updateItem(w http.ResponseWriter, r *http.Request) {
+	listID, id, ok := itemPath(w, r)
+	var req struct {
+		Title *string `json:"title"`
+		Done  *bool   `json:"done"`
+	}
+	if !ok || !readJSON(w, r, &req) {
+		return
+	}
+	if req.Title == nil && req.Done == nil {
+		writeError(w, http.StatusBadRequest, `nothing to change: send "title" and/or "done"`)
+		return
+	}
+	if req.Title != nil && !validTitle(w, req.Title) {
+		return
+	}
+	it, err := a.db.updateItem(r.Context(), listID, id, req.Title, req.Done)
+	if err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	a.changed(w, r, listID, http.StatusOK, it)
+}
+
+func (a *api) deleteItem(w http.ResponseWriter, r *http.Request) {
+	listID, id, ok := itemPath(w, r)
+	if !ok {
+		return
+	}
+	if err := a.db.deleteItem(r.Context(), listID, id); err != nil {
+		a.fail(w, r, err)
+		return
+	}
+	a.changed(w, r, listID, http.StatusOK, struct{}{})
+}
+
+// changed answers a successful write to a list's items. With SQLite the app
+// tells every server that the list changed; each one that has subscribers
+// for it re-reads the items and pushes them. With Postgres the trigger has
+// already done so, at commit.
+func (a *api) changed(w http.ResponseWriter, r *http.Request, listID string, status int, body any) {
+	if !a.db.notifiesItself() {
+		if err := a.es.NotifyAllOfChange(shared.EntityKey{Entity: entityList, ID: listID}); err != nil {
+			a.log.WithError(err).WithField("list", listID).Error("notify")
+			writeError(w, http.StatusServiceUnavailable, "saved, but the other pages could not be told: %v", err)
+			return
+		}
+	}
+	writeJSON(w, status, body)
+}
+
+// fail answers a store error: 404 for an unknown list or item, otherwise 500
+// (the database failed: not the user's fault) with the reason logged.
+func (a *api) fail(w http.ResponseWriter, r *http.Request, err error) {
+	if errors.Is(err, errNotFound) {
+		v := mux.Vars(r)
+		if id, ok := v["item"]; ok {
+			writeError(w, http.StatusNotFound, "no item %s in list %q", id, v["list"])
+		} else {
+			writeError(w, http.StatusNotFound, "no list %q", v["list"])
+		}
+		return
+	}
+	a.log.WithError(err).WithField("path", r.URL.Path).Error("database")
+	writeError(w, http.StatusInternalServerError, "the database failed: %v", err)
+}
+
+// itemPath reads the list and item ids from the path; an item id that is not
+// a number cannot exist.
+func itemPath(w http.ResponseWriter, r *http.Request) (listID string, id int64, ok bool) {
+	v := mux.Vars(r)
+	id, err := strconv.ParseInt(v["item"], 10, 64)
+	if err != nil {
+		writeError(w, http.StatusNotFound, "no item %q in list %q", v["item"], v["list"])
+		return "", 0, false
+	}
+	return v["list"], id, true
+}
+
+// readJSON decodes the request body into v, or answers why it cannot.
+func readJSON(w http.ResponseWriter, r *http.Request, v any) bool {
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
+	err := dec.Decode(v)
+	var tooLarge *http.MaxBytesError
+	var wrongType *json.UnmarshalTypeError
+	switch {
+	case errors.As(err, &tooLarge):
+		writeError(w, http.StatusRequestEntityTooLarge, "the request is larger than %d bytes", maxBody)
+	case errors.As(err, &wrongType) && wrongType.Field != "":
+		writeError(w, http.StatusBadRequest, "%q must be a %s, not a %s", wrongType.Field, wrongType.Type.Kind(), wrongType.Value)
+	case errors.As(err, &wrongType):
+		writeError(w, http.StatusBadRequest, "the request must be a JSON object, not a %s", wrongType.Value)
+	case err != nil:
+		writeError(w, http.StatusBadRequest, "the request is not valid JSON: %v", err)
+	}
+	return err == nil
+}
+
+// validTitle trims *title and checks it, or answers what is wrong with it.
+func validTitle(w http.ResponseWriter, title *string) bool {
+	*title = strings.TrimSpace(*title)
+	switch n := utf8.RuneCountInString(*title); {
+	case n == 0:
+		writeError(w, http.StatusBadRequest, "the title is empty")
+	case n > maxTitle:
+		writeError(w, http.StatusBadRequest, "the title is too long: %d characters, at most %d", n, maxTitle)
+	default:
+		return true
+	}
+	return false
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+func writeError(w http.ResponseWriter, status int, format string, args ...any) {
+	writeJSON(w, status, map[string]string{"error": fmt.Sprintf(format, args...)})
+}

@@ -1,0 +1,506 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"reflect"
+	"regexp"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sirupsen/logrus"
+
+	"github.com/entity-sync/entity-sync/esclient"
+	"github.com/entity-sync/entity-sync/internal/nsqtest"
+	"github.com/entity-sync/entity-sync/internal/pgtest"
+	"github.com/entity-sync/entity-sync/shared"
+)
+
+// wait bounds every wait in these tests.
+const wait = 15 * time.Second
+
+// TestMain lets the launcher tests run this test binary as the todo command
+// itself (and the launcher, in turn, as its servers), without a go build.
+func TestMain(m *testing.M) {
+	if os.Getenv("TODO_TEST_RUN_MAIN") != "" {
+		main()
+		return
+	}
+	os.Exit(m.Run())
+}
+
+// runTestServer runs one todo server on a free port until the test ends and
+// returns its base URL ("http://127.0.0.1:port").
+func runTestServer(t *testing.T, db *store, nsqd string) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := logrus.New()
+	log.SetLevel(logrus.WarnLevel)
+	ctx, cancel := context.WithCancel(context.Background())
+	ready := make(chan struct{})
+	done := make(chan error, 1)
+	go func() {
+		done <- serve(ctx, serverConfig{DB: db, NSQD: nsqd, Log: log, Ready: func(string) { close(ready) }}, ln)
+	}()
+	select {
+	case <-ready:
+	case err := <-done:
+		t.Fatalf("server did not start: %v", err)
+	}
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("server shutdown: %v", err)
+		}
+	})
+	return "http://" + ln.Addr().String()
+}
+
+func openTestSQLite(t *testing.T, dir string) *store {
+	t.Helper()
+	db, err := openSQLite(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { db.Close() })
+	return db
+}
+
+// call sends a JSON request and returns the status and the decoded body.
+func call(t *testing.T, method, url, body string) (int, map[string]any) {
+	t.Helper()
+	req, err := http.NewRequest(method, url, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	raw, err := io.ReadAll(res.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ct := res.Header.Get("Content-Type"); ct != "application/json" {
+		t.Fatalf("%s %s: Content-Type %q, body %s", method, url, ct, raw)
+	}
+	var v map[string]any
+	if len(raw) > 0 && raw[0] == '{' {
+		if err := json.Unmarshal(raw, &v); err != nil {
+			t.Fatalf("%s %s: %v in %s", method, url, err, raw)
+		}
+	}
+	return res.StatusCode, v
+}
+
+// mustCall is call for a request that must succeed.
+func mustCall(t *testing.T, method, url, body string) map[string]any {
+	t.Helper()
+	status, v := call(t, method, url, body)
+	if status >= 300 {
+		t.Fatalf("%s %s %s: %d %v", method, url, body, status, v)
+	}
+	return v
+}
+
+func TestAPIBadInputGets4xxWithAMessage(t *testing.T) {
+	db := openTestSQLite(t, t.TempDir())
+	base := runTestServer(t, db, "")
+	list := mustCall(t, "POST", base+"/api/lists", `{"title":"Groceries"}`)["id"].(string)
+	mustCall(t, "POST", base+"/api/lists/"+list+"/items", `{"title":"Milk"}`) // item 1
+	items := base + "/api/lists/" + list + "/items"
+
+	for _, tc := range []struct {
+		method, path, body string
+		status             int
+		message            string
+	}{
+		{"POST", "/api/lists", `{"title":""}`, 400, "the title is empty"},
+		{"POST", "/api/lists", `{"title":"   "}`, 400, "the title is empty"},
+		{"POST", "/api/lists", `{}`, 400, "the title is empty"},
+		{"POST", "/api/lists", `{"title":"` + strings.Repeat("x", 10_000) + `"}`, 400, "the title is too long: 10000 characters, at most 200"},
+		{"POST", "/api/lists", `{"title":"` + strings.Repeat("x", 20_000) + `"}`, 413, "larger than 16384 bytes"},
+		{"POST", "/api/lists", `{"title":5}`, 400, `"title" must be a string, not a number`},
+		{"POST", "/api/lists", `["x"]`, 400, "must be a JSON object, not a array"},
+		{"POST", "/api/lists", `{"title":`, 400, "not valid JSON"},
+		{"PUT", "/api/lists", `{}`, 405, "PUT is not allowed on /api/lists"},
+		{"GET", "/api/lists/nope", ``, 404, `no list "nope"`},
+		{"POST", "/api/lists/nope/items", `{"title":"Milk"}`, 404, `no list "nope"`},
+		{"POST", "/api/lists/" + list + "/items", `{"title":""}`, 400, "the title is empty"},
+		{"POST", "/api/lists/" + list + "/items", `{"title":"` + strings.Repeat("é", 201) + `"}`, 400, "201 characters, at most 200"},
+		{"PATCH", "/api/lists/" + list + "/items/1", `{}`, 400, "nothing to change"},
+		{"PATCH", "/api/lists/" + list + "/items/1", `{"title":""}`, 400, "the title is empty"},
+		{"PATCH", "/api/lists/" + list + "/items/1", `{"done":"yes"}`, 400, `"done" must be a bool`},
+		{"PATCH", "/api/lists/" + list + "/items/99", `{"done":true}`, 404, `no item 99 in list "` + list + `"`},
+		{"PATCH", "/api/lists/nope/items/1", `{"done":true}`, 404, `no item 1 in list "nope"`},
+		{"DELETE", "/api/lists/" + list + "/items/abc", ``, 404, `no item "abc"`},
+		{"DELETE", "/api/lists/" + list + "/items/99", ``, 404, `no item 99`},
+		{"GET", "/nothing/here", ``, 404, "nothing at /nothing/here"},
+	} {
+		status, v := call(t, tc.method, base+tc.path, tc.body)
+		msg, _ := v["error"].(string)
+		if status != tc.status || !strings.Contains(msg, tc.message) {
+			t.Errorf("%s %s %.40s: got %d %q, want %d with %q", tc.method, tc.path, tc.body, status, msg, tc.status, tc.message)
+		}
+	}
+
+	// None of it hurt the list: item 1 is intact, and writes still work.
+	mustCall(t, "PATCH", items+"/1", `{"done":true,"title":"  Oat milk "}`)
+	got, err := db.items(context.Background(), list)
+	if want := []item{{ID: 1, Title: "Oat milk", Done: true}}; err != nil || !reflect.DeepEqual(got, want) {
+		t.Errorf("items: %v %v, want %v", got, err, want)
+	}
+}
+
+// watch subscribes to a list on the server at base, as the page does, and
+// returns the items of each push, in order.
+func watch(t *testing.T, base, listID string) <-chan []item {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	c, err := esclient.Dial(ctx, "ws"+strings.TrimPrefix(base, "http")+shared.WebsocketPath, esclient.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	pushes := make(chan []item, 1000)
+	c.Subscribe(shared.EntityKey{Entity: entityList, ID: listID}, func(rows []json.RawMessage) {
+		items := make([]item, len(rows))
+		for i, row := range rows {
+			if err := json.Unmarshal(row, &items[i]); err != nil {
+				t.Errorf("row %s: %v", row, err)
+			}
+		}
+		pushes <- items
+	}, func() { pushes <- []item{} })
+	return pushes
+}
+
+// awaitItems waits until a push holds exactly want.
+func awaitItems(t *testing.T, pushes <-chan []item, want ...item) {
+	t.Helper()
+	if want == nil {
+		want = []item{}
+	}
+	timeout := time.After(wait)
+	var last []item
+	for {
+		select {
+		case last = <-pushes:
+			if reflect.DeepEqual(last, want) {
+				return
+			}
+		case <-timeout:
+			t.Fatalf("the list shows %v, want %v", last, want)
+		}
+	}
+}
+
+// exercise makes changes through server a and checks that a page on server
+// b sees each of them.
+func exercise(t *testing.T, a, b string) (listID string) {
+	t.Helper()
+	listID = mustCall(t, "POST", a+"/api/lists", `{"title":"Groceries"}`)["id"].(string)
+	if status, v := call(t, "GET", b+"/api/lists/"+listID, ""); status != 200 || v["title"] != "Groceries" {
+		t.Fatalf("server b does not know the list: %d %v", status, v)
+	}
+	onB := watch(t, b, listID)
+	awaitItems(t, onB) // empty: "gone"
+
+	items := a + "/api/lists/" + listID + "/items"
+	milk := int64(mustCall(t, "POST", items, `{"title":"Milk"}`)["id"].(float64))
+	awaitItems(t, onB, item{ID: milk, Title: "Milk"})
+	bread := int64(mustCall(t, "POST", items, `{"title":"Bread"}`)["id"].(float64))
+	awaitItems(t, onB, item{ID: milk, Title: "Milk"}, item{ID: bread, Title: "Bread"})
+	mustCall(t, "PATCH", fmt.Sprint(items, "/", milk), `{"done":true}`)
+	mustCall(t, "PATCH", fmt.Sprint(items, "/", bread), `{"title":"Rye bread"}`)
+	awaitItems(t, onB, item{ID: milk, Title: "Milk", Done: true}, item{ID: bread, Title: "Rye bread"})
+	mustCall(t, "DELETE", fmt.Sprint(items, "/", milk), "")
+	awaitItems(t, onB, item{ID: bread, Title: "Rye bread"})
+	return listID
+}
+
+// Two servers, each with its own connection to one SQLite file, and NSQ
+// between them: what is written through one is pushed by the other.
+func TestTwoServersShareSQLiteThroughNSQ(t *testing.T) {
+	dir := t.TempDir()
+	nsqd := nsqtest.StartNSQD(t)
+	a := runTestServer(t, openTestSQLite(t, dir), nsqd.TCPAddr())
+	b := runTestServer(t, openTestSQLite(t, dir), nsqd.TCPAddr())
+	exercise(t, a, b)
+
+	// The operator's endpoints: probes, and metrics that counted the above
+	// (server b holds the test's one subscription and fetched the list).
+	for path, want := range map[string]string{"/healthz": "ok\n", "/readyz": "ready\n"} {
+		if status, body := get(t, b+path); status != 200 || body != want {
+			t.Errorf("%s: %d %q, want 200 %q", path, status, body, want)
+		}
+	}
+	_, metrics := get(t, b+"/metrics")
+	for _, want := range []string{"\nentitysync_subscriptions 1\n", "\nentitysync_ready 1\n", "\nentitysync_fetches_total ", "\ngo_goroutines "} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("/metrics lacks %q", strings.TrimSpace(want))
+		}
+	}
+}
+
+// get returns the status and body of a GET.
+func get(t *testing.T, url string) (int, string) {
+	t.Helper()
+	res, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer res.Body.Close()
+	b, err := io.ReadAll(res.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res.StatusCode, string(b)
+}
+
+// With Postgres, the trigger notifies at commit (the app does not), and a
+// write from another program (SQL straight to the table) is pushed too.
+func TestTwoServersSharePostgres(t *testing.T) {
+	pool := pgtest.Pool(t)
+	schema := pgtest.Schema(t, pool)
+	dsn := pgtest.DSN()
+	if strings.Contains(dsn, "?") {
+		dsn += "&search_path=" + schema
+	} else {
+		dsn += "?search_path=" + schema
+	}
+	open := func() *store {
+		db, err := openPostgres(context.Background(), dsn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { db.Close() })
+		return db
+	}
+	a, b := runTestServer(t, open(), ""), runTestServer(t, open(), "")
+	listID := exercise(t, a, b)
+
+	onA := watch(t, a, listID)
+	awaitItems(t, onA, item{ID: 2, Title: "Rye bread"})
+	pgtest.Exec(t, pool, "INSERT INTO "+schema+".todo_items (list_id, title, done) VALUES ($1, 'Eggs', true)", listID)
+	awaitItems(t, onA, item{ID: 2, Title: "Rye bread"}, item{ID: 3, Title: "Eggs", Done: true})
+}
+
+// launcher is the todo command run as a user runs it (this test binary
+// stands in for it, see TestMain), with two servers on free ports.
+type launcher struct {
+	cmd     *exec.Cmd
+	urls    []string // the two servers' URLs, as printed
+	servers []int    // the servers' process ids
+	exited  chan error
+	log     *os.File // its output, stdout and stderr
+}
+
+// output is what the launcher and its servers printed so far.
+func (l *launcher) output() string {
+	b, _ := os.ReadFile(l.log.Name())
+	return string(b)
+}
+
+var urlLine = regexp.MustCompile(`^\s+(http://127\.0\.0\.1:\d+)/$`)
+
+func startLauncher(t *testing.T) *launcher {
+	t.Helper()
+	if runtime.GOOS != "linux" {
+		t.Skip("finds the server processes through /proc")
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	log, err := os.Create(filepath.Join(dir, "output"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := &launcher{exited: make(chan error, 1), log: log}
+	l.cmd = exec.Command(exe, "-listen", "127.0.0.1:0,127.0.0.1:0", "-data", dir)
+	l.cmd.Env = append(os.Environ(), "TODO_TEST_RUN_MAIN=1")
+	l.cmd.Stderr = log
+	stdout, err := l.cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := l.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	urls := make(chan string, 2)
+	go func() {
+		lines := bufio.NewScanner(stdout)
+		for lines.Scan() {
+			fmt.Fprintln(l.log, lines.Text())
+			if m := urlLine.FindStringSubmatch(lines.Text()); m != nil {
+				urls <- m[1]
+			}
+		}
+		l.exited <- l.cmd.Wait()
+		log.Close()
+	}()
+	t.Cleanup(func() {
+		// Whatever the test did not stop, so that a failure leaves no process.
+		_ = l.cmd.Process.Kill()
+		for _, pid := range l.servers {
+			if running(pid) {
+				_ = kill(pid)
+			}
+		}
+		if t.Failed() {
+			t.Logf("the launcher's output:\n%s", l.output())
+		}
+	})
+	for len(l.urls) < 2 {
+		select {
+		case u := <-urls:
+			l.urls = append(l.urls, u)
+		case err := <-l.exited:
+			t.Fatalf("the launcher exited (%v) before printing two URLs:\n%s", err, l.output())
+		case <-time.After(time.Minute):
+			t.Fatalf("the launcher printed no two URLs within a minute:\n%s", l.output())
+		}
+	}
+	l.servers = childrenOf(t, l.cmd.Process.Pid)
+	if len(l.servers) != 2 {
+		t.Fatalf("the launcher has %d child processes, want 2", len(l.servers))
+	}
+	return l
+}
+
+// awaitExit waits for the launcher to exit and returns its exit error.
+func (l *launcher) awaitExit(t *testing.T) error {
+	t.Helper()
+	select {
+	case err := <-l.exited:
+		return err
+	case <-time.After(2 * shutdownTimeout):
+		t.Fatalf("the launcher did not exit")
+		return nil
+	}
+}
+
+// awaitServersGone waits until no server process runs any more. They are not
+// our children, so there is nothing to wait on but /proc.
+func (l *launcher) awaitServersGone(t *testing.T) {
+	t.Helper()
+	deadline := time.Now().Add(2 * shutdownTimeout)
+	for _, pid := range l.servers {
+		for running(pid) {
+			if time.Now().After(deadline) {
+				t.Fatalf("server process %d still runs", pid)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+}
+
+// kill ends process pid at once.
+func kill(pid int) error {
+	p, err := os.FindProcess(pid)
+	if err != nil {
+		return err
+	}
+	return p.Kill()
+}
+
+// childrenOf lists the processes whose parent is pid.
+func childrenOf(t *testing.T, pid int) []int {
+	t.Helper()
+	stats, err := filepath.Glob("/proc/[0-9]*/stat")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var kids []int
+	for _, f := range stats {
+		var child, parent int
+		var state string
+		if b, err := os.ReadFile(f); err == nil && parseStat(b, &child, &state, &parent) && parent == pid {
+			kids = append(kids, child)
+		}
+	}
+	return kids
+}
+
+// running reports whether process pid exists and is not a zombie (an exited
+// process nobody reaped).
+func running(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	var p, parent int
+	var state string
+	return err == nil && parseStat(b, &p, &state, &parent) && state != "Z"
+}
+
+// parseStat reads pid, state and parent pid from /proc/PID/stat ("pid (comm)
+// state ppid ..."; comm may hold spaces and parentheses).
+func parseStat(b []byte, pid *int, state *string, parent *int) bool {
+	s := string(b)
+	open, end := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
+	if open < 0 || end < open {
+		return false
+	}
+	_, err1 := fmt.Sscan(s[:open], pid)
+	_, err2 := fmt.Sscan(s[end+1:], state, parent)
+	return err1 == nil && err2 == nil
+}
+
+// The one command: two server processes sharing the database and nsqd;
+// Ctrl-C stops all of them, cleanly.
+func TestLauncherRunsTwoServersUntilCtrlC(t *testing.T) {
+	l := startLauncher(t)
+	exercise(t, l.urls[0], l.urls[1])
+	if err := l.cmd.Process.Signal(os.Interrupt); err != nil {
+		t.Fatal(err)
+	}
+	if err := l.awaitExit(t); err != nil {
+		t.Errorf("the launcher exited with %v after Ctrl-C, want 0", err)
+	}
+	l.awaitServersGone(t)
+}
+
+// A launcher killed outright leaves no server behind: each stops when its
+// stdin, held open by the launcher, closes.
+func TestLauncherKilledLeavesNoServer(t *testing.T) {
+	l := startLauncher(t)
+	if err := l.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	l.awaitExit(t)
+	l.awaitServersGone(t)
+}
+
+// A server that dies takes the launcher and the other server down, with the
+// reason, rather than leaving a half-working demo.
+func TestLauncherStopsWhenAServerDies(t *testing.T) {
+	l := startLauncher(t)
+	if err := kill(l.servers[0]); err != nil {
+		t.Fatal(err)
+	}
+	err := l.awaitExit(t)
+	var exit *exec.ExitError
+	if !errors.As(err, &exit) || exit.ExitCode() != 1 {
+		t.Errorf("the launcher exited with %v, want exit status 1", err)
+	}
+	if !strings.Contains(l.output(), "stopped: signal: killed") {
+		t.Errorf("the launcher does not say which server stopped and why:\n%s", l.output())
+	}
+	l.awaitServersGone(t)
+}
