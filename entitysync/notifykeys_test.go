@@ -86,8 +86,7 @@ func TestNotifyKeysThroughNSQD(t *testing.T) {
 		t.Fatal(err)
 	}
 	resp.Body.Close()
-	ws.Await(wait, "items/1 pushed by a multi-key message", testkit.Is("items", "1", v1))
-	ws.Await(wait, "items/2 pushed by a multi-key message", testkit.Is("items", "2", v2))
+	ws.AwaitVersions(wait, map[shared.EntityKey]int{key("items", "1"): v1, key("items", "2"): v2})
 }
 
 // The same through the in-process queue.

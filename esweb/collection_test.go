@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/http/httptest"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -406,7 +407,12 @@ func TestBadRowIDs(t *testing.T) {
 		[]byte(`{"id":"#1"}`), // reads like a synthetic id: the bad row 1 gets another
 	}
 	e, srv := testkit.Serve(t, es.Config{Logger: testkit.SilentLogger()})
-	fetch := func(_ context.Context, _ shared.EntityKey) ([][]byte, error) { return rows, nil }
+	var mu sync.Mutex // the test changes rows while the server may fetch them
+	fetch := func(_ context.Context, _ shared.EntityKey) ([][]byte, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		return rows, nil
+	}
 	if err := e.RegisterCollection("lists", fetch, esdb.JSONField("id")); err != nil {
 		t.Fatal(err)
 	}
@@ -438,10 +444,12 @@ func TestBadRowIDs(t *testing.T) {
 		{[]string{`{"id":"a"}`, `{"id":"b2"}`, `{"id":"c"}`, `{"x":1}`}, []string{"a", "b2", "c", "#3"}},
 		{[]string{`{"id":"b"}`, `{"id":"a"}`}, []string{"b", "a"}},
 	} {
+		mu.Lock()
 		rows = nil
 		for _, r := range step.rows {
 			rows = append(rows, []byte(r))
 		}
+		mu.Unlock()
 		if err := e.NotifyAllOfChange(list1); err != nil {
 			t.Fatal(err)
 		}
