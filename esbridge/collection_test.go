@@ -201,3 +201,26 @@ func TestDiffsRespectTheRowFilter(t *testing.T) {
 		t.Fatal("a resume from the unfiltered version got a view")
 	}
 }
+
+// A state that comes back to the rows a connection holds, after states it
+// never got, is an empty diff from them: "unchanged" is only the answer to
+// a subscribe.
+func TestStateBackToTheRowsHeld(t *testing.T) {
+	b, store, rounds := collectionBridge(t)
+	store.Fill("1", 10, 20)
+	c := diffClient(b)
+	if err := c.Subscribe(k1); err != nil {
+		t.Fatal(err)
+	}
+	<-rounds
+	a := nextOne(t, c, k1)
+	store.Set("1", "r1", "b")
+	change(t, b, rounds) // pending, never taken
+	store.Fill("1", 10, 20)
+	change(t, b, rounds) // the rows of a again
+	u := nextOne(t, c, k1)
+	base, d := u.Diff()
+	if u.Unchanged() || d == nil || base != a.Version() || u.Version() != a.Version() || len(d.Upsert)+len(d.Remove)+len(d.Order) != 0 {
+		t.Fatalf("got unchanged=%v, diff %+v from %s to %s; want an empty diff from and to %s", u.Unchanged(), d, base, u.Version(), a.Version())
+	}
+}

@@ -167,9 +167,8 @@ func (u *Update) Diff() (base string, d *Diff) {
 }
 
 // Unchanged reports whether the update is a view made for a client that
-// already holds this state (it said so when subscribing, or the state came
-// back to rows it holds): the transport can say so instead of resending the
-// rows.
+// said, when subscribing, that it holds this state: the transport can say
+// so instead of resending the rows.
 func (u *Update) Unchanged() bool { return u.view != nil && u.view.unchanged }
 
 // Diff is the change from one state of a collection key to another, as
@@ -237,15 +236,14 @@ type (
 	unchangedKey struct{}              // on the update delivered: its "you have it" view
 )
 
-// viewFrom returns u as a client holding base sees it: an Unchanged view
-// when base has u's rows, else a Diff view. Views, and the diff under
-// them, are made once per base version and shared. They keep base's
-// version, never base itself, so a chain of states is not kept alive.
+// viewFrom returns u as a client holding base sees it: a Diff view (an
+// empty one when base has u's rows: the state came back to rows a client
+// that skipped the states between holds; "unchanged" is kept for answers to
+// a subscribe). Views, and the diff under them, are made once per base
+// version and shared. They keep base's version, never base itself, so a
+// chain of states is not kept alive.
 func (u *Update) viewFrom(base *Update) *Update {
 	v := base.Version()
-	if v == u.Version() {
-		return u.unchangedView()
-	}
 	if view, ok := u.memoLookup(viewKey{v}); ok {
 		return view.(*Update)
 	}
