@@ -268,4 +268,12 @@ func TestDiffFromAnotherBaseResubscribes(t *testing.T) {
 	if snap := s.next(); describe(snap.Changes) != "added:c" || !slices.Equal(snap.IDs, []string{"a", "b", "c"}) {
 		t.Fatalf("got %q %v", describe(snap.Changes), snap.IDs)
 	}
+	// An empty diff back to the same version (the key came back to these
+	// rows after states this client skipped) calls nothing, like
+	// "unchanged"; the next one applies from it.
+	diff(6, "v5", "v5")
+	diff(7, "v5", "v6", "d")
+	if snap := s.next(); describe(snap.Changes) != "added:d" {
+		t.Fatalf("after an empty diff: got %q", describe(snap.Changes))
+	}
 }

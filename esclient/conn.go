@@ -563,6 +563,13 @@ func (c *Client) applyState(cn *conn, f *inbound) {
 			}
 			return
 		}
+		if f.Version == f.Base && len(changes) == 0 {
+			// The key came back to the rows the client holds (after states
+			// it never got): nothing new for the application.
+			cn.lastSeq[key] = f.Seq
+			s.resyncing = false
+			return
+		}
 	default:
 		rows, ids := f.Rows, f.IDs
 		if f.Type == "gone" {

@@ -32,7 +32,8 @@ type Handlers struct {
 	// since the previous state (see Snapshot) and the state's version. For
 	// a key that is not a collection, IDs and Changes are empty. A server
 	// answering a resubscribe with "unchanged" (after a reconnect, nothing
-	// changed) calls no callback at all.
+	// changed) calls no callback at all, nor does a diff that brings the
+	// key back to the rows the client holds.
 	Changes func(s Snapshot)
 	// Error is called when the server refused the subscription (a
 	// *ServerError: unknown_entity, forbidden, invalid_key,
