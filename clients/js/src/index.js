@@ -825,12 +825,11 @@ function applyDiff(prev, f) {
       return bad('each upsert entry needs a string id and a row');
     }
   }
-  const before = prev.entries ?? NO_ENTRIES;
+  const before = prev.entries;
   const entries = new Map(before);
   let removed = 0;
   for (const id of remove) if (entries.delete(id)) removed++;
-  let ids = prev.ids ?? [];
-  ids = removed > 0 ? ids.filter((id) => entries.has(id)) : ids.slice();
+  let ids = removed > 0 ? prev.ids.filter((id) => entries.has(id)) : prev.ids.slice();
   for (const u of upsert) {
     if (!entries.has(u.id)) ids.push(u.id);
     entries.set(u.id, { row: u.row, json: JSON.stringify(u.row) });
@@ -848,25 +847,26 @@ function applyDiff(prev, f) {
   const rows = ids.map((id) => entries.get(id).row);
   const next = keyState(ids.length === 0, versionOf(f), rows, ids, entries);
 
-  // Only the ids the diff names can have changed.
+  // Only the ids the diff names can have changed. Listed as compareByID
+  // lists them, so that the application sees the same changes whether the
+  // server sent a diff or the full rows.
   const changes = [];
-  const named = new Set();
-  for (const id of remove) {
-    if (named.has(id)) continue;
-    named.add(id);
-    const old = before.get(id);
-    // A row removed and upserted again by one diff is held still: its net
-    // change, if any, is reported among the upserts.
-    if (old && !entries.has(id)) changes.push({ type: 'removed', id, row: old.row });
+  if (removed > 0) {
+    for (const id of prev.ids) {
+      if (!entries.has(id)) changes.push({ type: 'removed', id, row: before.get(id).row });
+    }
   }
-  const upserted = new Set();
-  for (const { id } of upsert) {
-    if (upserted.has(id)) continue;
-    upserted.add(id);
-    const old = before.get(id);
-    const now = entries.get(id);
-    if (!old) changes.push({ type: 'added', id, row: now.row });
-    else if (old.json !== now.json) changes.push({ type: 'modified', id, row: now.row });
+  if (upsert.length > 0) {
+    const upserted = new Set(upsert.map((u) => u.id));
+    for (const id of ids) {
+      if (!upserted.has(id)) continue;
+      const old = before.get(id);
+      const now = entries.get(id);
+      // A row removed and upserted again by one diff is held still: only a
+      // changed value counts.
+      if (!old) changes.push({ type: 'added', id, row: now.row });
+      else if (old.json !== now.json) changes.push({ type: 'modified', id, row: now.row });
+    }
   }
   return { kind: 'state', state: next, changes };
 }

@@ -522,8 +522,8 @@ test('a collection: rows and diffs reach onRows with their changes; a late subsc
   assert.deepEqual(e.rows, [b2, c1]);
   assert.deepEqual(e.changes, [
     { type: 'removed', id: 'a', row: a },
-    { type: 'added', id: 'c', row: c1 },
     { type: 'modified', id: 'b', row: b2 },
+    { type: 'added', id: 'c', row: c1 },
   ]);
   fc.send({ type: 'diff', key: list('1'), seq: 3, base: 'v2', version: 'v3', order: ['c', 'b'] });
   e = await rec.next('a reorder');
