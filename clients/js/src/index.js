@@ -2,7 +2,8 @@
 // protocol (websocket subprotocol "entitysync.v1"; see docs/protocol.md in
 // the entity-sync repository). No dependencies; runs in browsers and in
 // Node.js 20+ (pass a WebSocket constructor, such as the `ws` package's, where
-// there is no global one).
+// there is no global one). Keeps the rows of collection keys by id, applies
+// the server's diffs and resumes from the version it holds (applyFrame).
 
 /** The websocket subprotocol the client offers and requires. */
 export const SUBPROTOCOL = 'entitysync.v1';
