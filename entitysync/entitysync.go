@@ -170,6 +170,25 @@ func (e *EntitySync) Register(entity shared.EntityType, fetch esdb.FetchFunc) er
 	return e.serve(entity)
 }
 
+// RegisterCollection makes an entity type available to clients as a
+// collection: fetch returns a key's rows (a list, a board, the rows of a
+// user) and id names each row, usually esdb.JSONField("id"). Clients of the
+// envelope protocol then receive, after the first full state, only the rows
+// added, changed or removed, and nothing but "unchanged" when they resume
+// holding the current state (see docs/protocol.md). Ids must be unique
+// within a fetch; rows without a usable id are logged and named
+// "#<index>". Like Register, it returns once this server receives the
+// type's notifications.
+func (e *EntitySync) RegisterCollection(entity shared.EntityType, fetch esdb.FetchFunc, id esdb.RowID) error {
+	if e.err != nil {
+		return e.err
+	}
+	if err := e.DatabaseHub.RegisterCollection(entity, fetch, id); err != nil {
+		return err
+	}
+	return e.serve(entity)
+}
+
 // RegisterEntityAndDBHandler is the seed's way to register an entity type:
 // handler writes the rows the holder of secret may see, one call of its
 // ByteHandler per row. It is called once per distinct secret among a key's
@@ -201,6 +220,25 @@ func (e *EntitySync) NotifyAllOfChange(key shared.EntityKey) error {
 		return e.err
 	}
 	return e.Bridge.NotifyAllOfChange(key)
+}
+
+// NotifyKeys is Bridge.NotifyKeys: after one write that changed several
+// entities (a row and the lists it belongs to), notify all their keys at
+// once, one queue message per entity type.
+func (e *EntitySync) NotifyKeys(keys ...shared.EntityKey) error {
+	if e.err != nil {
+		return e.err
+	}
+	return e.Bridge.NotifyKeys(context.Background(), keys...)
+}
+
+// NotifyKeysAsync is Bridge.NotifyKeysAsync: NotifyKeys without waiting
+// for the broker, as NotifyAsync.
+func (e *EntitySync) NotifyKeysAsync(keys ...shared.EntityKey) error {
+	if e.err != nil {
+		return e.err
+	}
+	return e.Bridge.NotifyKeysAsync(keys...)
 }
 
 // NotifyAsync is Bridge.NotifyAsync: NotifyAllOfChange without waiting for

@@ -83,6 +83,13 @@ type Options struct {
 	// one client. A client that falls that far behind is disconnected
 	// (close code 1008) instead of holding more memory. Default 32 MiB.
 	MaxPendingBytes int
+	// KeptStates is how many earlier states of each collection key (see
+	// esdb.DatabaseHub.RegisterCollection) the bridge keeps while the key
+	// has subscribers, at most 8 MiB of rows per key: a client that
+	// subscribes again holding one of them (after a reconnect) gets the
+	// difference instead of every row. Default 4; negative: none (such a
+	// client then gets every row, unless it holds the current state).
+	KeptStates int
 }
 
 // Round is what one fetch round of one key did, for Options.OnRound.
@@ -124,6 +131,9 @@ func (o *Options) setDefaults() {
 	}
 	if o.MaxPendingBytes <= 0 {
 		o.MaxPendingBytes = 32 << 20
+	}
+	if o.KeptStates == 0 {
+		o.KeptStates = 4
 	}
 }
 
@@ -167,7 +177,8 @@ type Bridge struct {
 // notifier is NotifyAsync's queue (see notify.go).
 type notifier struct {
 	mu        sync.Mutex
-	fifo      []shared.EntityKey
+	fifo      [][]shared.EntityKey          // batches of keys, each published together
+	pending   int                           // keys in fifo
 	waiting   map[shared.EntityKey]struct{} // the keys in fifo
 	queued    uint64                        // keys ever queued
 	published uint64                        // of which published
@@ -283,22 +294,41 @@ func (b *Bridge) serves(entity shared.EntityType) bool {
 	return b.served[entity]
 }
 
-// receive handles one message from the entity type's topic. A key with no
-// local subscriber costs nothing more than the decode.
+// receive handles one message from the entity type's topic: one key or
+// several (shared.Notification). A key with no local subscriber costs
+// nothing more than the decode.
 func (b *Bridge) receive(entity shared.EntityType, body []byte) {
 	b.stats.received.Add(1)
-	var key shared.EntityKey
-	if err := json.Unmarshal(body, &key); err != nil {
+	var n shared.Notification
+	if err := json.Unmarshal(body, &n); err != nil {
 		b.log.WithError(err).WithField("entity", entity).Warnf("dropping queue message that is not a key: %.200q", body)
 		return
 	}
-	if key.Entity == "" {
-		key.Entity = entity // a producer outside Go may send {"id":"100"} alone
+	if n.Entity == "" {
+		n.Entity = entity // a producer outside Go may send {"id":"100"} alone
 	}
-	if key.Entity != entity || key.ID == "" {
+	if n.Entity != entity || n.ID == "" && len(n.IDs) == 0 {
 		b.log.WithField("entity", entity).Warnf("dropping queue message with a wrong or empty key: %.200q", body)
 		return
 	}
+	if n.ID != "" {
+		b.notified(shared.EntityKey{Entity: entity, ID: n.ID})
+	}
+	empty := false
+	for _, id := range n.IDs {
+		if id == "" {
+			empty = true
+			continue
+		}
+		b.notified(shared.EntityKey{Entity: entity, ID: id})
+	}
+	if empty {
+		b.log.WithField("entity", entity).Warnf("ignoring empty ids in queue message: %.200q", body)
+	}
+}
+
+// notified starts a round of key if this server has subscribers for it.
+func (b *Bridge) notified(key shared.EntityKey) {
 	sh := b.shard(key)
 	sh.mu.Lock()
 	ks := sh.keys[key]
@@ -344,6 +374,11 @@ func (b *Bridge) index(key shared.EntityKey) *keyState {
 	ks := sh.keys[key]
 	if ks == nil {
 		ks = &keyState{key: key, perSecret: b.fetcher.PerSecret(key.Entity), groups: make(map[string]*group)}
+		if c, ok := b.fetcher.(Collections); ok && !ks.perSecret {
+			if id := c.RowID(key.Entity); id != nil {
+				ks.coll = &collection{rowID: id, log: b.log}
+			}
+		}
 		sh.keys[key] = ks
 	}
 	ks.mu.Lock()
@@ -407,7 +442,7 @@ func (b *Bridge) Stats() Stats {
 		Overflows:     b.stats.overflows.Load(),
 	}
 	b.notifier.mu.Lock()
-	s.Pending = len(b.notifier.fifo)
+	s.Pending = b.notifier.pending
 	b.notifier.mu.Unlock()
 	b.clientsMu.Lock()
 	s.Clients = len(b.clients)

@@ -40,6 +40,7 @@ type Client struct {
 	wake       chan struct{}
 	notify     func()
 	direct     func(*Update) bool
+	diffs      atomic.Bool // AcceptDiffs was called
 }
 
 // subscription is one key of one client. Fan-outs hold it (from a group's
@@ -51,6 +52,16 @@ type subscription struct {
 	group   string    // the key's group the client is in
 	sent    uint64    // Seq of the last update handed over for this key
 	pending *Update   // waiting for Take
+	// With AcceptDiffs, for a collection key: the state the connection
+	// holds once everything handed over so far is written, the base of the
+	// next update's diff. A pending update does not count until it is
+	// taken, so a newer state replacing it is diffed from what the
+	// connection actually got.
+	base *Update
+	// resume is the version the client said it holds when it subscribed,
+	// until the first state is handed over: if that state has it, the
+	// client is told it is unchanged.
+	resume string
 }
 
 // ClientBuilder returns a new client of the bridge. ctx is handed to the
@@ -88,6 +99,13 @@ func (c *Client) SetDirect(f func(*Update) bool) {
 	c.mu.Unlock()
 }
 
+// AcceptDiffs tells the bridge that the transport can send a state as a
+// difference from, or as unchanged relative to, the state the client holds:
+// updates handed to this client may then be views (see Update.Diff and
+// Update.Unchanged), and SubscribeFrom's version is used. Call it before
+// the first Subscribe.
+func (c *Client) AcceptDiffs() { c.diffs.Store(true) }
+
 // OnReady registers f to be called (without locks held) whenever updates
 // become ready or the client overflows: a transport can then run a writer
 // only while there is something to write. Set it before the first
@@ -123,6 +141,7 @@ func (c *Client) Take(buf []*Update) []*Update {
 			continue
 		}
 		buf = append(buf, s.pending)
+		s.handedOver(s.pending)
 		s.pending = nil
 		if s.ks == nil {
 			delete(c.subs, k) // the revoked signal was the last thing to send
@@ -182,13 +201,45 @@ func (c *Client) deliverTo(s *subscription, u *Update) bool {
 	if u.Seq > c.maxSeq {
 		c.maxSeq = u.Seq
 	}
+	if c.diffs.Load() {
+		u = s.view(u)
+	}
 	if c.npending == 0 && c.direct != nil && c.direct(u) {
+		s.handedOver(u)
 		c.mu.Unlock()
 		return true
 	}
 	ok := c.queueLocked(s, u)
 	c.unlockAndSignal()
 	return ok
+}
+
+// view returns what to hand s's client for state u: u itself, or a view of
+// it relative to the state the client holds (see Update.Diff,
+// Update.Unchanged). With c.mu held.
+func (s *subscription) view(u *Update) *Update {
+	if s.resume != "" {
+		v := s.resume
+		s.resume = ""
+		if u.Version() == v {
+			if u.Collection() {
+				s.base = u.canon()
+			}
+			return u.unchangedView()
+		}
+	}
+	if s.base == nil || !u.Collection() {
+		return u
+	}
+	return u.viewFrom(s.base)
+}
+
+// handedOver records that u went to the transport, to be written next:
+// for a collection, the connection then holds u's state. With c.mu held.
+func (s *subscription) handedOver(u *Update) {
+	if u.Collection() && s.c.diffs.Load() {
+		s.base = u.canon()
+	}
 }
 
 // queueLocked makes u the pending update of s, replacing an older one. Past
@@ -296,7 +347,17 @@ func (c *Client) live(key shared.EntityKey) *subscription {
 // after a fetch. Subscribing again to a held key sends its current state
 // again. A refusal by the Authorize hook is returned wrapping shared.ErrForbidden;
 // a held key that is refused is revoked.
-func (c *Client) Subscribe(key shared.EntityKey) error {
+func (c *Client) Subscribe(key shared.EntityKey) error { return c.SubscribeFrom(key, "") }
+
+// SubscribeFrom is Subscribe for a client that already holds the state of
+// key whose version is version (see Update.Version; "" for none), say from
+// before a reconnect. With AcceptDiffs, the key's first state is then
+// handed over as Unchanged if it has that version, and for a collection
+// key as a diff from that state if the bridge still keeps it (the current
+// state or one of Options.KeptStates earlier ones); otherwise, and without
+// AcceptDiffs, in full. Subscribing again to a held key replaces what the
+// bridge knew the client held by version.
+func (c *Client) SubscribeFrom(key shared.EntityKey, version string) error {
 	if err := key.Validate(); err != nil {
 		return err
 	}
@@ -335,6 +396,9 @@ func (c *Client) Subscribe(key shared.EntityKey) error {
 		c.mu.Unlock()
 	}
 	g := ks.join(s, s.group)
+	if c.diffs.Load() {
+		c.resumeFrom(s, g, ks.coll, version)
+	}
 	cur := c.currentFor(g, s)
 	c.b.request(ks, false) // a new group needs its first fetch
 	ks.mu.Unlock()
@@ -342,6 +406,26 @@ func (c *Client) Subscribe(key shared.EntityKey) error {
 		c.send(cur)
 	}
 	return nil
+}
+
+// resumeFrom records that s's client holds the state with the given version
+// (none: ""), instead of what the bridge knew it held. A collection state
+// that g still keeps becomes the base of the next diff; otherwise the next
+// state goes in full, or as unchanged if it has that version. With a row
+// filter, the kept states are not what the client may see, so only the
+// check against the state actually handed over is made. With ks.mu held.
+func (c *Client) resumeFrom(s *subscription, g *group, coll *collection, version string) {
+	var base *Update
+	if version != "" && coll != nil && c.b.opts.Filter == nil {
+		base = g.kept(version)
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s.base, s.resume = base, version
+	if p := s.pending; p != nil && !p.Revoked {
+		// Made for the old base: make it again for the new one.
+		c.queueLocked(s, s.view(p.Full()))
+	}
 }
 
 // currentFor returns g's current state for s, under a fresh Seq if s may

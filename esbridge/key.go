@@ -13,6 +13,12 @@ import (
 // fetch returned (none: the entity is gone) and the sequence number it was
 // published with. The same *Update goes to every client of the group, so a
 // transport encodes it once (see Memo).
+//
+// For a client that accepts differences (Client.AcceptDiffs), an update of a
+// collection key (Collection) may instead be a view of the new state
+// relative to the state the client holds: Diff reports the change from that
+// state, Unchanged that the client already holds it. Such a view is shared
+// by every client at the same base, and so is its encoding.
 type Update struct {
 	Key  shared.EntityKey
 	Rows [][]byte
@@ -25,7 +31,21 @@ type Update struct {
 	// more will come for it.
 	Revoked bool
 
-	group string // the secret group whose state this is ("" unless per secret)
+	group string      // the secret group whose state this is ("" unless per secret)
+	coll  *collection // the key's collection settings; nil: not a collection
+	// state is the update whose rows this one carries, when it is a copy
+	// under another Seq (withSeq) or a view; nil for the original. What is
+	// derived from the rows (version, ids) lives on the original.
+	state *Update
+	// A view's fields: the update it presents (same Seq), and either the
+	// change from the client's base state or the fact that the client
+	// holds this state already.
+	full      *Update
+	base      string // the version of the state the client holds
+	diff      *Diff
+	unchanged bool
+
+	derived derived
 
 	memoMu sync.Mutex                  // serialises building
 	memo   atomic.Pointer[[]memoEntry] // copy-on-write: read without the lock
@@ -70,12 +90,21 @@ func (u *Update) memoLookup(id any) (any, bool) {
 // withSeq returns a copy of u's state under a new sequence number: how a
 // client that may already have seen u's Seq gets the state again.
 func (u *Update) withSeq(seq uint64) *Update {
-	return &Update{Key: u.Key, Rows: u.Rows, Seq: seq, Revoked: u.Revoked, group: u.group}
+	return &Update{Key: u.Key, Rows: u.Rows, Seq: seq, Revoked: u.Revoked, group: u.group, coll: u.coll, state: u.canon()}
 }
 
 // size is the update's weight against a client's MaxPendingBytes.
 func (u *Update) size() int {
 	n := 64
+	if u.unchanged {
+		return n
+	}
+	if u.diff != nil {
+		for _, i := range u.diff.Upsert {
+			n += len(u.Rows[i])
+		}
+		return n
+	}
 	for _, r := range u.Rows {
 		n += len(r)
 	}
@@ -89,6 +118,7 @@ func (u *Update) size() int {
 type keyState struct {
 	key       shared.EntityKey
 	perSecret bool
+	coll      *collection // nil unless the key is a collection
 
 	mu      sync.Mutex
 	groups  map[string]*group // by secret; the only group is "" unless perSecret
@@ -112,6 +142,12 @@ type group struct {
 	// of editing it.
 	snap    []*subscription
 	current *Update // the newest state published to the group, nil before the first fetch
+	// history holds a collection's states before current, newest first, so
+	// that a client resuming from one of them gets a diff (Options.KeptStates).
+	history []*Update
+	// differs counts the members whose client accepts diffs: only then are
+	// diffs worth preparing before a fan-out.
+	differs int
 	// stale means the group is new: its rows must be fetched even if no
 	// notification arrived. (A failed fetch is retried by a timer instead.)
 	stale bool
@@ -144,6 +180,9 @@ func (ks *keyState) join(s *subscription, name string) *group {
 	}
 	if _, ok := g.members[s.c]; !ok {
 		ks.nsubs++
+		if s.c.diffs.Load() {
+			g.differs++
+		}
 	}
 	g.members[s.c] = s
 	g.snap = nil
@@ -160,6 +199,9 @@ func (ks *keyState) leave(c *Client, name string) {
 		delete(g.members, c)
 		g.snap = nil
 		ks.nsubs--
+		if c.diffs.Load() {
+			g.differs--
+		}
 	}
 	if len(g.members) == 0 {
 		delete(ks.groups, name)
@@ -181,6 +223,47 @@ func (ks *keyState) needsRound() bool {
 		}
 	}
 	return false
+}
+
+// publish makes u the group's current state. A collection's previous state
+// joins the history, which keeps at most keep states and maxKeptBytes of
+// rows. With ks.mu held.
+func (g *group) publish(u *Update, keep int) (prev *Update) {
+	prev, g.current = g.current, u
+	if prev == nil || u.coll == nil || keep <= 0 {
+		g.history = nil
+		return prev
+	}
+	g.history = append(g.history, nil)
+	copy(g.history[1:], g.history)
+	g.history[0] = prev
+	total := 0
+	for i, h := range g.history {
+		total += h.size()
+		if i >= keep || total > maxKeptBytes {
+			clear(g.history[i:])
+			g.history = g.history[:i]
+			break
+		}
+	}
+	return prev
+}
+
+// maxKeptBytes bounds the rows one collection key keeps in its history.
+const maxKeptBytes = 8 << 20
+
+// kept returns the group's state with the given version: the current one or
+// one from the history, or nil. With ks.mu held.
+func (g *group) kept(version string) *Update {
+	if g.current != nil && g.current.Version() == version {
+		return g.current
+	}
+	for _, h := range g.history {
+		if h.Version() == version {
+			return h
+		}
+	}
+	return nil
 }
 
 func sameRows(a, b [][]byte) bool {

@@ -5,8 +5,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
+	"github.com/entity-sync/entity-sync/esq"
 	"github.com/entity-sync/entity-sync/shared"
 )
 
@@ -21,13 +23,28 @@ var ErrNotifyBacklog = errors.New("esbridge: too many notifications waiting to b
 // accepted the notification (for NSQ, nsqd's acknowledgement), or with the
 // error that prevented it.
 func (b *Bridge) NotifyAllOfChange(key shared.EntityKey) error {
-	if err := key.Validate(); err != nil {
-		return err
+	return b.NotifyKeys(context.Background(), key)
+}
+
+// NotifyKeys tells every server that the entities behind keys changed: a
+// write that touches a row and the lists it belongs to notifies all their
+// keys in one call. It sends one queue message per entity type,
+// {"entity":"lists","ids":["1","2"]} ({"entity":"lists","id":"1"}, the form
+// every version of entity-sync reads, for a type with one key), split into
+// several when the queue limits a message's size (esq.SizeLimited, as
+// Postgres does). A key named twice is sent once. It returns once the queue
+// has accepted every message, or with the first error: the messages before
+// it stay published, and calling again is harmless.
+func (b *Bridge) NotifyKeys(ctx context.Context, keys ...shared.EntityKey) error {
+	for _, key := range keys {
+		if err := key.Validate(); err != nil {
+			return fmt.Errorf("%w: %s", err, key)
+		}
 	}
 	if b.isClosed() {
 		return ErrClosed
 	}
-	return b.publish(context.Background(), key)
+	return b.publish(ctx, keys)
 }
 
 func (b *Bridge) isClosed() bool {
@@ -36,16 +53,110 @@ func (b *Bridge) isClosed() bool {
 	return b.closed
 }
 
-func (b *Bridge) publish(ctx context.Context, key shared.EntityKey) error {
-	body, err := json.Marshal(key)
+// publish sends keys' notifications (see NotifyKeys).
+func (b *Bridge) publish(ctx context.Context, keys []shared.EntityKey) error {
+	msgs, err := notifications(keys, esq.MaxMessageBytes(b.queue))
 	if err != nil {
-		return fmt.Errorf("esbridge: encode key: %w", err)
+		return err
 	}
-	if err := b.queue.Publish(ctx, key.Entity, body); err != nil {
-		return fmt.Errorf("esbridge: notify %s: %w", key, err)
+	for _, m := range msgs {
+		if err := b.queue.Publish(ctx, m.entity, m.body); err != nil {
+			if m.keys == 1 {
+				return fmt.Errorf("esbridge: notify %s: %w", shared.EntityKey{Entity: m.entity, ID: m.first}, err)
+			}
+			return fmt.Errorf("esbridge: notify %d keys of %q: %w", m.keys, m.entity, err)
+		}
+		b.stats.notifications.Add(uint64(m.keys))
 	}
-	b.stats.notifications.Add(1)
 	return nil
+}
+
+// message is one queue message of a notification.
+type message struct {
+	entity shared.EntityType
+	body   []byte
+	keys   int    // how many keys it names
+	first  string // the id of the first
+}
+
+// notifications encodes keys as queue messages: one per entity type, in
+// the order the types first appear, each id once, split so that no
+// message exceeds limit bytes (0: no limit). A single key too large for
+// the limit still gets its message: the queue's refusal says why.
+func notifications(keys []shared.EntityKey, limit int) ([]message, error) {
+	if len(keys) == 1 { // the common case: the seed's form, no grouping
+		body, err := json.Marshal(keys[0])
+		if err != nil {
+			return nil, fmt.Errorf("esbridge: encode key: %w", err)
+		}
+		return []message{{entity: keys[0].Entity, body: body, keys: 1, first: keys[0].ID}}, nil
+	}
+	var types []shared.EntityType
+	ids := make(map[shared.EntityType][]string)
+	seen := make(map[shared.EntityKey]struct{}, len(keys))
+	for _, k := range keys {
+		if _, dup := seen[k]; dup {
+			continue
+		}
+		seen[k] = struct{}{}
+		if _, ok := ids[k.Entity]; !ok {
+			types = append(types, k.Entity)
+		}
+		ids[k.Entity] = append(ids[k.Entity], k.ID)
+	}
+	var msgs []message
+	for _, entity := range types {
+		var chunk []string
+		size := 0 // of the message holding chunk
+		for _, id := range ids[entity] {
+			q, err := json.Marshal(id)
+			if err != nil {
+				return nil, fmt.Errorf("esbridge: encode key: %w", err)
+			}
+			if len(chunk) > 0 && limit > 0 && size+1+len(q) > limit {
+				m, err := encodeNotification(entity, chunk)
+				if err != nil {
+					return nil, err
+				}
+				msgs = append(msgs, m)
+				chunk = chunk[:0]
+			}
+			if len(chunk) == 0 {
+				size = len(`{"entity":,"ids":[]}`) + len(mustQuote(string(entity)))
+			} else {
+				size++ // the comma
+			}
+			chunk = append(chunk, id)
+			size += len(q)
+		}
+		m, err := encodeNotification(entity, chunk)
+		if err != nil {
+			return nil, err
+		}
+		msgs = append(msgs, m)
+	}
+	return msgs, nil
+}
+
+func mustQuote(s string) []byte {
+	b, _ := json.Marshal(s) // a string always encodes
+	return b
+}
+
+// encodeNotification encodes one message for ids of entity: the seed's
+// single-key form for one id.
+func encodeNotification(entity shared.EntityType, ids []string) (message, error) {
+	n := shared.Notification{Entity: entity}
+	if len(ids) == 1 {
+		n.ID = ids[0]
+	} else {
+		n.IDs = ids
+	}
+	body, err := json.Marshal(n)
+	if err != nil {
+		return message{}, fmt.Errorf("esbridge: encode keys: %w", err)
+	}
+	return message{entity: entity, body: body, keys: len(ids), first: ids[0]}, nil
 }
 
 // NotifyAsync is NotifyAllOfChange for hot write paths: it queues the
@@ -59,8 +170,18 @@ func (b *Bridge) publish(ctx context.Context, key shared.EntityKey) error {
 // NotifyAsync returns ErrNotifyBacklog. Close publishes what is waiting,
 // within its context, and says how many it could not.
 func (b *Bridge) NotifyAsync(key shared.EntityKey) error {
-	if err := key.Validate(); err != nil {
-		return err
+	return b.NotifyKeysAsync(key)
+}
+
+// NotifyKeysAsync is NotifyKeys the NotifyAsync way: the keys are queued
+// together (those not already waiting) and published together, one message
+// per entity type, by the background publisher. Either every key is
+// queued or, with ErrNotifyBacklog or an invalid key, none is.
+func (b *Bridge) NotifyKeysAsync(keys ...shared.EntityKey) error {
+	for _, key := range keys {
+		if err := key.Validate(); err != nil {
+			return fmt.Errorf("%w: %s", err, key)
+		}
 	}
 	n := &b.notifier
 	n.mu.Lock()
@@ -68,18 +189,28 @@ func (b *Bridge) NotifyAsync(key shared.EntityKey) error {
 	if n.closed {
 		return ErrClosed
 	}
-	if _, ok := n.waiting[key]; ok {
+	var batch []shared.EntityKey
+	for _, key := range keys {
+		if _, ok := n.waiting[key]; ok || slices.Contains(batch, key) {
+			continue
+		}
+		batch = append(batch, key)
+	}
+	if len(batch) == 0 {
 		return nil
 	}
-	if len(n.fifo) >= b.opts.MaxPendingNotifications {
+	if n.pending+len(batch) > b.opts.MaxPendingNotifications {
 		return ErrNotifyBacklog
 	}
 	if n.waiting == nil {
 		n.waiting = make(map[shared.EntityKey]struct{})
 	}
-	n.waiting[key] = struct{}{}
-	n.fifo = append(n.fifo, key)
-	n.queued++
+	for _, key := range batch {
+		n.waiting[key] = struct{}{}
+	}
+	n.fifo = append(n.fifo, batch)
+	n.pending += len(batch)
+	n.queued += uint64(len(batch))
 	if !n.running {
 		n.running = true
 		n.done = make(chan struct{})
@@ -124,36 +255,50 @@ func (b *Bridge) publishQueued(done chan struct{}) {
 			n.mu.Unlock()
 			return
 		}
-		// The key leaves the waiting set as its publish starts: a change
+		// The keys leave the waiting set as their publish starts: a change
 		// written meanwhile may be too late for this message's fetches, so
 		// NotifyAsync must queue the key again rather than count on it.
-		key := n.fifo[0]
-		n.fifo[0] = shared.EntityKey{}
+		batch := n.fifo[0]
+		n.fifo[0] = nil
 		n.fifo = n.fifo[1:]
-		delete(n.waiting, key)
+		n.pending -= len(batch)
+		for _, key := range batch {
+			delete(n.waiting, key)
+		}
 		n.mu.Unlock()
 
-		err := b.publish(b.ctx, key)
+		err := b.publish(b.ctx, batch)
 
 		n.mu.Lock()
 		if err == nil {
 			retry = 0
-			n.done1()
+			n.count(len(batch))
 			n.mu.Unlock()
 			continue
 		}
-		if _, again := n.waiting[key]; again {
-			n.done1() // queued again meanwhile: that entry covers this one
-		} else {
-			n.fifo = append([]shared.EntityKey{key}, n.fifo...)
+		// Keys queued again meanwhile are covered by that entry; the rest
+		// go back to the front. (Some may have been published by a
+		// message before the failed one: publishing them again is
+		// harmless.)
+		var again []shared.EntityKey
+		for _, key := range batch {
+			if _, queued := n.waiting[key]; queued {
+				n.count(1)
+				continue
+			}
+			again = append(again, key)
 			n.waiting[key] = struct{}{}
+		}
+		if len(again) > 0 {
+			n.fifo = slices.Insert(n.fifo, 0, again)
+			n.pending += len(again)
 		}
 		n.mu.Unlock()
 		b.stats.notifyErrors.Add(1)
 		if b.opts.OnNotifyError != nil {
-			b.opts.OnNotifyError(key, err)
+			b.opts.OnNotifyError(batch[0], err)
 		} else {
-			b.log.WithError(err).WithField("key", key.String()).Warn("queued notification not published; retrying")
+			b.log.WithError(err).WithField("key", batch[0].String()).Warn("queued notification not published; retrying")
 		}
 		if retry == 0 {
 			retry = b.opts.RetryDelay
@@ -169,9 +314,9 @@ func (b *Bridge) publishQueued(done chan struct{}) {
 	}
 }
 
-// done1 counts one queued notification as done. With n.mu held.
-func (n *notifier) done1() {
-	n.published++
+// count counts k queued keys as published. With n.mu held.
+func (n *notifier) count(k int) {
+	n.published += uint64(k)
 	if n.progress != nil {
 		close(n.progress)
 		n.progress = nil
@@ -198,7 +343,7 @@ func (b *Bridge) closeNotifier(ctx context.Context) error {
 		n.mu.Unlock()
 	}
 	n.mu.Lock()
-	left := len(n.fifo)
+	left := n.pending
 	n.mu.Unlock()
 	if left > 0 {
 		return fmt.Errorf("esbridge: %d queued notifications not published before close", left)

@@ -76,6 +76,9 @@ type fetchJob struct {
 type publication struct {
 	u       *Update
 	members []*subscription
+	// prev is the collection state u replaced, when members may hold it and
+	// take a diff: the diff from it is made before the fan-out, once.
+	prev *Update
 }
 
 // round fetches the groups of ks that need it, publishes the results that
@@ -129,10 +132,15 @@ func (b *Bridge) round(ks *keyState) {
 		if g == nil {
 			continue // its last member left during the fetch
 		}
+		var prev *Update
 		if g.current == nil || !sameRows(g.current.Rows, j.rows) {
-			g.current = &Update{Key: ks.key, Rows: j.rows, Seq: b.seq.Add(1), group: j.group}
+			prev = g.publish(&Update{Key: ks.key, Rows: j.rows, Seq: b.seq.Add(1), group: j.group, coll: ks.coll}, b.opts.KeptStates)
 		}
-		pubs = append(pubs, publication{g.current, g.snapshot()})
+		p := publication{u: g.current, members: g.snapshot()}
+		if prev != nil && ks.coll != nil && g.differs > 0 {
+			p.prev = prev
+		}
+		pubs = append(pubs, p)
 	}
 	ks.mu.Unlock()
 
@@ -140,6 +148,11 @@ func (b *Bridge) round(ks *keyState) {
 	// this key go on meanwhile. Each client keeps the last Seq it got per
 	// key, so a member that already has this state (or a newer one, from a
 	// later subscribe) is skipped.
+	for _, p := range pubs {
+		if p.prev != nil {
+			p.u.viewFrom(p.prev) // the diff most members need, made once
+		}
+	}
 	fanStart := time.Now()
 	for _, p := range pubs {
 		r.Deliveries += b.fanOut(p)
@@ -261,7 +274,7 @@ func (b *Bridge) filter(c *Client, u *Update) (out *Update) {
 	if len(rows) == len(u.Rows) && (len(rows) == 0 || &rows[0] == &u.Rows[0]) {
 		return u
 	}
-	return &Update{Key: u.Key, Rows: rows, Seq: u.Seq, group: u.group}
+	return &Update{Key: u.Key, Rows: rows, Seq: u.Seq, group: u.group, coll: u.coll}
 }
 
 // scheduleRetry re-requests a failed key after a growing delay. With ks.mu

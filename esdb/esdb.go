@@ -36,6 +36,7 @@ type DatabaseHub struct {
 type entry struct {
 	fetch FetchFunc              // secret-independent: one call per change
 	seed  shared.SecretDBHandler // the seed's handler: one call per distinct secret
+	rowID RowID                  // set for a collection: names each row
 }
 
 // NewDatabaseHub returns an empty registry.
@@ -49,6 +50,23 @@ func (d *DatabaseHub) Register(entity shared.EntityType, fetch FetchFunc) error 
 		return fmt.Errorf("esdb: nil fetch function for entity type %q", entity)
 	}
 	return d.add(entity, entry{fetch: fetch})
+}
+
+// RegisterCollection sets the fetch function for an entity type whose keys
+// are collections (a list, a board, the rows of a user): id names each row
+// the fetch returns, so that clients speaking the envelope protocol receive,
+// after the first full state, only the rows added, changed or removed (see
+// docs/protocol.md). Ids must be unique within one fetch; a row whose id is
+// empty, cannot be read or repeats one is an application bug: the bridge
+// logs it and names the row "#<index>" (its position in the fetch).
+func (d *DatabaseHub) RegisterCollection(entity shared.EntityType, fetch FetchFunc, id RowID) error {
+	if fetch == nil {
+		return fmt.Errorf("esdb: nil fetch function for entity type %q", entity)
+	}
+	if id == nil {
+		return fmt.Errorf("esdb: nil row id function for collection %q", entity)
+	}
+	return d.add(entity, entry{fetch: fetch, rowID: id})
 }
 
 // AddDataPullAndPushHandler sets the seed's secret-taking handler for an
@@ -92,6 +110,13 @@ func (d *DatabaseHub) lookup(entity shared.EntityType) (entry, bool) {
 func (d *DatabaseHub) Has(entity shared.EntityType) bool {
 	_, ok := d.lookup(entity)
 	return ok
+}
+
+// RowID returns the row id function of an entity type registered with
+// RegisterCollection, or nil.
+func (d *DatabaseHub) RowID(entity shared.EntityType) RowID {
+	e, _ := d.lookup(entity)
+	return e.rowID
 }
 
 // PerSecret reports whether the entity's rows may depend on the client's

@@ -157,6 +157,19 @@ func (d *lossDetector) topic(entity shared.EntityType) (*seqTopic, error) {
 	return t, nil
 }
 
+// stampBytes is the most a stamp adds to a message:
+// `,"_es":{"p":"<16 hex>","n":<up to 20 digits>}`.
+const stampBytes = 1 + len(`"_es":{"p":"`) + 16 + len(`","n":`) + 20 + 1
+
+// MaxMessageBytes is the wrapped queue's limit less the stamp, or 0 when it
+// has none.
+func (d *lossDetector) MaxMessageBytes() int {
+	if n := MaxMessageBytes(d.q); n > 0 {
+		return max(n-stampBytes, 1)
+	}
+	return 0
+}
+
 // Publish stamps body with the next sequence number of the entity type and
 // publishes it on the wrapped queue.
 func (d *lossDetector) Publish(ctx context.Context, entity shared.EntityType, body []byte) error {

@@ -36,3 +36,20 @@ var ErrClosed = errors.New("esq: queue closed")
 // ErrAlreadySubscribed is returned when an entity type is subscribed twice on
 // the same queue.
 var ErrAlreadySubscribed = errors.New("esq: entity type already subscribed")
+
+// SizeLimited is implemented by a queue whose messages have a size limit,
+// such as Postgres NOTIFY's: the bridge splits a notification of many keys
+// into messages that fit.
+type SizeLimited interface {
+	// MaxMessageBytes is the largest message body Publish accepts.
+	MaxMessageBytes() int
+}
+
+// MaxMessageBytes returns the largest message body q accepts, or 0 when q
+// sets no limit.
+func MaxMessageBytes(q Queue) int {
+	if l, ok := q.(SizeLimited); ok {
+		return l.MaxMessageBytes()
+	}
+	return 0
+}

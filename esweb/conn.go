@@ -196,7 +196,7 @@ func (c *conn) apply(req parsedRequest, data []byte) *requestError {
 			c.s.stats.subscriptionLimit.Add(1)
 			return refuse(shared.CodeTooManySubscriptions, "connection already holds %d keys", n)
 		}
-		if err := c.client.Subscribe(req.key); err != nil {
+		if err := c.client.SubscribeFrom(req.key, req.version); err != nil {
 			switch {
 			case errors.Is(err, esbridge.ErrEntityNotServed):
 				return refuse(shared.CodeUnknownEntity, "entity type %q is not served here", req.key.Entity)

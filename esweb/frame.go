@@ -55,25 +55,63 @@ var (
 // envelopeID is the Memo id of an update's envelope frame.
 type envelopeID struct{}
 
-// prepareEnvelope encodes an update as one "rows" (or "gone") frame, once for
-// every connection that receives it. Rows that are valid JSON are embedded
-// as they are; any other row is embedded as a JSON string. It returns nil
-// bytes if the frame cannot be encoded (the writer logs it).
+// prepareEnvelope encodes an update as one envelope frame, once for every
+// connection that receives it: "rows" (or "gone"), or for a view (see
+// esbridge.Update.Diff) "unchanged", or "diff" when that is smaller than
+// the full state's frame. It returns nil bytes if the frame cannot be
+// encoded (the writer logs it).
 func prepareEnvelope(u *esbridge.Update) any {
-	f := rowsFrame{Type: "rows", Key: u.Key, Seq: u.Seq, Rows: make([]json.RawMessage, len(u.Rows))}
+	if u.Unchanged() {
+		return encoded(unchangedFrame{Type: "unchanged", Key: u.Key, Seq: u.Seq, Version: u.Version()})
+	}
+	base, d := u.Diff()
+	if d == nil {
+		return encodeState(u)
+	}
+	full := u.Full().Memo(envelopeID{}, prepareEnvelope).([]byte)
+	f := diffFrame{Type: "diff", Key: u.Key, Seq: u.Seq, Base: base, Version: u.Version(), Remove: d.Remove, Order: d.Order}
+	if len(d.Upsert) > 0 {
+		ids := u.IDs()
+		f.Upsert = make([]upsert, len(d.Upsert))
+		for i, at := range d.Upsert {
+			f.Upsert[i] = upsert{ID: ids[at], Row: embedRow(u.Rows[at])}
+		}
+	}
+	if b := encoded(f); b != nil && (full == nil || len(b) < len(full)) {
+		return b
+	}
+	return full
+}
+
+// encodeState encodes u as a full state: "rows", or "gone" when it has no
+// rows.
+func encodeState(u *esbridge.Update) []byte {
+	f := rowsFrame{Type: "rows", Key: u.Key, Seq: u.Seq, Version: u.Version(), IDs: u.IDs(), Rows: make([]json.RawMessage, len(u.Rows))}
 	if len(u.Rows) == 0 {
 		f.Type = "gone"
 	}
 	for i, row := range u.Rows {
-		if json.Valid(row) {
-			f.Rows[i] = row
-		} else {
-			f.Rows[i], _ = json.Marshal(string(row))
-		}
+		f.Rows[i] = embedRow(row)
 	}
-	b, err := textFrame(f)
+	return encoded(f)
+}
+
+// embedRow returns a row as it is embedded in a frame: as it is when it is
+// valid JSON, otherwise as a JSON string of its bytes.
+func embedRow(row []byte) json.RawMessage {
+	if json.Valid(row) {
+		return row
+	}
+	b, _ := json.Marshal(string(row))
+	return b
+}
+
+// encoded is textFrame for a frame that prepareEnvelope memoizes: nil bytes
+// when it cannot be encoded.
+func encoded(v any) []byte {
+	b, err := textFrame(v)
 	if err != nil {
-		return []byte(nil)
+		return nil
 	}
 	return b
 }

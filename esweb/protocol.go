@@ -30,10 +30,20 @@ type request struct {
 
 // parsedRequest is a decoded and validated client frame.
 type parsedRequest struct {
-	action shared.Action
-	ref    string           // echoed in the ack or error; set even when parsing fails later
-	key    shared.EntityKey // subscribe, unsubscribe
-	secret string           // secret
+	action  shared.Action
+	ref     string           // echoed in the ack or error; set even when parsing fails later
+	key     shared.EntityKey // subscribe, unsubscribe
+	version string           // subscribe: the version the client holds, "" if none or malformed
+	secret  string           // secret
+}
+
+// keyBody is a subscribe or unsubscribe body. A version that is not a
+// well-formed one (shared.ValidVersion), of any JSON type, is not an error:
+// the client is treated as holding nothing.
+type keyBody struct {
+	Entity  shared.EntityType `json:"entity"`
+	ID      string            `json:"id"`
+	Version json.RawMessage   `json:"version"`
 }
 
 // errorKey returns the key an error about this request is about, if the
@@ -56,8 +66,14 @@ func parseRequest(data []byte, maxIDLength int) (parsedRequest, *requestError) {
 	p := parsedRequest{action: req.Action, ref: req.Ref}
 	switch req.Action {
 	case shared.ActionSubscribe, shared.ActionUnsubscribe:
-		if err := json.Unmarshal(req.Body, &p.key); err != nil {
+		var body keyBody
+		if err := json.Unmarshal(req.Body, &body); err != nil {
 			return p, refuse(shared.CodeBadRequest, `%s body must be {"entity":"...","id":"..."}`, req.Action)
+		}
+		p.key = shared.EntityKey{Entity: body.Entity, ID: body.ID}
+		var v string
+		if req.Action == shared.ActionSubscribe && json.Unmarshal(body.Version, &v) == nil && shared.ValidVersion(v) {
+			p.version = v
 		}
 		if err := p.key.Validate(); err != nil {
 			return p, refuse(shared.CodeInvalidKey, "%v", err)
@@ -86,10 +102,32 @@ type (
 		HeartbeatMs int64  `json:"heartbeatMs"` // a heartbeat frame comes at least this often
 	}
 	rowsFrame struct {
-		Type string            `json:"type"` // "rows" or "gone"
-		Key  shared.EntityKey  `json:"key"`
-		Seq  uint64            `json:"seq"`
-		Rows []json.RawMessage `json:"rows,omitempty"`
+		Type    string            `json:"type"` // "rows" or "gone"
+		Key     shared.EntityKey  `json:"key"`
+		Seq     uint64            `json:"seq"`
+		Version string            `json:"version"`
+		IDs     []string          `json:"ids,omitempty"` // a collection's, parallel to Rows
+		Rows    []json.RawMessage `json:"rows,omitempty"`
+	}
+	diffFrame struct {
+		Type    string           `json:"type"` // "diff"
+		Key     shared.EntityKey `json:"key"`
+		Seq     uint64           `json:"seq"`
+		Base    string           `json:"base"`
+		Version string           `json:"version"`
+		Upsert  []upsert         `json:"upsert,omitempty"`
+		Remove  []string         `json:"remove,omitempty"`
+		Order   []string         `json:"order,omitempty"`
+	}
+	upsert struct {
+		ID  string          `json:"id"`
+		Row json.RawMessage `json:"row"`
+	}
+	unchangedFrame struct {
+		Type    string           `json:"type"` // "unchanged"
+		Key     shared.EntityKey `json:"key"`
+		Seq     uint64           `json:"seq"`
+		Version string           `json:"version"`
 	}
 	revokedFrame struct {
 		Type   string           `json:"type"` // "revoked"

@@ -99,6 +99,12 @@ type Options struct {
 	// MaxIDLength bounds the id of a key a client may subscribe to, in
 	// bytes. Default and maximum shared.MaxIDLength (256).
 	MaxIDLength int
+	// DisableDiffs makes envelope connections receive every state of a
+	// collection key in full ("rows") instead of as a "diff", and never
+	// "unchanged" in answer to a subscribe that carries a version; frames
+	// still carry their version. For comparing costs and for clients
+	// suspected of applying diffs wrongly.
+	DisableDiffs bool
 	// Logger receives the transport's log lines. Default: logrus's standard
 	// logger.
 	Logger logrus.FieldLogger
@@ -310,6 +316,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	c.hctx.Context = shared.WithConnection(context.Background(), c.info)
 	c.ctx = &c.hctx
 	c.client = s.build(c.ctx)
+	if c.envelope && !s.opts.DisableDiffs {
+		c.client.AcceptDiffs()
+	}
 	c.client.SetDirect(c.writeNow)
 	c.client.OnReady(c.signal)
 	s.mu.Lock()

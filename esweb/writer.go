@@ -136,7 +136,7 @@ func (c *conn) frames(u *esbridge.Update) []byte {
 			c.logger().WithField("key", u.Key.String()).Error("cannot encode update")
 		}
 	} else {
-		b = u.Memo(rawFramesID{}, prepareRaw).([]byte)
+		b = u.Full().Memo(rawFramesID{}, prepareRaw).([]byte)
 	}
 	return b
 }

@@ -34,6 +34,18 @@ func (k EntityKey) String() string { return string(k.Entity) + "/" + k.ID }
 // seed API; EntityKey is comparable and can be used as a map key directly.
 func (k EntityKey) Hash() string { return fmt.Sprintf("%d:%s/%s", len(k.Entity), k.Entity, k.ID) }
 
+// Notification is a change notification as it travels through the queue,
+// as JSON: one key, {"entity":"items","id":"100"} (the seed's form, which
+// every producer may keep sending), or several keys of one entity type,
+// {"entity":"lists","ids":["1","2"]}. A message may carry both fields; it
+// then stands for every key they name. Receivers ignore fields they do not
+// know (a queue wrapper may add its own).
+type Notification struct {
+	Entity EntityType `json:"entity"`
+	ID     string     `json:"id,omitempty"`
+	IDs    []string   `json:"ids,omitempty"`
+}
+
 // Limits on the parts of a key. Clients choose keys, so both are bounded to
 // keep one request's cost bounded.
 const (

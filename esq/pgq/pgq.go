@@ -383,6 +383,12 @@ func truncate(s string, n int) string {
 	return s[:n] + "..."
 }
 
+// MaxMessageBytes is MaxPayload: the bridge splits a notification of many
+// keys (esbridge.Bridge.NotifyKeys) into payloads Postgres accepts. (A
+// body that is not a JSON object naming its entity type travels base64
+// encoded and may exceed it; the bridge never sends one.)
+func (q *Queue) MaxMessageBytes() int { return MaxPayload }
+
 // Publish sends body for the entity type on the channel, with pg_notify
 // through the pool, and returns once Postgres has accepted it (its
 // transaction committed): every server LISTENing then receives it. It
