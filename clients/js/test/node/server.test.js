@@ -349,3 +349,68 @@ test('resume: a reconnect with nothing changed costs no rows and no callback; ch
   await expectState(rec, rows, [], 'a move after the restart');
   assert.deepEqual(rec.drain(), []);
 });
+
+test('randomized: clients on both servers, cut at random, end on the list as fetched, and their changes replay to their rows', async (t) => {
+  const list = uniqueID('random');
+  let seed = Number(process.env.ES_SEED) || Date.now() % 100000;
+  t.diagnostic(`ES_SEED=${seed}`);
+  const rand = () => {
+    seed = (seed * 1103515245 + 12345) % 2147483648;
+    return seed / 2147483648;
+  };
+  // Rows as a text that ignores their order.
+  const byID = (rows) => JSON.stringify([...rows].sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0)));
+  const frames = new Recorder();
+  const readers = [0, 0, 1].map((server) => {
+    const { c } = client(server, { WebSocket: recordingWebSocket(frames) });
+    const r = { c, rows: null, model: new Map(), events: new Recorder(), problems: [] };
+    // The application's view built from the changes alone must be the rows.
+    const apply = (rows, changes) => {
+      for (const { type, id, row } of changes) {
+        if (type === 'removed') {
+          if (!r.model.delete(id)) r.problems.push(`removed ${id}, not held`);
+        } else {
+          if (r.model.has(id) !== (type === 'modified')) r.problems.push(`${type} ${id}, held: ${r.model.has(id)}`);
+          r.model.set(id, row);
+        }
+      }
+      const view = byID([...r.model.values()]);
+      if (view !== byID(rows)) r.problems.push(`view from the changes ${view}, rows ${byID(rows)}`);
+      r.rows = rows;
+      r.events.push({ rows });
+    };
+    c.subscribe('lists', list, { onRows: apply, onGone: (changes) => apply([], changes), onError: (err) => r.problems.push(String(err)) });
+    return r;
+  });
+  t.after(() => readers.forEach((r) => r.c.close()));
+
+  let rows = await srv.list(1, list, 'fill', { n: 20, text: 'start' });
+  let next = 0;
+  for (let i = 0; i < 150; i++) {
+    const server = rand() < 0.5 ? 0 : 1;
+    const p = rand();
+    const pick = () => rows[Math.floor(rand() * rows.length)].id;
+    if (p < 0.3 || rows.length < 3) {
+      rows = await srv.list(server, list, 'add', { item: `n${++next}`, text: `new ${next}`, at: Math.floor(rand() * (rows.length + 1)) });
+    } else if (p < 0.6) {
+      rows = await srv.list(server, list, 'set', { item: pick(), text: `edit ${i}` });
+    } else if (p < 0.8) {
+      rows = await srv.list(server, list, 'remove', { item: pick() });
+    } else if (p < 0.95) {
+      rows = await srv.list(server, list, 'move', { item: pick(), at: Math.floor(rand() * rows.length) });
+    } else {
+      await srv.control('/cut?server=0'); // every connection to server 0 drops; they reconnect
+    }
+    if (rand() < 0.2) await new Promise((res) => setTimeout(res, rand() * 20)); // let some states through, coalesce others
+  }
+
+  const want = JSON.stringify(rows);
+  for (const [i, r] of readers.entries()) {
+    while (JSON.stringify(r.rows) !== want) await r.events.next(`reader ${i} to reach the final list`);
+    assert.deepEqual(r.problems, [], `reader ${i}`);
+    assert.equal(byID([...r.model.values()]), byID(rows), `reader ${i}: its view from the changes`);
+  }
+  const sent = {};
+  for (const f of frames.drain()) if (f.key.id === list) sent[f.type] = (sent[f.type] ?? 0) + 1;
+  t.diagnostic(`frames received: ${JSON.stringify(sent)}`);
+});
