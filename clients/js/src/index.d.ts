@@ -95,8 +95,9 @@ export interface RowChange<Row = unknown> {
 
 /**
  * What changed, row by row: removed rows first (in their old order), then added and
- * modified rows in their new order. Rows are compared by their JSON text. Empty for a key
- * whose rows have no ids (not a collection), and for a state that only reorders rows.
+ * modified rows in their new order. Rows are compared by JSON.stringify of the parsed
+ * row. Empty for a key whose rows have no ids (not a collection), and for a state that
+ * only reorders rows.
  */
 export type RowChanges<Row = unknown> = RowChange<Row>[];
 
