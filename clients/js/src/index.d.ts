@@ -81,11 +81,38 @@ export interface ClientOptions {
 /** The rows of one change: each row as the server's fetch function made it, parsed. */
 export type Rows<Row = unknown> = Row[];
 
+/**
+ * One row's change in a collection key (a key whose rows the server names by id), since
+ * the previous state the subscription was handed; like Firestore's docChanges.
+ */
+export interface RowChange<Row = unknown> {
+  type: 'added' | 'modified' | 'removed';
+  /** The row's id, as the server names it. */
+  id: string;
+  /** The row now; for 'removed', the row as it was last. */
+  row: Row;
+}
+
+/**
+ * What changed, row by row: removed rows first (in their old order), then added and
+ * modified rows in their new order. Rows are compared by JSON.stringify of the parsed
+ * row. Empty for a key whose rows have no ids (not a collection), and for a state that
+ * only reorders rows.
+ */
+export type RowChanges<Row = unknown> = RowChange<Row>[];
+
 export interface SubscriptionHandlers<Row = unknown> {
-  /** The key's rows: now, and after every change. */
-  onRows?: (rows: Rows<Row>) => void;
-  /** The key has no rows (deleted / does not exist). The subscription stays. */
-  onGone?: () => void;
+  /**
+   * The key's rows: now, and after every change. For a collection key, changes says
+   * which rows were added, modified or removed since the previous call (on the first
+   * call: every row added). Not called when a resubscription finds the state unchanged.
+   */
+  onRows?: (rows: Rows<Row>, changes: RowChanges<Row>) => void;
+  /**
+   * The key has no rows (deleted / does not exist; for a collection: empty). The
+   * subscription stays. For a collection that had rows, changes lists them as removed.
+   */
+  onGone?: (changes: RowChanges<Row>) => void;
   /** The server withdrew access; the subscription has ended. Default: onGone. */
   onRevoked?: (reason: string) => void;
   /**
@@ -108,7 +135,12 @@ export declare class EntitySyncClient {
    * subscription. Throws a TypeError for an empty entity or id, an Error on a
    * closed client.
    */
-  subscribe<Row = unknown>(entity: string, id: string, onRows: (rows: Rows<Row>) => void, onGone?: () => void): () => void;
+  subscribe<Row = unknown>(
+    entity: string,
+    id: string,
+    onRows: (rows: Rows<Row>, changes: RowChanges<Row>) => void,
+    onGone?: (changes: RowChanges<Row>) => void,
+  ): () => void;
   subscribe<Row = unknown>(entity: string, id: string, handlers: SubscriptionHandlers<Row>): () => void;
   /** Sets the connection's secret; sent now if connected and on every reconnect. */
   setSecret(secret: string): void;
@@ -118,3 +150,60 @@ export declare class EntitySyncClient {
 
 /** Opens a client that connects in the background and reconnects until close(). */
 export declare function connect(url: string, options?: ClientOptions): EntitySyncClient;
+
+/**
+ * The state the client holds for one key (see applyFrame). Never changed in place; rows is
+ * the array handed to the application, which may change it freely: the state does not read
+ * it back.
+ */
+export interface KeyState<Row = unknown> {
+  /** The key has no rows. */
+  readonly gone: boolean;
+  /** The version of the state (16 hex digits), echoed when subscribing again. */
+  readonly version: string | undefined;
+  readonly rows: Rows<Row>;
+  /** The rows' ids in server order, parallel to rows; null for a key without row ids. */
+  readonly ids: readonly string[] | null;
+  /** Row and JSON text by id; null for a key without row ids. */
+  readonly entries: ReadonlyMap<string, { row: Row; json: string }> | null;
+}
+
+/** A state frame of the envelope protocol, as parsed from the wire. */
+export interface StateFrame {
+  type: 'rows' | 'gone' | 'diff' | 'unchanged';
+  key?: EntityKey;
+  seq?: number;
+  version?: string;
+  /** rows: the rows' ids, for a collection key. */
+  ids?: string[];
+  rows?: unknown[];
+  /** diff: the version the diff applies to. */
+  base?: string;
+  upsert?: { id: string; row: unknown }[];
+  remove?: string[];
+  order?: string[];
+}
+
+/** What applyFrame makes of a frame. */
+export type ApplyResult<Row = unknown> =
+  /** A new state and the changes to hand the application. */
+  | { kind: 'state'; state: KeyState<Row>; changes: RowChanges<Row> }
+  /** The server confirmed the state held: keep it, hand nothing. */
+  | { kind: 'unchanged'; state: KeyState<Row> }
+  /**
+   * Not applicable to the state held: apply nothing, subscribe again carrying version
+   * (undefined: ask for the full state). problem is set when the frame was invalid.
+   */
+  | { kind: 'resync'; version: string | undefined; problem?: string }
+  /** A malformed full state: drop it. */
+  | { kind: 'invalid'; problem: string };
+
+/**
+ * The client's per-key logic, exported for tests and other transports: applies a state
+ * frame to the state held for its key (null: nothing yet). Pure: never changes state.
+ * Throws a TypeError for a frame that is not a state frame.
+ */
+export declare function applyFrame<Row = unknown>(state: KeyState<Row> | null, frame: StateFrame): ApplyResult<Row>;
+
+/** Every row of state as added: what a subscription that held nothing is handed. */
+export declare function initialChanges<Row = unknown>(state: KeyState<Row>): RowChanges<Row>;

@@ -2,7 +2,8 @@
 // protocol (websocket subprotocol "entitysync.v1"; see docs/protocol.md in
 // the entity-sync repository). No dependencies; runs in browsers and in
 // Node.js 20+ (pass a WebSocket constructor, such as the `ws` package's, where
-// there is no global one).
+// there is no global one). Keeps the rows of collection keys by id, applies
+// the server's diffs and resumes from the version it holds (applyFrame).
 
 /** The websocket subprotocol the client offers and requires. */
 export const SUBPROTOCOL = 'entitysync.v1';
@@ -147,15 +148,24 @@ export class EntitySyncClient {
   }
 
   /**
-   * Subscribes to the entity key (entity, id). onRows receives the key's rows
-   * (an array of parsed JSON values: all rows of one change) now and after
-   * every change; onGone is called while the key has no rows. Instead of
-   * onRows a handlers object may be passed:
+   * Subscribes to the entity key (entity, id). onRows(rows, changes)
+   * receives the key's rows (an array of parsed JSON values: all rows of one
+   * change) now and after every change; onGone(changes) is called while the
+   * key has no rows. For a collection key (the server names its rows by id)
+   * `changes` lists what changed since the previous state this subscription
+   * was handed: {type: 'added'|'modified'|'removed', id, row} (a removed row
+   * carries its last value); for other keys it is empty. Instead of onRows a
+   * handlers object may be passed:
    * {onRows, onGone, onRevoked(reason), onError(err)}.
    *
    * Several subscriptions to one key share one server subscription; a later
-   * one gets the last known rows at once (asynchronously). Returns the
-   * function that ends this subscription (calling it again does nothing).
+   * one gets the last known rows at once (asynchronously), every row as
+   * added. Returns the function that ends this subscription (calling it
+   * again does nothing).
+   *
+   * After a reconnect the key is subscribed again carrying the version of
+   * the state held; when the server still has that state it answers
+   * "unchanged" and no callback runs.
    *
    * A refused subscription (unknown_entity, forbidden, ...) ends, and its
    * onError (or the client's 'error' listeners) gets an EntitySyncError;
@@ -174,16 +184,18 @@ export class EntitySyncClient {
     const k = keyString(entity, id);
     let sub = this.#subs.get(k);
     if (!sub) {
-      sub = { key: { entity, id }, handles: [handle], has: false, gone: false, rows: null };
+      // state: the key's KeyState (see applyFrame), null until the first.
+      sub = { key: { entity, id }, handles: [handle], state: null };
       this.#subs.set(k, sub);
       const conn = this.#conn;
       // Or ends it (reported asynchronously) when the server's limit is reached.
       if (conn && conn.ready) this.#subscribeOn(conn, k, sub);
       return () => this.#unsubscribe(k, sub, handle);
     }
-    if (sub.has) {
-      const { gone, rows } = sub;
-      queueMicrotask(() => this.#deliver(handle, gone, rows));
+    if (sub.state !== null) {
+      // This handle saw nothing yet: every row held is new to it.
+      const state = sub.state;
+      queueMicrotask(() => this.#deliver(handle, state, initialChanges(state)));
     }
     sub.handles.push(handle);
     return () => this.#unsubscribe(k, sub, handle);
@@ -241,6 +253,7 @@ export class EntitySyncClient {
       nextRef: 0,
       pending: new Map(), // ref -> {action, key, sub}
       lastSeq: new Map(), // key -> seq last applied
+      subscribing: new Map(), // key -> subscribes sent and not answered yet
       unsubs: new Map(), // key -> unacknowledged unsubscribes
       timers: new Set(),
       lastFrameAt: Date.now(),
@@ -434,8 +447,22 @@ export class EntitySyncClient {
     }
   }
 
-  #sendSubscribe(conn, sub) {
-    this.#send(conn, 'subscribe', sub.key, { key: sub.key, sub });
+  // #sendSubscribe sends sub's subscribe carrying the version of the state
+  // held, so that the server can answer "unchanged" or with a diff instead
+  // of every row; or, with full, carrying none: asking for the full state.
+  #sendSubscribe(conn, sub, full = false) {
+    const k = keyString(sub.key.entity, sub.key.id);
+    conn.subscribing.set(k, (conn.subscribing.get(k) ?? 0) + 1);
+    const version = full ? undefined : sub.state?.version;
+    const body = version === undefined ? sub.key : { ...sub.key, version };
+    this.#send(conn, 'subscribe', body, { key: sub.key, sub });
+  }
+
+  // #subscribeAnswered notes that a subscribe of key k got its ack or error.
+  #subscribeAnswered(conn, k) {
+    const n = (conn.subscribing.get(k) ?? 0) - 1;
+    if (n > 0) conn.subscribing.set(k, n);
+    else conn.subscribing.delete(k);
   }
 
   #sendUnsubscribe(conn, key) {
@@ -479,7 +506,9 @@ export class EntitySyncClient {
     switch (f.type) {
       case 'rows':
       case 'gone':
-        if (f.key) this.#applyState(conn, f.key, Number(f.seq) || 0, f.type === 'gone', f.rows);
+      case 'diff':
+      case 'unchanged':
+        if (f.key) this.#applyState(conn, f);
         break;
       case 'revoked':
         if (f.key) this.#revoke(conn, f.key, f.reason ?? '');
@@ -497,20 +526,36 @@ export class EntitySyncClient {
     }
   }
 
-  #applyState(conn, key, seq, gone, rows) {
-    const k = keyString(key.entity, key.id);
+  #applyState(conn, f) {
+    const k = keyString(f.key.entity, f.key.id);
     const sub = this.#subs.get(k);
     if (!sub) return;
+    const seq = Number(f.seq) || 0;
     if ((conn.unsubs.get(k) ?? 0) === 0) {
       const last = conn.lastSeq.get(k);
       if (last !== undefined && seq <= last) return; // older than what we have
     }
-    conn.lastSeq.set(k, seq);
-    rows = gone ? null : Array.isArray(rows) ? rows : [];
-    sub.has = true;
-    sub.gone = gone;
-    sub.rows = rows;
-    for (const h of [...sub.handles]) this.#deliver(h, gone, rows);
+    const out = applyFrame(sub.state, f);
+    switch (out.kind) {
+      case 'invalid':
+        this.#emit('error', new EntitySyncError('bad_frame', `entity-sync: ${out.problem}`, { key: sub.key }));
+        return;
+      case 'resync':
+        if (out.problem) this.#emit('error', new EntitySyncError('bad_frame', `entity-sync: ${out.problem}; subscribing again`, { key: sub.key }));
+        // A subscribe awaiting its answer brings a state anyway (the
+        // frame may well be from before it); otherwise ask the server
+        // again, from what we hold. The server holds the key already:
+        // this is no new subscription to count.
+        if (!conn.subscribing.has(k)) this.#sendSubscribe(conn, sub, out.version === undefined);
+        return;
+      case 'unchanged':
+        conn.lastSeq.set(k, seq);
+        return;
+      default:
+        conn.lastSeq.set(k, seq);
+        sub.state = out.state;
+        for (const h of [...sub.handles]) this.#deliver(h, out.state, out.changes);
+    }
   }
 
   #revoke(conn, key, reason) {
@@ -519,11 +564,16 @@ export class EntitySyncClient {
     if (!sub) return;
     conn.held--; // the server removed it
     this.#end(k, sub);
+    let removed = null; // what onGone reports: every row held, removed
     for (const h of sub.handles) {
       if (h.cancelled) continue;
       const { onRevoked, onGone } = h.handlers;
-      if (onRevoked) this.#call(onRevoked, reason);
-      else if (onGone) this.#call(onGone);
+      if (onRevoked) {
+        this.#call(onRevoked, reason);
+      } else if (onGone) {
+        removed ??= sub.state === null ? [] : applyFrame(sub.state, { type: 'gone' }).changes;
+        this.#call(onGone, removed);
+      }
     }
   }
 
@@ -533,6 +583,7 @@ export class EntitySyncClient {
     conn.pending.delete(ref);
     this.#answered(conn);
     this.#noteAnswer(conn, ref);
+    if (req.action === 'subscribe') this.#subscribeAnswered(conn, keyString(req.key.entity, req.key.id));
     if (req.action === 'unsubscribe') this.#unsubDone(conn, req.key);
   }
 
@@ -569,6 +620,7 @@ export class EntitySyncClient {
     if (req.action === 'subscribe') {
       const sub = req.sub;
       const k = keyString(sub.key.entity, sub.key.id);
+      this.#subscribeAnswered(conn, k);
       if (this.#subs.get(k) !== sub) return; // unsubscribed meanwhile
       if (limited) {
         this.#emit('error', err);
@@ -625,13 +677,13 @@ export class EntitySyncClient {
     for (const h of sub.handles) h.active = false;
   }
 
-  #deliver(handle, gone, rows) {
+  #deliver(handle, state, changes) {
     if (!handle.active) return;
     const { onRows, onGone } = handle.handlers;
-    if (gone) {
-      if (onGone) this.#call(onGone);
+    if (state.gone) {
+      if (onGone) this.#call(onGone, changes);
     } else if (onRows) {
-      this.#call(onRows, rows);
+      this.#call(onRows, state.rows, changes);
     }
   }
 
@@ -661,6 +713,184 @@ export class EntitySyncClient {
       else console.error('entity-sync: callback threw', error);
     }
   }
+}
+
+// --- key state: what the client holds for one key, and how frames change it ---
+//
+// applyFrame is the whole of the client's per-key logic for state frames
+// (rows, gone, diff, unchanged), kept free of the connection so that it can
+// be tested on its own and reused. It never changes the state it is given:
+// the client keeps the old state until the new one is complete, so a frame
+// that turns out to be invalid half-way leaves nothing half-applied.
+
+/**
+ * Applies one state frame (`rows`, `gone`, `diff` or `unchanged`, as parsed
+ * from the wire) to the state the client holds for its key (null: nothing
+ * yet). Returns one of:
+ *
+ * - `{kind: 'state', state, changes}`: the new state, and what changed
+ *   since `state` (rows added, modified, removed, by id; empty for a key
+ *   whose rows have no ids). Deliver it.
+ * - `{kind: 'unchanged', state}`: the server confirmed the held state; keep
+ *   it, deliver nothing.
+ * - `{kind: 'resync', version, problem?}`: the frame cannot be applied to
+ *   the held state (a diff from another base, an unchanged for another
+ *   version, an invalid diff). Apply nothing; subscribe to the key again,
+ *   carrying `version` (undefined: ask for the full state). `problem` says
+ *   what was wrong with an invalid frame.
+ * - `{kind: 'invalid', problem}`: a malformed full state; drop it.
+ *
+ * @param {KeyState|null} state
+ * @param {object} frame
+ */
+export function applyFrame(state, frame) {
+  switch (frame?.type) {
+    case 'rows':
+      return applyRows(state, frame);
+    case 'gone':
+      return applyGone(state, frame);
+    case 'diff':
+      return applyDiff(state, frame);
+    case 'unchanged':
+      if (state === null || state.version === undefined || frame.version !== state.version) {
+        return { kind: 'resync', version: state?.version };
+      }
+      return { kind: 'unchanged', state };
+    default:
+      throw new TypeError(`entity-sync: applyFrame: ${String(frame?.type)} is not a state frame`);
+  }
+}
+
+/**
+ * The changes that make up `state` for someone who held nothing: every row
+ * added (empty for a key without row ids, or gone).
+ * @param {KeyState} state
+ */
+export function initialChanges(state) {
+  return compareByID(null, state);
+}
+
+const NO_ENTRIES = new Map();
+
+const versionOf = (f) => (typeof f.version === 'string' ? f.version : undefined);
+
+// A key's state. ids and entries are null for a key whose rows carry no ids
+// (not a collection): its rows are only ever replaced whole. For a
+// collection, ids lists the row ids in server order and entries maps each
+// id to its row and the row's JSON text (what "same row" means when
+// computing changes). rows is what the application gets; it may change that
+// array, so the state never reads it back.
+function keyState(gone, version, rows, ids, entries) {
+  return Object.freeze({ gone, version, rows, ids, entries });
+}
+
+function applyRows(prev, f) {
+  const rows = Array.isArray(f.rows) ? f.rows : [];
+  const version = versionOf(f);
+  if (f.ids === undefined || f.ids === null) {
+    return { kind: 'state', state: keyState(false, version, rows, null, null), changes: [] };
+  }
+  if (!Array.isArray(f.ids) || f.ids.length !== rows.length) {
+    return { kind: 'invalid', problem: `rows frame: ids must be an array parallel to rows (${rows.length} rows)` };
+  }
+  const entries = new Map();
+  for (let i = 0; i < rows.length; i++) {
+    const id = f.ids[i];
+    if (typeof id !== 'string') return { kind: 'invalid', problem: `rows frame: ids[${i}] is not a string` };
+    if (entries.has(id)) return { kind: 'invalid', problem: `rows frame: id ${JSON.stringify(id)} appears twice` };
+    entries.set(id, { row: rows[i], json: JSON.stringify(rows[i]) });
+  }
+  // A collection with no rows is gone, however it arrives.
+  const next = keyState(rows.length === 0, version, rows, f.ids.slice(), entries);
+  return { kind: 'state', state: next, changes: compareByID(prev, next) };
+}
+
+function applyGone(prev, f) {
+  const next = keyState(true, versionOf(f), [], [], NO_ENTRIES);
+  return { kind: 'state', state: next, changes: compareByID(prev, next) };
+}
+
+function applyDiff(prev, f) {
+  if (prev === null || prev.version === undefined || f.base !== prev.version) {
+    // Not the state the server diffed from: ask again from what we hold.
+    return { kind: 'resync', version: prev?.version };
+  }
+  const bad = (problem) => ({ kind: 'resync', version: undefined, problem: `diff frame: ${problem}` });
+  if (prev.entries === null) return bad('the key is held without row ids');
+  const remove = f.remove ?? [];
+  const upsert = f.upsert ?? [];
+  if (!Array.isArray(remove) || !remove.every((id) => typeof id === 'string')) return bad('remove must be an array of ids');
+  if (!Array.isArray(upsert)) return bad('upsert must be an array');
+  for (const u of upsert) {
+    if (u === null || typeof u !== 'object' || typeof u.id !== 'string' || !('row' in u)) {
+      return bad('each upsert entry needs a string id and a row');
+    }
+  }
+  const before = prev.entries;
+  const entries = new Map(before);
+  let removed = 0;
+  for (const id of remove) if (entries.delete(id)) removed++;
+  let ids = removed > 0 ? prev.ids.filter((id) => entries.has(id)) : prev.ids.slice();
+  for (const u of upsert) {
+    if (!entries.has(u.id)) ids.push(u.id);
+    entries.set(u.id, { row: u.row, json: JSON.stringify(u.row) });
+  }
+  if (f.order !== undefined && f.order !== null) {
+    const order = f.order;
+    if (!Array.isArray(order) || order.length !== ids.length) return bad(`order must list the ${ids.length} ids held after the diff`);
+    const seen = new Set();
+    for (const id of order) {
+      if (!entries.has(id) || seen.has(id)) return bad(`order names ${JSON.stringify(id)}, which is not held or appears twice`);
+      seen.add(id);
+    }
+    ids = order.slice();
+  }
+  const rows = ids.map((id) => entries.get(id).row);
+  const next = keyState(ids.length === 0, versionOf(f), rows, ids, entries);
+
+  // Only the ids the diff names can have changed. Listed as compareByID
+  // lists them, so that the application sees the same changes whether the
+  // server sent a diff or the full rows.
+  const changes = [];
+  if (removed > 0) {
+    for (const id of prev.ids) {
+      if (!entries.has(id)) changes.push({ type: 'removed', id, row: before.get(id).row });
+    }
+  }
+  if (upsert.length > 0) {
+    const upserted = new Set(upsert.map((u) => u.id));
+    for (const id of ids) {
+      if (!upserted.has(id)) continue;
+      const old = before.get(id);
+      const now = entries.get(id);
+      // A row removed and upserted again by one diff is held still: only a
+      // changed value counts.
+      if (!old) changes.push({ type: 'added', id, row: now.row });
+      else if (old.json !== now.json) changes.push({ type: 'modified', id, row: now.row });
+    }
+  }
+  return { kind: 'state', state: next, changes };
+}
+
+// compareByID lists what changed from prev to next, matching rows by id:
+// removed rows (with their old row) in their old order, then added and
+// modified rows in their new order. Keys without row ids have no changes.
+function compareByID(prev, next) {
+  if (next.entries === null) return [];
+  const before = prev?.entries ?? NO_ENTRIES;
+  const changes = [];
+  if (before.size > 0) {
+    for (const id of prev.ids) {
+      if (!next.entries.has(id)) changes.push({ type: 'removed', id, row: before.get(id).row });
+    }
+  }
+  for (const id of next.ids) {
+    const now = next.entries.get(id);
+    const old = before.get(id);
+    if (!old) changes.push({ type: 'added', id, row: now.row });
+    else if (old.json !== now.json) changes.push({ type: 'modified', id, row: now.row });
+  }
+  return changes;
 }
 
 // newPacer makes the token bucket a connection's requests go through, from

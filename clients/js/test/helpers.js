@@ -19,7 +19,8 @@ export const WAIT = 15000;
 /**
  * Builds (through Go's build cache) and starts the test server: an embedded
  * nsqd and two entity-sync servers behind cuttable proxies. Returns its
- * addresses, a `control(path)` helper for its HTTP API and `stop()`.
+ * addresses, a `control(path)` helper for its HTTP API, `list(...)` for its
+ * lists and `stop()`.
  */
 export async function startTestServer() {
   const dir = await mkdtemp(join(tmpdir(), 'es-js-test-'));
@@ -47,6 +48,10 @@ export async function startTestServer() {
     if (!res.ok) throw new Error(`control ${path}: ${body.error}`);
     return body;
   }
+  /** Changes list L (op add, set, remove, move, fill: see testserver/lists.go) through server i; returns its rows after. */
+  async function list(i, id, op, params = {}) {
+    return (await control(`/list?${new URLSearchParams({ server: i, list: id, op, ...params })}`)).rows;
+  }
   async function stop() {
     child.stdin.end(); // the server exits at EOF on stdin
     const timer = setTimeout(() => child.kill('SIGKILL'), 15000);
@@ -54,7 +59,7 @@ export async function startTestServer() {
     clearTimeout(timer);
     await rm(dir, { recursive: true, force: true });
   }
-  return { ...info, control, stop };
+  return { ...info, control, list, stop };
 }
 
 /**

@@ -11,12 +11,15 @@
 //
 // Each server serves the entity type "items" from one shared in-memory
 // store (rows {"entity":"items","id":ID,"v":VERSION}; a deleted item has no
-// rows) and the files under -root at / (so a page and the client module load
-// from the same origin as the websocket). The control API, all GET, answers
-// JSON:
+// rows), the collection "lists" (key lists/L: list L's items in order, rows
+// {"id":ITEM,"text":TEXT,"n":WRITES} named by "id"; see lists.go) and the
+// files under -root at / (so a page and the client module load from the
+// same origin as the websocket). The control API, all GET, answers JSON:
 //
 //	/bump?server=N&id=ID     increment item ID's version, notify from server N -> {"v":V}
 //	/delete?id=ID&server=N   delete item ID, notify from server N                -> {"v":V}
+//	/list?server=N&list=L&op=OP&...  change list L (op add, set, remove, move,
+//	                         fill: see lists.go), notify from server N   -> {"rows":[...]}
 //	/cut?server=N[&down=1]   drop every connection through server N's proxy; with down=1
 //	                         refuse new ones until /up                             -> {"cut":K}
 //	/up?server=N             serve connections again                                -> {}
@@ -49,6 +52,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/entity-sync/entity-sync/entitysync"
+	"github.com/entity-sync/entity-sync/esdb"
 	"github.com/entity-sync/entity-sync/internal/nsqtest"
 	"github.com/entity-sync/entity-sync/shared"
 )
@@ -95,7 +99,7 @@ func run(ctx context.Context, root string, n int, logger *logrus.Logger) error {
 	}
 	defer broker.Close()
 
-	h := &harness{store: newStore(), root: root, nsqd: broker.TCPAddr(), logger: logger}
+	h := &harness{store: newStore(), lists: newLists(), root: root, nsqd: broker.TCPAddr(), logger: logger}
 	defer h.close()
 	for i := 0; i < n; i++ {
 		if err := h.addServer(); err != nil {
@@ -131,9 +135,10 @@ func run(ctx context.Context, root string, n int, logger *logrus.Logger) error {
 	return nil
 }
 
-// harness is the set of servers and the shared store.
+// harness is the set of servers and the shared stores.
 type harness struct {
 	store  *store
+	lists  *lists
 	root   string
 	nsqd   string
 	logger *logrus.Logger
@@ -175,6 +180,10 @@ func (h *harness) startBackend(s *server) (string, error) {
 		return "", err
 	}
 	if err := es.Register(entityItems, h.store.fetch); err != nil {
+		_ = es.Close(context.Background())
+		return "", err
+	}
+	if err := es.RegisterCollection(entityLists, h.lists.fetch, esdb.JSONField("id")); err != nil {
 		_ = es.Close(context.Background())
 		return "", err
 	}
@@ -258,6 +267,7 @@ func (h *harness) controlMux() *http.ServeMux {
 	}
 	handle("/bump", func(r *http.Request, s *server) (any, error) { return change(r, s, false) })
 	handle("/delete", func(r *http.Request, s *server) (any, error) { return change(r, s, true) })
+	handle("/list", h.handleList)
 	handle("/cut", func(r *http.Request, s *server) (any, error) {
 		if r.URL.Query().Get("down") != "" {
 			s.proxy.setDown(true)

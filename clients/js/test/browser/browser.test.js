@@ -1,6 +1,9 @@
 // The client in real headless Chromium (Debian's, driven by playwright-core)
 // against the real Go servers: the page is served by server 0 and
 // subscribes there; changes are notified on server 1 and cross nsqd.
+//
+// With ES_SCREENSHOT=/some/path.png set, the first test saves a screenshot
+// of its page there and the list test one beside it (path-list.png).
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -87,5 +90,75 @@ test('the page shows gone, then rows again', async () => {
   await page.waitForFunction(() => window.es.gone === 1, null, { timeout: WAIT });
   assert.equal(await page.textContent('#version'), 'gone');
   await showsVersion(page, await bump(1, id));
+  await page.close();
+});
+
+const listOp = (...args) => srv.list(...args);
+
+/**
+ * Waits until the page's list shows exactly rows (ids and texts, in order);
+ * returns each element's {id, born}: born is the serial number the page gave
+ * the element when it made it.
+ */
+async function showsRows(page, rows) {
+  const want = JSON.stringify(rows.map((r) => [r.id, r.text]));
+  await page.waitForFunction(
+    (want) => JSON.stringify([...document.querySelectorAll('#list li')].map((li) => [li.dataset.id, li.firstChild.textContent])) === want,
+    want,
+    { timeout: WAIT },
+  );
+  return page.$$eval('#list li', (lis) => lis.map((li) => ({ id: li.dataset.id, born: li.dataset.born })));
+}
+
+test('a page shows a list; items added, changed, moved and removed on the other server appear in place', async () => {
+  const page = await context.newPage();
+  const pageErrors = [];
+  page.on('pageerror', (err) => pageErrors.push(err));
+  const list = 'browser-list';
+  let rows = await listOp(1, list, 'fill', { n: 4, text: 'Item' });
+  await page.goto(`${srv.servers[0].http}/test/browser/list.html?list=${list}&minBackoff=50&maxBackoff=500`);
+  let shown = await showsRows(page, rows);
+  const connected = () => page.evaluate(() => window.es.states.filter((s) => s === 'connected').length);
+
+  /**
+   * Waits until the page shows rows, and checks that it got exactly the
+   * changes expected (['added milk', ...]) and kept the element of every
+   * item that stayed.
+   */
+  async function showsInPlace(what, changes) {
+    const before = new Map(shown.map((e) => [e.id, e.born]));
+    shown = await showsRows(page, rows);
+    for (const { id, born } of shown) {
+      if (before.has(id)) assert.equal(born, before.get(id), `${what}: the element of ${id} was made again`);
+    }
+    const got = await page.evaluate(() => window.es.changes.at(-1).map((c) => `${c.type} ${c.id}`));
+    assert.deepEqual(got, changes, what);
+  }
+
+  rows = await listOp(1, list, 'add', { item: 'milk', text: 'Buy milk', at: 1 });
+  await showsInPlace('add', ['added milk']);
+  rows = await listOp(1, list, 'set', { item: 'i2', text: 'Item 2, changed' });
+  await showsInPlace('set', ['modified i2']);
+  rows = await listOp(1, list, 'remove', { item: 'i0' });
+  await showsInPlace('remove', ['removed i0']);
+  rows = await listOp(1, list, 'move', { item: 'i3', at: 0 });
+  await showsInPlace('move', []);
+
+  // Changed while the page's connection is cut: after the reconnect the
+  // page gets just those changes, and keeps the other elements.
+  const n = await connected();
+  await srv.control('/cut?server=0&down=1');
+  await page.waitForFunction(() => window.es.states.at(-1) === 'disconnected', null, { timeout: WAIT });
+  await listOp(1, list, 'add', { item: 'bread', text: 'Buy bread' });
+  rows = await listOp(1, list, 'set', { item: 'milk', text: 'Buy oat milk' });
+  await srv.control('/up?server=0');
+  await page.waitForFunction((n) => window.es.states.filter((s) => s === 'connected').length > n, n, { timeout: WAIT });
+  await showsInPlace('changed while cut', ['modified milk', 'added bread']);
+
+  const { errors, gone } = await page.evaluate(() => ({ errors: window.es.errors, gone: window.es.gone }));
+  assert.deepEqual(errors, []);
+  assert.equal(gone, 0);
+  assert.deepEqual(pageErrors, []);
+  if (process.env.ES_SCREENSHOT) await page.screenshot({ path: process.env.ES_SCREENSHOT.replace(/(\.png)?$/, '-list.png') });
   await page.close();
 });

@@ -484,3 +484,192 @@ test('a rate announced without a burst paces requests one at a time', async (t) 
   }
   checkBucket(reqs, rate, 1);
 });
+
+// --- collections, diffs and resume ---
+
+const list = (id) => ({ entity: 'lists', id });
+const itemRow = (id, text) => ({ id, text });
+
+/** Records onRows(rows, changes) and onGone(changes). */
+function collectionHandlers(rec) {
+  return {
+    onRows: (rows, changes) => rec.push({ kind: 'rows', rows, changes }),
+    onGone: (changes) => rec.push({ kind: 'gone', changes }),
+    onRevoked: (reason) => rec.push({ kind: 'revoked', reason }),
+    onError: (err) => rec.push({ kind: 'error', err }),
+  };
+}
+
+test('a collection: rows and diffs reach onRows with their changes; a late subscription gets every row as added', async (t) => {
+  const f = await fakeServer(t);
+  const { c } = client(t, f.url);
+  const fc = await f.accept();
+  const rec = new Recorder();
+  c.subscribe('lists', '1', collectionHandlers(rec));
+  fc.ack(await fc.expect('subscribe', list('1')));
+  const [a, b, c1] = [itemRow('a', 'A'), itemRow('b', 'B'), itemRow('c', 'C')];
+  fc.send({ type: 'rows', key: list('1'), seq: 1, version: 'v1', ids: ['a', 'b'], rows: [a, b] });
+  let e = await rec.next('first rows');
+  assert.deepEqual(e.rows, [a, b]);
+  assert.deepEqual(e.changes, [
+    { type: 'added', id: 'a', row: a },
+    { type: 'added', id: 'b', row: b },
+  ]);
+
+  const b2 = itemRow('b', 'B2');
+  fc.send({ type: 'diff', key: list('1'), seq: 2, base: 'v1', version: 'v2', upsert: [{ id: 'c', row: c1 }, { id: 'b', row: b2 }], remove: ['a'] });
+  e = await rec.next('the diff');
+  assert.deepEqual(e.rows, [b2, c1]);
+  assert.deepEqual(e.changes, [
+    { type: 'removed', id: 'a', row: a },
+    { type: 'modified', id: 'b', row: b2 },
+    { type: 'added', id: 'c', row: c1 },
+  ]);
+  fc.send({ type: 'diff', key: list('1'), seq: 3, base: 'v2', version: 'v3', order: ['c', 'b'] });
+  e = await rec.next('a reorder');
+  assert.deepEqual(e.rows, [c1, b2]);
+  assert.deepEqual(e.changes, []);
+
+  const late = new Recorder();
+  c.subscribe('lists', '1', collectionHandlers(late)); // shares the key: no request
+  e = await late.next('the late subscription');
+  assert.deepEqual(e.rows, [c1, b2]);
+  assert.deepEqual(e.changes, [
+    { type: 'added', id: 'c', row: c1 },
+    { type: 'added', id: 'b', row: b2 },
+  ]);
+
+  fc.send({ type: 'gone', key: list('1'), seq: 4, version: 'e0' });
+  for (const r of [rec, late]) {
+    e = await r.next('gone');
+    assert.equal(e.kind, 'gone');
+    assert.deepEqual(e.changes, [
+      { type: 'removed', id: 'c', row: c1 },
+      { type: 'removed', id: 'b', row: b2 },
+    ]);
+  }
+});
+
+test('a reconnect resubscribes with the version held; unchanged runs no callback, and diffs apply after it', async (t) => {
+  const f = await fakeServer(t);
+  const { c, states } = client(t, f.url);
+  const rec = new Recorder();
+  const plain = new Recorder();
+  c.subscribe('lists', '1', collectionHandlers(rec));
+  c.subscribe('items', 'p', plain.handlers());
+  let fc = await f.accept();
+  fc.ack(await fc.expect('subscribe', list('1')));
+  fc.ack(await fc.expect('subscribe', key('p')));
+  const a = itemRow('a', 'A');
+  fc.send({ type: 'rows', key: list('1'), seq: 1, version: 'v1', ids: ['a'], rows: [a] });
+  fc.send({ type: 'rows', key: key('p'), seq: 2, version: 'p1', rows: ['plain'] });
+  await rec.next('rows');
+  await expectRows(plain, 'plain');
+
+  fc.ws.terminate();
+  await states.until((e) => e.kind === State.DISCONNECTED, 'disconnected');
+  fc = await f.accept();
+  // Every key, a plain one too, carries the version of the state held.
+  fc.ack(await fc.expect('subscribe', { ...list('1'), version: 'v1' }));
+  fc.ack(await fc.expect('subscribe', { ...key('p'), version: 'p1' }));
+  fc.send({ type: 'unchanged', key: list('1'), seq: 1, version: 'v1' });
+  fc.send({ type: 'unchanged', key: key('p'), seq: 2, version: 'p1' });
+  // A diff from the state held still applies, numbered after the unchanged.
+  fc.send({ type: 'diff', key: list('1'), seq: 1, base: 'v1', version: 'v2', upsert: [{ id: 'b', row: 'B' }] }); // stale seq: dropped
+  fc.send({ type: 'diff', key: list('1'), seq: 3, base: 'v1', version: 'v2', upsert: [{ id: 'b', row: 'B' }] });
+  const e = await rec.next('the diff after unchanged');
+  assert.deepEqual(e.rows, [a, 'B']);
+  assert.deepEqual(e.changes, [{ type: 'added', id: 'b', row: 'B' }]);
+  assert.deepEqual(rec.drain(), []); // nothing for the unchanged frames
+  assert.deepEqual(plain.drain(), []);
+
+  // A full state after a reconnect to a server without the version: the
+  // changes are computed against the rows held.
+  fc.ws.terminate();
+  await states.until((e) => e.kind === State.DISCONNECTED, 'disconnected');
+  fc = await f.accept();
+  fc.ack(await fc.expect('subscribe', { ...list('1'), version: 'v2' }));
+  fc.send({ type: 'rows', key: list('1'), seq: 1, version: 'v5', ids: ['b', 'c'], rows: ['B', 'C'] });
+  const full = await rec.next('full rows');
+  assert.deepEqual(full.rows, ['B', 'C']);
+  assert.deepEqual(full.changes, [
+    { type: 'removed', id: 'a', row: a },
+    { type: 'added', id: 'c', row: 'C' },
+  ]);
+});
+
+test('a diff from another base is never applied: one subscribe with the version held, then its answer', async (t) => {
+  const f = await fakeServer(t);
+  const { c } = client(t, f.url);
+  const fc = await f.accept();
+  const rec = new Recorder();
+  c.subscribe('lists', '1', collectionHandlers(rec));
+  fc.ack(await fc.expect('subscribe', list('1')));
+  fc.send({ type: 'rows', key: list('1'), seq: 1, version: 'v1', ids: ['a', 'b'], rows: ['A', 'B'] });
+  await rec.next('rows');
+
+  fc.send({ type: 'diff', key: list('1'), seq: 2, base: 'v0', version: 'v2', remove: ['a'] });
+  const again = await fc.expect('subscribe', { ...list('1'), version: 'v1' });
+  // More diffs from the wrong base while that subscribe awaits its answer:
+  // no second subscribe, nothing applied.
+  fc.send({ type: 'diff', key: list('1'), seq: 3, base: 'v2', version: 'v3', remove: ['b'] });
+  fc.send({ type: 'unchanged', key: list('1'), seq: 4, version: 'v3' });
+  c.subscribe('items', 'fence', () => {});
+  fc.ack(await fc.expect('subscribe', key('fence')));
+  fc.ack(again);
+  fc.send({ type: 'diff', key: list('1'), seq: 5, base: 'v1', version: 'v4', remove: ['a'], upsert: [{ id: 'c', row: 'C' }] });
+  const e = await rec.next('the answer');
+  assert.deepEqual(e.rows, ['B', 'C']);
+  assert.deepEqual(e.changes, [
+    { type: 'removed', id: 'a', row: 'A' },
+    { type: 'added', id: 'c', row: 'C' },
+  ]);
+
+  // An unchanged naming another version than the one held: subscribe again.
+  fc.send({ type: 'unchanged', key: list('1'), seq: 6, version: 'v9' });
+  fc.ack(await fc.expect('subscribe', { ...list('1'), version: 'v4' }));
+  assert.deepEqual(rec.drain(), []);
+});
+
+test('an invalid diff is reported and the full state asked for; an invalid rows frame is dropped', async (t) => {
+  const f = await fakeServer(t);
+  const errors = new Recorder();
+  const { c } = client(t, f.url, { onError: (err) => errors.push({ kind: 'error', err }) });
+  const fc = await f.accept();
+  const rec = new Recorder();
+  c.subscribe('lists', '1', collectionHandlers(rec));
+  fc.ack(await fc.expect('subscribe', list('1')));
+  fc.send({ type: 'rows', key: list('1'), seq: 1, version: 'v1', ids: ['a'], rows: ['A'] });
+  await rec.next('rows');
+
+  fc.send({ type: 'diff', key: list('1'), seq: 2, base: 'v1', version: 'v2', order: ['a', 'zz'] });
+  let e = await errors.next('bad_frame');
+  assert.equal(e.err.code, 'bad_frame');
+  assert.deepEqual(e.err.key, list('1'));
+  assert.match(e.err.message, /order/);
+  fc.ack(await fc.expect('subscribe', list('1'))); // no version: the full state
+
+  fc.send({ type: 'rows', key: list('1'), seq: 3, version: 'v3', ids: ['a', 'a'], rows: ['A', 'A2'] });
+  e = await errors.next('bad_frame');
+  assert.match(e.err.message, /twice/);
+  fc.send({ type: 'rows', key: list('1'), seq: 4, version: 'v4', ids: ['b'], rows: ['B'] });
+  const r = await rec.next('rows');
+  assert.deepEqual(r.changes, [
+    { type: 'removed', id: 'a', row: 'A' },
+    { type: 'added', id: 'b', row: 'B' },
+  ]);
+});
+
+test('revoked without onRevoked: onGone with every row removed', async (t) => {
+  const f = await fakeServer(t);
+  const { c } = client(t, f.url);
+  const fc = await f.accept();
+  const rec = new Recorder();
+  c.subscribe('lists', '1', { onRows: (rows, changes) => rec.push({ kind: 'rows', rows, changes }), onGone: (changes) => rec.push({ kind: 'gone', changes }) });
+  fc.ack(await fc.expect('subscribe', list('1')));
+  fc.send({ type: 'rows', key: list('1'), seq: 1, version: 'v1', ids: ['a'], rows: ['A'] });
+  await rec.next('rows');
+  fc.send({ type: 'revoked', key: list('1'), reason: 'no' });
+  const e = await rec.next('gone');
+  assert.deepEqual(e, { kind: 'gone', changes: [{ type: 'removed', id: 'a', row: 'A' }] });
+});

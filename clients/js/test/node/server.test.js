@@ -20,6 +20,23 @@ after(async () => {
 let nextID = 0;
 const uniqueID = (name) => `${name}-${++nextID}`;
 
+/**
+ * A WebSocket (the ws package's) that also records every frame about a key
+ * it receives into frames: what the server actually sent, to tell a diff
+ * from full rows and see an unchanged that reaches no callback.
+ */
+function recordingWebSocket(frames) {
+  return class extends WebSocket {
+    constructor(url, protocols) {
+      super(url, protocols);
+      this.on('message', (data) => {
+        const f = JSON.parse(data.toString());
+        if (f.key) frames.push(f);
+      });
+    }
+  };
+}
+
 /** A client of server i, with fast reconnects and its states recorded. */
 function client(i, extra = {}) {
   const states = new Recorder();
@@ -210,4 +227,190 @@ test('a client holding more keys than the server burst resubscribes them all cle
   // Every rate_limited refusal is reported to the 'error' listeners.
   assert.deepEqual(errors.drain().map((e) => `${e.err.code}: ${e.err.message}`), []);
   assert.deepEqual(states.drain(), []); // connected once, never dropped
+});
+
+// --- collections and resume ---
+
+const listOp = (...args) => srv.list(...args);
+
+/** Records onRows(rows, changes) and onGone(changes). */
+function listHandlers(rec) {
+  return {
+    onRows: (rows, changes) => rec.push({ kind: 'rows', rows, changes }),
+    onGone: (changes) => rec.push({ kind: 'gone', rows: [], changes }),
+    onError: (err) => rec.push({ kind: 'error', err }),
+  };
+}
+
+/** The next state must be exactly rows, with exactly changes. */
+async function expectState(rec, rows, changes, what) {
+  const e = await rec.next(what);
+  assert.notEqual(e.kind, 'error', `${what}: ${e.err}`);
+  assert.deepEqual(e.rows, rows, what);
+  assert.deepEqual(e.changes, changes, what);
+}
+
+const find = (rows, id) => rows.find((r) => r.id === id);
+
+test('a collection follows items added, changed, moved and removed on the other server, sent as diffs', async (t) => {
+  const frames = new Recorder();
+  const { c } = client(0, { WebSocket: recordingWebSocket(frames) });
+  t.after(() => c.close());
+  const list = uniqueID('list');
+  let rows = await listOp(1, list, 'fill', { n: 12, text: 'an item of the list' });
+  const rec = new Recorder();
+  c.subscribe('lists', list, listHandlers(rec));
+  await expectState(rec, rows, rows.map((row) => ({ type: 'added', id: row.id, row })), 'the initial rows');
+
+  rows = await listOp(1, list, 'add', { item: 'new', text: 'added at the end' });
+  await expectState(rec, rows, [{ type: 'added', id: 'new', row: find(rows, 'new') }], 'add');
+  rows = await listOp(1, list, 'add', { item: 'second', text: 'added second', at: 1 });
+  await expectState(rec, rows, [{ type: 'added', id: 'second', row: find(rows, 'second') }], 'insert');
+  rows = await listOp(1, list, 'set', { item: 'i3', text: 'changed' });
+  await expectState(rec, rows, [{ type: 'modified', id: 'i3', row: find(rows, 'i3') }], 'set');
+  const old = find(rows, 'i5');
+  rows = await listOp(1, list, 'remove', { item: 'i5' });
+  await expectState(rec, rows, [{ type: 'removed', id: 'i5', row: old }], 'remove');
+  rows = await listOp(1, list, 'move', { item: 'i0', at: 6 });
+  await expectState(rec, rows, [], 'move: new order, no row changed');
+
+  // What the server sent: the full rows once, then differences only.
+  const sent = frames.drain().filter((f) => f.key.id === list);
+  assert.deepEqual(sent.map((f) => f.type), ['rows', 'diff', 'diff', 'diff', 'diff', 'diff']);
+  assert.equal(sent[0].ids.length, 12);
+  for (let i = 1; i < sent.length; i++) assert.equal(sent[i].base, sent[i - 1].version, `diff ${i} applies to the state before it`);
+  assert.deepEqual(sent.at(-1).order, rows.map((r) => r.id), 'a move sends the order');
+
+  // Emptied: gone, its last rows removed.
+  for (const row of rows) await listOp(1, list, 'remove', { item: row.id });
+  const last = await rec.until((e) => e.kind === 'gone', 'the empty list');
+  assert.deepEqual(last.changes.at(-1), { type: 'removed', id: rows.at(-1).id, row: rows.at(-1) });
+});
+
+test('resume: a reconnect with nothing changed costs no rows and no callback; changes made while away arrive as changes', async (t) => {
+  const frames = new Recorder();
+  const { c, states } = client(0, { WebSocket: recordingWebSocket(frames) });
+  t.after(async () => {
+    c.close();
+    await srv.control('/up?server=0');
+  });
+  const list = uniqueID('resume');
+  const item = uniqueID('resume-item');
+  let rows = await listOp(1, list, 'fill', { n: 8, text: 'row' });
+  const rec = new Recorder();
+  const plain = new Recorder();
+  c.subscribe('lists', list, listHandlers(rec));
+  c.subscribe('items', item, plain.handlers());
+  await rec.next('the initial rows');
+  await awaitVersion(plain, 0);
+  await states.until((e) => e.kind === State.CONNECTED, 'connected');
+  frames.drain();
+
+  /** Cuts server 0, runs whileAway, restores it and waits until reconnected. */
+  async function away(whileAway) {
+    await srv.control('/cut?server=0&down=1');
+    await states.until((e) => e.kind === State.DISCONNECTED, 'disconnected');
+    await whileAway();
+    await srv.control('/up?server=0');
+    await states.until((e) => e.kind === State.CONNECTED, 'reconnected');
+  }
+
+  // Nothing changed: both keys answered unchanged.
+  await away(async () => {});
+  const unchanged = await frames.until((f) => f.key.id === list, 'the answer for the list');
+  assert.equal(unchanged.type, 'unchanged');
+  assert.equal((await frames.until((f) => f.key.id === item, 'the answer for the item')).type, 'unchanged');
+  // The next callback is the next change: the unchanged frames ran none.
+  rows = await listOp(1, list, 'set', { item: 'i1', text: 'after the reconnect' });
+  await expectState(rec, rows, [{ type: 'modified', id: 'i1', row: find(rows, 'i1') }], 'the change after unchanged');
+  await awaitVersion(plain, await bump(1, item));
+
+  // Changed while away: exactly those changes, whatever the server sends.
+  const gone = find(rows, 'i4');
+  await away(async () => {
+    await listOp(1, list, 'set', { item: 'i2', text: 'changed while away' });
+    await listOp(1, list, 'remove', { item: 'i4' });
+    rows = await listOp(1, list, 'add', { item: 'x', text: 'added while away', at: 0 });
+  });
+  await expectState(rec, rows, [
+    { type: 'removed', id: 'i4', row: gone },
+    { type: 'added', id: 'x', row: find(rows, 'x') },
+    { type: 'modified', id: 'i2', row: find(rows, 'i2') },
+  ], 'the changes made while away');
+
+  // A fresh server process never saw this list: the version, a hash of the
+  // rows, is still the same, so it answers unchanged.
+  frames.drain();
+  await srv.control('/restart?server=0');
+  await states.until((e) => e.kind === State.DISCONNECTED, 'disconnected by the restart');
+  await states.until((e) => e.kind === State.CONNECTED, 'reconnected to the new server');
+  assert.equal((await frames.until((f) => f.key.id === list, 'the answer for the list')).type, 'unchanged');
+  rows = await listOp(1, list, 'move', { item: 'x', at: 7 });
+  await expectState(rec, rows, [], 'a move after the restart');
+  assert.deepEqual(rec.drain(), []);
+});
+
+test('randomized: clients on both servers, cut at random, end on the list as fetched, and their changes replay to their rows', async (t) => {
+  const list = uniqueID('random');
+  let seed = Number(process.env.ES_SEED) || Date.now() % 100000;
+  t.diagnostic(`ES_SEED=${seed}`);
+  const rand = () => {
+    seed = (seed * 1103515245 + 12345) % 2147483648;
+    return seed / 2147483648;
+  };
+  // Rows as a text that ignores their order.
+  const byID = (rows) => JSON.stringify([...rows].sort((a, b) => (a.id < b.id ? -1 : a.id > b.id ? 1 : 0)));
+  const frames = new Recorder();
+  const readers = [0, 0, 1].map((server) => {
+    const { c } = client(server, { WebSocket: recordingWebSocket(frames) });
+    const r = { c, rows: null, model: new Map(), events: new Recorder(), problems: [] };
+    // The application's view built from the changes alone must be the rows.
+    const apply = (rows, changes) => {
+      for (const { type, id, row } of changes) {
+        if (type === 'removed') {
+          if (!r.model.delete(id)) r.problems.push(`removed ${id}, not held`);
+        } else {
+          if (r.model.has(id) !== (type === 'modified')) r.problems.push(`${type} ${id}, held: ${r.model.has(id)}`);
+          r.model.set(id, row);
+        }
+      }
+      const view = byID([...r.model.values()]);
+      if (view !== byID(rows)) r.problems.push(`view from the changes ${view}, rows ${byID(rows)}`);
+      r.rows = rows;
+      r.events.push({ rows });
+    };
+    c.subscribe('lists', list, { onRows: apply, onGone: (changes) => apply([], changes), onError: (err) => r.problems.push(String(err)) });
+    return r;
+  });
+  t.after(() => readers.forEach((r) => r.c.close()));
+
+  let rows = await srv.list(1, list, 'fill', { n: 20, text: 'start' });
+  let next = 0;
+  for (let i = 0; i < 150; i++) {
+    const server = rand() < 0.5 ? 0 : 1;
+    const p = rand();
+    const pick = () => rows[Math.floor(rand() * rows.length)].id;
+    if (p < 0.3 || rows.length < 3) {
+      rows = await srv.list(server, list, 'add', { item: `n${++next}`, text: `new ${next}`, at: Math.floor(rand() * (rows.length + 1)) });
+    } else if (p < 0.6) {
+      rows = await srv.list(server, list, 'set', { item: pick(), text: `edit ${i}` });
+    } else if (p < 0.8) {
+      rows = await srv.list(server, list, 'remove', { item: pick() });
+    } else if (p < 0.95) {
+      rows = await srv.list(server, list, 'move', { item: pick(), at: Math.floor(rand() * rows.length) });
+    } else {
+      await srv.control('/cut?server=0'); // every connection to server 0 drops; they reconnect
+    }
+    if (rand() < 0.2) await new Promise((res) => setTimeout(res, rand() * 20)); // let some states through, coalesce others
+  }
+
+  const want = JSON.stringify(rows);
+  for (const [i, r] of readers.entries()) {
+    while (JSON.stringify(r.rows) !== want) await r.events.next(`reader ${i} to reach the final list`);
+    assert.deepEqual(r.problems, [], `reader ${i}`);
+    assert.equal(byID([...r.model.values()]), byID(rows), `reader ${i}: its view from the changes`);
+  }
+  const sent = {};
+  for (const f of frames.drain()) if (f.key.id === list) sent[f.type] = (sent[f.type] ?? 0) + 1;
+  t.diagnostic(`frames received: ${JSON.stringify(sent)}`);
 });
