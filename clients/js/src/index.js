@@ -819,6 +819,11 @@ function applyDiff(prev, f) {
   if (prev.entries === null) return bad('the key is held without row ids');
   const remove = f.remove ?? [];
   const upsert = f.upsert ?? [];
+  if (f.version === prev.version && remove.length === 0 && upsert.length === 0 && f.order === undefined) {
+    // The key came back to the rows held (after states this connection
+    // skipped): nothing to apply and, as for unchanged, nothing to report.
+    return { kind: 'unchanged', state: prev };
+  }
   if (!Array.isArray(remove) || !remove.every((id) => typeof id === 'string')) return bad('remove must be an array of ids');
   if (!Array.isArray(upsert)) return bad('upsert must be an array');
   for (const u of upsert) {

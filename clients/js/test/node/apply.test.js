@@ -261,6 +261,13 @@ test('unchanged: kept when it names the version held, otherwise resubscribe', ()
   assert.deepEqual(applyFrame(null, { type: 'unchanged', key: K, seq: 3, version: 'v1' }), { kind: 'resync', version: undefined });
 });
 
+test('an empty diff back to the version held is unchanged: nothing to report', () => {
+  const s1 = held('v1', [['a', a]]);
+  assert.deepEqual(applyFrame(s1, diffFrame('v1', 'v1', {})), { kind: 'unchanged', state: s1 });
+  // From another base it is still a resubscribe, never applied.
+  assert.equal(applyFrame(s1, diffFrame('v0', 'v0', {})).kind, 'resync');
+});
+
 test('the held state is never changed, and the rows handed out are not read back', () => {
   const s1 = held('v1', [['a', a], ['b', b]]);
   assert.ok(Object.isFrozen(s1));
