@@ -172,8 +172,13 @@ func (c *conn) flush() {
 		if overflowed {
 			c.s.stats.slowClients.Add(1)
 			c.logger().Warn("dropping connection: too far behind (MaxPendingBytes)")
-			c.closeWith(websocket.ClosePolicyViolation, "client too slow")
-			continue
+			// The close frame goes after what was just taken from the
+			// backlog, which may start with the tail of a frame a direct
+			// write began: dropping that would leave the client waiting
+			// for the rest of the frame, and never reading the close.
+			c.wmu.Lock()
+			closing = c.closeFrameLocked(websocket.ClosePolicyViolation, "client too slow")
+			c.wmu.Unlock()
 		}
 		if closing != nil {
 			bufs = append(bufs, closing)
@@ -214,11 +219,24 @@ func (c *conn) closeWith(code int, reason string) {
 	if c.ended || c.closeFrame != nil {
 		return
 	}
-	c.closeFrame = appendFrame(nil, opClose, websocket.FormatCloseMessage(code, reason))
-	if code == websocket.ClosePolicyViolation {
-		c.s.stats.protocolViolations.Add(1)
-	}
+	c.closeFrameLocked(code, reason)
 	c.kickFlusherLocked()
+}
+
+// closeFrameLocked sets the connection's close frame unless one is set, and
+// returns the one to write (nil once the connection has ended). With wmu
+// held.
+func (c *conn) closeFrameLocked(code int, reason string) []byte {
+	if c.ended {
+		return nil
+	}
+	if c.closeFrame == nil {
+		c.closeFrame = appendFrame(nil, opClose, websocket.FormatCloseMessage(code, reason))
+		if code == websocket.ClosePolicyViolation {
+			c.s.stats.protocolViolations.Add(1)
+		}
+	}
+	return c.closeFrame
 }
 
 // awaitCloseReply gives the client WriteWait to read up to the close frame
