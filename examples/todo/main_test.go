@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/gorilla/websocket"
 	"github.com/sirupsen/logrus"
 
 	"github.com/entity-sync/entity-sync/esclient"
@@ -233,6 +234,69 @@ func exercise(t *testing.T, a, b string) (listID string) {
 	mustCall(t, "DELETE", fmt.Sprint(items, "/", milk), "")
 	awaitItems(t, onB, item{ID: bread, Title: "Rye bread"})
 	return listID
+}
+
+// A list is a collection: a page gets the list in full once, then only the
+// items that changed, named by their ids.
+func TestListChangesArriveAsDiffs(t *testing.T) {
+	base := runTestServer(t, openTestSQLite(t, t.TempDir()), "")
+	listID := mustCall(t, "POST", base+"/api/lists", `{"title":"Groceries"}`)["id"].(string)
+	items := base + "/api/lists/" + listID + "/items"
+	for _, title := range []string{"Milk", "Bread", "Eggs"} {
+		mustCall(t, "POST", items, `{"title":"`+title+`"}`)
+	}
+
+	// The envelope protocol, read raw, as the page's client receives it.
+	d := websocket.Dialer{Subprotocols: []string{shared.Subprotocol}}
+	ws, _, err := d.Dial("ws"+strings.TrimPrefix(base, "http")+shared.WebsocketPath, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	type frame struct {
+		Type   string
+		IDs    []string
+		Rows   []item
+		Upsert []struct {
+			ID  string
+			Row item
+		}
+		Remove []string
+	}
+	// next returns the next frame that is a key's state.
+	next := func() frame {
+		t.Helper()
+		for {
+			var f frame
+			ws.SetReadDeadline(time.Now().Add(wait))
+			if err := ws.ReadJSON(&f); err != nil {
+				t.Fatal(err)
+			}
+			switch f.Type {
+			case "rows", "gone", "diff", "unchanged":
+				return f
+			}
+		}
+	}
+	sub := fmt.Sprintf(`{"action":"subscribe","body":{"entity":%q,"id":%q}}`, entityList, listID)
+	if err := ws.WriteMessage(websocket.TextMessage, []byte(sub)); err != nil {
+		t.Fatal(err)
+	}
+	first := next()
+	if want := []string{"1", "2", "3"}; first.Type != "rows" || !reflect.DeepEqual(first.IDs, want) || len(first.Rows) != 3 {
+		t.Fatalf("first state: %+v, want rows with ids %v", first, want)
+	}
+
+	mustCall(t, "PATCH", items+"/2", `{"done":true}`)
+	f := next()
+	if f.Type != "diff" || len(f.Rows) != 0 || len(f.Remove) != 0 || len(f.Upsert) != 1 ||
+		f.Upsert[0].ID != "2" || f.Upsert[0].Row != (item{ID: 2, Title: "Bread", Done: true}) {
+		t.Fatalf("after ticking item 2: %+v, want a diff with item 2 alone", f)
+	}
+	mustCall(t, "DELETE", items+"/1", "")
+	if f := next(); f.Type != "diff" || !reflect.DeepEqual(f.Remove, []string{"1"}) || len(f.Upsert) != 0 {
+		t.Fatalf("after deleting item 1: %+v, want a diff removing item 1", f)
+	}
 }
 
 // Two servers, each with its own connection to one SQLite file, and NSQ

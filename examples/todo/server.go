@@ -18,6 +18,7 @@ import (
 
 	esjs "github.com/entity-sync/entity-sync/clients/js"
 	"github.com/entity-sync/entity-sync/entitysync"
+	"github.com/entity-sync/entity-sync/esdb"
 	"github.com/entity-sync/entity-sync/esmetrics"
 	"github.com/entity-sync/entity-sync/esq/pgq"
 	"github.com/entity-sync/entity-sync/shared"
@@ -79,8 +80,12 @@ func serve(ctx context.Context, cfg serverConfig, ln net.Listener) error {
 
 	// How entity-sync reads a list: once per change on each server that has
 	// subscribers for it, whatever their number. One JSON row per item; no
-	// rows (an empty or unknown list) reaches the page as "gone".
-	err = es.Register(entityList, func(ctx context.Context, key shared.EntityKey) ([][]byte, error) {
+	// rows (an empty or unknown list) reaches the page as "gone". A list is
+	// a collection whose rows are named by the item's "id" (a number, which
+	// JSONField takes as its JSON text): after the first full state a page
+	// receives only the items added, changed or removed, and a page that
+	// reconnects resumes from the state it holds.
+	err = es.RegisterCollection(entityList, func(ctx context.Context, key shared.EntityKey) ([][]byte, error) {
 		items, err := cfg.DB.items(ctx, key.ID)
 		if err != nil {
 			return nil, err
@@ -92,7 +97,7 @@ func serve(ctx context.Context, cfg serverConfig, ln net.Listener) error {
 			}
 		}
 		return rows, nil
-	})
+	}, esdb.JSONField("id"))
 	if err != nil {
 		ln.Close()
 		return errors.Join(fmt.Errorf("register %q: %w", entityList, err), es.Close(context.Background()))
