@@ -134,6 +134,11 @@ async function showsItems(page, items, ms = WAIT) {
   });
 }
 
+/** Waits until the page highlights the item titled title as changed. */
+const flashes = (page, title) => page.waitForFunction(
+  (title) => [...document.querySelectorAll('#items li.changed .title')].some((t) => t.value === title),
+  title, { timeout: WAIT, polling: 20 },
+);
 const inState = (page, state) => page.waitForSelector(`#state[data-state="${state}"]`, { timeout: WAIT });
 const showsError = (page, text) => page.waitForFunction(
   (text) => !document.getElementById('error').hidden && document.getElementById('error').textContent.includes(text),
@@ -168,6 +173,11 @@ test('two pages on two servers stay in sync, across a cut connection', async (t)
   await a.fill('#new-item input', 'Milk');
   await a.press('#new-item input', 'Enter');
   await showsItems(b, [{ title: 'Milk', done: false }], 1000);
+  // The list is a collection: B learns which item was added and flashes it;
+  // A, which added it, does not flash its own change.
+  await flashes(b, 'Milk');
+  await showsItems(a, [{ title: 'Milk', done: false }]);
+  assert.deepEqual(await a.$$eval('#items li.changed', (lis) => lis.length), 0, 'A flashed its own change');
   await a.fill('#new-item input', 'Bread');
   await a.press('#new-item input', 'Enter');
   await showsItems(b, [{ title: 'Milk', done: false }, { title: 'Bread', done: false }], 1000);
@@ -199,6 +209,7 @@ test('two pages on two servers stay in sync, across a cut connection', async (t)
   await b.bringToFront();
   await b.uncheck('#items li:nth-child(1) .tick');
   await showsItems(a, [{ title: 'Oat milk', done: false }, { title: 'Eggs', done: false }], 1000);
+  await flashes(a, 'Oat milk'); // modified by B
 
   await mkdir(artefacts, { recursive: true });
   for (const [name, page] of [['a', a], ['b', b]]) {
