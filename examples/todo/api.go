@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -102,7 +103,7 @@ func (a *api) addItem(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	listID := mux.Vars(r)["list"]
-	it, err := a.db.addItem(r.Context(), listID, req.Title)
+	it, err := a.db.addItem(writeContext(r), listID, req.Title)
 	if err != nil {
 		a.fail(w, r, err)
 		return
@@ -126,7 +127,7 @@ func (a *api) updateItem(w http.ResponseWriter, r *http.Request) {
 	if req.Title != nil && !validTitle(w, req.Title) {
 		return
 	}
-	it, err := a.db.updateItem(r.Context(), listID, id, req.Title, req.Done)
+	it, err := a.db.updateItem(writeContext(r), listID, id, req.Title, req.Done)
 	if err != nil {
 		a.fail(w, r, err)
 		return
@@ -139,7 +140,7 @@ func (a *api) deleteItem(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	if err := a.db.deleteItem(r.Context(), listID, id); err != nil {
+	if err := a.db.deleteItem(writeContext(r), listID, id); err != nil {
 		a.fail(w, r, err)
 		return
 	}
@@ -159,6 +160,15 @@ func (a *api) changed(w http.ResponseWriter, r *http.Request, listID string, sta
 		}
 	}
 	writeJSON(w, status, body)
+}
+
+// writeContext is the context a write runs on: not cancelled when the
+// browser gives up on the request. A write that may already have reached the
+// database must go on to its notification, or the other servers keep the
+// old items (the soak run found this in its own server; README, "Scaling
+// out with NSQ").
+func writeContext(r *http.Request) context.Context {
+	return context.WithoutCancel(r.Context())
 }
 
 // fail answers a store error: 404 for an unknown list or item, otherwise 500
