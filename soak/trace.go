@@ -33,10 +33,11 @@ func newKeyTrace() *keyTrace {
 	return &keyTrace{events: map[string][]string{}, marks: map[string]string{}}
 }
 
-func stamp() string { return time.Now().UTC().Format("15:04:05.000") }
+// clock is the time of an event as the traces print it.
+func clock() string { return time.Now().UTC().Format("15:04:05.000") }
 
 func (t *keyTrace) add(id, format string, args ...any) {
-	e := stamp() + " " + fmt.Sprintf(format, args...)
+	e := clock() + " " + fmt.Sprintf(format, args...)
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	l := append(t.events[id], e)
@@ -87,7 +88,7 @@ func (q tracedQueue) Subscribe(entity shared.EntityType, onMessage func([]byte),
 		id, what := describe(body)
 		if id == "" {
 			q.t.mu.Lock()
-			q.t.marks[what] = stamp()
+			q.t.marks[what] = clock()
 			q.t.mu.Unlock()
 		} else {
 			q.t.add(id, "received %s", what)
@@ -95,7 +96,7 @@ func (q tracedQueue) Subscribe(entity shared.EntityType, onMessage func([]byte),
 		onMessage(body)
 	}, func() {
 		q.t.mu.Lock()
-		q.t.losses = append(q.t.losses, stamp())
+		q.t.losses = append(q.t.losses, clock())
 		if len(q.t.losses) > traceDepth {
 			q.t.losses = q.t.losses[1:]
 		}
