@@ -20,6 +20,8 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
+
+	"github.com/entity-sync/entity-sync/internal/childproc"
 )
 
 // clientsHello is the clients process's first stdout line.
@@ -97,7 +99,7 @@ func runClients(cfg config) int {
 	if err := json.NewEncoder(os.Stdout).Encode(hello); err != nil {
 		return 1
 	}
-	waitForParent()
+	childproc.WaitForParent(childLifetime)
 	_ = srv.Close()
 	f.closeAll(5 * time.Second)
 	coll.closeAll()

@@ -19,7 +19,6 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -36,6 +35,7 @@ import (
 
 	"github.com/entity-sync/entity-sync/entitysync"
 	"github.com/entity-sync/entity-sync/esdb"
+	"github.com/entity-sync/entity-sync/internal/childproc"
 	"github.com/entity-sync/entity-sync/internal/nsqtest"
 	"github.com/entity-sync/entity-sync/shared"
 )
@@ -438,20 +438,14 @@ func runCollections(cfg config) int {
 		return 1
 	}
 	defer broker.Close()
-	servers, err := spawn("servers", 30*time.Second, &o.servers, "-nsqd", broker.TCPAddr(), "-collections", "-coll-rows", fmt.Sprint(cfg.collRows))
-	if err == nil && o.servers.Err != "" {
-		err = errors.New(o.servers.Err)
-	}
-	defer func() { _ = servers.stop() }()
+	servers, err := childproc.Spawn("servers", 30*time.Second, &o.servers, "-nsqd", broker.TCPAddr(), "-collections", "-coll-rows", fmt.Sprint(cfg.collRows))
+	defer func() { _ = servers.Stop() }()
 	if err != nil {
 		o.fail("setup: servers process", err)
 		return 1
 	}
-	clients, err := spawn("clients", 30*time.Second, &o.clients, "-servers", strings.Join(o.servers.WS, ","))
-	if err == nil && o.clients.Err != "" {
-		err = errors.New(o.clients.Err)
-	}
-	defer func() { _ = clients.stop() }()
+	clients, err := childproc.Spawn("clients", 30*time.Second, &o.clients, "-servers", strings.Join(o.servers.WS, ","))
+	defer func() { _ = clients.Stop() }()
 	if err != nil {
 		o.fail("setup: clients process", err)
 		return 1

@@ -45,6 +45,8 @@ import (
 	"strconv"
 	"syscall"
 	"time"
+
+	"github.com/entity-sync/entity-sync/internal/childproc"
 )
 
 // entity is the entity type every phase uses.
@@ -84,7 +86,7 @@ func main() {
 	flag.IntVar(&cfg.collReconnect, "coll-reconnect", 1000, "-collections: clients that reconnect at once")
 	flag.Parse()
 
-	if err := raiseNOFILE(); err != nil {
+	if err := childproc.RaiseNOFILE(); err != nil {
 		fmt.Fprintf(os.Stderr, "bench (%s): %v\n", cfg.role, err)
 	}
 	switch cfg.role {
@@ -125,22 +127,6 @@ type config struct {
 	collRows, collClients, collChanges, collReconnect int
 }
 
-// raiseNOFILE lifts the open-file soft limit to the hard limit: the memory
-// phase holds 10,000 sockets in each of the servers and clients processes.
-func raiseNOFILE() error {
-	var lim syscall.Rlimit
-	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-		return fmt.Errorf("getrlimit: %w", err)
-	}
-	if lim.Cur < lim.Max {
-		lim.Cur = lim.Max
-		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-			return fmt.Errorf("setrlimit NOFILE to %d: %w", lim.Max, err)
-		}
-	}
-	return nil
-}
-
 func nofile() uint64 {
 	var lim syscall.Rlimit
 	_ = syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim)
@@ -170,21 +156,13 @@ func readProc(gc bool) procStats {
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
 	return procStats{
-		CPUNanos:   cpuNanos(),
+		CPUNanos:   childproc.CPUNanos(),
 		HeapInuse:  ms.HeapInuse,
 		StackInuse: ms.StackInuse,
 		Sys:        ms.Sys,
 		Goroutines: runtime.NumGoroutine(),
 		NOFILE:     nofile(),
 	}
-}
-
-func cpuNanos() int64 {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		return -1
-	}
-	return ru.Utime.Nano() + ru.Stime.Nano()
 }
 
 // writeJSON answers an HTTP control request.

@@ -3,7 +3,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -12,7 +11,6 @@ import (
 	"net/http"
 	"net/url"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -21,6 +19,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/entity-sync/entity-sync/internal/childproc"
 	"github.com/entity-sync/entity-sync/internal/nsqtest"
 )
 
@@ -58,32 +57,24 @@ func runOrchestrator(cfg config) int {
 	nsqdAddr := broker.TCPAddr()
 	progress("nsqd on %s", nsqdAddr)
 
-	servers, err := spawn("servers", 30*time.Second, &o.servers, "-nsqd", nsqdAddr)
-	if err == nil && o.servers.Err != "" {
-		err = errors.New(o.servers.Err)
-	}
+	servers, err := childproc.Spawn("servers", 30*time.Second, &o.servers, "-nsqd", nsqdAddr)
 	if err != nil {
 		o.fail("setup: servers process", err)
-		servers.stop()
 		return 1
 	}
 	defer func() {
-		if err := servers.stop(); err != nil {
+		if err := servers.Stop(); err != nil {
 			o.notes = append(o.notes, "servers process exit: "+err.Error())
 		}
 	}()
 	progress("servers %v", o.servers.WS)
 
-	clients, err := spawn("clients", 30*time.Second, &o.clients, "-servers", strings.Join(o.servers.WS, ","))
-	if err == nil && o.clients.Err != "" {
-		err = errors.New(o.clients.Err)
-	}
+	clients, err := childproc.Spawn("clients", 30*time.Second, &o.clients, "-servers", strings.Join(o.servers.WS, ","))
 	if err != nil {
 		o.fail("setup: clients process", err)
-		clients.stop()
 		return 1
 	}
-	defer func() { _ = clients.stop() }()
+	defer func() { _ = clients.Stop() }()
 
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.budget)
 	defer cancel()
@@ -208,82 +199,6 @@ func (o *orchestrator) print(total time.Duration, host hostSample) {
 		fmt.Fprintf(&b, "note: %s\n", n)
 	}
 	fmt.Print(b.String())
-}
-
-// --- processes ---
-
-// child is a process running another role of this binary.
-type child struct {
-	role  string
-	cmd   *exec.Cmd
-	stdin io.WriteCloser
-	done  chan error
-}
-
-// spawn starts this executable with -role=role and decodes its first stdout
-// line into hello. The child dies with the orchestrator (Pdeathsig) and
-// exits by itself when its stdin closes.
-func spawn(role string, timeout time.Duration, hello any, args ...string) (*child, error) {
-	exe, err := os.Executable()
-	if err != nil {
-		return nil, err
-	}
-	cmd := exec.Command(exe, append([]string{"-role=" + role}, args...)...)
-	cmd.Stderr = os.Stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		return nil, err
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		return nil, err
-	}
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start %s: %w", role, err)
-	}
-	c := &child{role: role, cmd: cmd, stdin: stdin, done: make(chan error, 1)}
-	lines := make(chan string, 1)
-	go func() {
-		sc := bufio.NewScanner(stdout)
-		sc.Buffer(make([]byte, 64<<10), 1<<20)
-		if sc.Scan() {
-			lines <- sc.Text()
-		} else {
-			close(lines)
-		}
-		_, _ = io.Copy(io.Discard, stdout)
-		c.done <- cmd.Wait()
-	}()
-	select {
-	case line, ok := <-lines:
-		if !ok {
-			return c, fmt.Errorf("%s process exited before saying hello", role)
-		}
-		if err := json.Unmarshal([]byte(line), hello); err != nil {
-			return c, fmt.Errorf("%s process hello %q: %w", role, line, err)
-		}
-		return c, nil
-	case <-time.After(timeout):
-		return c, fmt.Errorf("%s process did not say hello within %s", role, timeout)
-	}
-}
-
-// stop closes the child's stdin, waits for it to exit and kills it after
-// 20s.
-func (c *child) stop() error {
-	if c == nil {
-		return nil
-	}
-	_ = c.stdin.Close()
-	select {
-	case err := <-c.done:
-		return err
-	case <-time.After(20 * time.Second):
-		_ = c.cmd.Process.Kill()
-		<-c.done
-		return fmt.Errorf("%s process did not exit within 20s of stdin closing; killed", c.role)
-	}
 }
 
 // --- control calls ---

@@ -44,6 +44,7 @@ import (
 	"github.com/entity-sync/entity-sync/esq/natsq"
 	"github.com/entity-sync/entity-sync/esq/pgq"
 	"github.com/entity-sync/entity-sync/esq/redisq"
+	"github.com/entity-sync/entity-sync/internal/childproc"
 	"github.com/entity-sync/entity-sync/internal/nsqtest"
 )
 
@@ -192,12 +193,9 @@ func (o *orchestrator) queueRow(k queueKind) (r queueResult) {
 		args = append(args, "-nsqd", broker.TCPAddr())
 	}
 	o.servers = serversHello{}
-	servers, err := spawn("servers", 30*time.Second, &o.servers, args...)
-	if err == nil && o.servers.Err != "" {
-		err = errors.New(o.servers.Err)
-	}
+	servers, err := childproc.Spawn("servers", 30*time.Second, &o.servers, args...)
 	defer func() {
-		if err := servers.stop(); err != nil {
+		if err := servers.Stop(); err != nil {
 			o.notes = append(o.notes, k.key+": servers process exit: "+err.Error())
 		}
 	}()
@@ -212,11 +210,8 @@ func (o *orchestrator) queueRow(k queueKind) (r queueResult) {
 	}
 
 	o.clients = clientsHello{}
-	clients, err := spawn("clients", 30*time.Second, &o.clients, "-servers", o.servers.WS[last])
-	if err == nil && o.clients.Err != "" {
-		err = errors.New(o.clients.Err)
-	}
-	defer func() { _ = clients.stop() }()
+	clients, err := childproc.Spawn("clients", 30*time.Second, &o.clients, "-servers", o.servers.WS[last])
+	defer func() { _ = clients.Stop() }()
 	if err != nil {
 		return fail(&r.latency, "clients process", err)
 	}

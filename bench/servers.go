@@ -3,7 +3,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -23,6 +22,7 @@ import (
 	"github.com/entity-sync/entity-sync/entitysync"
 	"github.com/entity-sync/entity-sync/esbridge"
 	"github.com/entity-sync/entity-sync/esweb"
+	"github.com/entity-sync/entity-sync/internal/childproc"
 	"github.com/entity-sync/entity-sync/shared"
 )
 
@@ -180,7 +180,7 @@ func runServers(cfg config) int {
 		return 1
 	}
 
-	waitForParent()
+	childproc.WaitForParent(childLifetime)
 
 	// Clean shutdown, timed, so a slow Close shows up in the log.
 	start := time.Now()
@@ -196,21 +196,6 @@ func runServers(cfg config) int {
 	}
 	fmt.Fprintf(os.Stderr, "bench servers: closed in %s\n", time.Since(start).Round(time.Millisecond))
 	return code
-}
-
-// waitForParent returns when stdin reaches EOF (the orchestrator closed it
-// or died) or after childLifetime.
-func waitForParent() {
-	eof := make(chan struct{})
-	go func() {
-		_, _ = bufio.NewReader(os.Stdin).ReadString(0)
-		close(eof)
-	}()
-	select {
-	case <-eof:
-	case <-time.After(childLifetime):
-		fmt.Fprintln(os.Stderr, "bench: child lifetime exceeded, exiting")
-	}
 }
 
 func addControl(i int, es *entitysync.EntitySync, db *store) {

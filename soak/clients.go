@@ -6,7 +6,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -24,6 +23,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/entity-sync/entity-sync/esclient"
+	"github.com/entity-sync/entity-sync/internal/childproc"
 	"github.com/entity-sync/entity-sync/shared"
 )
 
@@ -172,15 +172,7 @@ func runClients(cfg config) int {
 
 	go p.churn(rng.Uint64())
 
-	stdinClosed := make(chan struct{})
-	go func() {
-		_, _ = io.Copy(io.Discard, os.Stdin)
-		close(stdinClosed)
-	}()
-	select {
-	case <-stdinClosed:
-	case <-time.After(childLifetime):
-	}
+	childproc.WaitForParent(childLifetime)
 	cancel()
 	var wg sync.WaitGroup
 	for _, sc := range p.clients {

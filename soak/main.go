@@ -36,8 +36,9 @@ import (
 	"fmt"
 	"os"
 	"strconv"
-	"syscall"
 	"time"
+
+	"github.com/entity-sync/entity-sync/internal/childproc"
 )
 
 // entity is the soak's one entity type.
@@ -71,7 +72,7 @@ func main() {
 	flag.StringVar(&cfg.serverURLs, "server-urls", "", "clients: comma-separated server base URLs (http://host:port)")
 	flag.Parse()
 
-	if err := raiseNOFILE(); err != nil {
+	if err := childproc.RaiseNOFILE(); err != nil {
 		fmt.Fprintf(os.Stderr, "soak (%s): %v\n", cfg.role, err)
 	}
 	switch cfg.role {
@@ -97,21 +98,6 @@ type config struct {
 	verbose                bool
 	listen, nsqd, lookupd  string
 	store, serverURLs      string
-}
-
-// raiseNOFILE lifts the open-file soft limit to the hard limit.
-func raiseNOFILE() error {
-	var lim syscall.Rlimit
-	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-		return fmt.Errorf("getrlimit: %w", err)
-	}
-	if lim.Cur < lim.Max {
-		lim.Cur = lim.Max
-		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-			return fmt.Errorf("setrlimit NOFILE to %d: %w", lim.Max, err)
-		}
-	}
-	return nil
 }
 
 // rssBytes reads the process's resident set size from /proc/self/statm.

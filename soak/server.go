@@ -22,6 +22,7 @@ import (
 	"github.com/entity-sync/entity-sync/entitysync"
 	"github.com/entity-sync/entity-sync/esbridge"
 	"github.com/entity-sync/entity-sync/esq"
+	"github.com/entity-sync/entity-sync/internal/childproc"
 	"github.com/entity-sync/entity-sync/shared"
 )
 
@@ -139,15 +140,7 @@ func runServer(cfg config) int {
 	}
 	ready.Store(true)
 
-	stdinClosed := make(chan struct{})
-	go func() {
-		_, _ = io.Copy(io.Discard, os.Stdin)
-		close(stdinClosed)
-	}()
-	select {
-	case <-stdinClosed:
-	case <-time.After(childLifetime):
-	}
+	childproc.WaitForParent(childLifetime)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	cerr := es.Close(ctx)

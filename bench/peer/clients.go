@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
+
+	"github.com/entity-sync/entity-sync/internal/childproc"
 )
 
 // The clients process holds one row's connections at a time, all to one
@@ -48,7 +50,7 @@ func runClients(cfg config) int {
 	mux.HandleFunc("/arrivals", f.handleArrivals)
 	mux.HandleFunc("/close", f.handleClose)
 	mux.HandleFunc("/stats", func(w http.ResponseWriter, _ *http.Request) {
-		writeJSON(w, serverStats{CPUNanos: cpuNanos()}, nil)
+		writeJSON(w, serverStats{CPUNanos: childproc.CPUNanos()}, nil)
 	})
 	mux.HandleFunc("/floor/open", f.floor.handleOpen)
 	mux.HandleFunc("/floor/wait", f.floor.handleWait)
@@ -59,7 +61,7 @@ func runClients(cfg config) int {
 		return 1
 	}
 	sayHello(hello{Ctl: ctl})
-	waitForParent()
+	childproc.WaitForParent(childLifetime)
 	stop()
 	f.closeAll(5 * time.Second)
 	f.floor.closeAll()

@@ -35,6 +35,8 @@ import (
 	"fmt"
 	"os"
 	"time"
+
+	"github.com/entity-sync/entity-sync/internal/childproc"
 )
 
 // config holds every flag; each role reads the ones it needs.
@@ -75,7 +77,7 @@ func main() {
 	flag.StringVar(&cfg.breakdown, "breakdown", defaultBreakdown, "the latency breakdown's row, clients:changes/s:changes, for entity-sync with one server and with two through nsqd (\"\": skip)")
 	flag.Parse()
 
-	if err := raiseNOFILE(); err != nil {
+	if err := childproc.RaiseNOFILE(); err != nil {
 		fmt.Fprintf(os.Stderr, "peer (%s): %v\n", cfg.role, err)
 	}
 	var code int

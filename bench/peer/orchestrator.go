@@ -119,7 +119,7 @@ func runOrchestrator(cfg config) int {
 		o.note("setup: %v", err)
 		return 1
 	}
-	defer o.clients.stop()
+	defer o.clients.Stop()
 
 	// Traffic stays on this machine: a Redis elsewhere is refused, as
 	// if none answered.

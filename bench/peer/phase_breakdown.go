@@ -121,14 +121,14 @@ func (o *orchestrator) breakdownRow(ctx context.Context, servers int, row rowSpe
 		b.err = "setup: " + err.Error()
 		return b
 	}
-	defer holder.stop()
+	defer holder.Stop()
 	publisher := holder
 	if servers == 2 {
 		if publisher, err = spawn("es", 30*time.Second, args...); err != nil {
 			b.err = "setup: " + err.Error()
 			return b
 		}
-		defer publisher.stop()
+		defer publisher.Stop()
 	}
 	var raw breakdownRaw
 	b.peer = o.runRow(ctx, systems[0], holder, publisher, row, &raw)

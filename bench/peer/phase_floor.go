@@ -28,7 +28,7 @@ func (o *orchestrator) runFloor(ctx context.Context, rows []rowSpec) {
 		}
 		return
 	}
-	defer fs.stop()
+	defer fs.Stop()
 	for _, row := range rows {
 		progress("floor, %s", row)
 		r := o.runFloorRow(ctx, fs, row)

@@ -53,14 +53,14 @@ func (o *orchestrator) runSystem(ctx context.Context, sys system, servers int, r
 		failAll(err)
 		return
 	}
-	defer holder.stop()
+	defer holder.Stop()
 	publisher := holder
 	if servers == 2 {
 		if publisher, err = spawn(sys.role, 30*time.Second, args...); err != nil {
 			failAll(err)
 			return
 		}
-		defer publisher.stop()
+		defer publisher.Stop()
 	}
 	for _, row := range rows {
 		progress("%s, %d server(s), %s", sys.name, servers, row)

@@ -8,6 +8,8 @@ import (
 	"net/http"
 	"slices"
 	"time"
+
+	"github.com/entity-sync/entity-sync/internal/childproc"
 )
 
 // notifyFunc tells the system under test that the entity changed to
@@ -90,7 +92,7 @@ type serverStats struct {
 func serverControl(cell *versionCell, notify notifyFunc) *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/stats", func(w http.ResponseWriter, _ *http.Request) {
-		writeJSON(w, serverStats{CPUNanos: cpuNanos()}, nil)
+		writeJSON(w, serverStats{CPUNanos: childproc.CPUNanos()}, nil)
 	})
 	mux.HandleFunc("/publish", func(w http.ResponseWriter, r *http.Request) {
 		n, rate := intParam(r, "n", 0), floatParam(r, "rate", 0)

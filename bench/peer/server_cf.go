@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/centrifugal/centrifuge"
+
+	"github.com/entity-sync/entity-sync/internal/childproc"
 )
 
 // cfPath is where the Centrifuge node's websocket handler is mounted.
@@ -102,7 +104,7 @@ func runCF(cfg config) int {
 	defer stopCtl()
 	sayHello(hello{WS: "ws://" + l.Addr().String() + cfPath, Ctl: ctl})
 
-	waitForParent()
+	childproc.WaitForParent(childLifetime)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	code := 0

@@ -14,6 +14,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/entity-sync/entity-sync/entitysync"
+	"github.com/entity-sync/entity-sync/internal/childproc"
 	"github.com/entity-sync/entity-sync/shared"
 )
 
@@ -103,7 +104,7 @@ func runES(cfg config) int {
 	defer stopCtl()
 	sayHello(hello{WS: "ws://" + l.Addr().String() + esPath, Ctl: ctl})
 
-	waitForParent()
+	childproc.WaitForParent(childLifetime)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	code := 0

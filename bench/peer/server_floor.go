@@ -11,6 +11,8 @@ import (
 	"runtime"
 	"sync"
 	"time"
+
+	"github.com/entity-sync/entity-sync/internal/childproc"
 )
 
 // The floor: what delivering a change costs when nothing but the write
@@ -52,7 +54,7 @@ func runFloor(config) int {
 	go s.accept(l)
 	mux := http.NewServeMux()
 	mux.HandleFunc("/stats", func(w http.ResponseWriter, _ *http.Request) {
-		writeJSON(w, serverStats{CPUNanos: cpuNanos()}, nil)
+		writeJSON(w, serverStats{CPUNanos: childproc.CPUNanos()}, nil)
 	})
 	mux.HandleFunc("/run", s.handleRun)
 	ctl, stop, err := serveControl(mux)
@@ -61,7 +63,7 @@ func runFloor(config) int {
 		return 1
 	}
 	sayHello(hello{WS: l.Addr().String(), Ctl: ctl})
-	waitForParent()
+	childproc.WaitForParent(childLifetime)
 	stop()
 	_ = l.Close()
 	return 0
