@@ -20,7 +20,6 @@ import (
 	"github.com/entity-sync/entity-sync/esq/natsq"
 	"github.com/entity-sync/entity-sync/esq/redisq"
 	"github.com/entity-sync/entity-sync/internal/testkit"
-	"github.com/entity-sync/entity-sync/shared"
 )
 
 // The burst scenario of convergence_test.go (3 servers, 200 clients, 100
@@ -73,28 +72,9 @@ func runQueueBurst(t *testing.T, b burst, qb queueBroker) {
 		}
 		servers[i] = server{e, srv}
 	}
-	keys := make([]shared.EntityKey, b.keys)
-	for i := range keys {
-		keys[i] = key("items", fmt.Sprintf("k%03d", i))
-	}
 
 	start := time.Now()
-	progress := testkit.NewProgress()
-	clients := make([]burstClient, b.clients)
-	for i := range clients {
-		c := burstClient{tr: testkit.DialTracker(t, servers[i%b.servers].srv, testkit.TrackerOptions{Progress: progress})}
-		if c.tr == nil {
-			t.FailNow()
-		}
-		for _, k := range rng.Perm(b.keys)[:b.keysPerClient] {
-			c.keys = append(c.keys, keys[k])
-			if err := c.tr.Subscribe(keys[k]); err != nil {
-				t.Fatalf("client %d: subscribe: %v", i, err)
-			}
-		}
-		clients[i] = c
-	}
-	awaitAll(t, progress, clients, 30*time.Second, "initial state", func(shared.EntityKey) (int, bool) { return 0, false })
+	keys, clients, progress := subscribeBurst(t, rng, b, servers)
 	t.Logf("%d clients subscribed to %d keys each on %d servers; all initial states in %s",
 		b.clients, b.keysPerClient, b.servers, time.Since(start).Round(time.Millisecond))
 	checkOrder(t, clients)

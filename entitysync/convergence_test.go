@@ -91,29 +91,10 @@ func runBurst(t *testing.T, b burst) {
 		}
 		servers[i] = server{e, srv}
 	}
-	keys := make([]shared.EntityKey, b.keys)
-	for i := range keys {
-		keys[i] = key("items", fmt.Sprintf("k%03d", i))
-	}
 
 	// Clients, round-robin over the servers, each on a random subset.
 	start := time.Now()
-	progress := testkit.NewProgress()
-	clients := make([]burstClient, b.clients)
-	for i := range clients {
-		c := burstClient{tr: testkit.DialTracker(t, servers[i%b.servers].srv, testkit.TrackerOptions{Progress: progress})}
-		if c.tr == nil {
-			t.FailNow()
-		}
-		for _, k := range rng.Perm(b.keys)[:b.keysPerClient] {
-			c.keys = append(c.keys, keys[k])
-			if err := c.tr.Subscribe(keys[k]); err != nil {
-				t.Fatalf("client %d: subscribe: %v", i, err)
-			}
-		}
-		clients[i] = c
-	}
-	awaitAll(t, progress, clients, 30*time.Second, "initial state", func(shared.EntityKey) (int, bool) { return 0, false })
+	keys, clients, progress := subscribeBurst(t, rng, b, servers)
 	t.Logf("%d clients subscribed to %d keys each on %d servers; all initial states in %s",
 		b.clients, b.keysPerClient, b.servers, time.Since(start).Round(time.Millisecond))
 	checkOrder(t, clients)
@@ -287,6 +268,34 @@ func notifyUntilAccepted(e *es.EntitySync, k shared.EntityKey, failures *atomic.
 		}
 		<-time.After(10 * time.Millisecond) // retry backoff while nsqd is away
 	}
+}
+
+// subscribeBurst makes the scenario's keys and clients: each client dials
+// a server (round-robin) and subscribes to a random subset of the keys; it
+// returns once every client holds an initial state of each.
+func subscribeBurst(t *testing.T, rng *rand.Rand, b burst, servers []server) ([]shared.EntityKey, []burstClient, *testkit.Progress) {
+	t.Helper()
+	keys := make([]shared.EntityKey, b.keys)
+	for i := range keys {
+		keys[i] = key("items", fmt.Sprintf("k%03d", i))
+	}
+	progress := testkit.NewProgress()
+	clients := make([]burstClient, b.clients)
+	for i := range clients {
+		c := burstClient{tr: testkit.DialTracker(t, servers[i%b.servers].srv, testkit.TrackerOptions{Progress: progress})}
+		if c.tr == nil {
+			t.FailNow()
+		}
+		for _, k := range rng.Perm(b.keys)[:b.keysPerClient] {
+			c.keys = append(c.keys, keys[k])
+			if err := c.tr.Subscribe(keys[k]); err != nil {
+				t.Fatalf("client %d: subscribe: %v", i, err)
+			}
+		}
+		clients[i] = c
+	}
+	awaitAll(t, progress, clients, 30*time.Second, "initial state", func(shared.EntityKey) (int, bool) { return 0, false })
+	return keys, clients, progress
 }
 
 // awaitAll waits until every client holds, for every key it subscribed to,

@@ -142,26 +142,7 @@ func runPostgresBurst(t *testing.T, kill bool) {
 		}
 		servers[i] = server{e, srv}
 	}
-	keys := make([]shared.EntityKey, b.keys)
-	for i := range keys {
-		keys[i] = key("items", fmt.Sprintf("k%03d", i))
-	}
-	progress := testkit.NewProgress()
-	clients := make([]burstClient, b.clients)
-	for i := range clients {
-		c := burstClient{tr: testkit.DialTracker(t, servers[i%b.servers].srv, testkit.TrackerOptions{Progress: progress})}
-		if c.tr == nil {
-			t.FailNow()
-		}
-		for _, k := range rng.Perm(b.keys)[:b.keysPerClient] {
-			c.keys = append(c.keys, keys[k])
-			if err := c.tr.Subscribe(keys[k]); err != nil {
-				t.Fatalf("client %d: subscribe: %v", i, err)
-			}
-		}
-		clients[i] = c
-	}
-	awaitAll(t, progress, clients, 30*time.Second, "initial state", func(shared.EntityKey) (int, bool) { return 0, false })
+	keys, clients, progress := subscribeBurst(t, rng, b, servers)
 
 	var midway func()
 	if kill {
