@@ -65,11 +65,17 @@ export interface ClientOptions {
   secret?: string;
   /**
    * Ceiling of the first reconnect delay in ms (default 500); doubles per failed attempt,
-   * and starts afresh only after a connection that proved healthy.
+   * and starts afresh only after a connection that stayed healthy (see healthyAfter).
    */
   minBackoff?: number;
   /** Largest reconnect delay ceiling in ms (default 20000). Delays are uniform in [0, ceiling). */
   maxBackoff?: number;
+  /**
+   * Milliseconds a connection must stay open after the server's welcome for the reconnect
+   * backoff to start afresh when it ends (default 5000). Acks do not count: a connection
+   * that ends sooner, however much the server answered, makes the next delay's ceiling grow.
+   */
+  healthyAfter?: number;
   /** Milliseconds to open the websocket and receive the welcome (default 10000). */
   handshakeTimeout?: number;
   /** Same as client.on('state', fn). */

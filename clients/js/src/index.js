@@ -56,10 +56,6 @@ const keyString = (entity, id) => JSON.stringify([entity, id]);
 // heartbeat is not taken for a dead connection.
 const HEARTBEAT_SLACK = 1000;
 
-// How long a connection must stay open to count as healthy (see #lost) when
-// it has not proved so by answering its resubscriptions.
-const HEALTHY_AFTER = 5000;
-
 // At most this many requests await their ack or error at a time. The server
 // bounds the answers it holds for a connection and drops one whose unread
 // answers pile up (it takes that for a client that does not read them).
@@ -75,6 +71,7 @@ export class EntitySyncClient {
   #WebSocket;
   #minBackoff;
   #maxBackoff;
+  #healthyAfter;
   #handshakeTimeout;
   #state = State.CONNECTING;
   #closed = false;
@@ -94,6 +91,7 @@ export class EntitySyncClient {
    * @param {string} [options.secret] sent first on every connection
    * @param {number} [options.minBackoff=500] first reconnect delay ceiling, ms
    * @param {number} [options.maxBackoff=20000] largest reconnect delay ceiling, ms
+   * @param {number} [options.healthyAfter=5000] ms a connection must stay open after its welcome for the backoff to start afresh
    * @param {number} [options.handshakeTimeout=10000] ms to open and be welcomed
    * @param {(state: string, info?: object) => void} [options.onStateChange]
    * @param {(err: Error) => void} [options.onError]
@@ -107,6 +105,7 @@ export class EntitySyncClient {
     this.#url = resolveURL(url);
     this.#minBackoff = positive(options.minBackoff, 500);
     this.#maxBackoff = Math.max(positive(options.maxBackoff, 20000), this.#minBackoff);
+    this.#healthyAfter = positive(options.healthyAfter, 5000);
     this.#handshakeTimeout = positive(options.handshakeTimeout, 10000);
     this.#secret = options.secret ?? '';
     if (options.onStateChange) this.#listeners.state.add(options.onStateChange);
@@ -267,11 +266,7 @@ export class EntitySyncClient {
       // retry) minus unsubscribes sent, refusals and revocations. Requests
       // are processed in order, so counting when one is queued matches.
       held: 0,
-      welcomedAt: 0,
-      initialRef: 0, // requests 1..initialRef were sent at welcome
-      initialSub: false, // among them at least one subscribe
-      unanswered: 0,
-      answered: false, // all of them were answered (see #lost)
+      welcomedAt: 0, // see #lost
     };
     this.#conn = conn;
     conn.handshake = setTimeout(() => {
@@ -298,12 +293,13 @@ export class EntitySyncClient {
       if (conn !== this.#conn) return;
       this.#release(conn);
       this.#conn = null;
-      // The backoff starts afresh only after a connection that proved
-      // healthy: the server answered every request sent after its welcome,
-      // or it stayed open HEALTHY_AFTER. A server that welcomes clients and
-      // drops them at once (overloaded, or refusing them) must see them
-      // back off further each time, not return at the first delay forever.
-      if (conn.ready && (conn.answered || Date.now() - conn.welcomedAt >= HEALTHY_AFTER)) this.#attempt = 0;
+      // The backoff starts afresh only after a connection that stayed open
+      // healthyAfter since its welcome. Answers prove nothing: a server
+      // that welcomes clients and acks their subscriptions can still drop
+      // them at once (overloaded, refusing them, or a frame the client
+      // cannot read), and must see them back off further each time, not
+      // return at the first delay forever.
+      if (conn.ready && Date.now() - conn.welcomedAt >= this.#healthyAfter) this.#attempt = 0;
     }
     if (this.#closed) return;
     this.#setState(State.DISCONNECTED, info);
@@ -338,11 +334,7 @@ export class EntitySyncClient {
     if (this.#secret !== '') this.#send(conn, 'secret', this.#secret, {});
     // A Map iterates in insertion order: oldest first, so when the server
     // allows fewer keys than the client holds, the newest are refused.
-    for (const [k, sub] of [...this.#subs]) {
-      if (this.#subscribeOn(conn, k, sub)) conn.initialSub = true;
-    }
-    conn.initialRef = conn.nextRef;
-    conn.unanswered = conn.nextRef;
+    for (const [k, sub] of [...this.#subs]) this.#subscribeOn(conn, k, sub);
     this.#setState(State.CONNECTED);
   }
 
@@ -370,14 +362,6 @@ export class EntitySyncClient {
   #answered(conn) {
     conn.inFlight--;
     if (conn.queue.length > 0) this.#pump(conn);
-  }
-
-  // #noteAnswer counts the answer to request ref towards the connection's
-  // health (see #lost).
-  #noteAnswer(conn, ref) {
-    const n = Number(ref);
-    if (!(n >= 1 && n <= conn.initialRef)) return;
-    if (--conn.unanswered === 0 && conn.initialSub) conn.answered = true;
   }
 
   // #watch gives up on a connection that stays silent longer than the
@@ -582,7 +566,6 @@ export class EntitySyncClient {
     if (!req) return;
     conn.pending.delete(ref);
     this.#answered(conn);
-    this.#noteAnswer(conn, ref);
     if (req.action === 'subscribe') this.#subscribeAnswered(conn, keyString(req.key.entity, req.key.id));
     if (req.action === 'unsubscribe') this.#unsubDone(conn, req.key);
   }
@@ -613,9 +596,6 @@ export class EntitySyncClient {
     conn.pending.delete(f.ref);
     this.#answered(conn);
     const limited = f.code === 'rate_limited';
-    // rate_limited is no answer: the request is retried, and a server that
-    // only refuses is no proof of a healthy connection.
-    if (!limited) this.#noteAnswer(conn, f.ref);
     const retry = Math.random() * Math.min(this.#maxBackoff, this.#minBackoff * 4);
     if (req.action === 'subscribe') {
       const sub = req.sub;
