@@ -64,9 +64,15 @@ type Options struct {
 	// Filter, if set, trims the rows of each change for each client (row
 	// level visibility) in memory, without another fetch: it gets the
 	// client's context and the fetched rows and returns the rows that client
-	// may see. Returning the same slice keeps the shared, encode-once frame;
-	// any other slice costs one encoding per client. It runs while the key
-	// fans out: keep it fast and pure. A panic sends that client nothing.
+	// may see. The slice is the filter's own for the call: it may edit it in
+	// place (slices.DeleteFunc, rows[:0] and append, replacing an element)
+	// and return it or any other slice, and no other client is affected. The
+	// rows' bytes are shared by every client and must not be changed (put a
+	// redacted copy in the slice instead), and the slice must not be kept
+	// after the call. Returning the rows unchanged (the same rows in the
+	// same order) keeps the shared, encode-once frame; anything else costs
+	// one encoding per client. It runs while the key fans out: keep it fast
+	// and pure. A panic sends that client nothing.
 	Filter func(ctx context.Context, key shared.EntityKey, rows [][]byte) [][]byte
 	// MaxPendingNotifications bounds the keys NotifyAsync holds while they
 	// wait to be published. Default 10,000.

@@ -3,6 +3,7 @@ package esbridge
 import (
 	"context"
 	"runtime"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -262,19 +263,52 @@ func (b *Bridge) deliverAll(u0 *Update, members []*subscription) int {
 }
 
 // filter applies Options.Filter for one client. It returns u itself when the
-// filter kept every row, and nil (send nothing) when the filter panicked.
+// filter kept every row as it was, and nil (send nothing) when the filter
+// panicked. The filter gets its own copy of the slice of rows (from a pool:
+// no allocation per call once warm), so editing it in place, as
+// slices.DeleteFunc or rows[:0] and append do, changes what this client gets
+// and never the key's state that every other client gets.
 func (b *Bridge) filter(c *Client, u *Update) (out *Update) {
+	buf := filterRowsPool.Get().(*[][]byte)
+	own := append((*buf)[:0], u.Rows...)
 	defer func() {
 		if r := recover(); r != nil {
 			b.log.WithField("key", u.Key.String()).Errorf("row filter panicked; client gets nothing for this change: %v", r)
 			out = nil
 		}
+		if cap(own) <= maxPooledFilterRows {
+			clear(own[:len(u.Rows)]) // no row stays reachable from the pool
+			*buf = own[:0]
+			filterRowsPool.Put(buf)
+		}
 	}()
-	rows := b.opts.Filter(c.ctx, u.Key, u.Rows)
-	if len(rows) == len(u.Rows) && (len(rows) == 0 || &rows[0] == &u.Rows[0]) {
+	rows := b.opts.Filter(c.ctx, u.Key, own)
+	if sameRowSlices(rows, u.Rows) {
 		return u
 	}
-	return newState(u.Key, rows, u.Seq, u.group, u.coll)
+	// rows may live in own's array, which goes back to the pool.
+	return newState(u.Key, slices.Clone(rows), u.Seq, u.group, u.coll)
+}
+
+// filterRowsPool holds the slices of rows handed to Options.Filter
+// (*[][]byte). maxPooledFilterRows is the largest one kept: a key with
+// more rows than that costs its filter one allocation per client.
+var filterRowsPool = sync.Pool{New: func() any { return new([][]byte) }}
+
+const maxPooledFilterRows = 1 << 16
+
+// sameRowSlices reports whether a and b hold the very same rows (the same
+// bytes in memory, in the same order), without comparing their contents.
+func sameRowSlices(a, b [][]byte) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if len(a[i]) != len(b[i]) || (len(a[i]) > 0 && &a[i][0] != &b[i][0]) {
+			return false
+		}
+	}
+	return true
 }
 
 // scheduleRetry re-requests a failed key after a growing delay. With ks.mu
