@@ -298,6 +298,33 @@ func TestLimits(t *testing.T) {
 			t.Error("refusal not counted")
 		}
 	})
+	t.Run("connections back to back", func(t *testing.T) {
+		// A client that dials again as soon as its upgrade is answered
+		// gets a slot while the limit allows one. Each connection's
+		// handler is held right after the connection is registered until
+		// every dial is done, so each dial lands in that moment: the
+		// server once counted a connection there both as open and as
+		// still upgrading, and refused a dial the limit allowed.
+		const limit = 5
+		e, srv := testkit.Serve(t, es.Config{Web: esweb.Options{MaxConnections: limit}})
+		opened, release := make(chan struct{}, limit+1), make(chan struct{})
+		esweb.SetOpenedHook(e.Web, func() {
+			opened <- struct{}{}
+			<-release
+		})
+		defer close(release)
+		for n := 1; n <= limit; n++ {
+			testkit.Dial(t, srv)
+			select {
+			case <-opened:
+			case <-time.After(wait):
+				t.Fatalf("connection %d was not registered within %v", n, wait)
+			}
+		}
+		if got := dialStatus(t, wsURL(srv.URL), nil); got != http.StatusServiceUnavailable {
+			t.Errorf("connection %d: status %d, want 503", limit+1, got)
+		}
+	})
 	t.Run("subscriptions", func(t *testing.T) {
 		e, srv := testkit.Serve(t, es.Config{Web: esweb.Options{MaxSubscriptions: 2}})
 		if err := e.Register("items", store.Fetch); err != nil {

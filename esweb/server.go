@@ -163,6 +163,10 @@ type Server struct {
 	closing   chan struct{} // closed by Close: every connection says 1001 and goes
 	wg        sync.WaitGroup
 	stats     counters
+
+	// openedHook, set by tests, runs in ServeHTTP right after a connection
+	// is registered.
+	openedHook atomic.Pointer[func()]
 }
 
 type counters struct {
@@ -266,10 +270,17 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "entity-sync: too many connections", http.StatusServiceUnavailable)
 		return
 	}
+	// The slot is released here on every way out before the connection is
+	// registered; registering moves it from upgrading to conns in the same
+	// locked step, so that the connection is never counted twice (a client
+	// dialling again right after its upgrade would be refused).
+	holding := true
 	defer func() {
-		s.mu.Lock()
-		s.upgrading--
-		s.mu.Unlock()
+		if holding {
+			s.mu.Lock()
+			s.upgrading--
+			s.mu.Unlock()
+		}
 	}()
 	if !s.originAllowed(r) {
 		s.stats.refusedOrigin.Add(1)
@@ -322,6 +333,8 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	c.client.SetDirect(c.writeNow)
 	c.client.OnReady(c.signal)
 	s.mu.Lock()
+	s.upgrading--
+	holding = false
 	if s.closed {
 		s.mu.Unlock()
 		c.hctx.end()
@@ -337,6 +350,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		go s.heartbeatLoop(s.beating)
 	}
 	s.mu.Unlock()
+	if hook := s.openedHook.Load(); hook != nil {
+		(*hook)()
+	}
 	s.stats.accepted.Add(1)
 	if c.envelope {
 		c.sendControl(welcomeFrame{Type: "welcome", Protocol: shared.Subprotocol, Limits: s.limits(),
