@@ -118,7 +118,7 @@ func TestThreeServersTwoNSQDThroughLookupd(t *testing.T) {
 }
 
 // A producer in any language triggers a push by publishing the key's JSON to
-// the entity type's topic, here through nsqd's HTTP API as the README shows.
+// the entity type's topic, here through nsqd's HTTP API as docs/queues.md shows.
 func TestPublishFromOutsideGo(t *testing.T) {
 	nsqd := nsqtest.StartNSQD(t)
 	store := testkit.NewStore()

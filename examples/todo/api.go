@@ -165,8 +165,8 @@ func (a *api) changed(w http.ResponseWriter, r *http.Request, listID string, sta
 // writeContext is the context a write runs on: not cancelled when the
 // browser gives up on the request. A write that may already have reached the
 // database must go on to its notification, or the other servers keep the
-// old items (the soak run found this in its own server; README, "Scaling
-// out with NSQ").
+// old items (the soak run found this in its own server; docs/queues.md,
+// "Notify after every write").
 func writeContext(r *http.Request) context.Context {
 	return context.WithoutCancel(r.Context())
 }
