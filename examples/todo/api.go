@@ -5,9 +5,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"strconv"
 	"strings"
+	"unicode"
 	"unicode/utf8"
 
 	"github.com/gorilla/mux"
@@ -201,13 +203,24 @@ func itemPath(w http.ResponseWriter, r *http.Request) (listID string, id int64, 
 
 // readJSON decodes the request body into v, or answers why it cannot.
 func readJSON(w http.ResponseWriter, r *http.Request, v any) bool {
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBody))
-	err := dec.Decode(v)
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBody))
 	var tooLarge *http.MaxBytesError
+	if errors.As(err, &tooLarge) {
+		writeError(w, http.StatusRequestEntityTooLarge, "the request is larger than %d bytes", maxBody)
+		return false
+	} else if err != nil {
+		writeError(w, http.StatusBadRequest, "reading the request: %v", err)
+		return false
+	}
+	// encoding/json would quietly turn invalid UTF-8 into U+FFFD, storing a
+	// title that is not what the client sent.
+	if !utf8.Valid(body) {
+		writeError(w, http.StatusBadRequest, "the request is not valid UTF-8")
+		return false
+	}
+	err = json.Unmarshal(body, v)
 	var wrongType *json.UnmarshalTypeError
 	switch {
-	case errors.As(err, &tooLarge):
-		writeError(w, http.StatusRequestEntityTooLarge, "the request is larger than %d bytes", maxBody)
 	case errors.As(err, &wrongType) && wrongType.Field != "":
 		writeError(w, http.StatusBadRequest, "%q must be a %s, not a %s", wrongType.Field, wrongType.Type.Kind(), wrongType.Value)
 	case errors.As(err, &wrongType):
@@ -218,10 +231,24 @@ func readJSON(w http.ResponseWriter, r *http.Request, v any) bool {
 	return err == nil
 }
 
-// validTitle trims *title and checks it, or answers what is wrong with it.
+// validTitle trims *title and checks it, or answers what is wrong with it. A
+// title is one line of printable text: a line break or a control character
+// (NUL included) would break the page's one-line field and anything that
+// prints the lists, so it is refused, with where it is.
 func validTitle(w http.ResponseWriter, title *string) bool {
 	*title = strings.TrimSpace(*title)
+	bad, at := -1, 0
+	for i, c := range []rune(*title) {
+		if unicode.IsControl(c) || unicode.In(c, unicode.Zl, unicode.Zp) {
+			bad, at = int(c), i+1
+			break
+		}
+	}
 	switch n := utf8.RuneCountInString(*title); {
+	case bad == '\n' || bad == '\r' || bad == 0x85 || bad == 0x2028 || bad == 0x2029:
+		writeError(w, http.StatusBadRequest, "the title holds a line break (character %d); a title is one line", at)
+	case bad >= 0:
+		writeError(w, http.StatusBadRequest, "the title holds the control character U+%04X (character %d); a title is printable text", bad, at)
 	case n == 0:
 		writeError(w, http.StatusBadRequest, "the title is empty")
 	case n > maxTitle:
