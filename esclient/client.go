@@ -22,8 +22,9 @@
 //     reconnects with exponential backoff and full jitter (between 0 and a
 //     ceiling that starts at Options.MinBackoff, 0.5s by default, and doubles
 //     up to Options.MaxBackoff, 20s by default). The ceiling starts afresh
-//     only once a connection proved healthy (see Options.MinBackoff), so a
-//     server that drops the client right after welcoming it is not hammered.
+//     only once a connection stayed open Options.HealthyAfter (5s by
+//     default) after its welcome, so a server that drops the client right
+//     after welcoming it, or after acking its subscriptions, is not hammered.
 //     After the server's welcome the client sends the secret (if one is set)
 //     and then every subscription again, oldest first, each with the
 //     version of the state it holds; the server answers with the current
@@ -115,11 +116,15 @@ type Options struct {
 	// MinBackoff is the ceiling of the first reconnect delay; each failed
 	// attempt doubles the ceiling up to MaxBackoff, and each delay is drawn
 	// uniformly between 0 and the ceiling (full jitter). Defaults 500ms and
-	// 20s. The ceiling starts afresh only after a connection that proved
-	// healthy: the server answered every subscription sent after its
-	// welcome, or the connection stayed open for 5s. A server that welcomes
-	// the client and drops it at once thus sees the client back off.
+	// 20s. The ceiling starts afresh only after a connection that stayed
+	// open HealthyAfter.
 	MinBackoff, MaxBackoff time.Duration
+	// HealthyAfter is how long a connection must stay open after the
+	// server's welcome for the reconnect backoff to start afresh when it
+	// ends. Default 5s. Answers from the server do not count: a server that
+	// welcomes the client, even acks its subscriptions, and drops it at once
+	// thus sees the client back off further each time.
+	HealthyAfter time.Duration
 	// HandshakeTimeout bounds one connection attempt: dial, upgrade and the
 	// server's welcome frame. Default 10s.
 	HandshakeTimeout time.Duration
@@ -158,6 +163,9 @@ func (o *Options) setDefaults() {
 	}
 	if o.MaxBackoff < o.MinBackoff {
 		o.MaxBackoff = o.MinBackoff
+	}
+	if o.HealthyAfter <= 0 {
+		o.HealthyAfter = 5 * time.Second
 	}
 	if o.HandshakeTimeout <= 0 {
 		o.HandshakeTimeout = 10 * time.Second
@@ -385,7 +393,7 @@ func (c *Client) run(first *conn) {
 		}
 		err := c.serve(cn)
 		c.mu.Lock()
-		if cn.healthy(time.Now()) {
+		if cn.healthy(time.Now(), c.opts.HealthyAfter) {
 			attempt = 0
 		}
 		c.mu.Unlock()

@@ -37,13 +37,7 @@ type conn struct {
 	maxSubs int
 	held    int
 
-	// Whether the connection proved healthy, so the reconnect backoff may
-	// start afresh once it ends: see healthy.
-	welcomedAt time.Time
-	initialRef uint64 // requests with refs 1..initialRef were sent at welcome
-	initialSub bool   // and at least one of them was a subscribe
-	unanswered int    // how many of them have no ack or final error yet
-	answered   bool   // all of them were answered
+	welcomedAt time.Time // see healthy
 
 	nextRef uint64
 	pending map[string]request          // requests awaiting their ack or error
@@ -246,31 +240,15 @@ func (p *pacer) take(now time.Time) time.Duration {
 // the burst.
 const maxInFlight = 32
 
-// healthyAfter is how long a connection must stay open to count as healthy
-// when it has not proved so by answering its resubscriptions.
-const healthyAfter = 5 * time.Second
-
 // healthy reports whether the connection proved it works, so that the
-// reconnect backoff may start afresh when it ends: every request sent at
-// welcome (among them at least one subscribe) was answered, or it stayed
-// open for healthyAfter. A server that accepts and welcomes the client but
-// drops it right away (overloaded, or refusing it) must see the client back
-// off further with every attempt, not reconnect at the first delay forever.
-// With Client.mu held.
-func (cn *conn) healthy(now time.Time) bool {
-	return cn.answered || (!cn.welcomedAt.IsZero() && now.Sub(cn.welcomedAt) >= healthyAfter)
-}
-
-// noteAnswer counts the answer to request ref towards healthy. With
-// Client.mu held.
-func (cn *conn) noteAnswer(ref string) {
-	n, err := strconv.ParseUint(ref, 10, 64)
-	if err != nil || n == 0 || n > cn.initialRef {
-		return
-	}
-	if cn.unanswered--; cn.unanswered == 0 && cn.initialSub {
-		cn.answered = true
-	}
+// reconnect backoff may start afresh when it ends: it stayed open for
+// after (Options.HealthyAfter) since its welcome. Answers prove nothing: a
+// server that welcomes the client and acks its subscriptions can still drop
+// it right away (overloaded, refusing it, or sending a frame the client
+// cannot read), and must see the client back off further with every
+// attempt, not reconnect at the first delay forever. With Client.mu held.
+func (cn *conn) healthy(now time.Time, after time.Duration) bool {
+	return !cn.welcomedAt.IsZero() && now.Sub(cn.welcomedAt) >= after
 }
 
 // activate starts a welcomed connection's writer and sends the secret and
@@ -299,12 +277,8 @@ func (c *Client) activate(cn *conn) {
 	}
 	slices.SortFunc(subs, func(a, b *sub) int { return cmp.Compare(a.order, b.order) })
 	for _, s := range subs {
-		if c.subscribeOn(cn, s) {
-			cn.initialSub = true
-		}
+		c.subscribeOn(cn, s)
 	}
-	cn.initialRef = cn.nextRef
-	cn.unanswered = int(cn.nextRef)
 }
 
 // subscribeOn sends s's subscribe on cn, unless the server's
@@ -620,7 +594,6 @@ func (c *Client) acked(cn *conn, ref string) {
 	}
 	delete(cn.pending, ref)
 	cn.freeSlot()
-	cn.noteAnswer(ref)
 	if req.action == shared.ActionUnsubscribe {
 		c.unsubDone(cn, req.key)
 	}
@@ -646,11 +619,6 @@ func (c *Client) refused(cn *conn, f *inbound) {
 	}
 	delete(cn.pending, f.Ref)
 	cn.freeSlot()
-	if f.Code != shared.CodeRateLimited {
-		// rate_limited is no answer: the request is retried, and a server
-		// that only refuses is no proof of a healthy connection.
-		cn.noteAnswer(f.Ref)
-	}
 	serr.Action = req.action
 	if req.action != shared.ActionSecret {
 		serr.Key = req.key

@@ -119,37 +119,50 @@ func TestMaxSubscriptionsIsNotExceeded(t *testing.T) {
 }
 
 // TestBackoffGrowsWhenServerDropsRightAfterWelcome: a server that welcomes
-// the client and drops it at once does not reset the reconnect backoff, so
-// the client backs off further each time instead of looping at the first
-// delay; a connection that answers its resubscriptions resets it.
+// the client and drops it at once, even after acking its resubscription
+// and sending the rows (as a server whose next frame the client cannot read
+// does), does not reset the reconnect backoff, so the client backs off
+// further each time instead of looping at the first delay; a connection
+// that stayed open Options.HealthyAfter resets it.
 func TestBackoffGrowsWhenServerDropsRightAfterWelcome(t *testing.T) {
 	f := startFake(t)
-	opts := esclient.WithMaxJitter(esclient.Options{MinBackoff: 20 * time.Millisecond, MaxBackoff: 640 * time.Millisecond})
+	const healthyAfter = 300 * time.Millisecond
+	opts := esclient.WithMaxJitter(esclient.Options{MinBackoff: 20 * time.Millisecond, MaxBackoff: 640 * time.Millisecond, HealthyAfter: healthyAfter})
 	c := dial(t, f.url, opts)
 	k := key("items", "1")
-	c.Subscribe(k, nil, nil)
+	rec := newRecorder(t)
+	rec.subscribe(c, k)
 	fc := f.accept()
-	fc.expect("subscribe", k)
-	var req request
-	for _, ceil := range []time.Duration{20, 40, 80, 160, 320, 640, 640} {
+	req := fc.expect("subscribe", k)
+	for i, ceil := range []time.Duration{20, 40, 80, 160, 320, 640, 640} {
 		ceil *= time.Millisecond
 		prev := fc
-		prev.ws.Close() // dropped before answering anything
+		if i%2 == 1 {
+			// Answered, and the client has taken the rows before it sees
+			// the connection end.
+			row := fmt.Sprintf(`"v%d"`, i)
+			prev.ack(req)
+			prev.rows(k, 1, row)
+			rec.expectRows(row)
+		}
+		prev.ws.Close() // dropped right after welcome (or the ack)
 		fc = f.accept()
 		if gap := fc.at.Sub(prev.at); gap < ceil {
 			t.Fatalf("reconnected %s after a connection dropped right after welcome; the backoff ceiling should have grown to %s", gap, ceil)
 		}
 		req = fc.expect("subscribe", k)
 	}
-	// This connection answers its resubscription, so it proved healthy: the
-	// next reconnect waits the first ceiling (20ms) again, not 640ms. The
-	// client reads the ack before it sees the connection end.
+	// This connection stays open healthyAfter, so it proved healthy: the
+	// next reconnect waits the first ceiling (20ms) again, not 640ms.
+	// Waiting out healthyAfter is what is tested, so it is a timer, not an
+	// event; the client took its welcome before it sent req.
 	fc.ack(req)
-	prev := fc
-	prev.ws.Close()
+	time.Sleep(healthyAfter + 5*time.Millisecond - time.Since(req.at))
+	cut := time.Now()
+	fc.ws.Close()
 	fc = f.accept()
-	if gap := fc.at.Sub(prev.at); gap >= 320*time.Millisecond {
-		t.Fatalf("reconnected %s after a healthy connection ended: the backoff was not reset", gap)
+	if gap := fc.at.Sub(cut); gap >= 320*time.Millisecond {
+		t.Fatalf("reconnected %s after a connection that stayed open %s ended: the backoff was not reset", gap, healthyAfter)
 	}
 	fc.expect("subscribe", k)
 }
