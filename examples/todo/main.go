@@ -60,7 +60,7 @@ func main() {
 	flag.StringVar(&o.data, "data", filepath.Join(os.TempDir(), "entity-sync-todo"), "directory of the SQLite database (todo.db)")
 	flag.StringVar(&o.pg, "pg", "", "PostgreSQL connection string: store the lists there, and use LISTEN/NOTIFY as the queue")
 	flag.BoolVar(&o.serve, "serve", false, "run one server (on the -listen address) instead of launching several")
-	flag.StringVar(&o.nsqd, "nsqd", "", "with -serve: nsqd TCP address to exchange notifications through (default: none, so in-process unless -pg)")
+	flag.StringVar(&o.nsqd, "nsqd", "", "with -serve: nsqd TCP address the servers exchange notifications through; without it (or -pg) the server syncs with no other and says so")
 	flag.BoolVar(&o.launched, "launched", false, "with -serve: started by the launcher (prints the URL on stdout when ready, stops when stdin closes)")
 	flag.BoolVar(&o.debug, "debug", false, "log at debug level")
 	flag.Parse()

@@ -16,6 +16,7 @@ import (
 	"regexp"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -45,12 +46,18 @@ func TestMain(m *testing.M) {
 // returns its base URL ("http://127.0.0.1:port").
 func runTestServer(t *testing.T, db *store, nsqd string) string {
 	t.Helper()
+	log := logrus.New()
+	log.SetLevel(logrus.WarnLevel)
+	return runLoggedServer(t, db, nsqd, log)
+}
+
+// runLoggedServer is runTestServer logging to log.
+func runLoggedServer(t *testing.T, db *store, nsqd string, log *logrus.Logger) string {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	log := logrus.New()
-	log.SetLevel(logrus.WarnLevel)
 	ctx, cancel := context.WithCancel(context.Background())
 	ready := make(chan struct{})
 	done := make(chan error, 1)
@@ -174,6 +181,55 @@ func TestAPIBadInputGets4xxWithAMessage(t *testing.T) {
 	if want := []item{{ID: 1, Title: "Oat milk", Done: true}}; err != nil || !reflect.DeepEqual(got, want) {
 		t.Errorf("items: %v %v, want %v", got, err, want)
 	}
+}
+
+// A server says at start which queue links it to the others; one on the
+// in-process queue warns that it syncs with no other server and names the
+// flags that fix it.
+func TestServerLogsItsQueue(t *testing.T) {
+	dir := t.TempDir()
+	nsqd := nsqtest.StartNSQD(t)
+	for _, tc := range []struct {
+		nsqd, queue string
+		warns       bool
+	}{
+		{"", `queue="in-process (this server only)"`, true},
+		{nsqd.TCPAddr(), `queue="NSQ (nsqd ` + nsqd.TCPAddr() + `)"`, false},
+	} {
+		var out lockedBuffer
+		log := logrus.New()
+		log.SetOutput(&out) // the start lines are written before runLoggedServer returns
+		log.SetFormatter(&logrus.TextFormatter{DisableColors: true, DisableTimestamp: true})
+		runLoggedServer(t, openTestSQLite(t, dir), tc.nsqd, log)
+		lines := out.String()
+		if !regexp.MustCompile(`level=info msg=serving .*` + regexp.QuoteMeta(tc.queue)).MatchString(lines) {
+			t.Errorf("with -nsqd %q the start log does not name the queue as %s:\n%s", tc.nsqd, tc.queue, lines)
+		}
+		warned := strings.Contains(lines, "level=warning") && strings.Contains(lines, "does not sync servers") &&
+			strings.Contains(lines, "-nsqd HOST:PORT") && strings.Contains(lines, "-pg")
+		if warned != tc.warns {
+			t.Errorf("with -nsqd %q: warned %v, want %v:\n%s", tc.nsqd, warned, tc.warns, lines)
+		}
+	}
+}
+
+// lockedBuffer is a log's output that a test may read while the server
+// still writes to it.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf strings.Builder
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }
 
 // watch subscribes to a list on the server at base, as the page does, and

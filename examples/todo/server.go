@@ -57,6 +57,14 @@ type serverConfig struct {
 func serve(ctx context.Context, cfg serverConfig, ln net.Listener) error {
 	log := cfg.Log.WithField("addr", ln.Addr().String())
 	esCfg := entitysync.Config{Mux: mux.NewRouter(), NSQAddr: cfg.NSQD, Logger: log}
+	queue := queueName(cfg)
+	if cfg.DB.pg == nil && cfg.NSQD == "" {
+		// Nothing reaches the other servers: a page on another server sees
+		// this one's writes only after a reload. Say so before anyone wonders.
+		log.Warn("the in-process queue does not sync servers: this server's writes reach only its own pages, " +
+			"and another server's writes do not reach them. Run every server with -nsqd HOST:PORT (one nsqd for all) " +
+			"or with -pg, or run the launcher (the todo command without -serve), which does it for you")
+	}
 	if cfg.DB.pg != nil {
 		q, err := pgq.New(ctx, pgq.Config{Pool: cfg.DB.pg, Logger: log})
 		if err != nil {
@@ -124,7 +132,7 @@ func serve(ctx context.Context, cfg serverConfig, ln net.Listener) error {
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
 	url := pageURL(ln.Addr())
-	log.WithField("page", url).WithField("store", cfg.DB.where).Info("serving")
+	log.WithField("page", url).WithField("store", cfg.DB.where).WithField("queue", queue).Info("serving")
 	if cfg.Ready != nil {
 		cfg.Ready(url)
 	}
@@ -141,6 +149,19 @@ func serve(ctx context.Context, cfg serverConfig, ln net.Listener) error {
 		failed = errors.Join(failed, fmt.Errorf("shutdown: %w", err))
 	}
 	return failed
+}
+
+// queueName says which queue carries the server's notifications to the
+// other servers, for its log.
+func queueName(cfg serverConfig) string {
+	switch {
+	case cfg.DB.pg != nil:
+		return "Postgres LISTEN/NOTIFY"
+	case cfg.NSQD != "":
+		return "NSQ (nsqd " + cfg.NSQD + ")"
+	default:
+		return "in-process (this server only)"
+	}
 }
 
 // pageURL is the URL to open for a listener's address; a server listening on
