@@ -8,7 +8,7 @@
 //
 // A client that stops reading never blocks anyone else: the bridge only ever
 // replaces the client's pending update per key, and the flusher drops the
-// connection when a write does not finish within WriteWait.
+// connection when its socket takes nothing for WriteWait.
 package esweb
 
 import (
@@ -48,8 +48,10 @@ type Options struct {
 	// ReadLimit is the largest inbound frame in bytes; a larger one closes
 	// the connection with code 1009. Default 32 KiB.
 	ReadLimit int64
-	// WriteWait bounds one write; a client that does not take a frame within
-	// it is disconnected. Default 10s.
+	// WriteWait is how long a write may make no progress: a client whose
+	// socket takes none of the next 64 KiB within it is disconnected. A
+	// client that keeps reading, however slowly next to what waits for it,
+	// is not. Default 10s.
 	WriteWait time.Duration
 	// PongWait is how long the connection may stay silent (no frame, no pong)
 	// before it is dropped. Default 60s.

@@ -19,10 +19,11 @@ import (
 //     nothing is waiting before it. This is the common case: no goroutine
 //     to wake, no deadline to arm, one system call per frame.
 //   - the flusher: a goroutine started when a write would block (the
-//     client reads slowly, or the socket is not a plain one). It writes, with
-//     a deadline, what is waiting: the backlog of frames, then the client's
-//     pending updates (latest-wins, taken from the bridge), several in one
-//     writev, and exits when nothing is left.
+//     client reads slowly, or the socket is not a plain one). It writes
+//     what is waiting: the backlog of frames, then the client's pending
+//     updates (latest-wins, taken from the bridge), several in one writev
+//     of up to 64 KiB under a WriteWait deadline, and exits when nothing is
+//     left.
 type writeState struct {
 	direct func([]byte) (int, error) // non-blocking write; nil: flusher only
 
@@ -145,8 +146,8 @@ func (c *conn) frames(u *esbridge.Update) []byte {
 func (c *conn) flush() {
 	defer c.s.wg.Done()
 	var (
-		bufs  net.Buffers
-		batch []*esbridge.Update
+		bufs, chunk net.Buffers
+		batch       []*esbridge.Update
 	)
 	for {
 		// Under order, so that an ack queued by the reader is taken
@@ -184,8 +185,7 @@ func (c *conn) flush() {
 			bufs = append(bufs, closing)
 		}
 		if len(bufs) > 0 {
-			_ = c.nc.SetWriteDeadline(time.Now().Add(c.s.opts.WriteWait))
-			if _, err := bufs.WriteTo(c.nc); err != nil {
+			if err := c.writeChunked(bufs, &chunk); err != nil {
 				c.wmu.Lock()
 				c.failLocked(err)
 				c.flushing = false
@@ -208,6 +208,38 @@ func (c *conn) flush() {
 		}
 		c.wmu.Unlock()
 	}
+}
+
+// writeChunk is the most the flusher writes under one deadline.
+const writeChunk = 64 << 10
+
+// writeChunked writes bufs (consuming it) in chunks of at most writeChunk
+// bytes, each under a fresh WriteWait deadline: WriteWait bounds a wait with
+// no progress, so a client that reads steadily, however large the batch
+// and however slowly next to it, is never dropped. chunk is scratch space
+// kept between calls.
+func (c *conn) writeChunked(bufs net.Buffers, chunk *net.Buffers) error {
+	for len(bufs) > 0 {
+		part, n := (*chunk)[:0], 0
+		for len(bufs) > 0 && n < writeChunk {
+			b := bufs[0]
+			if room := writeChunk - n; len(b) > room {
+				part = append(part, b[:room])
+				bufs[0] = b[room:]
+				break
+			}
+			part = append(part, b)
+			n += len(b)
+			bufs[0] = nil
+			bufs = bufs[1:]
+		}
+		*chunk = part
+		_ = c.nc.SetWriteDeadline(time.Now().Add(c.s.opts.WriteWait))
+		if _, err := part.WriteTo(c.nc); err != nil { // consumes part, not *chunk
+			return err
+		}
+	}
+	return nil
 }
 
 // closeWith closes the connection with a close frame: written after what is

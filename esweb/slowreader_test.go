@@ -1,0 +1,155 @@
+package esweb_test
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http/httptest"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/gorilla/websocket"
+
+	es "github.com/entity-sync/entity-sync/entitysync"
+	"github.com/entity-sync/entity-sync/esweb"
+	"github.com/entity-sync/entity-sync/internal/testkit"
+	"github.com/entity-sync/entity-sync/shared"
+)
+
+// WriteWait bounds a write that makes no progress, not a whole batch: a
+// client reading steadily at 2 MB/s is sent several MiB of initial states
+// at once, which takes it seconds, and stays connected; a client that stops
+// reading is still dropped after WriteWait.
+func TestSteadySlowReaderIsNotDropped(t *testing.T) {
+	const (
+		keys      = 24
+		rowSize   = 256 << 10 // 6 MiB in all
+		rate      = 2e6       // bytes per second the steady reader takes
+		writeWait = 500 * time.Millisecond
+	)
+	e, srv, accepted := serveBig(t, rowSize, esweb.Options{WriteWait: writeWait})
+
+	// Small socket buffers on both ends, as on a slow link whose buffers
+	// are full: what the client has not read waits in the server.
+	dial := func(t *testing.T, paced float64) (*websocket.Conn, time.Time) {
+		t.Helper()
+		dialer := websocket.Dialer{NetDialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			_ = c.(*net.TCPConn).SetReadBuffer(64 << 10)
+			if paced > 0 {
+				return &pacedConn{Conn: c, rate: paced, start: time.Now()}, nil
+			}
+			return c, nil
+		}}
+		c, _, err := dialer.Dial(testkit.WSURL(srv), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		if sc := accepted.get(c.LocalAddr().String()); sc != nil {
+			_ = sc.SetWriteBuffer(64 << 10)
+		} else {
+			t.Fatalf("server side of %s not found", c.LocalAddr())
+		}
+		subscribed := time.Now()
+		for i := 0; i < keys; i++ {
+			if err := c.WriteJSON(map[string]any{"action": "subscribe", "body": shared.EntityKey{Entity: "big", ID: fmt.Sprint(i)}}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return c, subscribed
+	}
+
+	t.Run("steady", func(t *testing.T) {
+		before := e.Web.Stats().SlowClients
+		c, _ := dial(t, rate)
+		start := time.Now()
+		seen := make(map[string]bool)
+		for len(seen) < keys {
+			_ = c.SetReadDeadline(time.Now().Add(20 * time.Second))
+			_, b, err := c.ReadMessage()
+			if err != nil {
+				t.Fatalf("steady reader lost its connection after %d of %d initial states (%s): %v",
+					len(seen), keys, time.Since(start).Round(time.Millisecond), err)
+			}
+			seen[parseBigRow(b).ID] = true
+		}
+		took := time.Since(start)
+		t.Logf("%d MiB read at %.0f MB/s in %s (WriteWait %s)", keys*rowSize>>20, rate/1e6, took.Round(time.Millisecond), writeWait)
+		if took < 4*writeWait {
+			t.Errorf("the states took %s, not several times WriteWait: the test did not make the server wait", took)
+		}
+		if n := e.Web.Stats().SlowClients - before; n != 0 {
+			t.Errorf("%d connections dropped as slow", n)
+		}
+	})
+
+	t.Run("stopped", func(t *testing.T) {
+		before := e.Web.Stats().SlowClients
+		_, subscribed := dial(t, 0) // never reads
+		took := testkit.AwaitCond(t, 20*time.Second, func() (bool, string) {
+			n := e.Web.Stats().SlowClients - before
+			return n == 1, fmt.Sprintf("%d connections dropped as slow, want 1", n)
+		})
+		since := time.Since(subscribed)
+		t.Logf("reader that stopped dropped %s after it subscribed", since.Round(time.Millisecond))
+		if since < writeWait {
+			t.Errorf("dropped %s after subscribing (waited %s), before WriteWait (%s) could pass", since, took, writeWait)
+		}
+	})
+}
+
+// serveBig serves entity type "big", whose rows are bigRows of size bytes at
+// version 0, through a listener that lets the test reach the server's side
+// of each connection.
+func serveBig(t *testing.T, size int, web esweb.Options) (*es.EntitySync, *httptest.Server, *trackingListener) {
+	t.Helper()
+	e, err := es.New(es.Config{Web: web, Logger: testkit.Logger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Register("big", func(_ context.Context, k shared.EntityKey) ([][]byte, error) {
+		return [][]byte{bigRow(k, 0, size)}, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewUnstartedServer(e.Mux)
+	accepted := &trackingListener{Listener: srv.Listener, conns: make(map[string]*net.TCPConn)}
+	srv.Listener = accepted
+	srv.Start()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := e.Close(ctx); err != nil {
+			t.Errorf("close: %v", err)
+		}
+		srv.Close()
+	})
+	return e, srv, accepted
+}
+
+// pacedConn is a client on a slow link that keeps reading: it takes at most
+// rate bytes per second, in reads of at most 16 KiB.
+type pacedConn struct {
+	net.Conn
+	rate  float64
+	start time.Time
+	read  atomic.Int64
+}
+
+func (p *pacedConn) Read(b []byte) (int, error) {
+	if len(b) > 16<<10 {
+		b = b[:16<<10]
+	}
+	// Pacing, not synchronisation: the next read is due once the bytes
+	// read so far took their time at this rate.
+	due := p.start.Add(time.Duration(float64(p.read.Load()) / p.rate * float64(time.Second)))
+	time.Sleep(time.Until(due))
+	n, err := p.Conn.Read(b)
+	p.read.Add(int64(n))
+	return n, err
+}
