@@ -182,17 +182,25 @@ type Bridge struct {
 
 // notifier is NotifyAsync's queue (see notify.go).
 type notifier struct {
-	mu        sync.Mutex
-	fifo      [][]shared.EntityKey          // batches of keys, each published together
-	pending   int                           // keys in fifo or being published
-	waiting   map[shared.EntityKey]struct{} // the keys in fifo
-	queued    uint64                        // keys ever queued
-	published uint64                        // of which published
-	progress  chan struct{}                 // closed when published grows
-	running   bool                          // the publisher goroutine runs
-	done      chan struct{}                 // closed when it returns
-	closed    bool                          // NotifyAsync refuses
-	stopped   bool                          // the publisher gives up (Close's ctx ended)
+	mu       sync.Mutex
+	fifo     []*notifyBatch                    // oldest first: in order of seq
+	inFlight *notifyBatch                      // being published
+	pending  int                               // keys in fifo or being published
+	waiting  map[shared.EntityKey]*notifyBatch // the keys in fifo, and their batch
+	seq      uint64                            // the last batch's
+	progress chan struct{}                     // closed when a batch is done
+	running  bool                              // the publisher goroutine runs
+	done     chan struct{}                     // closed when it returns
+	closed   bool                              // NotifyAsync refuses
+	stopped  bool                              // the publisher gives up (Close's ctx ended)
+}
+
+// notifyBatch is keys queued together by NotifyKeysAsync, published
+// together. seq numbers the call that queued them: FlushNotifications
+// waits for every batch up to the last seq it saw.
+type notifyBatch struct {
+	keys []shared.EntityKey
+	seq  uint64
 }
 
 // workQueue is the FIFO of keys waiting for a fetch round, and the pool of

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"time"
 
@@ -230,14 +231,15 @@ func (b *Bridge) NotifyKeysAsync(keys ...shared.EntityKey) error {
 		return ErrNotifyBacklog
 	}
 	if n.waiting == nil {
-		n.waiting = make(map[shared.EntityKey]struct{})
+		n.waiting = make(map[shared.EntityKey]*notifyBatch)
 	}
+	n.seq++
+	nb := &notifyBatch{keys: batch, seq: n.seq}
 	for _, key := range batch {
-		n.waiting[key] = struct{}{}
+		n.waiting[key] = nb
 	}
-	n.fifo = append(n.fifo, batch)
+	n.fifo = append(n.fifo, nb)
 	n.pending += len(batch)
-	n.queued += uint64(len(batch))
 	if !n.running {
 		n.running = true
 		n.done = make(chan struct{})
@@ -247,12 +249,13 @@ func (b *Bridge) NotifyKeysAsync(keys ...shared.EntityKey) error {
 }
 
 // FlushNotifications waits until every notification NotifyAsync queued
-// before the call has been published, or ctx ends.
+// before the call has been published, or ctx ends. A key whose publish
+// failed counts only once a later publish of it succeeded.
 func (b *Bridge) FlushNotifications(ctx context.Context) error {
 	n := &b.notifier
 	n.mu.Lock()
-	target := n.queued
-	for n.published < target {
+	target := n.seq
+	for n.oldest() <= target {
 		progress := n.progress
 		if progress == nil {
 			progress = make(chan struct{})
@@ -268,6 +271,19 @@ func (b *Bridge) FlushNotifications(ctx context.Context) error {
 	}
 	n.mu.Unlock()
 	return nil
+}
+
+// oldest returns the seq of the oldest batch not yet published (the fifo
+// is in order of seq, and the batch in flight came before it), or the
+// largest uint64 when none waits. With n.mu held.
+func (n *notifier) oldest() uint64 {
+	switch {
+	case n.inFlight != nil:
+		return n.inFlight.seq
+	case len(n.fifo) > 0:
+		return n.fifo[0].seq
+	}
+	return math.MaxUint64
 }
 
 // publishQueued is the background publisher: it runs while keys wait.
@@ -286,47 +302,50 @@ func (b *Bridge) publishQueued(done chan struct{}) {
 		// written meanwhile may be too late for this message's fetches, so
 		// NotifyAsync must queue the key again rather than count on it.
 		// They count as pending (MaxPendingNotifications) until published.
-		batch := n.fifo[0]
+		nb := n.fifo[0]
 		n.fifo[0] = nil
 		n.fifo = n.fifo[1:]
-		for _, key := range batch {
-			delete(n.waiting, key)
-		}
-		n.mu.Unlock()
-
-		err := b.publish(b.ctx, batch)
-
-		n.mu.Lock()
-		if err == nil {
-			retry = 0
-			n.pending -= len(batch)
-			n.count(len(batch))
+		if len(nb.keys) == 0 { // its keys went to an older, failed batch
+			n.batchDone()
 			n.mu.Unlock()
 			continue
 		}
-		// Keys queued again meanwhile are covered by that entry; the rest
-		// go back to the front. (Some may have been published by a
-		// message before the failed one: publishing them again is
-		// harmless.)
-		var again []shared.EntityKey
-		for _, key := range batch {
-			if _, queued := n.waiting[key]; queued {
+		for _, key := range nb.keys {
+			delete(n.waiting, key)
+		}
+		n.inFlight = nb
+		n.mu.Unlock()
+
+		err := b.publish(b.ctx, nb.keys)
+
+		n.mu.Lock()
+		n.inFlight = nil
+		if err == nil {
+			retry = 0
+			n.pending -= len(nb.keys)
+			n.batchDone()
+			n.mu.Unlock()
+			continue
+		}
+		// The batch goes back to the front, its seq unchanged, so a flush
+		// that waits for it goes on waiting. A key queued again meanwhile
+		// leaves its later batch: this retry starts after that queueing,
+		// so it covers it. (Some keys may have been published by a message
+		// before the failed one: publishing them again is harmless.)
+		for _, key := range nb.keys {
+			if later := n.waiting[key]; later != nil {
+				later.keys = slices.DeleteFunc(later.keys, func(k shared.EntityKey) bool { return k == key })
 				n.pending--
-				n.count(1)
-				continue
 			}
-			again = append(again, key)
-			n.waiting[key] = struct{}{}
+			n.waiting[key] = nb
 		}
-		if len(again) > 0 {
-			n.fifo = slices.Insert(n.fifo, 0, again)
-		}
+		n.fifo = slices.Insert(n.fifo, 0, nb)
 		n.mu.Unlock()
 		b.stats.notifyErrors.Add(1)
 		if b.opts.OnNotifyError != nil {
-			b.opts.OnNotifyError(batch[0], err)
+			b.opts.OnNotifyError(nb.keys[0], err)
 		} else {
-			b.log.WithError(err).WithField("key", batch[0].String()).Warn("queued notification not published; retrying")
+			b.log.WithError(err).WithField("key", nb.keys[0].String()).Warn("queued notification not published; retrying")
 		}
 		if retry == 0 {
 			retry = b.opts.RetryDelay
@@ -342,9 +361,8 @@ func (b *Bridge) publishQueued(done chan struct{}) {
 	}
 }
 
-// count counts k queued keys as published. With n.mu held.
-func (n *notifier) count(k int) {
-	n.published += uint64(k)
+// batchDone wakes the flushes waiting for a batch. With n.mu held.
+func (n *notifier) batchDone() {
 	if n.progress != nil {
 		close(n.progress)
 		n.progress = nil

@@ -22,7 +22,7 @@ type flakyQueue struct {
 	hold      chan struct{} // while open, Publish waits on it
 	entered   chan struct{} // if set, told of every Publish call
 	failures  atomic.Int64  // Publish fails this many more times
-	published sync.Map      // entity key JSON -> count
+	succeeded atomic.Int64  // publishes that reached the broker
 	calls     atomic.Int64
 }
 
@@ -41,7 +41,24 @@ func (q *flakyQueue) Publish(ctx context.Context, entity shared.EntityType, body
 	if q.failures.Add(-1) >= 0 {
 		return errors.New("broker unreachable")
 	}
-	return q.Memory.Publish(ctx, entity, body)
+	if err := q.Memory.Publish(ctx, entity, body); err != nil {
+		return err
+	}
+	q.succeeded.Add(1)
+	return nil
+}
+
+// doneWatch is a context that tells when its Done is first asked for: a
+// FlushNotifications that calls it has read what it waits for.
+type doneWatch struct {
+	context.Context
+	once   sync.Once
+	called chan struct{}
+}
+
+func (c *doneWatch) Done() <-chan struct{} {
+	c.once.Do(func() { close(c.called) })
+	return c.Context.Done()
 }
 
 func TestNotifyAsyncPublishesQueuedKeysOnceEach(t *testing.T) {
@@ -187,5 +204,61 @@ func TestNotifyKeysAsyncPublishesOneMessage(t *testing.T) {
 	}
 	if err := b.Close(ctx); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A flush that began while a key's publish was in flight waits for that key
+// to be published, even when the key is queued again meanwhile and the
+// publish in flight fails: the failed publish is not counted as done.
+func TestFlushWaitsForAKeyWhosePublishFailedAfterItWasQueuedAgain(t *testing.T) {
+	q := &flakyQueue{Memory: esq.NewMemory(), hold: make(chan struct{}), entered: make(chan struct{}, 8)}
+	q.failures.Store(1)
+	failed := make(chan struct{}, 8)
+	b := esbridge.New(q, newVersions(), esbridge.Options{Logger: quietLogger(), RetryDelay: 100 * time.Millisecond,
+		OnNotifyError: func(shared.EntityKey, error) { failed <- struct{}{} }})
+	if err := b.ServeEntity("items"); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), unitWait)
+	t.Cleanup(func() {
+		defer cancel()
+		if err := b.Close(ctx); err != nil {
+			t.Error(err)
+		}
+	})
+	if err := b.NotifyAsync(k1); err != nil {
+		t.Fatal(err)
+	}
+	<-q.entered // its publish is in flight, held
+
+	type result struct {
+		err       error
+		succeeded int64
+	}
+	flushed := make(chan result, 1)
+	watch := &doneWatch{Context: ctx, called: make(chan struct{})}
+	go func() {
+		err := b.FlushNotifications(watch)
+		flushed <- result{err, q.succeeded.Load()}
+	}()
+	<-watch.called // the flush waits for the first queueing
+
+	if err := b.NotifyAsync(k1); err != nil { // queued again
+		t.Fatal(err)
+	}
+	close(q.hold) // the publish in flight fails
+	<-failed
+	r := <-flushed
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	if r.succeeded == 0 {
+		t.Fatal("FlushNotifications returned nil before any publish of the key succeeded")
+	}
+	if st := b.Stats(); st.Pending != 0 || st.NotifyErrors != 1 {
+		t.Errorf("stats %+v, want none pending after 1 error", st)
+	}
+	if n := q.calls.Load(); n != 2 {
+		t.Errorf("%d publishes, want 2: the failed one, and one retry covering both queueings", n)
 	}
 }
