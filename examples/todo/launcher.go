@@ -5,6 +5,8 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
+	neturl "net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -19,7 +21,7 @@ const startTimeout = time.Minute
 
 // launch starts one server process per -listen address (this same program,
 // with -serve), all sharing the database and a queue, prints their URLs and
-// waits. Ctrl-C, or any server stopping, stops them all.
+// waits, restarting a server that dies. Ctrl-C stops them all.
 func launch(ctx context.Context, o options) error {
 	args := []string{"-serve", "-launched"}
 	var store, queue string
@@ -47,32 +49,31 @@ func launch(ctx context.Context, o options) error {
 		return err
 	}
 
-	servers := make([]*server, 0, len(o.listen))
+	quit := make(chan struct{}) // ends the servers' exit reports once launch returns
+	defer close(quit)
+	exited := make(chan *server)
+	servers := make([]*server, len(o.listen))
 	defer func() {
 		for _, s := range servers {
-			s.stop()
+			if s != nil {
+				s.stop()
+			}
 		}
 	}()
-	exited := make(chan *server, len(o.listen))
-	for _, addr := range o.listen {
-		s, err := startServer(exe, append(args, "-listen", addr), addr, exited)
+	for i, addr := range o.listen {
+		s, err := startServer(exe, args, addr, i, exited, quit)
 		if err != nil {
 			return err
 		}
-		servers = append(servers, s)
+		servers[i] = s
 	}
 	var urls []string
 	for _, s := range servers {
-		select {
-		case url := <-s.ready:
-			urls = append(urls, url)
-		case <-s.done:
-			return fmt.Errorf("the server for %s did not start: %v (its log is above)", s.addr, s.err)
-		case <-time.After(startTimeout):
-			return fmt.Errorf("the server for %s did not start within %v", s.addr, startTimeout)
-		case <-ctx.Done():
-			return nil
+		url, err := s.awaitReady(ctx)
+		if err != nil || url == "" {
+			return err
 		}
+		urls = append(urls, url)
 	}
 
 	fmt.Printf("\n%d todo servers, one database (%s), %s between them:\n\n", len(urls), store, queue)
@@ -81,33 +82,103 @@ func launch(ctx context.Context, o options) error {
 	}
 	fmt.Print("\nOpen each in its own window: a list changed in one changes in the others.\nCtrl-C stops everything.\n\n")
 
-	select {
-	case <-ctx.Done():
-		return nil
-	case s := <-exited:
-		if s.err != nil {
-			return fmt.Errorf("the server for %s stopped: %v", s.addr, s.err)
+	// A server that dies is started again on its address, so that the demo
+	// survives it: the other servers go on serving meanwhile, and the dead
+	// one's pages reconnect once it is back. One that dies soon after it
+	// started is restarted after a growing pause, so a server that cannot
+	// run does not spin.
+	delay := make([]time.Duration, len(servers))
+	for {
+		var s *server
+		select {
+		case <-ctx.Done():
+			return nil
+		case s = <-exited:
 		}
-		return nil // it was stopped (Ctrl-C reaches every process of the terminal)
+		if s.err == nil {
+			return nil // it was stopped (Ctrl-C reaches every process of the terminal)
+		}
+		addr := restartAddr(s.addr, urls[s.index])
+		if time.Since(s.started) >= restartCalm {
+			delay[s.index] = 0
+		}
+		if delay[s.index] == 0 {
+			fmt.Printf("todo: the server for %s stopped (%v); restarting it\n", addr, s.err)
+		} else {
+			fmt.Printf("todo: the server for %s stopped (%v) %v after it started; restarting it in %v\n",
+				addr, s.err, time.Since(s.started).Round(time.Millisecond), delay[s.index])
+		}
+		servers[s.index] = nil
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(delay[s.index]):
+		}
+		delay[s.index] = min(max(2*delay[s.index], time.Second), maxRestartDelay)
+		next, err := startServer(exe, args, addr, s.index, exited, quit)
+		if err != nil {
+			return err
+		}
+		servers[s.index] = next
+		select {
+		case url := <-next.ready:
+			fmt.Printf("todo: the server for %s serves again at %s\n", addr, url)
+		case <-next.done: // reported on exited: restarted after a pause
+		case <-time.After(startTimeout):
+			return fmt.Errorf("the server for %s did not start again within %v", addr, startTimeout)
+		case <-ctx.Done():
+			return nil
+		}
 	}
 }
 
-// server is one server process.
-type server struct {
-	addr  string
-	cmd   *exec.Cmd
-	stdin io.Closer     // closing it asks the server to stop
-	ready chan string   // its URL, once it serves
-	done  chan struct{} // closed once it has exited, with err set
-	err   error
+// restartAddr is the address to start a server again on: the host it was
+// given (an address on every interface stays so) and the port it got (which
+// may have been chosen by the system, for port 0), so that its pages find it
+// again.
+func restartAddr(listen, url string) string {
+	host, _, err := net.SplitHostPort(listen)
+	if err != nil {
+		return listen
+	}
+	u, err := neturl.Parse(url)
+	if err != nil || u.Port() == "" {
+		return listen
+	}
+	return net.JoinHostPort(host, u.Port())
 }
 
-func startServer(exe string, args []string, addr string, exited chan<- *server) (*server, error) {
+const (
+	// restartCalm is how long a server must have run for its death to be
+	// restarted at once.
+	restartCalm = 10 * time.Second
+	// maxRestartDelay bounds the pause before restarting a server that keeps
+	// dying.
+	maxRestartDelay = 30 * time.Second
+)
+
+// server is one server process.
+type server struct {
+	addr    string
+	index   int // its place in -listen
+	started time.Time
+	cmd     *exec.Cmd
+	stdin   io.Closer     // closing it asks the server to stop
+	ready   chan string   // its URL, once it serves
+	done    chan struct{} // closed once it has exited, with err set
+	err     error
+}
+
+// startServer starts the server process for addr; once it exits, it is
+// sent on exited (until quit closes).
+func startServer(exe string, args []string, addr string, index int, exited chan<- *server, quit <-chan struct{}) (*server, error) {
 	s := &server{
-		addr:  addr,
-		cmd:   exec.Command(exe, args...),
-		ready: make(chan string, 1),
-		done:  make(chan struct{}),
+		addr:    addr,
+		index:   index,
+		started: time.Now(),
+		cmd:     exec.Command(exe, append(args[:len(args):len(args)], "-listen", addr)...),
+		ready:   make(chan string, 1),
+		done:    make(chan struct{}),
 	}
 	s.cmd.Stderr = os.Stderr // its log
 	stdin, err := s.cmd.StdinPipe()
@@ -139,9 +210,27 @@ func startServer(exe string, args []string, addr string, exited chan<- *server) 
 	go func() {
 		s.err = s.cmd.Wait()
 		close(s.done)
-		exited <- s
+		select {
+		case exited <- s:
+		case <-quit:
+		}
 	}()
 	return s, nil
+}
+
+// awaitReady waits until the server serves and returns its URL; "" if ctx
+// ended first.
+func (s *server) awaitReady(ctx context.Context) (string, error) {
+	select {
+	case url := <-s.ready:
+		return url, nil
+	case <-s.done:
+		return "", fmt.Errorf("the server for %s did not start: %v (its log is above)", s.addr, s.err)
+	case <-time.After(startTimeout):
+		return "", fmt.Errorf("the server for %s did not start within %v", s.addr, startTimeout)
+	case <-ctx.Done():
+		return "", nil
+	}
 }
 
 // stop asks the server to shut down gracefully (it logs any trouble itself)

@@ -8,7 +8,9 @@
 // them (nsqd, embedded in the launching process), and prints their URLs.
 // Open one in each of two windows, create a list in one and open it in the
 // other (the home page lists it): add, edit, tick or delete an item on
-// either side and the other shows it at once. Ctrl-C stops everything.
+// either side and the other shows it at once. A server that dies is started
+// again (the launcher says so); the other serves on meanwhile, and the dead
+// one's pages reconnect once it is back. Ctrl-C stops everything.
 // Each server also serves Prometheus metrics on /metrics, and liveness and
 // readiness probes on /healthz and /readyz (docs/operations.md).
 //
