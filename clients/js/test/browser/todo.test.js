@@ -233,6 +233,11 @@ test('bad input gets a clear message on the page, never a server error', async (
   await page.fill('#new-item input', 'x'.repeat(10_000));
   await page.press('#new-item input', 'Enter');
   await showsError(page, 'the title is too long: 10000 characters, at most 200');
+  // The refused text is not lost: it stays listed, with the reason, until
+  // discarded.
+  assert.match(await page.textContent('#pending li.failed'), /not added: the title is too long/);
+  await page.click('#pending li.failed .discard');
+  assert.equal(await page.$$eval('#pending li', (lis) => lis.length), 0);
 
   await page.fill('#new-item input', 'Dishes');
   await page.press('#new-item input', 'Enter');
@@ -251,5 +256,37 @@ test('bad input gets a clear message on the page, never a server error', async (
   await showsError(unknown, 'no list "nope"');
   assert.equal(await unknown.isHidden('#list'), true);
 
+  assert.deepEqual(problems, []);
+});
+
+test('items typed in quick succession are all saved, in order, while adds are in flight', async () => {
+  const problems = [];
+  const a = await open(todo.urls[0], problems);
+  await a.fill('#new-list input', 'Quick');
+  await a.press('#new-list input', 'Enter');
+  await a.waitForURL(/\/lists\/[0-9a-f]+$/);
+  const b = await open(new URL(new URL(a.url()).pathname, todo.urls[1]).href, problems);
+  await inState(b, 'connected');
+
+  // A slow network: each add's answer comes back while the next title is
+  // being typed (the page once cleared the box when an answer came, so the
+  // text typed since was lost or an empty title sent).
+  await a.route('**/api/lists/*/items', async (route) => {
+    await new Promise((res) => setTimeout(res, 40));
+    await route.continue();
+  });
+  await a.bringToFront();
+  const titles = Array.from({ length: 10 }, (_, i) => `Item ${i + 1}`);
+  const input = a.locator('#new-item input');
+  for (const title of titles) {
+    await input.pressSequentially(title, { delay: 5 });
+    await input.press('Enter');
+  }
+  const want = titles.map((title) => ({ title, done: false }));
+  await showsItems(a, want);
+  await showsItems(b, want);
+  await a.waitForFunction(() => document.querySelectorAll('#pending li').length === 0, null, { timeout: WAIT, polling: 20 });
+  assert.equal(await a.isHidden('#error'), true, `A shows an error: ${await a.textContent('#error')}`);
+  assert.equal(await input.inputValue(), '');
   assert.deepEqual(problems, []);
 });
