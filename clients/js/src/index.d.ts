@@ -56,6 +56,11 @@ export interface StateInfo {
   reason?: string;
   /** Why the attempt failed, when it did before the connection opened. */
   error?: unknown;
+  /**
+   * Milliseconds until the next attempt (state 'disconnected' only), for a
+   * "retrying in N s" display; client.reconnect() retries at once.
+   */
+  retryIn?: number;
 }
 
 export interface ClientOptions {
@@ -150,6 +155,11 @@ export declare class EntitySyncClient {
   subscribe<Row = unknown>(entity: string, id: string, handlers: SubscriptionHandlers<Row>): () => void;
   /** Sets the connection's secret; sent now if connected and on every reconnect. */
   setSecret(secret: string): void;
+  /**
+   * While disconnected, cancels the wait for the next attempt and connects now. Does
+   * nothing while connecting or connected, or after close(). Does not reset the backoff.
+   */
+  reconnect(): void;
   /** Closes the connection (code 1000) and stops reconnecting. */
   close(): void;
 }

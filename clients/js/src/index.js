@@ -113,13 +113,7 @@ export class EntitySyncClient {
     if (typeof globalThis.addEventListener === 'function') {
       // A browser that comes back online retries at once instead of waiting
       // out its backoff.
-      this.#onOnline = () => {
-        if (this.#retryTimer !== null) {
-          clearTimeout(this.#retryTimer);
-          this.#retryTimer = null;
-          this.#open();
-        }
-      };
+      this.#onOnline = () => this.reconnect();
       globalThis.addEventListener('online', this.#onOnline);
     }
     this.#open();
@@ -132,8 +126,9 @@ export class EntitySyncClient {
 
   /**
    * Adds a listener: 'state' listeners get (state, info) on every change of
-   * connection state (info holds {code, reason} or {error} when
-   * disconnected); 'error' listeners get errors that belong to no
+   * connection state (when disconnected, info holds {code, reason} of the
+   * close or {error}, and retryIn: ms until the next attempt); 'error'
+   * listeners get errors that belong to no
    * subscription. Returns a function that removes the listener.
    * @param {'state'|'error'} event
    * @param {Function} fn
@@ -210,6 +205,19 @@ export class EntitySyncClient {
     this.#secret = String(secret);
     const conn = this.#conn;
     if (conn && conn.ready) this.#send(conn, 'secret', this.#secret, {});
+  }
+
+  /**
+   * Retries at once instead of waiting out the backoff: while disconnected
+   * (a retry is scheduled), cancels the wait and opens a connection now, as
+   * a page's "Retry now" button wants. Does nothing while connecting or
+   * connected, or after close(). The backoff is not reset: if this attempt
+   * fails too, the next delay is drawn as it would have been.
+   */
+  reconnect() {
+    if (this.#closed || this.#retryTimer === null) return;
+    clearTimeout(this.#retryTimer);
+    this.#open();
   }
 
   /** Closes the connection (code 1000) and stops reconnecting. */
@@ -302,10 +310,13 @@ export class EntitySyncClient {
       if (conn.ready && Date.now() - conn.welcomedAt >= this.#healthyAfter) this.#attempt = 0;
     }
     if (this.#closed) return;
-    this.#setState(State.DISCONNECTED, info);
     const ceil = Math.min(this.#maxBackoff, this.#minBackoff * 2 ** Math.min(this.#attempt, 30));
     this.#attempt++;
-    this.#retryTimer = setTimeout(() => this.#open(), Math.random() * ceil);
+    const retryIn = Math.round(Math.random() * ceil);
+    // Scheduled before the listeners hear of it, so that one may call
+    // reconnect() (or close()) at once.
+    this.#retryTimer = setTimeout(() => this.#open(), retryIn);
+    this.#setState(State.DISCONNECTED, { ...info, retryIn });
   }
 
   #release(conn) {

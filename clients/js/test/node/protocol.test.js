@@ -273,6 +273,58 @@ test('backoff doubles per failed attempt up to the cap', async (t) => {
   for (const g of gaps.slice(3)) assert.ok(g < 300, `gap ${g} ms: the cap did not hold`);
 });
 
+test('disconnected carries retryIn, the delay until the next attempt', async (t) => {
+  const f = await fakeServer(t, { subprotocol: false }); // every attempt fails
+  const random = Math.random;
+  Math.random = () => 0.999;
+  t.after(() => (Math.random = random));
+  const { c, states } = client(t, f.url, { minBackoff: 20, maxBackoff: 80 });
+  const retries = [];
+  for (let i = 0; i < 4; i++) {
+    const e = await states.until((e) => e.kind === State.DISCONNECTED, 'a failed attempt');
+    const next = await states.until((e) => e.kind === State.CONNECTING, 'the next attempt');
+    retries.push(e.info.retryIn);
+    assert.ok(next.at - e.at >= e.info.retryIn - 2, `the next attempt came ${next.at - e.at} ms later, retryIn said ${e.info.retryIn}`);
+    assert.ok(e.info.error || e.info.code, `the reason is kept beside retryIn: ${JSON.stringify(e.info)}`);
+  }
+  c.close();
+  Math.random = random;
+  assert.deepEqual(retries, [20, 40, 80, 80]); // 0.999 of each ceiling, rounded
+});
+
+test('reconnect() retries at once instead of waiting out the backoff', async (t) => {
+  const f = await fakeServer(t);
+  const random = Math.random;
+  Math.random = () => 0.999;
+  t.after(() => (Math.random = random));
+  const { c, states } = client(t, f.url, { minBackoff: 60000, maxBackoff: 60000 });
+  const first = await f.accept();
+  await states.until((e) => e.kind === State.CONNECTED, 'connected');
+  c.reconnect(); // connected: nothing to do
+  assert.equal(c.state, State.CONNECTED);
+
+  first.ws.close(1001, 'going away');
+  const e = await states.until((e) => e.kind === State.DISCONNECTED, 'disconnected');
+  assert.equal(e.info.code, 1001);
+  assert.ok(e.info.retryIn > 50000, `retryIn ${e.info.retryIn}`);
+  const asked = performance.now();
+  c.reconnect();
+  assert.equal(c.state, State.CONNECTING, 'reconnect() opens a connection at once');
+  const second = await f.accept(); // a minute early
+  await states.until((e) => e.kind === State.CONNECTED, 'connected again');
+  assert.ok(second.at - asked < 5000, `the new connection came ${second.at - asked} ms after reconnect()`);
+
+  // A listener may call it from the disconnected event itself.
+  const off = c.on('state', (state) => state === State.DISCONNECTED && c.reconnect());
+  second.ws.close(1001, 'going away');
+  await f.accept();
+  await states.until((e) => e.kind === State.CONNECTED, 'connected a third time');
+  off();
+  c.close();
+  c.reconnect(); // closed: nothing to do
+  assert.equal(c.state, State.CLOSED);
+});
+
 test('a server that refuses the subprotocol is reported', async (t) => {
   const f = await fakeServer(t, { subprotocol: false });
   const { c, states } = client(t, f.url);
