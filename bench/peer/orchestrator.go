@@ -15,7 +15,7 @@ import (
 	"github.com/entity-sync/entity-sync/internal/nsqtest"
 )
 
-// defaultRows are the rows: 20 clients at 100 changes/s, 200 and
+// defaultRows are the rows the targets are set for: 20 clients at 100 changes/s, 200 and
 // 1,000 clients at 200 changes/s, one key. The 100/s row makes 500
 // changes instead of 1,000 (5 s instead of 10) to keep the peer phase
 // near a minute and a half; the others make 1,000.

@@ -43,7 +43,7 @@ func (o *orchestrator) print(total time.Duration, host hostSample) {
 	}
 
 	o.printTarget(&b)
-	o.printIssue14(&b)
+	o.printRowTargets(&b)
 	o.printNotes(&b)
 	o.printBreakdown(&b)
 
@@ -63,7 +63,7 @@ func (o *orchestrator) print(total time.Duration, host hostSample) {
 }
 
 // printTarget compares the two systems row by row with the design's
-// yardstick (shared/DESIGN.md): entity-sync should have the lower visible
+// yardstick (the project's design brief): entity-sync should have the lower visible
 // p99 and at most two thirds of Centrifuge's server CPU per (change ×
 // subscriber).
 func (o *orchestrator) printTarget(b *strings.Builder) {
@@ -161,9 +161,9 @@ legend:
 - floor: a plain TCP server with as many connections writes the same pre-encoded %d-byte
   websocket frame (an entity-sync update's size) to each, per change, from GOMAXPROCS
   goroutines: little more than the write system calls.
-- target: shared/DESIGN.md asks entity-sync for the lower visible p99 and at most 2/3 of
+- design target: entity-sync should have the lower visible p99 and at most 2/3 of
   Centrifuge's server CPU per (change x subscriber).
-- issue 14: per entity-sync row, its visible p99 against Centrifuge's in the same row; its server
+- row targets: per entity-sync row, its visible p99 against Centrifuge's in the same row; its server
   CPU per update delivered divided by the floor's server CPU per frame for the same clients and
   changes; at 1,000 clients its CPU per (change x subscriber) divided by Centrifuge's; at 20 and
   200 clients the share of (change x client) states delivered.

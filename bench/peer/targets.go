@@ -7,7 +7,7 @@ import (
 	"strings"
 )
 
-// Issue 14's targets for entity-sync, checked row by row from what this
+// The row targets for entity-sync, checked row by row from what this
 // run measured (the design's own yardstick is printTarget's table):
 //
 //   - a visible p99 below Centrifuge's on every row;
@@ -24,10 +24,10 @@ const (
 	cpuTargetsFrom = 1000 // rows with at least this many clients have the 0.67 x target
 )
 
-// printIssue14 writes one line per entity-sync row: each target's
+// printRowTargets writes one line per entity-sync row: each target's
 // measured value and whether it is met ("–" where a target does not
 // apply or a side is missing).
-func (o *orchestrator) printIssue14(b *strings.Builder) {
+func (o *orchestrator) printRowTargets(b *strings.Builder) {
 	floor := map[rowSpec]*floorResult{}
 	for i := range o.floor {
 		if o.floor[i].err == "" && o.floor[i].run.Frames > 0 {
@@ -44,7 +44,7 @@ func (o *orchestrator) printIssue14(b *strings.Builder) {
 			cf[key{r.servers, r.row}] = r
 		}
 	}
-	b.WriteString("\n### entity-sync against issue 14's targets\n\n")
+	b.WriteString("\n### entity-sync against its row targets\n\n")
 	b.WriteString("| servers | clients | changes | visible p99 < Centrifuge's | CPU / frame ÷ floor's (≤ 1.25) | CPU / (change × subscriber) ÷ Centrifuge's (≤ 0.67 at 1,000 clients) | states delivered (≥ 99% at 20 and 200 clients) |\n")
 	b.WriteString("| --- | --- | --- | --- | --- | --- | --- |\n")
 	for _, r := range o.results {
