@@ -32,6 +32,8 @@ import (
 // *esdb.DatabaseHub implements it.
 type Fetcher interface {
 	// Fetch returns the key's rows as the holder of secret may see them.
+	// Rows go to clients in websocket text frames: each run of invalid
+	// UTF-8 bytes in a row is replaced by U+FFFD, and logged once per key.
 	Fetch(ctx context.Context, key shared.EntityKey, secret string) ([][]byte, error)
 	// PerSecret reports whether the entity's rows depend on the secret. If
 	// not, the bridge fetches once per change for all subscribers.
@@ -158,6 +160,9 @@ type Bridge struct {
 	fetcher Fetcher
 	opts    Options
 	log     logrus.FieldLogger
+	// filterBadUTF8 is set once Options.Filter returned invalid UTF-8 (see
+	// validUTF8): logged once, not per client and change.
+	filterBadUTF8 atomic.Bool
 
 	seed   maphash.Seed
 	shards [shardCount]shard

@@ -135,6 +135,9 @@ type keyState struct {
 	removed  bool // dropped from the index; a new subscriber makes a new keyState
 	retry    time.Duration
 	timer    *time.Timer
+	// badUTF8 is set once a fetch of the key returned invalid UTF-8, so the
+	// repair is logged once per key (see Bridge.validUTF8).
+	badUTF8 atomic.Bool
 }
 
 // group is the clients of a key that see the same rows.

@@ -1,12 +1,16 @@
 package esbridge
 
 import (
+	"bytes"
 	"context"
 	"runtime"
 	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
+
+	"github.com/sirupsen/logrus"
 
 	"github.com/entity-sync/entity-sync/shared"
 )
@@ -112,6 +116,9 @@ func (b *Bridge) round(ks *keyState) {
 
 	for i := range jobs {
 		jobs[i].rows, jobs[i].err = b.fetch(ks.key, jobs[i].group)
+		if jobs[i].err == nil {
+			jobs[i].rows = b.validUTF8(ks.key, jobs[i].rows, &ks.badUTF8, "fetch")
+		}
 	}
 	r.Fetches = len(jobs)
 	if b.opts.OnRound != nil {
@@ -287,7 +294,39 @@ func (b *Bridge) filter(c *Client, u *Update) (out *Update) {
 		return u
 	}
 	// rows may live in own's array, which goes back to the pool.
-	return newState(u.Key, slices.Clone(rows), u.Seq, u.group, u.coll)
+	rows = b.validUTF8(u.Key, slices.Clone(rows), &b.filterBadUTF8, "filter")
+	return newState(u.Key, rows, u.Seq, u.group, u.coll)
+}
+
+// validUTF8 returns rows with each run of invalid UTF-8 bytes in a row
+// replaced by U+FFFD. Rows go to clients in websocket text frames, which
+// must hold valid UTF-8: a browser (RFC 6455, section 8.1) fails a
+// connection that receives anything else, and its client would reconnect
+// into the same row over and over while every other key on the page goes
+// stale. Such rows are common enough (a Go string cut at a byte count,
+// Latin-1 data, SQLite TEXT) and are still valid JSON to json.Valid. Only
+// a row that needs it is copied; rows itself is copied before it is changed,
+// since the fetcher or filter may keep it. The first repair is logged, once
+// per logged flag (a key's, or the bridge's for its filter); from is
+// where the rows came from.
+func (b *Bridge) validUTF8(key shared.EntityKey, rows [][]byte, logged *atomic.Bool, from string) [][]byte {
+	bad, first := 0, -1
+	for i, r := range rows {
+		if utf8.Valid(r) {
+			continue
+		}
+		if bad == 0 {
+			rows = slices.Clone(rows)
+			first = i
+		}
+		bad++
+		rows[i] = bytes.ToValidUTF8(r, []byte("\uFFFD"))
+	}
+	if bad > 0 && logged.CompareAndSwap(false, true) {
+		b.log.WithFields(logrus.Fields{"key": key.String(), "rows": bad, "first": first}).
+			Warnf("%s returned rows with invalid UTF-8; each run of invalid bytes is sent as U+FFFD (logged once)", from)
+	}
+	return rows
 }
 
 // filterRowsPool holds the slices of rows handed to Options.Filter

@@ -1,11 +1,17 @@
 package esweb
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"encoding/json"
 	"net/http"
+	"strconv"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"time"
+	"unicode/utf8"
 
 	"github.com/sirupsen/logrus"
 
@@ -130,4 +136,98 @@ func nextTextFrame(t *testing.T, b []byte) (payload, rest []byte) {
 func mustJSON(v any) []byte {
 	b, _ := json.Marshal(v)
 	return b
+}
+
+// FuzzEncodeState checks the frames of a state whose rows are arbitrary
+// bytes, as a fetch function may return them, on their way through a real
+// bridge: every envelope frame is valid UTF-8 and valid JSON, and every raw
+// frame valid UTF-8 (browsers fail a connection on a text frame that is
+// not). Rows are the input's lines.
+func FuzzEncodeState(f *testing.F) {
+	for _, s := range []string{
+		`{"id":"a", "n": 2}`,
+		"{\"name\":\"caf\xc3\"}\n{\"s\":\"<&>\"}",
+		"{\"u\":\"\u2028\u2029\"}\nnot json\n",
+		"\xff\xfe\x00\n[1,2,3]\n\"x\"\n",
+		"",
+		"{\"bad\":\"\\ud800\"}\n{\"k\":\"\x80\"} \n null",
+	} {
+		f.Add([]byte(s))
+	}
+	logger := logrus.New()
+	logger.SetLevel(logrus.PanicLevel)
+	var (
+		mu   sync.Mutex
+		rows [][]byte
+	)
+	hub := esdb.NewDatabaseHub()
+	if err := hub.Register("items", func(context.Context, shared.EntityKey) ([][]byte, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		return rows, nil
+	}); err != nil {
+		f.Fatal(err)
+	}
+	bridge := esbridge.New(esq.NewMemory(), hub, esbridge.Options{Logger: logger})
+	if err := bridge.ServeEntity("items"); err != nil {
+		f.Fatal(err)
+	}
+	f.Cleanup(func() { _ = bridge.Close(context.Background()) })
+	var n atomic.Int64
+
+	f.Fuzz(func(t *testing.T, data []byte) {
+		mu.Lock()
+		rows = nil
+		if len(data) > 0 {
+			rows = bytes.Split(data, []byte("\n"))
+		}
+		mu.Unlock()
+		// A new key each time: the bridge fetches it afresh.
+		key := shared.EntityKey{Entity: "items", ID: strconv.FormatInt(n.Add(1), 10)}
+		c := bridge.ClientBuilder(context.Background())
+		defer c.Close()
+		if err := c.Subscribe(key); err != nil {
+			t.Fatal(err)
+		}
+		var u *esbridge.Update
+		for u == nil {
+			if batch := c.Take(nil); len(batch) > 0 {
+				u = batch[0]
+				break
+			}
+			select {
+			case <-c.Ready():
+			case <-time.After(10 * time.Second):
+				t.Fatal("no state within 10s")
+			}
+		}
+		payload, rest := nextTextFrame(t, prepareEnvelope(u).([]byte))
+		if len(rest) != 0 {
+			t.Fatalf("%d bytes after the envelope frame", len(rest))
+		}
+		if !utf8.Valid(payload) || !json.Valid(payload) {
+			t.Fatalf("envelope frame is not valid UTF-8 JSON: %q", payload)
+		}
+		var frame struct {
+			Type    string            `json:"type"`
+			Version string            `json:"version"`
+			Rows    []json.RawMessage `json:"rows"`
+		}
+		if err := json.Unmarshal(payload, &frame); err != nil {
+			t.Fatal(err)
+		}
+		if len(frame.Rows) != len(u.Rows) || frame.Version != u.Version() {
+			t.Fatalf("frame %s for %d rows of version %s", payload, len(u.Rows), u.Version())
+		}
+		raw := prepareRaw(u).([]byte)
+		for i := range u.Rows {
+			payload, raw = nextTextFrame(t, raw)
+			if !utf8.Valid(payload) {
+				t.Fatalf("raw frame %d is not valid UTF-8: %q", i, payload)
+			}
+		}
+		if len(raw) != 0 {
+			t.Fatalf("%d bytes after the raw frames", len(raw))
+		}
+	})
 }
