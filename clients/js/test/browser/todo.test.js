@@ -80,8 +80,12 @@ async function startTodo() {
 async function startProxy(target) {
   const sockets = new Set();
   let down = false;
+  let refused = [];
   const server = createServer((client) => {
-    if (down) return client.destroy();
+    if (down) {
+      for (const res of refused.splice(0)) res();
+      return client.destroy();
+    }
     const upstream = tcpConnect(Number(target.port), target.hostname);
     for (const s of [client, upstream]) {
       sockets.add(s);
@@ -97,6 +101,8 @@ async function startProxy(target) {
   await new Promise((res) => server.listen(0, '127.0.0.1', res));
   return {
     url: `http://127.0.0.1:${server.address().port}/`,
+    /** Resolves at the next connection refused while cut. */
+    nextRefused: () => new Promise((res) => refused.push(res)),
     cut() {
       down = true;
       for (const s of sockets) s.destroy();
@@ -288,5 +294,60 @@ test('items typed in quick succession are all saved, in order, while adds are in
   await a.waitForFunction(() => document.querySelectorAll('#pending li').length === 0, null, { timeout: WAIT, polling: 20 });
   assert.equal(await a.isHidden('#error'), true, `A shows an error: ${await a.textContent('#error')}`);
   assert.equal(await input.inputValue(), '');
+  assert.deepEqual(problems, []);
+});
+
+test('cut off, the badge counts down to the next retry with a Retry now button; once back, the banner goes and the add is sent', async () => {
+  const problems = [];
+  const a = await open(todo.urls[0], problems);
+  await a.fill('#new-list input', 'Outage');
+  await a.press('#new-list input', 'Enter');
+  await a.waitForURL(/\/lists\/[0-9a-f]+$/);
+  const b = await open(new URL(new URL(a.url()).pathname, proxyB.url).href, problems);
+  await inState(b, 'connected');
+  // Every state the badge shows, in order (each change once).
+  await b.evaluate(() => {
+    const badge = document.getElementById('state');
+    const seen = window.badgeStates = [badge.dataset.state];
+    new MutationObserver(() => seen.at(-1) !== badge.dataset.state && seen.push(badge.dataset.state))
+      .observe(badge, { attributes: true, attributeFilter: ['data-state'] });
+  });
+
+  proxyB.cut();
+  await inState(b, 'disconnected');
+  await b.waitForSelector('#retry-now', { state: 'visible', timeout: WAIT });
+  await b.bringToFront();
+  await b.fill('#new-item input', 'Candles');
+  await b.press('#new-item input', 'Enter');
+  await showsError(b, 'cannot reach the server');
+  await b.waitForSelector('#pending li.failed', { timeout: WAIT });
+
+  // The attempts back off; once the next is over 2 s away, Retry now makes
+  // one at once.
+  const waiting = await b.waitForFunction(() => {
+    const m = document.getElementById('state').textContent.match(/^disconnected · retrying in (\d+) s$/);
+    return m && Number(m[1]) >= 3 && Number(m[1]);
+  }, null, { timeout: 60000, polling: 50 });
+  const left = await waiting.jsonValue();
+  const attempt = proxyB.nextRefused();
+  await b.click('#retry-now');
+  await withTimeout(attempt, 1500, `an attempt after Retry now (the next was ${left} s away)`);
+  await inState(b, 'disconnected');
+
+  // Back: Retry now connects, the banner goes, the add that failed is sent.
+  proxyB.up();
+  await b.waitForSelector('#retry-now', { state: 'visible', timeout: WAIT });
+  await b.click('#retry-now');
+  await inState(b, 'connected');
+  await b.waitForSelector('#error', { state: 'hidden', timeout: WAIT });
+  await showsItems(b, [{ title: 'Candles', done: false }]);
+  await showsItems(a, [{ title: 'Candles', done: false }]);
+  assert.equal(await b.$$eval('#pending li', (lis) => lis.length), 0);
+
+  // Between losing the connection and getting it back, the badge said
+  // "disconnected" throughout: it never flickered back to "connecting".
+  const states = await b.evaluate(() => window.badgeStates);
+  const lost = states.indexOf('disconnected');
+  assert.deepEqual(states.slice(lost), ['disconnected', 'connected'], `badge states ${states}`);
   assert.deepEqual(problems, []);
 });
