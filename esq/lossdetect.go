@@ -35,9 +35,9 @@ import (
 //
 // Subscribe's wrapper tracks, per entity type and publisher, the highest
 // number received. A number beyond the next one leaves a hole; a hole still
-// open one second later (messages published concurrently may arrive a little
-// out of order), or below the number of a mark that arrives, means messages
-// were lost: onLoss is called, once for every hole open at that moment, of
+// open one second after it opened (messages published concurrently may
+// arrive a little out of order), or below the number of a mark that
+// arrives, means messages were lost: onLoss is called, once for every hole open at that moment, of
 // every publisher (the resync it starts covers them all). Numbers at or below
 // the highest (late or duplicate messages) are passed on and fill their hole.
 // The first message or mark heard from a publisher opens no hole, unless the
@@ -58,12 +58,22 @@ import (
 // with how many messages went missing: a capacity signal (raise nsqd's
 // --mem-queue-size, or find what stalls the server).
 //
+// At most 4,096 holes are tracked per entity type: beyond that, the numbers
+// of a new hole are not recorded, and they count as lost one second after
+// the first of them went untracked (a late message cannot fill them).
+//
 // Publishers not heard from for an hour are forgotten. Close stops every timer
 // and waits for the marks being sent. Wrapping a queue DetectLoss returned
-// returns it unchanged.
+// returns it unchanged, and so is the in-process queue (*Memory): it hands
+// every message to its subscriber within Publish and cannot lose one, so
+// there is nothing to detect (with many concurrent writers its messages
+// overtake each other, which detection would only have to tolerate).
 func DetectLoss(q Queue, log logrus.FieldLogger) Queue {
-	if d, ok := q.(*lossDetector); ok {
-		return d
+	switch q := q.(type) {
+	case *lossDetector:
+		return q
+	case *Memory:
+		return q
 	}
 	d := newLossDetector(q, defaultLossTiming)
 	if log != nil {
@@ -83,8 +93,9 @@ type lossTiming struct {
 	// forget is how long a silent publisher is remembered (between one and
 	// two times forget).
 	forget time.Duration
-	// maxHoles bounds the holes tracked per publisher: one more counts as a
-	// loss at once.
+	// maxHoles bounds the holes tracked per subscription (entity type),
+	// across publishers: the numbers of a hole beyond it are not recorded
+	// and count as lost once grace has passed.
 	maxHoles int
 }
 
@@ -92,7 +103,7 @@ var defaultLossTiming = lossTiming{
 	marks:    []time.Duration{200 * time.Millisecond, 2 * time.Second, 15 * time.Second, 60 * time.Second},
 	grace:    time.Second,
 	forget:   time.Hour,
-	maxHoles: 64,
+	maxHoles: 4096,
 }
 
 type lossDetector struct {
@@ -311,25 +322,32 @@ type seqSub struct {
 	// had every message it published reach the subscription.
 	since time.Time
 
-	mu        sync.Mutex
-	peers     map[string]*seqPeer // by publisher id
-	epoch     uint64              // advanced by each sweep
-	lastSweep time.Time
-	timer     *time.Timer // confirms holes that outlive grace
-	armed     bool
-	closed    bool
+	mu    sync.Mutex
+	peers map[string]*seqPeer // by publisher id
+	holes int                 // open holes, of every publisher (at most maxHoles)
+	// untracked is when the oldest hole that was not recorded (beyond
+	// maxHoles) opened, zero if none; untrackedN counts their numbers.
+	untracked  time.Time
+	untrackedN uint64
+	epoch      uint64 // advanced by each sweep
+	lastSweep  time.Time
+	timer      *time.Timer // confirms holes that outlive grace
+	armed      bool
+	closed     bool
 }
 
 // seqPeer is what a subscriber knows of one publisher.
 type seqPeer struct {
-	last  uint64    // highest number received
-	holes []span    // numbers below last not received, ascending
-	since time.Time // when the oldest open hole opened
-	epoch uint64    // the sweep epoch it was last heard in
+	last  uint64 // highest number received
+	holes []span // numbers below last not received, ascending (and so by opened)
+	epoch uint64 // the sweep epoch it was last heard in
 }
 
-// span is the sequence numbers from..to, inclusive.
-type span struct{ from, to uint64 }
+// span is the sequence numbers from..to, inclusive, missing since opened.
+type span struct {
+	from, to uint64
+	opened   time.Time
+}
 
 func (s *seqSub) handle(body []byte) {
 	pub, n, mark, ok := parseStamp(body)
@@ -341,11 +359,7 @@ func (s *seqSub) handle(body []byte) {
 		s.onMessage(body)
 	}
 	if missing := s.check(pub, n, mark); missing > 0 {
-		how := "a mark sent after them"
-		if !mark {
-			how = fmt.Sprintf("more than %d gaps in one sequence", s.d.timing.maxHoles)
-		}
-		s.lost(missing, how)
+		s.lost(missing, "a mark sent after them")
 	}
 }
 
@@ -381,6 +395,8 @@ func (s *seqSub) coverAll() (missing uint64) {
 		}
 		p.holes = p.holes[:0]
 	}
+	missing += s.untrackedN
+	s.holes, s.untracked, s.untrackedN = 0, time.Time{}, 0
 	return missing
 }
 
@@ -400,9 +416,11 @@ func (s *seqSub) record(pub []byte, n uint64, mark bool) (lost bool) {
 	p.epoch = s.epoch
 	if mark {
 		// Every number up to n was published before the mark: those still
-		// missing are lost.
+		// missing are lost (the caller covers every hole at once, so this
+		// one may exceed maxHoles).
 		if n > p.last {
-			p.holes = append(p.holes, span{p.last + 1, n})
+			p.holes = append(p.holes, span{p.last + 1, n, time.Now()})
+			s.holes++
 			p.last = n
 		}
 		return len(p.holes) > 0 && p.holes[0].from <= n
@@ -411,26 +429,38 @@ func (s *seqSub) record(pub []byte, n uint64, mark bool) (lost bool) {
 	case n == p.last+1:
 		p.last = n
 	case n > p.last+1:
-		if len(p.holes) == 0 {
-			p.since = time.Now()
-			if !s.armed {
-				s.armed = true
-				if s.timer == nil {
-					s.timer = time.AfterFunc(s.d.timing.grace, s.graceDue)
-				} else {
-					s.timer.Reset(s.d.timing.grace)
-				}
+		now := time.Now()
+		if s.holes < s.d.timing.maxHoles {
+			p.holes = append(p.holes, span{p.last + 1, n - 1, now})
+			s.holes++
+		} else {
+			// Not recorded: its late numbers cannot fill it, so it is a
+			// loss once grace has passed, like a hole nothing filled.
+			if s.untracked.IsZero() {
+				s.untracked = now
 			}
+			s.untrackedN += n - 1 - p.last
 		}
-		p.holes = append(p.holes, span{p.last + 1, n - 1})
 		p.last = n
-		if len(p.holes) > s.d.timing.maxHoles {
-			return true
-		}
+		s.armGrace(s.d.timing.grace)
 	default:
-		p.fill(n)
+		s.holes += p.fill(n)
 	}
 	return false
+}
+
+// armGrace makes graceDue run after wait, unless it is due already. With
+// s.mu held.
+func (s *seqSub) armGrace(wait time.Duration) {
+	if s.armed {
+		return
+	}
+	s.armed = true
+	if s.timer == nil {
+		s.timer = time.AfterFunc(wait, s.graceDue)
+	} else {
+		s.timer.Reset(wait)
+	}
 }
 
 // startedSince reports whether publisher pub started after the subscription
@@ -461,8 +491,9 @@ func publisherStart(pub []byte) (time.Time, bool) {
 	return time.UnixMilli(ms), true
 }
 
-// fill records the late arrival of n.
-func (p *seqPeer) fill(n uint64) {
+// fill records the late arrival of n, and returns by how much the number of
+// holes changed: -1 (one closed), 1 (one split in two) or 0.
+func (p *seqPeer) fill(n uint64) int {
 	for i := range p.holes {
 		h := &p.holes[i]
 		if n < h.from || n > h.to {
@@ -471,19 +502,22 @@ func (p *seqPeer) fill(n uint64) {
 		switch {
 		case h.from == h.to:
 			p.holes = append(p.holes[:i], p.holes[i+1:]...)
+			return -1
 		case n == h.from:
 			h.from++
 		case n == h.to:
 			h.to--
 		default:
-			rest := span{n + 1, h.to}
+			rest := span{n + 1, h.to, h.opened}
 			h.to = n - 1
 			p.holes = append(p.holes, span{})
 			copy(p.holes[i+2:], p.holes[i+1:])
 			p.holes[i+1] = rest
+			return 1
 		}
-		return
+		return 0
 	}
+	return 0
 }
 
 // graceDue reports the holes open for grace or longer as a loss and arms the
@@ -498,22 +532,26 @@ func (s *seqSub) graceDue() {
 	now := time.Now()
 	lost := false
 	var next time.Duration
-	for _, p := range s.peers {
-		if len(p.holes) == 0 {
-			continue
-		}
-		if wait := s.d.timing.grace - now.Sub(p.since); wait > 0 {
+	due := func(opened time.Time) {
+		if wait := s.d.timing.grace - now.Sub(opened); wait > 0 {
 			if next == 0 || wait < next {
 				next = wait
 			}
-			continue
+		} else {
+			lost = true
 		}
-		lost = true
+	}
+	if !s.untracked.IsZero() {
+		due(s.untracked)
+	}
+	for _, p := range s.peers {
+		if len(p.holes) > 0 {
+			due(p.holes[0].opened) // the oldest of the publisher's holes
+		}
 	}
 	if !lost {
 		if next > 0 {
-			s.armed = true
-			s.timer.Reset(next)
+			s.armGrace(next)
 		}
 		s.mu.Unlock()
 		return

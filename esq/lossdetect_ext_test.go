@@ -65,3 +65,51 @@ func TestLossCloseLeavesNoGoroutine(t *testing.T) {
 		t.Fatalf("subscribe after close: %v, want ErrClosed", err)
 	}
 }
+
+// The in-process queue cannot lose a message: DetectLoss leaves it as it is,
+// and 512 concurrent writers, whose publishes overtake each other, are never
+// taken for a loss.
+func TestLossNoneOnTheInProcessQueueWith512Writers(t *testing.T) {
+	const writers, each = 512, 20
+	mem := esq.NewMemory()
+	q := esq.DetectLoss(mem, testkit.Logger())
+	if q != esq.Queue(mem) {
+		t.Errorf("DetectLoss wrapped the in-process queue (%T)", q)
+	}
+	var (
+		mu       sync.Mutex
+		received int
+		losses   int
+	)
+	if err := q.Subscribe("items", func([]byte) { mu.Lock(); received++; mu.Unlock() },
+		func() { mu.Lock(); losses++; mu.Unlock() }); err != nil {
+		t.Fatal(err)
+	}
+	start := make(chan struct{})
+	var wg sync.WaitGroup
+	for w := 0; w < writers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			for i := 0; i < each; i++ {
+				if err := q.Publish(context.Background(), "items", keyBody(fmt.Sprint(w, "-", i))); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	close(start)
+	wg.Wait()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := q.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if received != writers*each || losses != 0 {
+		t.Fatalf("received %d of %d, %d losses reported; want all and none", received, writers*each, losses)
+	}
+}

@@ -523,16 +523,114 @@ func TestLossWrappedQueueOnLossPassedThrough(t *testing.T) {
 	}
 }
 
-func TestLossTooManyHolesIsALossAtOnce(t *testing.T) {
-	synctest.Test(t, func(t *testing.T) {
-		d, f, ev, m := setup(t, 2*defaultLossTiming.maxHoles+4)
-		defer d.Close(context.Background())
-		for i := 0; i < len(m); i += 2 {
+// deliverHoles delivers every other message of m (the first, the third...),
+// leaving a hole at each second one, and returns the held-back ones.
+func deliverHoles(f *fakeBroker, m [][]byte) (held [][]byte) {
+	for i := range m {
+		if i%2 == 0 {
 			f.deliver("items", m[i])
+		} else {
+			held = append(held, m[i])
 		}
+	}
+	return held
+}
+
+// Many concurrent writers make many holes at once, and late messages fill
+// them: that is no loss, however many there are.
+func TestLossManyHolesThatFillWithinGraceAreNoLoss(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		d, f, ev, m := setup(t, 2*1000+1)
+		defer d.Close(context.Background())
+		held := deliverHoles(f, m) // 1,000 holes open
+		if strings.Contains(ev.String(), "loss") {
+			t.Fatal("a loss reported for holes that may still fill")
+		}
+		time.Sleep(defaultLossTiming.grace - time.Millisecond)
+		for _, b := range held {
+			f.deliver("items", b)
+		}
+		time.Sleep(time.Hour)
+		synctest.Wait()
+		if got := strings.Count(ev.String(), "loss"); got != 0 {
+			t.Fatalf("%d losses reported for holes all filled within grace", got)
+		}
+	})
+}
+
+// Among many holes that fill, one that never does is a loss after grace,
+// reported once.
+func TestLossManyHolesOneNeverFillsIsALossAfterGrace(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		d, f, ev, m := setup(t, 2*1000+1)
+		defer d.Close(context.Background())
+		held := deliverHoles(f, m)
+		for _, b := range held[:len(held)-1] {
+			f.deliver("items", b)
+		}
+		time.Sleep(defaultLossTiming.grace - time.Millisecond)
+		synctest.Wait()
+		if got := strings.Count(ev.String(), "loss"); got != 0 {
+			t.Fatalf("%d losses reported within grace", got)
+		}
+		time.Sleep(time.Millisecond)
+		synctest.Wait()
 		if got := strings.Count(ev.String(), "loss"); got != 1 {
-			t.Fatalf("%d losses reported at once, want 1: %s", got, ev)
+			t.Fatalf("%d losses reported after grace for one hole never filled, want 1", got)
 		}
+	})
+}
+
+// Holes beyond the bound are not recorded, so their late messages cannot
+// fill them: they are a loss once grace has passed, not at once.
+func TestLossHolesBeyondTheBoundAreALossAfterGrace(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		d, f, ev, m := setup(t, 2*defaultLossTiming.maxHoles+5)
+		defer d.Close(context.Background())
+		held := deliverHoles(f, m) // maxHoles+2 holes
+		for _, b := range held {
+			f.deliver("items", b)
+		}
+		time.Sleep(defaultLossTiming.grace - time.Millisecond)
+		synctest.Wait()
+		if got := strings.Count(ev.String(), "loss"); got != 0 {
+			t.Fatalf("%d losses reported within grace", got)
+		}
+		time.Sleep(time.Millisecond)
+		synctest.Wait()
+		if got := strings.Count(ev.String(), "loss"); got != 1 {
+			t.Fatalf("%d losses reported after grace for holes beyond the bound, want 1", got)
+		}
+		d.subs[0].mu.Lock()
+		defer d.subs[0].mu.Unlock()
+		if d.subs[0].holes != 0 {
+			t.Fatalf("%d holes still counted after the loss covered them all", d.subs[0].holes)
+		}
+	})
+}
+
+// Each hole waits for grace from when it opened: one that opened later than
+// another of the same publisher, since filled, is not judged by the older
+// one's time.
+func TestLossEachHoleGetsItsOwnGrace(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		d, f, ev, m := setup(t, 5)
+		defer d.Close(context.Background())
+		grace := defaultLossTiming.grace
+		f.deliver("items", m[0])
+		f.deliver("items", m[2]) // 2 missing
+		time.Sleep(grace / 2)
+		f.deliver("items", m[4]) // 4 missing
+		time.Sleep(grace/2 - time.Millisecond)
+		f.deliver("items", m[1]) // 2 arrives just in time
+		time.Sleep(time.Millisecond)
+		synctest.Wait()
+		ev.expect(t, "msg 1, msg 3, msg 5, msg 2")
+		time.Sleep(grace/2 - 2*time.Millisecond)
+		f.deliver("items", m[3]) // 4 too
+		time.Sleep(time.Hour)
+		synctest.Wait()
+		ev.expect(t, "msg 1, msg 3, msg 5, msg 2, msg 4")
 	})
 }
 
