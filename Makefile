@@ -149,13 +149,15 @@ BENCH_COLLECTIONS_ARGS ?=
 bench-collections:
 	$(GO) run ./bench -collections $(BENCH_COLLECTIONS_ARGS)
 
-# The peer phase alone: entity-sync vs Centrifuge v0.40.1 (one server, then
-# two through nsqd / Redis at 127.0.0.1:6379) and the plain-TCP floor, with
-# the same websocket clients, then entity-sync's latency breakdown at a low
-# rate (OnRound); prints markdown tables (about 90 s).
-# It is its own Go module (bench/peer), so Centrifuge never enters the
-# library's go.mod. Flags via BENCH_PEER_ARGS, e.g.
-# make bench-peer BENCH_PEER_ARGS='-rows 100:200:1000 -one-server-only'
+# The peer program alone: entity-sync, used as the seed's README does and
+# through New + Register, vs Centrifuge v0.40.1 (one server, then two through
+# nsqd / Redis at 127.0.0.1:6379) on one key, the plain-TCP floor, the seed
+# path's latency breakdown at a low rate (OnRound), then many keys with a
+# few subscribers each; the same websocket clients for every system; prints
+# markdown tables. It is its own Go module (bench/peer), so Centrifuge never
+# enters the library's go.mod. Flags via BENCH_PEER_ARGS, e.g.
+# make bench-peer BENCH_PEER_ARGS='-systems seed,cf -phases peer -one-server-only'
+# or BENCH_PEER_ARGS='-many-keys-only -profile /tmp/prof'
 # (cd bench/peer && go run . -h lists them).
 BENCH_PEER_ARGS ?=
 .PHONY: bench-peer

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/http"
 	"sync"
 	"sync/atomic"
@@ -18,7 +19,7 @@ import (
 )
 
 // The clients process holds one row's connections at a time, all to one
-// server: websocket clients of either system (the same dialer, the same
+// server: websocket clients of any system (the same dialer, the same
 // read loop), or the floor's plain TCP connections (floorclient.go). Its
 // control endpoints let the orchestrator open them, record, wait for
 // convergence, fetch the row's result and close them.
@@ -72,6 +73,7 @@ func runClients(cfg config) int {
 type openResult struct {
 	Opened   int     `json:"opened"`
 	Errors   int     `json:"errors"`
+	Subs     int     `json:"subs"` // subscriptions of the opened connections
 	FirstErr string  `json:"first_error,omitempty"`
 	Ms       float64 `json:"ms"`
 }
@@ -82,23 +84,58 @@ const dialers = 32
 // maxClients bounds one row's connections (parseRows enforces it too).
 const maxClients = 20000
 
-// /open?proto=es|cf&url=ws://...&n=1000 dials n connections to url and
-// does each one's handshake; each then runs the shared read loop.
+// subscriptionPlan says which entities each of conns connections
+// subscribes to: every entity 1..keys gets between minSubs and maxSubs
+// subscribers (uniformly, at most conns), on distinct connections picked
+// at random; the same seed gives the same plan. One key with
+// minSubs = maxSubs = conns is the peer phase: every connection on it.
+func subscriptionPlan(conns, keys, minSubs, maxSubs int, seed uint64) [][]int {
+	rng := rand.New(rand.NewPCG(seed, 0x5eed))
+	plan := make([][]int, conns)
+	for k := 1; k <= keys; k++ {
+		s := min(conns, minSubs+rng.IntN(maxSubs-minSubs+1))
+		if 2*s > conns {
+			for _, c := range rng.Perm(conns)[:s] {
+				plan[c] = append(plan[c], k)
+			}
+			continue
+		}
+		picked := make(map[int]bool, s)
+		for len(picked) < s {
+			c := rng.IntN(conns)
+			if !picked[c] {
+				picked[c] = true
+				plan[c] = append(plan[c], k)
+			}
+		}
+	}
+	return plan
+}
+
+// /open?proto=seed|api|cf&url=ws://...&n=1000&keys=1&min=1000&max=1000&seed=1
+// dials n connections to url, subscribes each to its entities of the
+// subscription plan and waits for every subscription's confirmation; each
+// connection then runs the shared read loop.
 func (f *fleet) handleOpen(w http.ResponseWriter, r *http.Request) {
-	proto, err := protocolFor(r.URL.Query().Get("proto"))
+	protoName := r.URL.Query().Get("proto")
+	proto, err := protocolFor(protoName)
 	if err != nil {
 		writeJSON(w, nil, err)
 		return
 	}
 	target, n := r.URL.Query().Get("url"), intParam(r, "n", 0)
-	if n <= 0 || n > maxClients {
-		writeJSON(w, nil, fmt.Errorf("n must be in 1..%d", maxClients))
+	keys, minSubs, maxSubs := intParam(r, "keys", 1), intParam(r, "min", n), intParam(r, "max", n)
+	if n <= 0 || n > maxClients || keys <= 0 || keys > maxKeys || minSubs <= 0 || maxSubs < minSubs {
+		writeJSON(w, nil, fmt.Errorf("need 0 < n <= %d, 0 < keys <= %d, 0 < min <= max", maxClients, maxKeys))
 		return
 	}
+	plan := subscriptionPlan(n, keys, minSubs, maxSubs, uint64(intParam(r, "seed", 1)))
 	ctx, cancel := context.WithTimeout(r.Context(), timeoutParam(r, time.Minute))
 	defer cancel()
 	start := time.Now()
 	f.rec.closing.Store(false)
+	dialer := f.dialer
+	dialer.Subprotocols = proto.subprotocols()
 	var (
 		next     atomic.Int64
 		firstErr atomic.Value
@@ -112,7 +149,7 @@ func (f *fleet) handleOpen(w http.ResponseWriter, r *http.Request) {
 				if i >= n || ctx.Err() != nil {
 					return
 				}
-				c, err := f.dial(ctx, target, proto)
+				c, err := f.dial(ctx, &dialer, target, proto, plan[i])
 				if err != nil {
 					firstErr.CompareAndSwap(nil, err.Error())
 					continue
@@ -128,6 +165,7 @@ func (f *fleet) handleOpen(w http.ResponseWriter, r *http.Request) {
 		if c != nil {
 			f.conns = append(f.conns, c)
 			res.Opened++
+			res.Subs += len(c.keys)
 		}
 	}
 	f.mu.Unlock()
@@ -138,21 +176,20 @@ func (f *fleet) handleOpen(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, res, nil)
 }
 
-func (f *fleet) dial(ctx context.Context, target string, proto protocol) (*wsClient, error) {
-	ws, resp, err := f.dialer.DialContext(ctx, target, nil)
+func (f *fleet) dial(ctx context.Context, dialer *websocket.Dialer, target string, proto protocol, keys []int) (*wsClient, error) {
+	ws, resp, err := dialer.DialContext(ctx, target, nil)
 	if resp != nil && resp.Body != nil {
 		resp.Body.Close()
 	}
 	if err != nil {
 		return nil, err
 	}
-	v, err := proto.handshake(ws)
+	initial, err := proto.handshake(ws, keys)
 	if err != nil {
 		ws.Close()
 		return nil, err
 	}
-	c := &wsClient{ws: ws, proto: proto}
-	c.maxV.Store(v)
+	c := newWSClient(ws, proto, keys, initial)
 	f.readers.Add(1)
 	go c.read(&f.rec, f.readers.Done)
 	return c, nil
@@ -180,29 +217,36 @@ func (f *fleet) handleRecord(w http.ResponseWriter, _ *http.Request) {
 // waitResult is /wait's answer.
 type waitResult struct {
 	OK     bool    `json:"ok"`
-	Behind int     `json:"behind"` // live connections below the version
+	Behind int     `json:"behind"` // live (connection, entity) pairs below the entity's last version
 	Dead   int     `json:"dead"`   // connections whose read loop failed
-	MinV   int64   `json:"min_v"`  // the lowest version a live connection holds
 	Ms     float64 `json:"ms"`
 }
 
-// /wait?v=42 waits until every live connection holds version >= v; the
-// read loops timestamp arrivals, so polling only decides when to stop.
+// /wait, with a JSON body {"12": 42, ...} (entity id: version), waits until
+// every live connection holds at least that version of each of those
+// entities it subscribed to; the read loops timestamp arrivals, so polling
+// only decides when to stop.
 func (f *fleet) handleWait(w http.ResponseWriter, r *http.Request) {
-	want := int64(intParam(r, "v", 0))
+	var want map[int]int64
+	if err := json.NewDecoder(r.Body).Decode(&want); err != nil {
+		writeJSON(w, nil, err)
+		return
+	}
 	deadline := time.Now().Add(timeoutParam(r, 30*time.Second))
 	conns := f.snapshot()
 	start := time.Now()
 	var res waitResult
 	for {
-		res = waitResult{MinV: want}
+		res = waitResult{}
 		for _, c := range conns {
-			switch v := c.maxV.Load(); {
-			case c.dead.Load():
+			if c.dead.Load() {
 				res.Dead++
-			case v < want:
-				res.Behind++
-				res.MinV = min(res.MinV, v)
+				continue
+			}
+			for i, k := range c.keys {
+				if v, ok := want[k]; ok && c.maxV[i].Load() < v {
+					res.Behind++
+				}
 			}
 		}
 		if res.Behind == 0 || time.Now().After(deadline) || r.Context().Err() != nil {
@@ -215,46 +259,56 @@ func (f *fleet) handleWait(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, res, nil)
 }
 
-// resultRequest is /result's body: the changes the row made.
-type resultRequest struct {
-	FirstV   int64   `json:"first_v"`
-	NotifyNs []int64 `json:"notify_ns"`
-}
-
 // rowResult is /result's answer: what the clients saw of the row.
 type rowResult struct {
 	Conns      int    `json:"conns"`
+	Expected   int64  `json:"expected"`  // (subscriber, change) pairs: the states asked for
 	Updates    int64  `json:"updates"`   // messages carrying one of the row's versions
 	WSFrames   int64  `json:"ws_frames"` // websocket frames that carried them
-	Missing    int64  `json:"missing"`   // (client, change) pairs never visible
+	Missing    int64  `json:"missing"`   // (subscriber, change) pairs never visible
 	P50        int64  `json:"p50_ns"`
 	P99        int64  `json:"p99_ns"`
 	Max        int64  `json:"max_ns"`
 	Dead       int    `json:"dead"`
 	ReadErrors int64  `json:"read_errors"`
 	Backwards  int64  `json:"backwards"`
+	Strays     int64  `json:"strays"`
 	Others     int64  `json:"others"` // messages without a version
 	FirstErr   string `json:"first_error,omitempty"`
 }
 
-// /result stops recording and turns every connection's arrivals into the
-// row's frame count and visible latencies.
+// /result, with the row's changes as its JSON body, stops recording and
+// turns every connection's arrivals into the row's deliveries and visible
+// latencies.
 func (f *fleet) handleResult(w http.ResponseWriter, r *http.Request) {
-	var req resultRequest
-	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+	var changes []change
+	if err := json.NewDecoder(r.Body).Decode(&changes); err != nil {
 		writeJSON(w, nil, err)
 		return
 	}
 	f.rec.recording.Store(false)
+	byKey := groupChanges(changes)
 	conns := f.snapshot()
 	res := rowResult{Conns: len(conns)}
-	samples := make([]int64, 0, len(conns)*len(req.NotifyNs))
+	var samples []int64
 	for _, c := range conns {
 		c.mu.Lock()
-		var missing int
-		samples, missing = visibleLatencies(samples, c.arrivals, req.FirstV, req.NotifyNs)
-		res.Missing += int64(missing)
-		res.Updates += int64(countInRange(c.arrivals, req.FirstV, len(req.NotifyNs)))
+		perKey := make([][]arrival, len(c.keys))
+		for _, a := range c.arrivals {
+			i := c.slot[a.id]
+			perKey[i] = append(perKey[i], a)
+		}
+		for i, k := range c.keys {
+			kc := byKey[k]
+			if kc == nil {
+				continue
+			}
+			var missing, delivered int
+			samples, missing, delivered = visibleLatencies(samples, perKey[i], kc)
+			res.Expected += int64(len(kc.vs))
+			res.Missing += int64(missing)
+			res.Updates += int64(delivered)
+		}
 		res.WSFrames += c.frames
 		c.mu.Unlock()
 		if c.dead.Load() {
@@ -264,6 +318,7 @@ func (f *fleet) handleResult(w http.ResponseWriter, r *http.Request) {
 	res.P50, res.P99, res.Max = percentiles(samples)
 	res.ReadErrors = f.rec.readErrors.Load()
 	res.Backwards = f.rec.backwards.Load()
+	res.Strays = f.rec.strays.Load()
 	res.Others = f.rec.others.Load()
 	if s := f.rec.firstErr.Load(); s != nil {
 		res.FirstErr = *s
@@ -279,7 +334,7 @@ func (f *fleet) handleArrivals(w http.ResponseWriter, _ *http.Request) {
 	res := make(map[string][][2]int64)
 	for _, c := range f.snapshot() {
 		c.mu.Lock()
-		as := make([][2]int64, len(c.arrivals))
+		as := make([][2]int64, len(c.arrivals)) // the breakdown's one key
 		for i, a := range c.arrivals {
 			as[i] = [2]int64{a.v, a.at}
 		}
@@ -320,6 +375,7 @@ func (f *fleet) closeAll(timeout time.Duration) (int, error) {
 	}
 	f.rec.readErrors.Store(0)
 	f.rec.backwards.Store(0)
+	f.rec.strays.Store(0)
 	f.rec.others.Store(0)
 	f.rec.firstErr.Store(nil)
 	return len(conns), err

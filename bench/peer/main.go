@@ -1,30 +1,42 @@
 //go:build linux
 
-// Command peer measures entity-sync side by side with Centrifuge v0.40.1
-// (the peer phase) and against plain loopback TCP writes (the floor phase),
+// Command peer measures entity-sync side by side with Centrifuge v0.40.1,
 // in one run on one machine, everything on 127.0.0.1. `make bench` runs it
 // after the main benchmark; `make bench-peer` runs it alone. It prints
-// markdown tables and exits by itself.
+// markdown tables and exits by itself. entity-sync is measured twice, as
+// two systems: "seed", used exactly as the seed's README does (es.Setup on
+// a gorilla/mux router, RegisterEntityAndDBHandler with the secret-taking
+// handler, the raw dialect), and "api", its current API (entitysync.New,
+// Register, the envelope dialect its client libraries speak); "cf" is
+// Centrifuge. Every change of every system comes through the app's HTTP
+// write endpoint (NotifyAllOfChange, or Publish, from the handler).
 //
-// A third phase, the breakdown, splits entity-sync's latency at a low rate
-// into its stages (notify, queue, fetch, fan-out, socket, client), with one
-// server and with two through nsqd.
+// Phases (-phases):
+//
+//   - peer: one key, 20, 200 and 1,000 clients, one server and two;
+//   - floor: plain loopback TCP writes of the same frame, the limit;
+//   - breakdown: the seed path's latency at a low rate split into stages
+//     (notify, queue, fetch, fan-out, socket, client);
+//   - manykeys: 10,000 keys with 1-5 subscribers each over 1,000
+//     connections, 2,000 changes/s over the keys (Zipf and uniform): the
+//     cost of a change when the fan-out is small.
 //
 // It lives in its own Go module so that Centrifuge and its dependencies
 // (Redis client, Prometheus, protobuf) never reach the library's go.mod. It
-// uses only entity-sync's public API (entitysync.New, Register,
-// NotifyAllOfChange, Mux, Close, and esbridge.Options.OnRound through
-// entitysync.Config.Bridge), so it keeps working when the library's core
-// changes underneath.
+// uses only entity-sync's public API (entitysync.Setup/New,
+// RegisterEntityAndDBHandler/Register, NotifyAllOfChange, Mux, Close, and
+// esbridge.Options.OnRound through entitysync.Config.Bridge), so it keeps
+// working when the library's core changes underneath.
 //
 // Every server under test runs in its own OS process, so its CPU time
-// (getrusage RUSAGE_SELF) is its own; the websocket clients run in one more
-// process; the orchestrator (this process when run without -role) embeds
-// the nsqd, starts the others, drives the rows and prints the tables. Roles:
+// (getrusage RUSAGE_SELF) and allocations are its own; the websocket
+// clients run in one more process; the orchestrator (this process when run
+// without -role) embeds the nsqd, starts the others, drives the changes,
+// and prints the tables. Roles:
 //
-//   - es: one entity-sync server (in-process queue, or -nsqd; -stamp adds
-//     the breakdown's instruments);
-//   - cf: one Centrifuge node (memory broker, or -redis);
+//   - seed, api: one entity-sync server (in-process queue, or -nsqd;
+//     -stamp adds the breakdown's instruments);
+//   - cf: one Centrifuge node (memory broker, or -redis-addr);
 //   - floor: a plain TCP server writing one pre-encoded frame per change to
 //     every connection;
 //   - clients: the websocket (and floor TCP) clients.
@@ -34,6 +46,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/entity-sync/entity-sync/internal/childproc"
@@ -59,22 +72,34 @@ type config struct {
 
 	// orchestrator: the breakdown phase's row ("" skips it)
 	breakdown string
+
+	// orchestrator: what to run, and profiles
+	systems      string
+	phases       string
+	manyKeysOnly bool
+	profile      string
+	many         manyConfig
 }
 
 func main() {
 	var cfg config
-	flag.StringVar(&cfg.role, "role", "orchestrator", "orchestrator | es | cf | floor | clients (all but the first are started by the orchestrator)")
+	flag.StringVar(&cfg.role, "role", "orchestrator", "orchestrator | seed | api | cf | floor | clients (all but the first are started by the orchestrator)")
 	flag.BoolVar(&cfg.verbose, "v", false, "let the children log more")
 	flag.StringVar(&cfg.rows, "rows", defaultRows, "rows as clients:changes/s:changes, comma-separated")
 	flag.DurationVar(&cfg.budget, "budget", 240*time.Second, "time budget for the whole run: a row still running when it ends fails, and says so")
 	flag.StringVar(&cfg.redis, "redis", "127.0.0.1:6379", "Redis for Centrifuge's two-server half (skipped, and said so, when nothing answers there)")
 	flag.BoolVar(&cfg.skipTwo, "one-server-only", false, "skip the two-server half for both systems")
-	flag.StringVar(&cfg.nsqd, "nsqd", "", "es role: nsqd TCP address (none: in-process queue)")
+	flag.StringVar(&cfg.systems, "systems", "seed,api,cf", "systems to measure, comma-separated: seed (entity-sync as the seed README uses it), api (entitysync.New + Register, envelope dialect), cf (Centrifuge)")
+	flag.StringVar(&cfg.phases, "phases", strings.Join(allPhases, ","), "phases to run, comma-separated: "+strings.Join(allPhases, ", "))
+	flag.BoolVar(&cfg.manyKeysOnly, "many-keys-only", false, "run the many-keys phase only (-phases manykeys)")
+	flag.StringVar(&cfg.profile, "profile", "", "directory to write CPU profiles of the entity-sync servers to, one per measured window and process")
+	cfg.many.flags()
+	flag.StringVar(&cfg.nsqd, "nsqd", "", "seed, api roles: nsqd TCP address (none: in-process queue)")
 	flag.StringVar(&cfg.redisAddr, "redis-addr", "", "cf role: Redis address (none: memory broker)")
 	flag.StringVar(&cfg.prefix, "prefix", "", "cf role: Redis key prefix")
-	flag.StringVar(&cfg.cell, "cell", "", "es, cf roles: shared version cell file")
-	flag.BoolVar(&cfg.stamp, "stamp", false, "es role: record fetch rounds (OnRound) and socket write times for the breakdown phase")
-	flag.StringVar(&cfg.breakdown, "breakdown", defaultBreakdown, "the latency breakdown's row, clients:changes/s:changes, for entity-sync with one server and with two through nsqd (\"\": skip)")
+	flag.StringVar(&cfg.cell, "cell", "", "seed, api, cf roles: shared version cell file")
+	flag.BoolVar(&cfg.stamp, "stamp", false, "seed, api roles: record fetch rounds (OnRound) and socket write times for the breakdown phase")
+	flag.StringVar(&cfg.breakdown, "breakdown", defaultBreakdown, "the latency breakdown's row, clients:changes/s:changes, for entity-sync's seed path with one server and with two through nsqd (\"\": skip)")
 	flag.Parse()
 
 	if err := childproc.RaiseNOFILE(); err != nil {
@@ -84,7 +109,7 @@ func main() {
 	switch cfg.role {
 	case "orchestrator":
 		code = runOrchestrator(cfg)
-	case "es":
+	case "seed", "api":
 		code = runES(cfg)
 	case "cf":
 		code = runCF(cfg)

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -15,11 +16,11 @@ import (
 	"github.com/entity-sync/entity-sync/internal/nsqtest"
 )
 
-// defaultRows are the rows the targets are set for: 20 clients at 100 changes/s, 200 and
-// 1,000 clients at 200 changes/s, one key. The 100/s row makes 500
-// changes instead of 1,000 (5 s instead of 10) to keep the peer phase
-// near a minute and a half; the others make 1,000.
-const defaultRows = "20:100:500,200:200:1000,1000:200:1000"
+// defaultRows are the peer phase's rows: 20 clients at 100 changes/s
+// (500 changes, 5 s), 200 and 1,000 clients at 200 changes/s (600 changes,
+// 3 s), one key; short enough that make bench stays within about four
+// minutes with three systems.
+const defaultRows = "20:100:500,200:200:600,1000:200:600"
 
 // rowSpec is one row: how many clients, how fast and how many changes.
 type rowSpec struct {
@@ -51,25 +52,67 @@ func parseRows(s string) ([]rowSpec, error) {
 	return rows, nil
 }
 
-// system is one of the two systems under test.
+// system is one of the systems under test.
 type system struct {
 	role string // the child role, also the client protocol's name
 	name string // as the tables print it
 }
 
-var systems = []system{{"es", "entity-sync"}, {"cf", "Centrifuge v0.40.1"}}
+// allSystems are the systems under test: entity-sync used as the seed's
+// README does (Setup, RegisterEntityAndDBHandler, raw dialect), entity-sync's
+// current API (New, Register, envelope dialect), and Centrifuge.
+var allSystems = []system{
+	{"seed", "entity-sync seed API"},
+	{"api", "entity-sync New+Register"},
+	{"cf", "Centrifuge v0.40.1"},
+}
+
+// isES says whether a system is entity-sync's.
+func (s system) isES() bool { return s.role != "cf" }
+
+// parseSystems reads -systems: role names, comma-separated.
+func parseSystems(s string) ([]system, error) {
+	var out []system
+	for f := range strings.SplitSeq(s, ",") {
+		f = strings.TrimSpace(f)
+		i := slices.IndexFunc(allSystems, func(s system) bool { return s.role == f })
+		if i < 0 {
+			return nil, fmt.Errorf("-systems: unknown system %q (want seed, api, cf)", f)
+		}
+		out = append(out, allSystems[i])
+	}
+	return out, nil
+}
+
+// allPhases are the phases in the order they run.
+var allPhases = []string{"peer", "floor", "breakdown", "manykeys"}
+
+// parsePhases reads -phases into a set.
+func parsePhases(s string) (map[string]bool, error) {
+	m := map[string]bool{}
+	for f := range strings.SplitSeq(s, ",") {
+		f = strings.TrimSpace(f)
+		if !slices.Contains(allPhases, f) {
+			return nil, fmt.Errorf("-phases: unknown phase %q (want %s)", f, strings.Join(allPhases, ", "))
+		}
+		m[f] = true
+	}
+	return m, nil
+}
 
 // orchestrator runs the whole benchmark from the parent process: it owns
 // the nsqd, the version cell and the child processes, and collects every
 // row's result for the report.
 type orchestrator struct {
 	cfg     config
+	systems []system
 	clients *child
 	cell    string
 	nsqd    string
 	prefix  string // Centrifuge's Redis prefix for this run
 	results []result
 	floor   []floorResult
+	many    []manyResult
 	notes   []string
 
 	breakdown       []breakdownResult
@@ -82,17 +125,33 @@ func progress(format string, args ...any) {
 }
 
 // runOrchestrator sets up what every phase shares (version cell, nsqd,
-// clients process), runs the peer phase then the floor phase, and prints
-// the report even when something failed; the exit code is 1 if any row
-// failed.
+// clients process), runs the phases asked for, and prints the report even
+// when something failed; the exit code is 1 if any row failed.
 func runOrchestrator(cfg config) int {
 	start, host := time.Now(), readHost()
 	rows, err := parseRows(cfg.rows)
+	var systems []system
+	var phases map[string]bool
+	if err == nil {
+		systems, err = parseSystems(cfg.systems)
+	}
+	if err == nil {
+		if cfg.manyKeysOnly {
+			cfg.phases = "manykeys"
+		}
+		phases, err = parsePhases(cfg.phases)
+	}
+	if err == nil {
+		err = cfg.many.check()
+	}
+	if err == nil && cfg.profile != "" {
+		err = os.MkdirAll(cfg.profile, 0o755)
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "peer:", err)
 		return 2
 	}
-	o := &orchestrator{cfg: cfg, prefix: fmt.Sprintf("entity-sync-bench-%d", os.Getpid())}
+	o := &orchestrator{cfg: cfg, systems: systems, prefix: fmt.Sprintf("entity-sync-bench-%d", os.Getpid())}
 	defer func() { o.print(time.Since(start), host) }()
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.budget)
 	defer cancel()
@@ -127,22 +186,37 @@ func runOrchestrator(cfg config) int {
 	if redisErr == nil {
 		redisErr = pingRedis(cfg.redis)
 	}
-	for servers := 1; servers <= 2; servers++ {
-		if servers == 2 && cfg.skipTwo {
-			o.note("two-server half skipped (-one-server-only)")
-			break
-		}
-		for _, sys := range systems {
-			if servers == 2 && sys.role == "cf" && redisErr != nil {
-				o.note("no Redis answers at %s (%v): Centrifuge's two-server half skipped", cfg.redis, redisErr)
-				continue
+	// each runs fn for every system and server count, skipping the two-server
+	// half when asked to and Centrifuge's when no Redis answers.
+	each := func(fn func(sys system, servers int)) {
+		for servers := 1; servers <= 2; servers++ {
+			if servers == 2 && cfg.skipTwo {
+				break
 			}
-			o.runSystem(ctx, sys, servers, rows)
+			for _, sys := range o.systems {
+				if servers == 2 && sys.role == "cf" && redisErr != nil {
+					continue
+				}
+				fn(sys, servers)
+			}
 		}
 	}
-	o.runFloor(ctx, rows)
-	if cfg.breakdown != "" {
+	if cfg.skipTwo {
+		o.note("two-server half skipped (-one-server-only)")
+	} else if redisErr != nil && slices.ContainsFunc(o.systems, func(s system) bool { return s.role == "cf" }) {
+		o.note("no Redis answers at %s (%v): Centrifuge's two-server half skipped", cfg.redis, redisErr)
+	}
+	if phases["peer"] {
+		each(func(sys system, servers int) { o.runSystem(ctx, sys, servers, rows) })
+	}
+	if phases["floor"] {
+		o.runFloor(ctx, rows)
+	}
+	if phases["breakdown"] && cfg.breakdown != "" {
 		o.runBreakdown(ctx, cfg.breakdown)
+	}
+	if phases["manykeys"] {
+		each(func(sys system, servers int) { o.runManyKeys(ctx, sys, servers) })
 	}
 
 	code := 0
@@ -161,6 +235,11 @@ func runOrchestrator(cfg config) int {
 	}
 	for _, f := range o.floor {
 		if f.err != "" {
+			code = 1
+		}
+	}
+	for _, m := range o.many {
+		if m.err != "" {
 			code = 1
 		}
 	}

@@ -9,10 +9,9 @@ import (
 	"math"
 	"slices"
 	"strings"
-	"time"
 )
 
-// The breakdown phase: entity-sync alone, at a low rate, with one server
+// The breakdown phase: entity-sync alone (the seed path), at a low rate, with one server
 // (in-process queue) and with two through nsqd, its latency split into the
 // stages a change goes through. The publisher times each notify call; the
 // server holding the clients runs with -stamp (stamp.go): the bridge
@@ -49,7 +48,7 @@ const (
 )
 
 var stageNames = [stageCount]string{
-	stNotifyCall: "1. notify call: start → return (NotifyAllOfChange, in the publishing server)",
+	stNotifyCall: "1. notify call: start → return (write + NotifyAllOfChange in the app's HTTP handler, publishing server)",
 	stQueue:      "2. notify start → server received it from the queue (Round.Notified)",
 	stToFetch:    "3. received → fetch start (Round.Started)",
 	stFetch:      "4. fetch start → fetch end (Round.Fetched)",
@@ -109,34 +108,28 @@ func (o *orchestrator) runBreakdown(ctx context.Context, spec string) {
 
 func (o *orchestrator) breakdownRow(ctx context.Context, servers int, row rowSpec) breakdownResult {
 	b := breakdownResult{servers: servers, row: row}
-	args := []string{"-cell", o.cell}
-	if servers == 2 {
-		args = append(args, "-nsqd", o.nsqd)
-	}
-	if o.cfg.verbose {
-		args = append(args, "-v")
-	}
-	holder, err := spawn("es", 30*time.Second, append(args, "-stamp")...)
+	d, err := o.deploy(allSystems[0], servers, "-stamp")
 	if err != nil {
 		b.err = "setup: " + err.Error()
 		return b
 	}
-	defer holder.Stop()
-	publisher := holder
-	if servers == 2 {
-		if publisher, err = spawn("es", 30*time.Second, args...); err != nil {
-			b.err = "setup: " + err.Error()
-			return b
-		}
-		defer publisher.Stop()
-	}
+	defer d.stop()
 	var raw breakdownRaw
-	b.peer = o.runRow(ctx, systems[0], holder, publisher, row, &raw)
-	b.peer.servers = servers
+	b.peer = result{servers: servers, sys: allSystems[0], row: row}
+	b.peer.measurement = o.runRow(ctx, d, row, "", &raw)
 	if b.err = b.peer.err; b.err != "" {
 		return b
 	}
-	b.stages, b.info = computeBreakdown(b.peer.pub.FirstV, b.peer.pub.NotifyNs, b.peer.pub.CallNs, raw)
+	changes := b.peer.drive.Changes
+	notify := make([]int64, len(changes))
+	for i, c := range changes {
+		if c.V != changes[0].V+int64(i) {
+			b.err = fmt.Sprintf("change %d made version %d, not %d: the key changed elsewhere", i, c.V, changes[0].V+int64(i))
+			return b
+		}
+		notify[i] = c.At
+	}
+	b.stages, b.info = computeBreakdown(changes[0].V, notify, b.peer.drive.CallNs, raw)
 	if b.info.rounds == 0 {
 		b.err = "no round could be attributed to a change"
 	}

@@ -17,7 +17,8 @@ const childLifetime = 10 * time.Minute
 // hello is a child's first stdout line: where to reach it, or why it could
 // not start.
 type hello struct {
-	WS  string `json:"ws,omitempty"`  // websocket URL (es, cf) or TCP address (floor)
+	WS  string `json:"ws,omitempty"`  // websocket URL (seed, api, cf) or TCP address (floor)
+	App string `json:"app,omitempty"` // base URL of the app's write endpoint (seed, api, cf)
 	Ctl string `json:"ctl,omitempty"` // control base URL
 	Err string `json:"err,omitempty"`
 }

@@ -5,8 +5,10 @@ package main
 import (
 	"context"
 	"io"
+	"net/http"
 	"net/http/httptest"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -16,9 +18,11 @@ import (
 )
 
 // TestProtocols runs each system's handshake and the shared read loop
-// against a real server of that system (in this process, on 127.0.0.1):
-// the client must be subscribed when the handshake returns, and then see
-// every version notified, in order.
+// against a real server of that system (in this process, on 127.0.0.1),
+// with the changes made through the app's write endpoint as the driver
+// makes them: a client subscribed to two keys must be subscribed to both
+// when the handshake returns, then see every version of each key, in
+// order, and nothing of a key it did not subscribe to.
 func TestProtocols(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "cell")
 	if err := createCell(path); err != nil {
@@ -32,62 +36,64 @@ func TestProtocols(t *testing.T) {
 
 	log := logrus.New()
 	log.SetOutput(io.Discard)
-	es, esNotify, err := newES("", cell, log, nil)
+	serve := func(h http.Handler) string {
+		srv := httptest.NewServer(h)
+		t.Cleanup(srv.Close)
+		return srv.URL
+	}
+	seed, err := newSeed("", cell, log, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	esSrv := httptest.NewServer(es.Mux)
-	defer esSrv.Close()
-	defer es.Close(context.Background())
-
-	node, cfHandler, cfNotify, err := newCFNode("", "", false)
+	defer seed.es.Close(context.Background())
+	api, err := newAPI("", cell, log)
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfSrv := httptest.NewServer(cfHandler)
-	defer cfSrv.Close()
+	defer api.es.Close(context.Background())
+	node, cfHandler, err := newCFNode("", "", false, cell)
+	if err != nil {
+		t.Fatal(err)
+	}
 	defer node.Shutdown(context.Background())
 
 	for _, c := range []struct {
-		name   string
-		proto  protocol
-		url    string
-		notify notifyFunc
+		name, role, base, path string
 	}{
-		{"entity-sync", esProtocol{}, esSrv.URL + esPath, esNotify},
-		{"centrifuge", cfProtocol{}, cfSrv.URL + cfPath, cfNotify},
+		{"seed", "seed", serve(seed.handler), esPath},
+		{"api", "api", serve(api.handler), esPath},
+		{"centrifuge", "cf", serve(cfHandler), cfPath},
 	} {
 		t.Run(c.name, func(t *testing.T) {
-			ws, _, err := websocket.DefaultDialer.Dial("ws"+strings.TrimPrefix(c.url, "http"), nil)
+			proto, err := protocolFor(c.role)
 			if err != nil {
 				t.Fatal(err)
 			}
-			v0, err := c.proto.handshake(ws)
+			keys := []int{7, 8}
+			dialer := websocket.Dialer{Subprotocols: proto.subprotocols()}
+			ws, _, err := dialer.Dial("ws"+strings.TrimPrefix(c.base, "http")+c.path, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			initial, err := proto.handshake(ws, keys)
 			if err != nil {
 				t.Fatal(err)
 			}
 			var rec recorder
 			rec.recording.Store(true)
-			client := &wsClient{ws: ws, proto: c.proto}
-			client.maxV.Store(v0)
+			client := newWSClient(ws, proto, keys, initial)
 			done := make(chan struct{})
 			go client.read(&rec, func() { close(done) })
 
-			var first, last int64
-			for i := range 3 {
-				v := cell.bump()
-				if i == 0 {
-					first = v
-				}
-				last = v
-				if err := c.notify(v); err != nil {
-					t.Fatal(err)
-				}
-				// Spaced, so entity-sync's latest-wins has no reason to skip one.
-				time.Sleep(20 * time.Millisecond)
+			// Key 9 has no subscriber here: its change must not arrive.
+			ids := []int{7, 8, 9, 7, 8, 7}
+			res := drive(context.Background(), c.base, ids, 50, 2)
+			if res.Errors > 0 || len(res.Changes) != len(ids) {
+				t.Fatalf("driver: %d errors (%s), %d changes", res.Errors, res.FirstErr, len(res.Changes))
 			}
+			last := lastVersions(res.Changes)
 			deadline := time.Now().Add(5 * time.Second)
-			for client.maxV.Load() < last && time.Now().Before(deadline) {
+			for (client.maxV[0].Load() < last[7] || client.maxV[1].Load() < last[8]) && time.Now().Before(deadline) {
 				time.Sleep(5 * time.Millisecond)
 			}
 			rec.closing.Store(true)
@@ -96,15 +102,24 @@ func TestProtocols(t *testing.T) {
 
 			client.mu.Lock()
 			defer client.mu.Unlock()
-			var got []int64
+			got := map[int][]int64{}
 			for _, a := range client.arrivals {
-				got = append(got, a.v)
+				got[a.id] = append(got[a.id], a.v)
 			}
-			if len(got) != 3 || got[0] != first || got[2] != last {
-				t.Errorf("versions received %v, want %d..%d", got, first, last)
+			want := map[int][]int64{}
+			for _, ch := range res.Changes {
+				if ch.ID != 9 {
+					want[ch.ID] = append(want[ch.ID], ch.V)
+				}
 			}
-			if n := rec.readErrors.Load() + rec.backwards.Load(); n != 0 {
-				t.Errorf("%d read errors or versions going backwards", n)
+			for _, k := range keys {
+				// Spaced 20 ms apart, so latest-wins has no reason to skip one.
+				if !slices.Equal(got[k], want[k]) {
+					t.Errorf("key %d: versions received %v, want %v", k, got[k], want[k])
+				}
+			}
+			if n := rec.readErrors.Load() + rec.backwards.Load() + rec.strays.Load(); n != 0 || len(got) != 2 {
+				t.Errorf("%d read errors, versions going backwards or strays; keys received %d, want 2", n, len(got))
 			}
 		})
 	}

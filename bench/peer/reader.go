@@ -13,22 +13,28 @@ import (
 	"github.com/gorilla/websocket"
 )
 
-// This file is the part of the clients that both systems share: once a
+// This file is the part of the clients that every system shares: once a
 // connection's handshake is done (handshake.go), the same code reads its
-// frames, finds the version in each message and records (version, receive
-// time). Nothing here knows which system is on the other end, so both pay
-// the same client-side cost and are measured by the same rules.
+// frames, finds the entity and version in each message and records (entity,
+// version, receive time). Nothing here knows which system is on the other
+// end, so all pay the same client-side cost and are measured by the same
+// rules.
 
-// arrival is one message that carried a version: the version and the
-// UnixNano time its frame was read.
-type arrival struct{ v, at int64 }
+// arrival is one message that carried a version: the entity id, the
+// version and the UnixNano time its frame was read.
+type arrival struct {
+	id    int
+	v, at int64
+}
 
 // wsClient is one websocket connection after its handshake.
 type wsClient struct {
 	ws    *websocket.Conn
 	proto protocol
-	maxV  atomic.Int64 // newest version received
-	dead  atomic.Bool  // the read loop ended without being asked to
+	keys  []int          // the entity ids subscribed to
+	slot  map[int]int    // entity id -> index in keys
+	maxV  []atomic.Int64 // newest version received, per key
+	dead  atomic.Bool    // the read loop ended without being asked to
 
 	mu       sync.Mutex
 	arrivals []arrival // while the fleet records
@@ -42,6 +48,7 @@ type recorder struct {
 	closing    atomic.Bool // reads failing now are expected
 	readErrors atomic.Int64
 	backwards  atomic.Int64 // a version lower than one already received
+	strays     atomic.Int64 // messages for an entity the connection did not subscribe to
 	others     atomic.Int64 // messages without a version (replies, pings)
 	firstErr   atomic.Pointer[string]
 }
@@ -78,7 +85,7 @@ func (c *wsClient) read(rec *recorder, done func()) {
 			if len(msg) == 0 {
 				continue
 			}
-			v, ok := parseVersion(msg)
+			id, v, ok := parseMsg(msg)
 			if !ok {
 				rec.others.Add(1)
 				if reply := c.proto.keepalive(msg); reply != nil {
@@ -87,7 +94,7 @@ func (c *wsClient) read(rec *recorder, done func()) {
 				}
 				continue
 			}
-			c.received(rec, v, now)
+			c.received(rec, id, v, now)
 			versions++
 		}
 		if versions > 0 && rec.recording.Load() {
@@ -98,16 +105,32 @@ func (c *wsClient) read(rec *recorder, done func()) {
 	}
 }
 
-// received records version v read at time at.
-func (c *wsClient) received(rec *recorder, v, at int64) {
-	if prev := c.maxV.Load(); v > prev {
-		c.maxV.Store(v) // only this connection's read loop stores
+// newWSClient is a connection subscribed to keys, holding initial[i] of
+// keys[i].
+func newWSClient(ws *websocket.Conn, proto protocol, keys []int, initial []int64) *wsClient {
+	c := &wsClient{ws: ws, proto: proto, keys: keys, slot: make(map[int]int, len(keys)), maxV: make([]atomic.Int64, len(keys))}
+	for i, k := range keys {
+		c.slot[k] = i
+		c.maxV[i].Store(initial[i])
+	}
+	return c
+}
+
+// received records version v of entity id read at time at.
+func (c *wsClient) received(rec *recorder, id int, v, at int64) {
+	i, ok := c.slot[id]
+	if !ok {
+		rec.strays.Add(1)
+		return
+	}
+	if prev := c.maxV[i].Load(); v > prev {
+		c.maxV[i].Store(v) // only this connection's read loop stores
 	} else if v < prev {
 		rec.backwards.Add(1)
 	}
 	if rec.recording.Load() {
 		c.mu.Lock()
-		c.arrivals = append(c.arrivals, arrival{v, at})
+		c.arrivals = append(c.arrivals, arrival{id, v, at})
 		c.mu.Unlock()
 	}
 }

@@ -15,35 +15,17 @@ import (
 func (o *orchestrator) print(total time.Duration, host hostSample) {
 	end := readHost()
 	var b strings.Builder
-	b.WriteString("\n### Peer phase: entity-sync vs Centrifuge v0.40.1, one key\n\n")
-	b.WriteString("| servers | clients | changes | system | updates delivered | websocket frames | server CPU / update | server CPU / (change × subscriber) | visible p50 | visible p99 |\n")
-	b.WriteString("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
-	for _, r := range o.results {
-		fmt.Fprintf(&b, "| %d | %s | %g/s × %s | %s | ", r.servers, commas(int64(r.row.clients)), r.row.rate, commas(int64(r.row.changes)), r.sys.name)
-		if r.clients.Conns == 0 { // nothing measured
-			fmt.Fprintf(&b, "ERROR: %s | | | | | |\n", oneLine(r.err))
-			continue
-		}
-		full := int64(r.row.changes) * int64(r.row.clients)
-		fmt.Fprintf(&b, "%s (%.1f%%) | %s | %s | %s | %s | %s |\n",
-			commas(r.clients.Updates), 100*float64(r.clients.Updates)/float64(full), commas(r.clients.WSFrames),
-			perUnit(r.cpuNs, r.clients.Updates), perUnit(r.cpuNs, full), ms(r.clients.P50), ms(r.clients.P99))
+	if len(o.results) > 0 {
+		o.printPeer(&b)
+		o.printOneKeyTargets(&b)
 	}
-
-	b.WriteString("\n### Floor phase: plain loopback TCP, one pre-encoded frame per connection per change\n\n")
-	fmt.Fprintf(&b, "| clients | changes | frames delivered | server CPU / frame |\n| --- | --- | --- | --- |\n")
-	for _, f := range o.floor {
-		fmt.Fprintf(&b, "| %s | %g/s × %s | ", commas(int64(f.row.clients)), f.row.rate, commas(int64(f.row.changes)))
-		if f.err != "" && f.run.Frames == 0 {
-			fmt.Fprintf(&b, "ERROR: %s | |\n", oneLine(f.err))
-			continue
-		}
-		full := int64(f.row.changes) * int64(f.row.clients)
-		fmt.Fprintf(&b, "%s (%.1f%%) | %s |\n", commas(f.frames), 100*float64(f.frames)/float64(full), perUnit(f.cpuNs, f.run.Frames))
+	if len(o.floor) > 0 {
+		o.printFloor(&b)
 	}
-
-	o.printTarget(&b)
-	o.printRowTargets(&b)
+	if len(o.many) > 0 {
+		o.printMany(&b)
+		o.printManyKeyTargets(&b)
+	}
 	o.printNotes(&b)
 	o.printBreakdown(&b)
 
@@ -56,69 +38,102 @@ func (o *orchestrator) print(total time.Duration, host hostSample) {
 			host.loadavg, end.loadavg, 100*(end.busy-host.busy)/span, runtime.NumCPU())
 	}
 	fmt.Fprintf(&b, legend, len(floorFrame()))
+	if len(o.many) > 0 {
+		b.WriteString(manyLegend)
+	}
 	if len(o.breakdown) > 0 {
 		b.WriteString(breakdownLegend)
 	}
 	fmt.Print(b.String())
 }
 
-// printTarget compares the two systems row by row with the design's
-// yardstick (the project's design brief): entity-sync should have the lower visible
-// p99 and at most two thirds of Centrifuge's server CPU per (change ×
-// subscriber).
-func (o *orchestrator) printTarget(b *strings.Builder) {
-	type pair struct{ es, cf *result }
-	var keys []string
-	pairs := map[string]*pair{}
-	for i := range o.results {
-		r := &o.results[i]
-		k := fmt.Sprintf("| %d | %s | %g/s × %s |", r.servers, commas(int64(r.row.clients)), r.row.rate, commas(int64(r.row.changes)))
-		if pairs[k] == nil {
-			pairs[k] = &pair{}
-			keys = append(keys, k)
-		}
-		if r.sys.role == "es" {
-			pairs[k].es = r
-		} else {
-			pairs[k].cf = r
-		}
-	}
-	b.WriteString("\n### entity-sync against the design target (≤ 2/3 of Centrifuge's CPU per (change × subscriber), lower visible p99)\n\n")
-	b.WriteString("| servers | clients | changes | CPU per (change × subscriber), entity-sync ÷ Centrifuge | visible p99, entity-sync vs Centrifuge | target met |\n")
-	b.WriteString("| --- | --- | --- | --- | --- | --- |\n")
-	for _, k := range keys {
-		p := pairs[k]
-		if p.es == nil || p.cf == nil || p.es.err != "" || p.cf.err != "" || p.cf.cpuNs <= 0 {
-			fmt.Fprintf(b, "%s not comparable (a side is missing or failed) | | |\n", k)
+// printPeer writes the peer phase's table: one line per server count,
+// row and system.
+func (o *orchestrator) printPeer(b *strings.Builder) {
+	b.WriteString("\n### Peer phase: entity-sync (seed API, New+Register) vs Centrifuge v0.40.1, one key\n\n")
+	b.WriteString("| servers | clients | changes | system | updates delivered | websocket frames | server CPU / update | server CPU / (change × subscriber) | visible p50 | visible p99 |\n")
+	b.WriteString("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+	for _, r := range o.results {
+		fmt.Fprintf(b, "| %d | %s | %g/s × %s | %s | ", r.servers, commas(int64(r.row.clients)), r.row.rate, commas(int64(r.row.changes)), r.sys.name)
+		c := r.clients
+		if c.Conns == 0 || c.Expected == 0 { // nothing measured
+			fmt.Fprintf(b, "ERROR: %s | | | | | |\n", oneLine(r.err))
 			continue
 		}
-		ratio := float64(p.es.cpuNs) / float64(p.cf.cpuNs) // same changes × subscribers on both sides
-		met := ratio <= 2.0/3 && p.es.clients.P99 < p.cf.clients.P99
-		fmt.Fprintf(b, "%s %.2f | %s vs %s | %s |\n", k, ratio, ms(p.es.clients.P99), ms(p.cf.clients.P99), yesNo(met))
+		fmt.Fprintf(b, "%s (%.1f%%) | %s | %s | %s | %s | %s |\n",
+			commas(c.Updates), pct(c.Updates, c.Expected), commas(c.WSFrames),
+			perUnit(r.cpuNs, c.Updates), perUnit(r.cpuNs, c.Expected), ms(c.P50), ms(c.P99))
+	}
+}
+
+// printFloor writes the floor phase's table.
+func (o *orchestrator) printFloor(b *strings.Builder) {
+	b.WriteString("\n### Floor phase: plain loopback TCP, one pre-encoded frame per connection per change\n\n")
+	fmt.Fprintf(b, "| clients | changes | frames delivered | server CPU / frame |\n| --- | --- | --- | --- |\n")
+	for _, f := range o.floor {
+		fmt.Fprintf(b, "| %s | %g/s × %s | ", commas(int64(f.row.clients)), f.row.rate, commas(int64(f.row.changes)))
+		if f.err != "" && f.run.Frames == 0 {
+			fmt.Fprintf(b, "ERROR: %s | |\n", oneLine(f.err))
+			continue
+		}
+		full := int64(f.row.changes) * int64(f.row.clients)
+		fmt.Fprintf(b, "%s (%.1f%%) | %s |\n", commas(f.frames), pct(f.frames, full), perUnit(f.cpuNs, f.run.Frames))
+	}
+}
+
+// printMany writes the many-keys phase's table.
+func (o *orchestrator) printMany(b *strings.Builder) {
+	mc := o.cfg.many
+	fmt.Fprintf(b, "\n### Many keys: %s keys, %d-%d subscribers each over %s connections, %g changes/s × %s per distribution\n\n",
+		commas(int64(mc.keys)), mc.minSubs, mc.maxSubs, commas(int64(mc.conns)), mc.rate, commas(int64(mc.changes)))
+	b.WriteString("| servers | keys picked | system | deliveries | server CPU / change | server CPU / delivery | allocations / change | fetches / change | visible p50 | visible p99 |\n")
+	b.WriteString("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n")
+	for _, r := range o.many {
+		fmt.Fprintf(b, "| %d | %s | %s | ", r.servers, r.dist, r.sys.name)
+		c := r.clients
+		if c.Conns == 0 || c.Expected == 0 {
+			fmt.Fprintf(b, "ERROR: %s | | | | | | |\n", oneLine(r.err))
+			continue
+		}
+		changes := int64(len(r.drive.Changes))
+		fetches := "–"
+		if r.sys.isES() && changes > 0 {
+			fetches = fmt.Sprintf("%.2f", float64(r.fetches)/float64(changes))
+		}
+		fmt.Fprintf(b, "%s of %s (%.1f%%) | %s | %s | %s | %s | %s | %s |\n",
+			commas(c.Updates), commas(c.Expected), pct(c.Updates, c.Expected),
+			perUnit(r.cpuNs, changes), perUnit(r.cpuNs, c.Updates), perCount(r.mallocs, changes), fetches, ms(c.P50), ms(c.P99))
 	}
 }
 
 // printNotes lists what went wrong or deserves a second look, per row.
 func (o *orchestrator) printNotes(b *strings.Builder) {
 	var lines []string
-	for _, r := range o.results {
-		what := fmt.Sprintf("%s, %d server(s), %s", r.sys.name, r.servers, r.row)
-		if r.err != "" && r.clients.Conns > 0 {
-			lines = append(lines, fmt.Sprintf("%s: %s (the row shows what was measured until then)", what, oneLine(r.err)))
+	check := func(what string, m measurement, interval int64) {
+		if m.err != "" && m.clients.Conns > 0 {
+			lines = append(lines, fmt.Sprintf("%s: %s (the row shows what was measured until then)", what, oneLine(m.err)))
 		}
-		c := r.clients
-		if c.Dead > 0 || c.ReadErrors > 0 || c.Backwards > 0 || c.Missing > 0 {
-			s := fmt.Sprintf("%s: %d connections lost, %d read errors, %d versions going backwards, %s (client, change) pairs never visible",
-				what, c.Dead, c.ReadErrors, c.Backwards, commas(c.Missing))
+		c := m.clients
+		if c.Dead > 0 || c.ReadErrors > 0 || c.Backwards > 0 || c.Missing > 0 || c.Strays > 0 {
+			s := fmt.Sprintf("%s: %d connections lost, %d read errors, %d versions going backwards, %d messages for keys not subscribed, %s (subscriber, change) pairs never visible",
+				what, c.Dead, c.ReadErrors, c.Backwards, c.Strays, commas(c.Missing))
 			if c.FirstErr != "" {
 				s += "; first error: " + oneLine(c.FirstErr)
 			}
 			lines = append(lines, s)
 		}
-		if interval := int64(float64(time.Second) / r.row.rate); r.pub.SlipMax > interval {
-			lines = append(lines, fmt.Sprintf("%s: the publisher fell up to %s behind its schedule (a notify call took up to %s; p99 %s)",
-				what, ms(r.pub.SlipMax), ms(r.pub.CallMax), ms(r.pub.CallP99)))
+		if m.drive.SlipMax > interval {
+			lines = append(lines, fmt.Sprintf("%s: the writers fell up to %s behind their schedule (a write + notify took up to %s; p99 %s)",
+				what, ms(m.drive.SlipMax), ms(m.drive.CallMax), ms(m.drive.CallP99)))
 		}
+	}
+	for _, r := range o.results {
+		check(fmt.Sprintf("%s, %d server(s), %s", r.sys.name, r.servers, r.row), r.measurement, int64(float64(time.Second)/r.row.rate))
+	}
+	for _, r := range o.many {
+		// The many-keys writers are several: a slip under a few intervals
+		// is the schedule's granularity, not a backlog.
+		check(fmt.Sprintf("many keys, %s, %d server(s), %s", r.sys.name, r.servers, r.dist), r.measurement, int64(5*time.Millisecond))
 	}
 	for _, f := range o.floor {
 		if f.err != "" && f.run.Frames > 0 {
@@ -137,36 +152,61 @@ func (o *orchestrator) printNotes(b *strings.Builder) {
 // legend explains the tables; %d is the floor frame's size.
 const legend = `
 legend:
-- servers 1: the clients' server also makes the changes: entity-sync with its in-process queue
-  (entitysync.Config without NSQAddr), Centrifuge with its memory broker. servers 2: every client
-  on one server, the changes made on the other and carried by an nsqd embedded in the
-  orchestrator (entity-sync) or by the Redis at 127.0.0.1:6379 (Centrifuge's Redis broker). Each
-  server is an OS process of its own, the clients are one more; the brokers' CPU is in neither.
-- clients: plain gorilla/websocket connections and one read loop for both systems: entity-sync's
-  raw dialect (a subscribe request, then each row is its own text frame), Centrifuge's JSON
-  protocol without a client library (a connect command; the server subscribes the connection in
-  OnConnecting). The same payload, {"entity":"bench","id":"1","v":N}; each library's defaults.
-- changes: rate x count, one key; the 100/s row makes 500 changes (5 s), not 1,000, to keep the
-  peer phase near a minute and a half.
-- updates delivered: messages carrying one of the row's versions, as a share of changes x
-  clients. entity-sync's latest-wins replaces an update a client has not been sent yet with the
-  newer one; Centrifuge sends every one, batching up to 16 queued messages into one websocket
-  frame (the websocket frames column).
-- server CPU: getrusage(RUSAGE_SELF) user+sys of the process holding the clients' server, from
-  just before the first change until every client holds the last one; per update delivered, and
-  per change x subscriber (the work asked for: the same for both systems).
-- visible p50/p99: over every (client, change), the receive time of the client's first message
-  with a version >= the change's, minus the moment the change was made and notified (a skipped
-  state becomes visible with the newer one); wall clock (UnixNano) of this one machine.
+- systems: "entity-sync seed API" is entity-sync used exactly as the seed's README does: es.Setup
+  on a gorilla/mux router, RegisterEntityAndDBHandler with the secret-taking handler (every
+  client has the same empty secret: one handler call per change per server), raw dialect.
+  "entity-sync New+Register" is the current API: entitysync.New, Register with a fetch function,
+  the envelope dialect (entitysync.v1) its client libraries speak. Each library's defaults.
+- changes: every system's changes arrive as HTTP POSTs to the app's write endpoint on the
+  system's own router and listener, whose handler writes the entity's new version (a shared
+  memory cell standing for the database) and calls NotifyAllOfChange (entity-sync) or Publish
+  (Centrifuge); the requests come from the orchestrator process at a fixed rate.
+- servers 1: the clients' server also takes the changes: entity-sync with its in-process queue,
+  Centrifuge with its memory broker. servers 2: every client on one server, the changes made on
+  the other and carried by an nsqd embedded in the orchestrator (entity-sync) or by the Redis at
+  127.0.0.1:6379 (Centrifuge's Redis broker). Each server is an OS process of its own, the
+  clients are one more; the brokers' CPU is in none.
+- clients: plain gorilla/websocket connections and one read loop for every system: entity-sync's
+  raw dialect (a subscribe request per key, then each row is its own text frame) or envelope
+  dialect (a welcome, then per subscribe an ack and a rows frame; every change a rows frame),
+  Centrifuge's JSON protocol without a client library (a connect command naming the keys; the
+  server subscribes the connection to their channels in OnConnecting). The same payload,
+  {"entity":"bench","id":"1","v":N}.
+- updates delivered: messages carrying one of the row's versions, as a share of the
+  (subscriber, change) pairs. entity-sync's latest-wins replaces an update a client has not been
+  sent yet with the newer one; Centrifuge sends every one, batching queued messages into one
+  websocket frame (the websocket frames column).
+- server CPU: getrusage(RUSAGE_SELF) user+sys of every server process of the system (with two
+  servers, both), from just before the first change until every client holds the last one; per
+  update delivered, and per (change x subscriber) (the work asked for: the same for every system).
+  It includes the HTTP handler that takes each change, the same for every system.
+- visible p50/p99: over every (subscriber, change), the receive time of the client's first message
+  with a version >= the change's, minus the moment the change was made (in the write handler,
+  before the write); a skipped state becomes visible with the newer one; wall clock of this one
+  machine.
 - floor: a plain TCP server with as many connections writes the same pre-encoded %d-byte
   websocket frame (an entity-sync update's size) to each, per change, from GOMAXPROCS
   goroutines: little more than the write system calls.
-- design target: entity-sync should have the lower visible p99 and at most 2/3 of
-  Centrifuge's server CPU per (change x subscriber).
-- row targets: per entity-sync row, its visible p99 against Centrifuge's in the same row; its server
-  CPU per update delivered divided by the floor's server CPU per frame for the same clients and
-  changes; at 1,000 clients its CPU per (change x subscriber) divided by Centrifuge's; at 20 and
-  200 clients the share of (change x client) states delivered.
+- one-key targets, per entity-sync row: visible p99 below Centrifuge's on every row; p50 below
+  Centrifuge's on every row; at 1,000 clients CPU per (change x subscriber) at most 0.67 x
+  Centrifuge's; at 20 and 200 clients at least 99%% of the states delivered.
+`
+
+// manyLegend explains the many-keys tables.
+const manyLegend = `
+many-keys legend:
+- the subscriptions: every key gets a uniform 1-5 (-mk-subs) subscribers on distinct connections
+  picked at random (the same plan for every system); a connection holds ~30 keys.
+- keys picked: zipf draws each change's key with weight 1/rank^1.1 (ranks shuffled over the
+  keys), uniform draws it uniformly; the same sequence for every system. The changes are made
+  by 8 concurrent writers (-mk-workers), one key's changes always by the same one, in order.
+- server CPU / change: all server processes' CPU over the window divided by the changes made;
+  / delivery: divided by the messages delivered. allocations / change: runtime.MemStats.Mallocs
+  of all server processes over the window, per change. fetches / change: calls of the app's
+  fetch function (entity-sync; one per change per server is the guarantee).
+- many-keys targets, per entity-sync row: server CPU per change at most Centrifuge's, visible
+  p50 and p99 below Centrifuge's; and the peer phase's one-key 20-client row at most 1.0 x
+  Centrifuge's CPU per (change x subscriber), below it on p50.
 `
 
 // hostSample is what the machine as a whole was doing.
@@ -200,6 +240,20 @@ func perUnit(ns, n int64) string {
 		return "–"
 	}
 	return fmt.Sprintf("%.2f µs", float64(ns)/1000/float64(n))
+}
+
+func perCount(n, per int64) string {
+	if per <= 0 {
+		return "–"
+	}
+	return fmt.Sprintf("%.1f", float64(n)/float64(per))
+}
+
+func pct(n, of int64) float64 {
+	if of <= 0 {
+		return 0
+	}
+	return 100 * float64(n) / float64(of)
 }
 
 func ms(ns int64) string { return fmt.Sprintf("%.2f ms", float64(ns)/1e6) }

@@ -4,6 +4,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
@@ -23,11 +24,13 @@ const cfPath = "/connection/websocket"
 // broker, or the Redis broker at redisAddr (under prefix, unique to the
 // run, so nothing else on that Redis is touched or heard). Every client
 // that connects is subscribed to the entity's channel by the server (a
-// server-side subscription granted in OnConnecting), so a client needs no
-// Centrifuge library: it sends the JSON connect command and reads. The
-// returned handler serves the node's websocket endpoint; notify publishes
-// the row at a version.
-func newCFNode(redisAddr, prefix string, verbose bool) (*centrifuge.Node, http.Handler, notifyFunc, error) {
+// server-side subscription granted in OnConnecting) to the channels of the
+// entity ids its connect command lists in its data ({"keys":[1,2]}), so a
+// client needs no Centrifuge library: it sends the JSON connect command and
+// reads. The returned handler serves the node's websocket endpoint and the
+// app's write endpoint (changeHandler, which publishes the row at its new
+// version).
+func newCFNode(redisAddr, prefix string, verbose bool, cell *versionCell) (*centrifuge.Node, http.Handler, error) {
 	level := centrifuge.LogLevelError
 	if verbose {
 		level = centrifuge.LogLevelInfo
@@ -39,36 +42,45 @@ func newCFNode(redisAddr, prefix string, verbose bool) (*centrifuge.Node, http.H
 		},
 	})
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, nil, err
 	}
 	if redisAddr != "" {
 		shard, err := centrifuge.NewRedisShard(node, centrifuge.RedisShardConfig{Address: redisAddr})
 		if err != nil {
-			return nil, nil, nil, fmt.Errorf("redis shard: %w", err)
+			return nil, nil, fmt.Errorf("redis shard: %w", err)
 		}
 		broker, err := centrifuge.NewRedisBroker(node, centrifuge.RedisBrokerConfig{Prefix: prefix, Shards: []*centrifuge.RedisShard{shard}})
 		if err != nil {
-			return nil, nil, nil, fmt.Errorf("redis broker: %w", err)
+			return nil, nil, fmt.Errorf("redis broker: %w", err)
 		}
 		node.SetBroker(broker) // also the controller: nodes find each other through Redis
 	}
-	// Anonymous clients, each subscribed to the one channel on connect.
-	node.OnConnecting(func(context.Context, centrifuge.ConnectEvent) (centrifuge.ConnectReply, error) {
-		return centrifuge.ConnectReply{
-			Credentials:   &centrifuge.Credentials{UserID: ""},
-			Subscriptions: map[string]centrifuge.SubscribeOptions{cfChannel: {}},
-		}, nil
+	// Anonymous clients, each subscribed on connect to the channels it
+	// asked for.
+	node.OnConnecting(func(_ context.Context, e centrifuge.ConnectEvent) (centrifuge.ConnectReply, error) {
+		var data struct {
+			Keys []int `json:"keys"`
+		}
+		if err := json.Unmarshal(e.Data, &data); err != nil || len(data.Keys) == 0 {
+			return centrifuge.ConnectReply{}, centrifuge.ErrorBadRequest
+		}
+		subs := make(map[string]centrifuge.SubscribeOptions, len(data.Keys))
+		for _, id := range data.Keys {
+			subs[cfChannel(id)] = centrifuge.SubscribeOptions{}
+		}
+		return centrifuge.ConnectReply{Credentials: &centrifuge.Credentials{UserID: ""}, Subscriptions: subs}, nil
 	})
 	if err := node.Run(); err != nil {
-		return nil, nil, nil, fmt.Errorf("run: %w", err)
+		return nil, nil, fmt.Errorf("run: %w", err)
 	}
-	notify := func(v int64) error {
-		_, err := node.Publish(cfChannel, appendPayload(make([]byte, 0, 48), v))
+	notify := func(id int, v int64) error {
+		_, err := node.Publish(cfChannel(id), appendPayload(make([]byte, 0, 48), id, v))
 		return err
 	}
 	mux := http.NewServeMux()
 	mux.Handle(cfPath, centrifuge.NewWebsocketHandler(node, centrifuge.WebsocketConfig{}))
-	return node, mux, notify, nil
+	mux.Handle("POST "+changePath, changeHandler(cell, notify))
+	return node, mux, nil
 }
 
 // runCF runs one Centrifuge node (newCFNode) on its own listener, with the
@@ -83,7 +95,7 @@ func runCF(cfg config) int {
 		return fail(err)
 	}
 	defer cell.close()
-	node, handler, notify, err := newCFNode(cfg.redisAddr, cfg.prefix, cfg.verbose)
+	node, handler, err := newCFNode(cfg.redisAddr, cfg.prefix, cfg.verbose, cell)
 	if err != nil {
 		return fail(err)
 	}
@@ -97,12 +109,12 @@ func runCF(cfg config) int {
 			fmt.Fprintf(os.Stderr, "peer cf: serve: %v\n", err)
 		}
 	}()
-	ctl, stopCtl, err := serveControl(serverControl(cell, notify))
+	ctl, stopCtl, err := serveControl(serverControl(nil))
 	if err != nil {
 		return fail(err)
 	}
 	defer stopCtl()
-	sayHello(hello{WS: "ws://" + l.Addr().String() + cfPath, Ctl: ctl})
+	sayHello(hello{WS: "ws://" + l.Addr().String() + cfPath, App: "http://" + l.Addr().String(), Ctl: ctl})
 
 	childproc.WaitForParent(childLifetime)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

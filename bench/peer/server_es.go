@@ -9,8 +9,11 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strconv"
+	"sync/atomic"
 	"time"
 
+	"github.com/gorilla/mux"
 	"github.com/sirupsen/logrus"
 
 	"github.com/entity-sync/entity-sync/entitysync"
@@ -18,44 +21,90 @@ import (
 	"github.com/entity-sync/entity-sync/shared"
 )
 
-// esPath is where entitysync.New mounts the websocket endpoint on its Mux,
-// as documented in docs/protocol.md (written out here rather than taken
-// from the transport package, to depend on nothing but package entitysync).
+// esPath is where entity-sync mounts its websocket endpoint, as documented
+// in docs/protocol.md (written out here rather than taken from the
+// library, to depend on nothing but its documented API).
 const esPath = "/ws/entity-sync/"
 
-// newES builds an entity-sync server with the library's defaults: the
-// in-process queue, or the nsqd at nsqd. Its fetch function reads the
-// version from the shared cell and returns the entity's one row; notify
-// calls NotifyAllOfChange for the entity (the version travels through the
-// cell, not the notification, as with a real database). With st (the
-// breakdown phase only), the bridge reports its rounds to st
-// (esbridge.Options.OnRound) and the fetch notes the version it read.
-func newES(nsqd string, cell *versionCell, log logrus.FieldLogger, st *stamps) (*entitysync.EntitySync, notifyFunc, error) {
-	cfg := entitysync.Config{NSQAddr: nsqd, Logger: log}
+// esServer is one entity-sync server under test: its router (websocket
+// endpoint and the app's write endpoint), how a change is notified, and
+// how many times the app's fetch function ran.
+type esServer struct {
+	es      *entitysync.EntitySync
+	handler http.Handler
+	notify  notifyFunc
+	fetches atomic.Int64
+}
+
+// newSeed builds an entity-sync server exactly as the seed's README does:
+// es.Setup on a gorilla/mux router, the entity registered with
+// RegisterEntityAndDBHandler and its secret-taking handler (the secret is
+// not used: every benchmark client has the same, empty one, so a change
+// costs one handler call per server), and Bridge.NotifyAllOfChange called
+// from the app's HTTP handler. Clients speak the raw dialect. The queue is
+// in-process, or the nsqd at nsqd. With st (the breakdown phase only), the
+// bridge reports its rounds to st and the handler notes the version it
+// read.
+func newSeed(nsqd string, cell *versionCell, log logrus.FieldLogger, st *stamps) (*esServer, error) {
+	router := mux.NewRouter()
+	config := entitysync.Config{Mux: router, NSQAddr: nsqd, Logger: log, WSPassThrough: func(string, []byte) {}}
 	if st != nil {
-		cfg.Bridge.OnRound = st.onRound
+		config.Bridge.OnRound = st.onRound
 	}
-	es, err := entitysync.New(cfg)
-	if err != nil {
-		return nil, nil, err
+	s := &esServer{handler: router}
+	s.es = entitysync.Setup(config)
+	if err := s.es.Err(); err != nil {
+		return nil, err
 	}
-	fetch := func(_ context.Context, _ shared.EntityKey) ([][]byte, error) {
-		v := cell.load()
+	err := s.es.RegisterEntityAndDBHandler(entityType, func(key shared.EntityKey, _ string, handler shared.ByteHandler) {
+		s.fetches.Add(1)
+		id, _ := strconv.Atoi(key.ID)
+		v := cell.load(id)
 		if st != nil {
 			st.fetched(v)
 		}
-		return [][]byte{appendPayload(make([]byte, 0, 48), v)}, nil
+		handler(appendPayload(make([]byte, 0, 48), id, v))
+	})
+	if err != nil {
+		_ = s.es.Close(context.Background())
+		return nil, err
+	}
+	s.notify = func(id int, _ int64) error {
+		return s.es.Bridge.NotifyAllOfChange(shared.EntityKey{Entity: entityType, ID: strconv.Itoa(id)})
+	}
+	router.Handle(changePath, changeHandler(cell, s.notify)).Methods(http.MethodPost)
+	return s, nil
+}
+
+// newAPI builds an entity-sync server with the library's current API and
+// defaults: entitysync.New, Register with a fetch function, and
+// NotifyAllOfChange from the app's HTTP handler (on the same router, the
+// EntitySync's Mux). Clients speak the envelope dialect.
+func newAPI(nsqd string, cell *versionCell, log logrus.FieldLogger) (*esServer, error) {
+	es, err := entitysync.New(entitysync.Config{NSQAddr: nsqd, Logger: log})
+	if err != nil {
+		return nil, err
+	}
+	s := &esServer{es: es, handler: es.Mux}
+	fetch := func(_ context.Context, key shared.EntityKey) ([][]byte, error) {
+		s.fetches.Add(1)
+		id, _ := strconv.Atoi(key.ID)
+		return [][]byte{appendPayload(make([]byte, 0, 48), id, cell.load(id))}, nil
 	}
 	if err := es.Register(entityType, fetch); err != nil {
 		_ = es.Close(context.Background())
-		return nil, nil, err
+		return nil, err
 	}
-	key := shared.EntityKey{Entity: entityType, ID: entityID}
-	return es, func(int64) error { return es.NotifyAllOfChange(key) }, nil
+	s.notify = func(id int, _ int64) error {
+		return es.NotifyAllOfChange(shared.EntityKey{Entity: entityType, ID: strconv.Itoa(id)})
+	}
+	es.Mux.Handle(changePath, changeHandler(cell, s.notify)).Methods(http.MethodPost)
+	return s, nil
 }
 
-// runES runs one entity-sync server (newES) on its own listener, with the
-// control endpoints on another, until the orchestrator lets go.
+// runES runs one entity-sync server (newSeed for role seed, newAPI for
+// role api) on its own listener, with the control endpoints on another,
+// until the orchestrator lets go.
 func runES(cfg config) int {
 	log := logrus.New()
 	log.SetOutput(os.Stderr)
@@ -64,7 +113,7 @@ func runES(cfg config) int {
 		log.SetLevel(logrus.InfoLevel)
 	}
 	fail := func(err error) int {
-		sayHello(hello{Err: "es: " + err.Error()})
+		sayHello(hello{Err: cfg.role + ": " + err.Error()})
 		return 1
 	}
 	cell, err := openCell(cfg.cell)
@@ -76,7 +125,12 @@ func runES(cfg config) int {
 	if cfg.stamp {
 		st = newStamps()
 	}
-	es, notify, err := newES(cfg.nsqd, cell, log, st)
+	var s *esServer
+	if cfg.role == "seed" {
+		s, err = newSeed(cfg.nsqd, cell, log, st)
+	} else {
+		s, err = newAPI(cfg.nsqd, cell, log)
+	}
 	if err != nil {
 		return fail(err)
 	}
@@ -87,29 +141,29 @@ func runES(cfg config) int {
 	if st != nil {
 		l = st.listener(l)
 	}
-	srv := &http.Server{Handler: es.Mux, ReadHeaderTimeout: 10 * time.Second}
+	srv := &http.Server{Handler: s.handler, ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			log.WithError(err).Error("serve")
 		}
 	}()
-	mux := serverControl(cell, notify)
+	ctlMux := serverControl(&s.fetches)
 	if st != nil {
-		st.control(mux)
+		st.control(ctlMux)
 	}
-	ctl, stopCtl, err := serveControl(mux)
+	ctl, stopCtl, err := serveControl(ctlMux)
 	if err != nil {
 		return fail(err)
 	}
 	defer stopCtl()
-	sayHello(hello{WS: "ws://" + l.Addr().String() + esPath, Ctl: ctl})
+	sayHello(hello{WS: "ws://" + l.Addr().String() + esPath, App: "http://" + l.Addr().String(), Ctl: ctl})
 
 	childproc.WaitForParent(childLifetime)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	code := 0
-	if err := es.Close(ctx); err != nil {
-		fmt.Fprintf(os.Stderr, "peer es: close: %v\n", err)
+	if err := s.es.Close(ctx); err != nil {
+		fmt.Fprintf(os.Stderr, "peer %s: close: %v\n", cfg.role, err)
 		code = 1
 	}
 	_ = srv.Close()

@@ -31,7 +31,7 @@ const floorVersion = 1000
 // unmasked websocket text frame, byte for byte what an entity-sync server
 // writes for one change to one client.
 func floorFrame() []byte {
-	payload := appendPayload(nil, floorVersion)
+	payload := appendPayload(nil, 1, floorVersion)
 	if len(payload) > 125 {
 		panic("floor payload needs an extended length")
 	}

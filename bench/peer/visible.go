@@ -2,39 +2,66 @@
 
 package main
 
-import "slices"
+import (
+	"cmp"
+	"slices"
+)
 
-// visibleLatencies appends to dst, for each change firstV+i notified at
-// notify[i] (UnixNano), how long one client took to hold a state at least
-// as new: the receive time of the first arrival with version >= firstV+i,
-// minus notify[i]. A state the client never received (skipped because a
-// newer one replaced it) counts as visible when that newer one arrived,
-// which is what a user of the client sees. arrivals must be in receive
-// order. missing counts the changes no arrival covered.
-func visibleLatencies(dst []int64, arrivals []arrival, firstV int64, notify []int64) (out []int64, missing int) {
-	next := 0 // index of the first change not yet visible
-	for _, a := range arrivals {
-		for next < len(notify) && firstV+int64(next) <= a.v {
-			dst = append(dst, a.at-notify[next])
-			next++
-		}
-		if next == len(notify) {
-			break
-		}
-	}
-	return dst, len(notify) - next
+// change is one change a row made: the entity, the version it made and
+// the UnixNano time it was made (the zero point of "visible").
+type change struct {
+	ID int   `json:"id"`
+	V  int64 `json:"v"`
+	At int64 `json:"at"`
 }
 
-// countInRange counts the arrivals whose version is one of the changes
-// [firstV, firstV+n): the frames delivered for those changes.
-func countInRange(arrivals []arrival, firstV int64, n int) int {
-	c := 0
+// keyChanges are one entity's changes in a row, in version order.
+type keyChanges struct {
+	vs []int64 // versions, ascending
+	at []int64 // at[i]: when vs[i] was made
+}
+
+// groupChanges splits a row's changes by entity.
+func groupChanges(changes []change) map[int]*keyChanges {
+	sorted := slices.Clone(changes)
+	slices.SortStableFunc(sorted, func(a, b change) int {
+		return cmp.Or(cmp.Compare(a.ID, b.ID), cmp.Compare(a.V, b.V))
+	})
+	m := make(map[int]*keyChanges)
+	for _, c := range sorted {
+		kc := m[c.ID]
+		if kc == nil {
+			kc = &keyChanges{}
+			m[c.ID] = kc
+		}
+		kc.vs = append(kc.vs, c.V)
+		kc.at = append(kc.at, c.At)
+	}
+	return m
+}
+
+// visibleLatencies appends to dst, for each change of one entity (kc), how
+// long one client took to hold a state at least as new: the receive time
+// of the first arrival with a version >= the change's, minus the moment
+// the change was made. A state the client never received (skipped because
+// a newer one replaced it) counts as visible when that newer one arrived,
+// which is what a user of the client sees. arrivals are the client's
+// arrivals for that entity, in receive order. missing counts the changes
+// no arrival covered; delivered counts the arrivals carrying one of the
+// changes' versions.
+func visibleLatencies(dst []int64, arrivals []arrival, kc *keyChanges) (out []int64, missing, delivered int) {
+	next := 0 // index of the first change not yet visible
+	first, last := kc.vs[0], kc.vs[len(kc.vs)-1]
 	for _, a := range arrivals {
-		if a.v >= firstV && a.v < firstV+int64(n) {
-			c++
+		if a.v >= first && a.v <= last {
+			delivered++
+		}
+		for next < len(kc.vs) && kc.vs[next] <= a.v {
+			dst = append(dst, a.at-kc.at[next])
+			next++
 		}
 	}
-	return c
+	return dst, len(kc.vs) - next, delivered
 }
 
 // percentiles sorts samples and returns its p50, p99 and maximum (zeros
