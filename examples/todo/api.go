@@ -27,7 +27,9 @@ import (
 //	POST   /api/lists            {title}   create a list
 //	GET    /api/lists/{id}                 one list (404 if unknown)
 //	POST   /api/lists/{id}/items {title}   add an item
-//	PATCH  /api/lists/{id}/items/{item} {title?, done?}   edit or tick an item
+//	PATCH  /api/lists/{id}/items/{item} {title?, done?, version?}   edit or tick an item
+//	       (with version: only if the item is still at that version, else 409
+//	       with {"error", "item"}: the item as someone else left it)
 //	DELETE /api/lists/{id}/items/{item}    delete an item
 //
 // Reads of a list's items go through entity-sync, not this API: the page
@@ -116,8 +118,9 @@ func (a *api) addItem(w http.ResponseWriter, r *http.Request) {
 func (a *api) updateItem(w http.ResponseWriter, r *http.Request) {
 	listID, id, ok := itemPath(w, r)
 	var req struct {
-		Title *string `json:"title"`
-		Done  *bool   `json:"done"`
+		Title   *string `json:"title"`
+		Done    *bool   `json:"done"`
+		Version *int64  `json:"version"`
 	}
 	if !ok || !readJSON(w, r, &req) {
 		return
@@ -129,7 +132,19 @@ func (a *api) updateItem(w http.ResponseWriter, r *http.Request) {
 	if req.Title != nil && !validTitle(w, req.Title) {
 		return
 	}
-	it, err := a.db.updateItem(writeContext(r), listID, id, req.Title, req.Done)
+	it, err := a.db.updateItem(writeContext(r), listID, id, req.Title, req.Done, req.Version)
+	if errors.Is(err, errConflict) {
+		// The edit was made on an older version than the item's: tell the
+		// page what the item holds now, rather than overwrite someone else's
+		// change unseen. The page sends the edit again, with this version,
+		// if its user still wants it.
+		writeJSON(w, http.StatusConflict, map[string]any{
+			"error": fmt.Sprintf("someone else changed this item meanwhile: it reads %q now (version %d, your edit was made on version %d)",
+				it.Title, it.Version, *req.Version),
+			"item": it,
+		})
+		return
+	}
 	if err != nil {
 		a.fail(w, r, err)
 		return

@@ -177,7 +177,7 @@ func TestAPIBadInputGets4xxWithAMessage(t *testing.T) {
 	// None of it hurt the list: item 1 is intact, and writes still work.
 	mustCall(t, "PATCH", items+"/1", `{"done":true,"title":"  Oat milk "}`)
 	got, err := db.items(context.Background(), list)
-	if want := []item{{ID: 1, Title: "Oat milk", Done: true}}; err != nil || !reflect.DeepEqual(got, want) {
+	if want := []item{{ID: 1, Title: "Oat milk", Done: true, Version: 2}}; err != nil || !reflect.DeepEqual(got, want) {
 		t.Errorf("items: %v %v, want %v", got, err, want)
 	}
 }
@@ -231,6 +231,46 @@ func (b *lockedBuffer) String() string {
 	return b.buf.String()
 }
 
+// editConflicts checks, through server a, that an edit naming the version
+// its user saw is refused with 409 and the item as it is now once someone
+// else changed it, and goes through on the current version.
+func editConflicts(t *testing.T, a string, db *store) {
+	t.Helper()
+	listID := mustCall(t, "POST", a+"/api/lists", `{"title":"Shared"}`)["id"].(string)
+	created := mustCall(t, "POST", a+"/api/lists/"+listID+"/items", `{"title":"Milk"}`)
+	if created["version"] != 1.0 {
+		t.Fatalf("a new item: %v, want version 1", created)
+	}
+	url := fmt.Sprint(a, "/api/lists/", listID, "/items/", created["id"])
+	// Two pages saw version 1; the first edit wins.
+	if v := mustCall(t, "PATCH", url, `{"title":"Oat milk","version":1}`); v["version"] != 2.0 || v["title"] != "Oat milk" {
+		t.Fatalf("the first edit: %v, want version 2", v)
+	}
+	status, v := call(t, "PATCH", url, `{"title":"Soy milk","version":1}`)
+	msg, _ := v["error"].(string)
+	now, _ := v["item"].(map[string]any)
+	if status != http.StatusConflict || !strings.Contains(msg, `someone else changed this item meanwhile: it reads "Oat milk" now (version 2, your edit was made on version 1)`) ||
+		now["title"] != "Oat milk" || now["version"] != 2.0 {
+		t.Fatalf("the second edit on version 1: %d %v, want 409 with the item at version 2", status, v)
+	}
+	// Told, its user keeps their edit: sent again on the version now seen.
+	mustCall(t, "PATCH", url, `{"title":"Soy milk","version":2}`)
+	// A tick names no version: it sets one flag, whatever the title.
+	mustCall(t, "PATCH", url, `{"done":true}`)
+	items, err := db.items(context.Background(), listID)
+	if want := []item{{ID: int64(created["id"].(float64)), Title: "Soy milk", Done: true, Version: 4}}; err != nil || !reflect.DeepEqual(items, want) {
+		t.Errorf("items: %v %v, want %v", items, err, want)
+	}
+	if status, v := call(t, "PATCH", a+"/api/lists/"+listID+"/items/999", `{"title":"x","version":1}`); status != 404 {
+		t.Errorf("an edit of an unknown item with a version: %d %v, want 404", status, v)
+	}
+}
+
+func TestEditOfAChangedItemConflicts(t *testing.T) {
+	db := openTestSQLite(t, t.TempDir())
+	editConflicts(t, runTestServer(t, db, ""), db)
+}
+
 // watch subscribes to a list on the server at base, as the page does, and
 // returns the items of each push, in order.
 func watch(t *testing.T, base, listID string) <-chan []item {
@@ -255,17 +295,27 @@ func watch(t *testing.T, base, listID string) <-chan []item {
 	return pushes
 }
 
-// awaitItems waits until a push holds exactly want.
+// awaitItems waits until a push holds exactly want; versions are compared
+// only if want gives them.
 func awaitItems(t *testing.T, pushes <-chan []item, want ...item) {
 	t.Helper()
 	if want == nil {
 		want = []item{}
+	}
+	versions := false
+	for _, it := range want {
+		versions = versions || it.Version != 0
 	}
 	timeout := time.After(wait)
 	var last []item
 	for {
 		select {
 		case last = <-pushes:
+			if !versions {
+				for i := range last {
+					last[i].Version = 0
+				}
+			}
 			if reflect.DeepEqual(last, want) {
 				return
 			}
@@ -353,7 +403,7 @@ func TestListChangesArriveAsDiffs(t *testing.T) {
 	mustCall(t, "PATCH", items+"/2", `{"done":true}`)
 	f := next()
 	if f.Type != "diff" || len(f.Rows) != 0 || len(f.Remove) != 0 || len(f.Upsert) != 1 ||
-		f.Upsert[0].ID != "2" || f.Upsert[0].Row != (item{ID: 2, Title: "Bread", Done: true}) {
+		f.Upsert[0].ID != "2" || f.Upsert[0].Row != (item{ID: 2, Title: "Bread", Done: true, Version: 2}) {
 		t.Fatalf("after ticking item 2: %+v, want a diff with item 2 alone", f)
 	}
 	mustCall(t, "DELETE", items+"/1", "")
@@ -420,13 +470,15 @@ func TestTwoServersSharePostgres(t *testing.T) {
 		t.Cleanup(func() { db.Close() })
 		return db
 	}
-	a, b := runTestServer(t, open(), ""), runTestServer(t, open(), "")
+	dbA := open()
+	a, b := runTestServer(t, dbA, ""), runTestServer(t, open(), "")
 	listID := exercise(t, a, b)
 
 	onA := watch(t, a, listID)
 	awaitItems(t, onA, item{ID: 2, Title: "Rye bread"})
 	pgtest.Exec(t, pool, "INSERT INTO "+schema+".todo_items (list_id, title, done) VALUES ($1, 'Eggs', true)", listID)
 	awaitItems(t, onA, item{ID: 2, Title: "Rye bread"}, item{ID: 3, Title: "Eggs", Done: true})
+	editConflicts(t, a, dbA)
 }
 
 // launcher is the todo command run as a user runs it (this test binary

@@ -351,3 +351,54 @@ test('cut off, the badge counts down to the next retry with a Retry now button; 
   assert.deepEqual(states.slice(lost), ['disconnected', 'connected'], `badge states ${states}`);
   assert.deepEqual(problems, []);
 });
+
+test('an edit of an item someone changed meanwhile shows their change instead of overwriting it', async () => {
+  const problems = [];
+  const a = await open(todo.urls[0], problems);
+  await a.fill('#new-list input', 'Conflicts');
+  await a.press('#new-list input', 'Enter');
+  await a.waitForURL(/\/lists\/[0-9a-f]+$/);
+  await a.fill('#new-item input', 'Milk');
+  await a.press('#new-item input', 'Enter');
+  const b = await open(new URL(new URL(a.url()).pathname, todo.urls[1]).href, problems);
+  await showsItems(b, [{ title: 'Milk', done: false }]);
+
+  // B starts editing; meanwhile A saves another title.
+  const titleB = '#items li:nth-child(1) .title';
+  await b.bringToFront();
+  await b.fill(titleB, 'Oat milk');
+  await a.bringToFront();
+  await a.fill('#items li:nth-child(1) .title', 'Soy milk');
+  await a.press('#items li:nth-child(1) .title', 'Enter');
+  await flashes(b, 'Oat milk'); // B got A's change (its field, being edited, keeps B's text)
+
+  // B saves: refused, and B sees A's title beside its own text.
+  await b.bringToFront();
+  await b.press(titleB, 'Enter');
+  await showsError(b, 'someone else changed this item meanwhile: it reads "Soy milk" now');
+  await b.waitForSelector('#items li.conflict .conflict-note', { state: 'visible', timeout: WAIT });
+  assert.equal(await b.textContent('#items li.conflict .theirs'), 'Soy milk');
+  assert.equal(await b.inputValue(titleB), 'Oat milk');
+  await showsItems(a, [{ title: 'Soy milk', done: false }]);
+
+  // B keeps its text, knowingly: saved over A's.
+  await b.click('#items li.conflict .keep');
+  await showsItems(a, [{ title: 'Oat milk', done: false }]);
+  await b.waitForSelector('#items .conflict-note', { state: 'hidden', timeout: WAIT });
+  await b.waitForSelector('#error', { state: 'hidden', timeout: WAIT });
+
+  // Again, and this time B takes A's title.
+  await b.fill(titleB, 'Almond milk');
+  await a.bringToFront();
+  await a.fill('#items li:nth-child(1) .title', 'Rice milk');
+  await a.press('#items li:nth-child(1) .title', 'Enter');
+  await flashes(b, 'Almond milk');
+  await b.bringToFront();
+  await b.press(titleB, 'Enter');
+  await b.waitForSelector('#items li.conflict .conflict-note', { state: 'visible', timeout: WAIT });
+  await b.click('#items li.conflict .take');
+  await showsItems(b, [{ title: 'Rice milk', done: false }]);
+  await showsItems(a, [{ title: 'Rice milk', done: false }]);
+  assert.equal(await b.isHidden('#error'), true);
+  assert.deepEqual(problems, []);
+});
