@@ -28,7 +28,7 @@ help:
 	@echo 'make client   run the demo client (subscribes to items/100)'
 	@echo 'make test     run every test: Go with the race detector, then test-js'
 	@echo 'make test-js  run the JavaScript client tests (node + headless Chromium)'
-	@echo 'make bench    run the benchmarks: go run ./bench, bench-queues, bench-collections, bench-peer (about 2.5 min)'
+	@echo 'make bench    run the benchmarks: go run ./bench, bench-queues, bench-collections, bench-peer (a few minutes)'
 	@echo 'make bench-queues  every queue: latency through it, notify throughput (about 20 s)'
 	@echo 'make bench-collections  a 500-row collection: diff vs full per change, reconnects with and without resume (about 10 s)'
 	@echo 'make bench-peer  entity-sync vs Centrifuge, the TCP floor, the latency breakdown'
@@ -114,8 +114,8 @@ clean:
 # 20 s with the build). Flags via BENCH_ARGS, e.g. make bench BENCH_ARGS='-profile /tmp/prof'
 # (go run ./bench -h lists them). Then the queue comparison (bench-queues,
 # about 20 s), the collection comparison (bench-collections, about 10 s),
-# then the peer, floor and latency breakdown phases
-# (bench-peer), about 90 s more. All run even if one fails; the target
+# then the peer program (bench-peer: one key, floor, latency breakdown, many
+# keys), within its 240 s budget. All run even if one fails; the target
 # fails if any did. The in-process Go benchmarks are separate:
 # go test -run xxx -bench . ./esbridge/
 BENCH_ARGS ?=
