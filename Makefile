@@ -28,10 +28,10 @@ help:
 	@echo 'make client   run the demo client (subscribes to items/100)'
 	@echo 'make test     run every test: Go with the race detector, then test-js'
 	@echo 'make test-js  run the JavaScript client tests (node + headless Chromium)'
-	@echo 'make bench    run the benchmarks: go run ./bench, bench-queues, bench-collections, bench-peer (a few minutes)'
+	@echo 'make bench    run the benchmarks: go run ./bench, bench-queues, bench-collections, bench-peer (about 4 min)'
 	@echo 'make bench-queues  every queue: latency through it, notify throughput (about 20 s)'
 	@echo 'make bench-collections  a 500-row collection: diff vs full per change, reconnects with and without resume (about 10 s)'
-	@echo 'make bench-peer  entity-sync vs Centrifuge, the TCP floor, the latency breakdown'
+	@echo 'make bench-peer  entity-sync vs Centrifuge on one key and many keys, the TCP floor, the latency breakdown (about 3 min)'
 	@echo 'make fmt      gofmt the tree'
 	@echo 'make vet      go vet the module'
 	@echo 'make nsq      build nsqd and nsqlookupd v1.3.0 into ./bin'
@@ -114,9 +114,10 @@ clean:
 # 20 s with the build). Flags via BENCH_ARGS, e.g. make bench BENCH_ARGS='-profile /tmp/prof'
 # (go run ./bench -h lists them). Then the queue comparison (bench-queues,
 # about 20 s), the collection comparison (bench-collections, about 10 s),
-# then the peer program (bench-peer: one key, floor, latency breakdown, many
-# keys), within its 240 s budget. All run even if one fails; the target
-# fails if any did. The in-process Go benchmarks are separate:
+# then the peer, floor, latency breakdown and many-keys phases
+# (bench-peer), about 3 min more on the project's loaded 2-core machine.
+# All run even if one fails; the target fails if any did. The in-process
+# Go benchmarks are separate:
 # go test -run xxx -bench . ./esbridge/
 BENCH_ARGS ?=
 .PHONY: bench

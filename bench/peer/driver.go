@@ -46,6 +46,12 @@ type changeAnswer struct {
 // drive makes one change per entry of ids, at rate per second, through
 // the write endpoint at app (a base URL), from workers goroutines.
 func drive(ctx context.Context, app string, ids []int, rate float64, workers int) driveResult {
+	return driveQuery(ctx, app, "", ids, rate, workers)
+}
+
+// driveQuery is drive with extra query parameters ("noop=1&") for every
+// request.
+func driveQuery(ctx context.Context, app, extra string, ids []int, rate float64, workers int) driveResult {
 	workers = max(1, workers)
 	client := &http.Client{
 		Transport: &http.Transport{MaxIdleConnsPerHost: workers, MaxConnsPerHost: workers, DisableCompression: true},
@@ -84,7 +90,7 @@ func drive(ctx context.Context, app string, ids []int, rate float64, workers int
 					return
 				}
 				slip = max(slip, int64(time.Since(due)))
-				a, err := postChange(ctx, client, app, id)
+				a, err := postChange(ctx, client, app, extra, id)
 				if err != nil {
 					fail(err)
 					continue
@@ -113,9 +119,9 @@ func drive(ctx context.Context, app string, ids []int, rate float64, workers int
 	return res
 }
 
-func postChange(ctx context.Context, client *http.Client, app string, id int) (changeAnswer, error) {
+func postChange(ctx context.Context, client *http.Client, app, extra string, id int) (changeAnswer, error) {
 	var a changeAnswer
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, app+changePath+"?id="+strconv.Itoa(id), nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, app+changePath+"?"+extra+"id="+strconv.Itoa(id), nil)
 	if err != nil {
 		return a, err
 	}

@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // The many-keys phase: many keys with a few subscribers each, as a todo
@@ -35,7 +36,7 @@ func (m *manyConfig) flags() {
 	flag.IntVar(&m.conns, "mk-conns", 1000, "many-keys phase: websocket connections the subscriptions are spread over")
 	flag.StringVar(&m.subs, "mk-subs", "1:5", "many-keys phase: subscribers per key, min:max (uniform)")
 	flag.Float64Var(&m.rate, "mk-rate", 2000, "many-keys phase: changes per second over all keys")
-	flag.IntVar(&m.changes, "mk-changes", 5000, "many-keys phase: changes per distribution")
+	flag.IntVar(&m.changes, "mk-changes", 4000, "many-keys phase: changes per distribution")
 	flag.StringVar(&m.dists, "mk-dists", "zipf,uniform", "many-keys phase: how changes pick their key, comma-separated: zipf, uniform")
 	flag.Float64Var(&m.zipfS, "mk-zipf-s", 1.1, "many-keys phase: the Zipf distribution's exponent (> 1)")
 	flag.IntVar(&m.workers, "mk-workers", 8, "many-keys phase: concurrent writers making the changes (one key's changes stay with one)")
@@ -90,6 +91,11 @@ type manyResult struct {
 	dist    string
 	subs    int // subscriptions over all connections
 	measurement
+	// endpointNs is the CPU per change of the write endpoint alone (no
+	// notify) in the server taking the changes, measured on the same
+	// deployment: the part of "server CPU / change" every system pays
+	// alike (0: not measured).
+	endpointNs int64
 }
 
 // runManyKeys opens the phase's connections on sys's holder and measures
@@ -118,9 +124,10 @@ func (o *orchestrator) runManyKeys(ctx context.Context, sys system, servers int)
 		return
 	}
 	defer closeAll()
+	endpoint := o.endpointCost(ctx, d)
 	for i, dist := range dists {
 		progress("many keys, %s, %d server(s), %s: %g/s × %s", sys.name, servers, dist, mc.rate, commas(int64(mc.changes)))
-		r := manyResult{servers: servers, sys: sys, dist: dist, subs: open.Subs}
+		r := manyResult{servers: servers, sys: sys, dist: dist, subs: open.Subs, endpointNs: endpoint}
 		ids := changeSequence(dist, mc.keys, mc.changes, mc.zipfS, uint64(i+1))
 		r.measurement = o.measure(ctx, d, window{ids: ids, rate: mc.rate, workers: mc.workers,
 			profile: fmt.Sprintf("manykeys-%s-%ds-%s", sys.role, servers, dist)})
@@ -129,4 +136,27 @@ func (o *orchestrator) runManyKeys(ctx context.Context, sys system, servers int)
 		}
 		o.many = append(o.many, r)
 	}
+}
+
+// endpointCost measures the CPU per change of d's write endpoint alone: a
+// second of the phase's rate of requests with noop=1 (the version written,
+// nothing notified) to keys no client holds, in the server taking the
+// changes. 0 when it could not be measured (a note says why).
+func (o *orchestrator) endpointCost(ctx context.Context, d *deployment) int64 {
+	mc := o.cfg.many
+	ids := make([]int, max(1, int(mc.rate)))
+	for i := range ids {
+		ids[i] = mc.keys + 1 + i%mc.workers // one unsubscribed key per writer
+	}
+	var before, after serverStats
+	if err := call(ctx, 10*time.Second, d.publisher.hello.Ctl, "/stats", nil, nil, &before); err != nil {
+		o.note("write endpoint alone, %s: %v", d.sys.name, err)
+		return 0
+	}
+	res := driveQuery(ctx, d.publisher.hello.App, "noop=1&", ids, mc.rate, mc.workers)
+	if err := call(ctx, 10*time.Second, d.publisher.hello.Ctl, "/stats", nil, nil, &after); err != nil || res.Errors > 0 || len(res.Changes) == 0 {
+		o.note("write endpoint alone, %s: %v %s", d.sys.name, err, res.FirstErr)
+		return 0
+	}
+	return (after.CPUNanos - before.CPUNanos) / int64(len(res.Changes))
 }
