@@ -219,6 +219,21 @@ func FuzzEncodeState(f *testing.F) {
 		if len(frame.Rows) != len(u.Rows) || frame.Version != u.Version() {
 			t.Fatalf("frame %s for %d rows of version %s", payload, len(u.Rows), u.Version())
 		}
+		// Each row as fetched (repaired): JSON byte for byte (the decoder
+		// leaves out the JSON whitespace around it), anything else as a
+		// string of its bytes.
+		for i, row := range u.Rows {
+			if json.Valid(row) {
+				if !bytes.Equal(frame.Rows[i], bytes.TrimSpace(row)) || !bytes.Contains(payload, row) {
+					t.Fatalf("row %q arrived as %q", row, frame.Rows[i])
+				}
+				continue
+			}
+			var s string
+			if err := json.Unmarshal(frame.Rows[i], &s); err != nil || s != string(row) {
+				t.Fatalf("row %q arrived as %q, want a JSON string of it", row, frame.Rows[i])
+			}
+		}
 		raw := prepareRaw(u).([]byte)
 		for i := range u.Rows {
 			payload, raw = nextTextFrame(t, raw)
@@ -228,6 +243,31 @@ func FuzzEncodeState(f *testing.F) {
 		}
 		if len(raw) != 0 {
 			t.Fatalf("%d bytes after the raw frames", len(raw))
+		}
+	})
+}
+
+// FuzzAppendString checks the JSON string encoder of the state frames: its
+// output is valid UTF-8 JSON and decodes to what encoding/json makes of the
+// same string (each invalid UTF-8 byte as U+FFFD).
+func FuzzAppendString(f *testing.F) {
+	for _, s := range []string{"", "items", "a\"b\\c", "\x00\x1f\n\t\r\x7f", "caf\xc3", "<&>\u2028", "\xff\xfe\xed\xa0\x80", "日本"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		b := appendString([]byte("x"), s)[1:]
+		if !utf8.Valid(b) || !json.Valid(b) {
+			t.Fatalf("%q encoded as %q: not valid UTF-8 JSON", s, b)
+		}
+		var got, want string
+		if err := json.Unmarshal(b, &got); err != nil {
+			t.Fatal(err)
+		}
+		if err := json.Unmarshal(mustJSON(s), &want); err != nil {
+			t.Fatal(err)
+		}
+		if got != want {
+			t.Fatalf("%q encoded as %q, decodes to %q; encoding/json gives %q", s, b, got, want)
 		}
 	})
 }

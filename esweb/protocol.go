@@ -93,41 +93,14 @@ func parseRequest(data []byte, maxIDLength int) (parsedRequest, *requestError) {
 	return p, nil
 }
 
-// Server -> client envelope frames.
+// Server -> client envelope frames, except the state frames (rows, gone,
+// diff, unchanged), which frame.go builds byte by byte.
 type (
 	welcomeFrame struct {
 		Type        string `json:"type"` // "welcome"
 		Protocol    string `json:"protocol"`
 		Limits      Limits `json:"limits"`
 		HeartbeatMs int64  `json:"heartbeatMs"` // a heartbeat frame comes at least this often
-	}
-	rowsFrame struct {
-		Type    string            `json:"type"` // "rows" or "gone"
-		Key     shared.EntityKey  `json:"key"`
-		Seq     uint64            `json:"seq"`
-		Version string            `json:"version"`
-		IDs     []string          `json:"ids,omitempty"` // a collection's, parallel to Rows
-		Rows    []json.RawMessage `json:"rows,omitempty"`
-	}
-	diffFrame struct {
-		Type    string           `json:"type"` // "diff"
-		Key     shared.EntityKey `json:"key"`
-		Seq     uint64           `json:"seq"`
-		Base    string           `json:"base"`
-		Version string           `json:"version"`
-		Upsert  []upsert         `json:"upsert,omitempty"`
-		Remove  []string         `json:"remove,omitempty"`
-		Order   []string         `json:"order,omitempty"`
-	}
-	upsert struct {
-		ID  string          `json:"id"`
-		Row json.RawMessage `json:"row"`
-	}
-	unchangedFrame struct {
-		Type    string           `json:"type"` // "unchanged"
-		Key     shared.EntityKey `json:"key"`
-		Seq     uint64           `json:"seq"`
-		Version string           `json:"version"`
 	}
 	revokedFrame struct {
 		Type   string           `json:"type"` // "revoked"
