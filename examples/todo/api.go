@@ -34,7 +34,8 @@ import (
 //
 // Reads of a list's items go through entity-sync, not this API: the page
 // subscribes to the key {"entity":"list","id":ID} and gets the items on
-// every change.
+// every change; the home page subscribes to {"entity":"lists","id":"recent"},
+// the newest lists.
 
 const (
 	// maxTitle is the longest title, in characters. The server is the one
@@ -82,12 +83,12 @@ func (a *api) createList(w http.ResponseWriter, r *http.Request) {
 	if !readJSON(w, r, &req) || !validTitle(w, &req.Title) {
 		return
 	}
-	l, err := a.db.createList(r.Context(), req.Title)
+	l, err := a.db.createList(writeContext(r), req.Title)
 	if err != nil {
 		a.fail(w, r, err)
 		return
 	}
-	writeJSON(w, http.StatusCreated, l)
+	a.changed(w, shared.EntityKey{Entity: entityLists, ID: listsRecent}, http.StatusCreated, l)
 }
 
 func (a *api) getList(w http.ResponseWriter, r *http.Request) {
@@ -112,7 +113,7 @@ func (a *api) addItem(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, err)
 		return
 	}
-	a.changed(w, r, listID, http.StatusCreated, it)
+	a.changed(w, listKey(listID), http.StatusCreated, it)
 }
 
 func (a *api) updateItem(w http.ResponseWriter, r *http.Request) {
@@ -149,7 +150,7 @@ func (a *api) updateItem(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, err)
 		return
 	}
-	a.changed(w, r, listID, http.StatusOK, it)
+	a.changed(w, listKey(listID), http.StatusOK, it)
 }
 
 func (a *api) deleteItem(w http.ResponseWriter, r *http.Request) {
@@ -161,17 +162,22 @@ func (a *api) deleteItem(w http.ResponseWriter, r *http.Request) {
 		a.fail(w, r, err)
 		return
 	}
-	a.changed(w, r, listID, http.StatusOK, struct{}{})
+	a.changed(w, listKey(listID), http.StatusOK, struct{}{})
 }
 
-// changed answers a successful write to a list's items. With SQLite the app
-// tells every server that the list changed; each one that has subscribers
-// for it re-reads the items and pushes them. With Postgres the trigger has
-// already done so, at commit.
-func (a *api) changed(w http.ResponseWriter, r *http.Request, listID string, status int, body any) {
+// listKey is the key of a list's items.
+func listKey(listID string) shared.EntityKey {
+	return shared.EntityKey{Entity: entityList, ID: listID}
+}
+
+// changed answers a successful write that changed key's rows. With SQLite
+// the app tells every server that the key changed; each one that has
+// subscribers for it re-reads the rows and pushes them. With Postgres the
+// triggers have already done so, at commit.
+func (a *api) changed(w http.ResponseWriter, key shared.EntityKey, status int, body any) {
 	if !a.db.notifiesItself() {
-		if err := a.es.NotifyAllOfChange(shared.EntityKey{Entity: entityList, ID: listID}); err != nil {
-			a.log.WithError(err).WithField("list", listID).Error("notify")
+		if err := a.es.NotifyAllOfChange(key); err != nil {
+			a.log.WithError(err).WithField("key", key).Error("notify")
 			writeError(w, http.StatusServiceUnavailable, "saved, but the other pages could not be told: %v", err)
 			return
 		}

@@ -14,9 +14,12 @@
 // Each server also serves Prometheus metrics on /metrics, and liveness and
 // readiness probes on /healthz and /readyz (docs/operations.md).
 //
+// The home page is live too: a list created on either side appears on the
+// other's home page at once.
+//
 // With PostgreSQL as both the database and the queue between the servers
-// (LISTEN/NOTIFY; a trigger on the items table notifies every write, even
-// one made with psql):
+// (LISTEN/NOTIFY; triggers on the items and lists tables notify every
+// write, even one made with psql, such as renaming a list):
 //
 //	go run ./examples/todo -pg postgres://postgres@127.0.0.1:5432/test
 //

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/gorilla/websocket"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/sirupsen/logrus"
 
 	"github.com/entity-sync/entity-sync/esclient"
@@ -295,6 +296,78 @@ func watch(t *testing.T, base, listID string) <-chan []item {
 	return pushes
 }
 
+// watchLists subscribes to the home page's key on the server at base, as
+// the page does, and returns the lists of each push, in order.
+func watchLists(t *testing.T, base, id string) <-chan []list {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	c, err := esclient.Dial(ctx, "ws"+strings.TrimPrefix(base, "http")+shared.WebsocketPath, esclient.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	pushes := make(chan []list, 1000)
+	c.Subscribe(shared.EntityKey{Entity: entityLists, ID: id}, func(rows []json.RawMessage) {
+		ls := make([]list, len(rows))
+		for i, row := range rows {
+			if err := json.Unmarshal(row, &ls[i]); err != nil {
+				t.Errorf("row %s: %v", row, err)
+			}
+		}
+		pushes <- ls
+	}, func() { pushes <- []list{} })
+	return pushes
+}
+
+// awaitLists waits until a push holds exactly want.
+func awaitLists(t *testing.T, pushes <-chan []list, want ...list) {
+	t.Helper()
+	if want == nil {
+		want = []list{}
+	}
+	timeout := time.After(wait)
+	var last []list
+	for {
+		select {
+		case last = <-pushes:
+			if reflect.DeepEqual(last, want) {
+				return
+			}
+		case <-timeout:
+			t.Fatalf("the home page shows %v, want %v", last, want)
+		}
+	}
+}
+
+// The home page is live: a list created through one server reaches a page
+// on the other, newest first, without a reload.
+func TestListsReachTheHomePageLive(t *testing.T) {
+	dir := t.TempDir()
+	nsqd := nsqtest.StartNSQD(t)
+	a := runTestServer(t, openTestSQLite(t, dir), nsqd.TCPAddr())
+	b := runTestServer(t, openTestSQLite(t, dir), nsqd.TCPAddr())
+	homeLists(t, a, b, nil)
+}
+
+// homeLists creates two lists through a and checks that a page on b's home
+// page shows each at once; rename, if set, renames a list behind the app's
+// back (Postgres: with SQL), and the page must show that too.
+func homeLists(t *testing.T, a, b string, rename func(id, title string)) {
+	t.Helper()
+	onB := watchLists(t, b, listsRecent)
+	awaitLists(t, onB)                       // no list yet: "gone"
+	awaitLists(t, watchLists(t, b, "other")) // no such key: gone
+	groceries := mustCall(t, "POST", a+"/api/lists", `{"title":"Groceries"}`)["id"].(string)
+	awaitLists(t, onB, list{ID: groceries, Title: "Groceries"})
+	chores := mustCall(t, "POST", a+"/api/lists", `{"title":"Chores"}`)["id"].(string)
+	awaitLists(t, onB, list{ID: chores, Title: "Chores"}, list{ID: groceries, Title: "Groceries"})
+	if rename != nil {
+		rename(groceries, "Food")
+		awaitLists(t, onB, list{ID: chores, Title: "Chores"}, list{ID: groceries, Title: "Food"})
+	}
+}
+
 // awaitItems waits until a push holds exactly want; versions are compared
 // only if want gives them.
 func awaitItems(t *testing.T, pushes <-chan []item, want ...item) {
@@ -451,18 +524,19 @@ func get(t *testing.T, url string) (int, string) {
 	return res.StatusCode, string(b)
 }
 
-// With Postgres, the trigger notifies at commit (the app does not), and a
-// write from another program (SQL straight to the table) is pushed too.
-func TestTwoServersSharePostgres(t *testing.T) {
-	pool := pgtest.Pool(t)
-	schema := pgtest.Schema(t, pool)
+// postgresStores gives a test a schema of its own in the test database, and
+// a function that opens a store on it (as one server does).
+func postgresStores(t *testing.T) (pool *pgxpool.Pool, schema string, open func() *store) {
+	t.Helper()
+	pool = pgtest.Pool(t)
+	schema = pgtest.Schema(t, pool)
 	dsn := pgtest.DSN()
 	if strings.Contains(dsn, "?") {
 		dsn += "&search_path=" + schema
 	} else {
 		dsn += "?search_path=" + schema
 	}
-	open := func() *store {
+	return pool, schema, func() *store {
 		db, err := openPostgres(context.Background(), dsn)
 		if err != nil {
 			t.Fatal(err)
@@ -470,6 +544,12 @@ func TestTwoServersSharePostgres(t *testing.T) {
 		t.Cleanup(func() { db.Close() })
 		return db
 	}
+}
+
+// With Postgres, the trigger notifies at commit (the app does not), and a
+// write from another program (SQL straight to the table) is pushed too.
+func TestTwoServersSharePostgres(t *testing.T) {
+	pool, schema, open := postgresStores(t)
 	dbA := open()
 	a, b := runTestServer(t, dbA, ""), runTestServer(t, open(), "")
 	listID := exercise(t, a, b)
@@ -479,6 +559,16 @@ func TestTwoServersSharePostgres(t *testing.T) {
 	pgtest.Exec(t, pool, "INSERT INTO "+schema+".todo_items (list_id, title, done) VALUES ($1, 'Eggs', true)", listID)
 	awaitItems(t, onA, item{ID: 2, Title: "Rye bread"}, item{ID: 3, Title: "Eggs", Done: true})
 	editConflicts(t, a, dbA)
+}
+
+// With Postgres the home page is live too, renames made with SQL included:
+// a statement trigger on the lists table notifies its key.
+func TestHomePageLiveOnPostgres(t *testing.T) {
+	pool, schema, open := postgresStores(t)
+	a, b := runTestServer(t, open(), ""), runTestServer(t, open(), "")
+	homeLists(t, a, b, func(id, title string) {
+		pgtest.Exec(t, pool, "UPDATE "+schema+".todo_lists SET title = $2 WHERE id = $1", id, title)
+	})
 }
 
 // launcher is the todo command run as a user runs it (this test binary

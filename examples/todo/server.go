@@ -24,9 +24,16 @@ import (
 	"github.com/entity-sync/entity-sync/shared"
 )
 
-// entityList is the entity type clients subscribe to: the key
+// entityList is the entity type of a list's items: the key
 // {"entity":"list","id":ID} has one row per item of list ID.
 const entityList shared.EntityType = "list"
+
+// The home page's key, {"entity":"lists","id":"recent"}: one row per list,
+// the newest first. It is the only key of its entity type.
+const (
+	entityLists shared.EntityType = "lists"
+	listsRecent                   = "recent"
+)
 
 // shutdownTimeout bounds a graceful shutdown, so a stuck client cannot keep
 // the process alive after Ctrl-C.
@@ -109,6 +116,29 @@ func serve(ctx context.Context, cfg serverConfig, ln net.Listener) error {
 	if err != nil {
 		ln.Close()
 		return errors.Join(fmt.Errorf("register %q: %w", entityList, err), es.Close(context.Background()))
+	}
+
+	// The home page's lists, a collection too, its rows named by the list's
+	// id (a string). Any id but "recent" has no rows.
+	err = es.RegisterCollection(entityLists, func(ctx context.Context, key shared.EntityKey) ([][]byte, error) {
+		if key.ID != listsRecent {
+			return nil, nil
+		}
+		ls, err := cfg.DB.lists(ctx)
+		if err != nil {
+			return nil, err
+		}
+		rows := make([][]byte, len(ls))
+		for i, l := range ls {
+			if rows[i], err = json.Marshal(l); err != nil {
+				return nil, err
+			}
+		}
+		return rows, nil
+	}, esdb.JSONField("id"))
+	if err != nil {
+		ln.Close()
+		return errors.Join(fmt.Errorf("register %q: %w", entityLists, err), es.Close(context.Background()))
 	}
 
 	r := es.Mux // already serves the websocket endpoint, /ws/entity-sync/

@@ -141,7 +141,11 @@ func openPostgres(ctx context.Context, connString string) (*store, error) {
 		if _, err := tx.Exec(ctx, `ALTER TABLE todo_items ADD COLUMN IF NOT EXISTS version BIGINT NOT NULL DEFAULT 1`); err != nil {
 			return err
 		}
-		return pgq.ApplyTrigger(ctx, tx, pgq.Trigger{Table: "todo_items", Entity: entityList, IDColumn: "list_id"})
+		if err := pgq.ApplyTrigger(ctx, tx, pgq.Trigger{Table: "todo_items", Entity: entityList, IDColumn: "list_id"}); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, listsTrigger)
+		return err
 	})
 	if err != nil {
 		pool.Close()
@@ -154,6 +158,21 @@ func openPostgres(ctx context.Context, connString string) (*store, error) {
 		where: fmt.Sprintf("PostgreSQL %s:%d/%s", cfg.Host, cfg.Port, cfg.Database),
 	}, nil
 }
+
+// listsTrigger makes any write to todo_lists (a list created, or renamed
+// with psql) notify the home page's key, once per statement: every write
+// changes the same key, so per-row notifications would only repeat it.
+var listsTrigger = fmt.Sprintf(`
+CREATE OR REPLACE FUNCTION todo_lists_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+	PERFORM pg_notify('%s', '{"entity":"%s","id":"%s"}');
+	RETURN NULL;
+END
+$$;
+DROP TRIGGER IF EXISTS todo_lists_notify ON todo_lists;
+CREATE TRIGGER todo_lists_notify AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON todo_lists
+	FOR EACH STATEMENT EXECUTE FUNCTION todo_lists_notify();
+`, pgq.DefaultChannel, entityLists, listsRecent)
 
 // notifiesItself reports whether the database announces item changes on its
 // own (Postgres: the trigger, at commit), so the app must not.

@@ -402,3 +402,22 @@ test('an edit of an item someone changed meanwhile shows their change instead of
   assert.equal(await b.isHidden('#error'), true);
   assert.deepEqual(problems, []);
 });
+
+test('the home page is live: a list created on the other server appears without a reload', async () => {
+  const problems = [];
+  const homeB = await open(todo.urls[1], problems);
+  await inState(homeB, 'connected');
+  const home = await open(todo.urls[0], problems);
+  await home.fill('#new-list input', 'Created elsewhere');
+  await home.press('#new-list input', 'Enter');
+  await home.waitForURL(/\/lists\/[0-9a-f]+$/);
+  const id = new URL(home.url()).pathname.split('/').pop();
+  // Newest first, linking to the list.
+  await homeB.waitForFunction(
+    (id) => document.querySelector('#lists li')?.dataset.id === id,
+    id, { timeout: WAIT, polling: 20 },
+  );
+  assert.equal(await homeB.textContent('#lists li:first-child a'), 'Created elsewhere');
+  assert.equal(await homeB.getAttribute('#lists li:first-child a', 'href'), `/lists/${id}`);
+  assert.deepEqual(problems, []);
+});
