@@ -12,9 +12,12 @@
 // Each server serves the entity type "items" from one shared in-memory
 // store (rows {"entity":"items","id":ID,"v":VERSION}; a deleted item has no
 // rows), the collection "lists" (key lists/L: list L's items in order, rows
-// {"id":ITEM,"text":TEXT,"n":WRITES} named by "id"; see lists.go) and the
-// files under -root at / (so a page and the client module load from the
-// same origin as the websocket). The control API, all GET, answers JSON:
+// {"id":ITEM,"text":TEXT,"n":WRITES} named by "id"; see lists.go), the
+// entity type "latin1", whose rows hold invalid UTF-8 (key latin1/ID: rows
+// {"id":ID,"name":"caf\xc3"} and {"id":ID,"city":"K\xf6ln"}, as a string
+// cut at a byte count and Latin-1 text would give), and the files under
+// -root at / (so a page and the client module load from the same origin as
+// the websocket). The control API, all GET, answers JSON:
 //
 //	/bump?server=N&id=ID     increment item ID's version, notify from server N -> {"v":V}
 //	/delete?id=ID&server=N   delete item ID, notify from server N                -> {"v":V}
@@ -58,6 +61,22 @@ import (
 )
 
 const entityItems shared.EntityType = "items"
+
+// entityLatin1 serves rows holding invalid UTF-8 (see fetchLatin1).
+const entityLatin1 shared.EntityType = "latin1"
+
+// fetchLatin1 returns rows that json.Valid accepts but that hold invalid
+// UTF-8: the server must not put them in a text frame as they are.
+func fetchLatin1(_ context.Context, key shared.EntityKey) ([][]byte, error) {
+	id, err := json.Marshal(key.ID)
+	if err != nil {
+		return nil, err
+	}
+	return [][]byte{
+		fmt.Appendf(nil, "{\"id\":%s,\"name\":\"caf\xc3\"}", id),
+		fmt.Appendf(nil, "{\"id\":%s,\"city\":\"K\xf6ln\"}", id),
+	}, nil
+}
 
 func main() {
 	root := flag.String("root", "clients/js", "directory served at / on every server (the page and the client module)")
@@ -184,6 +203,10 @@ func (h *harness) startBackend(s *server) (string, error) {
 		return "", err
 	}
 	if err := es.RegisterCollection(entityLists, h.lists.fetch, esdb.JSONField("id")); err != nil {
+		_ = es.Close(context.Background())
+		return "", err
+	}
+	if err := es.Register(entityLatin1, fetchLatin1); err != nil {
 		_ = es.Close(context.Background())
 		return "", err
 	}

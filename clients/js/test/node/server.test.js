@@ -106,6 +106,30 @@ test('duplicate subscriptions share one server subscription', async (t) => {
   assert.deepEqual(b.drain(), []);
 });
 
+test('rows holding invalid UTF-8 arrive repaired and the connection stays up', async (t) => {
+  // The ws package, like a browser, fails a connection on a text frame
+  // that is not valid UTF-8 (RFC 6455, section 8.1).
+  const { c, states } = client(0);
+  t.after(() => c.close());
+  await states.until((e) => e.kind === State.CONNECTED, 'connected');
+  const id = uniqueID('latin1');
+  const rec = new Recorder();
+  c.subscribe('latin1', id, rec.handlers());
+  const e = await rec.next('rows of latin1');
+  assert.equal(e.kind, 'rows');
+  assert.deepEqual(e.rows, [
+    { id, name: 'caf\uFFFD' },
+    { id, city: 'K\uFFFDln' },
+  ]);
+  // A change of another key arrives on the same connection: it was never
+  // dropped.
+  const fence = new Recorder();
+  const fenceID = uniqueID('fence');
+  c.subscribe('items', fenceID, fence.handlers());
+  await awaitVersion(fence, await bump(1, fenceID));
+  assert.deepEqual(states.drain(), []);
+});
+
 test('gone, and rows again when the item comes back', async (t) => {
   const { c } = client(0);
   t.after(() => c.close());
