@@ -62,6 +62,16 @@ import (
 // of a new hole are not recorded, and they count as lost one second after
 // the first of them went untracked (a late message cannot fill them).
 //
+// Whoever can publish on the broker can forge stamps, so what a subscription
+// keeps and does for them is bounded: at most 1,024 publishers are tracked
+// per entity type (a new one makes it forget the one heard from least
+// recently, whose open holes then count as lost once grace has passed), a
+// publisher id longer than 64 bytes is not tracked at all (its messages are
+// passed on as unstamped ones, its marks dropped; logged once), and onLoss
+// is called at most once per 5 seconds per entity type: a loss found sooner
+// after the last call waits for the end of those 5 seconds, and the one call
+// then covers every loss found meanwhile.
+//
 // Publishers not heard from for an hour are forgotten. Close stops every timer
 // and waits for the marks being sent. Wrapping a queue DetectLoss returned
 // returns it unchanged, and so is the in-process queue (*Memory): it hands
@@ -97,13 +107,25 @@ type lossTiming struct {
 	// across publishers: the numbers of a hole beyond it are not recorded
 	// and count as lost once grace has passed.
 	maxHoles int
+	// maxPublishers bounds the publishers tracked per subscription.
+	maxPublishers int
+	// resyncEvery is the least time between two onLoss calls of a
+	// subscription that the detector makes (the wrapped queue's own are
+	// passed on at once).
+	resyncEvery time.Duration
 }
 
+// maxPublisherID is the longest publisher id tracked, in bytes; the
+// detector's own are 28.
+const maxPublisherID = 64
+
 var defaultLossTiming = lossTiming{
-	marks:    []time.Duration{200 * time.Millisecond, 2 * time.Second, 15 * time.Second, 60 * time.Second},
-	grace:    time.Second,
-	forget:   time.Hour,
-	maxHoles: 4096,
+	marks:         []time.Duration{200 * time.Millisecond, 2 * time.Second, 15 * time.Second, 60 * time.Second},
+	grace:         time.Second,
+	forget:        time.Hour,
+	maxHoles:      4096,
+	maxPublishers: 1024,
+	resyncEvery:   5 * time.Second,
 }
 
 type lossDetector struct {
@@ -285,6 +307,10 @@ func (d *lossDetector) Subscribe(entity shared.EntityType, onMessage func(body [
 		innerLoss = func() {
 			s.mu.Lock()
 			s.coverAll()
+			// This resync covers every loss found so far, including one
+			// waiting for the end of the rate limit's window.
+			s.deferredN = 0
+			s.nextResync = time.Now().Add(s.d.timing.resyncEvery)
 			s.mu.Unlock()
 			onLoss()
 		}
@@ -324,7 +350,20 @@ type seqSub struct {
 
 	mu    sync.Mutex
 	peers map[string]*seqPeer // by publisher id
-	holes int                 // open holes, of every publisher (at most maxHoles)
+	// recent and oldest are the ends of the list of peers, by when they
+	// were last heard: the oldest is forgotten for a new one beyond
+	// maxPublishers.
+	recent, oldest *seqPeer
+	longIDWarned   bool // a publisher id too long to track was logged
+	// nextResync is the earliest time the detector may call onLoss again;
+	// deferredN counts the messages of the losses waiting for it (with how
+	// the last was found), reported by resyncTimer.
+	nextResync  time.Time
+	deferredN   uint64
+	deferredHow string
+	resyncTimer *time.Timer
+	resyncArmed bool
+	holes       int // open holes, of every publisher (at most maxHoles)
 	// untracked is when the oldest hole that was not recorded (beyond
 	// maxHoles) opened, zero if none; untrackedN counts their numbers.
 	untracked  time.Time
@@ -338,9 +377,11 @@ type seqSub struct {
 
 // seqPeer is what a subscriber knows of one publisher.
 type seqPeer struct {
-	last  uint64 // highest number received
-	holes []span // numbers below last not received, ascending (and so by opened)
-	epoch uint64 // the sweep epoch it was last heard in
+	id           string
+	newer, older *seqPeer // in the subscription's list, by when last heard
+	last         uint64   // highest number received
+	holes        []span   // numbers below last not received, ascending (and so by opened)
+	epoch        uint64   // the sweep epoch it was last heard in
 }
 
 // span is the sequence numbers from..to, inclusive, missing since opened.
@@ -351,8 +392,20 @@ type span struct {
 
 func (s *seqSub) handle(body []byte) {
 	pub, n, mark, ok := parseStamp(body)
+	if ok && len(pub) > maxPublisherID {
+		ok = false
+		s.mu.Lock()
+		warn := !s.longIDWarned
+		s.longIDWarned = true
+		s.mu.Unlock()
+		if warn {
+			s.d.log.WithField("entity", s.entity).Warnf("a message stamped by a publisher id of %d bytes (at most %d are tracked): such messages are passed on untracked and such marks dropped; none of this process's publishers makes them", len(pub), maxPublisherID)
+		}
+	}
 	if !ok {
-		s.onMessage(body)
+		if !mark {
+			s.onMessage(body)
+		}
 		return
 	}
 	if !mark {
@@ -374,8 +427,56 @@ func (s *seqSub) check(pub []byte, n uint64, mark bool) (missing uint64) {
 	return s.coverAll()
 }
 
-// lost logs a loss and calls onLoss.
+// lost reports a loss of missing messages: logged and passed to onLoss now,
+// or at the end of the rate limit's window (resyncDue) when onLoss was
+// called less than resyncEvery ago. The holes were covered already: the
+// resync, whenever it starts, starts after they were found.
 func (s *seqSub) lost(missing uint64, how string) {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return
+	}
+	now := time.Now()
+	if wait := s.nextResync.Sub(now); wait > 0 {
+		s.deferredN += missing
+		s.deferredHow = how
+		if !s.resyncArmed {
+			s.resyncArmed = true
+			if s.resyncTimer == nil {
+				s.resyncTimer = time.AfterFunc(wait, s.resyncDue)
+			} else {
+				s.resyncTimer.Reset(wait)
+			}
+		}
+		s.mu.Unlock()
+		return
+	}
+	s.nextResync = now.Add(s.d.timing.resyncEvery)
+	s.mu.Unlock()
+	s.report(missing, how)
+}
+
+// resyncDue reports the losses that waited for the end of the rate limit's
+// window, unless a resync of the wrapped queue covered them meanwhile.
+func (s *seqSub) resyncDue() {
+	s.mu.Lock()
+	s.resyncArmed = false
+	if s.closed || s.deferredN == 0 {
+		s.mu.Unlock()
+		return
+	}
+	missing, how := s.deferredN, s.deferredHow
+	s.deferredN = 0
+	s.nextResync = time.Now().Add(s.d.timing.resyncEvery)
+	s.d.running.Add(1)
+	s.mu.Unlock()
+	defer s.d.running.Done()
+	s.report(missing, how)
+}
+
+// report logs a loss and calls onLoss.
+func (s *seqSub) report(missing uint64, how string) {
 	s.d.log.WithField("entity", s.entity).Warnf(
 		"%d notifications lost by the queue (found by %s): re-fetching the subscribed keys. With NSQ: an nsqd restarted or was unreachable, or this server's channel overflowed (then raise nsqd's --mem-queue-size or find what stalls the server)", missing, how)
 	if s.onLoss != nil {
@@ -403,17 +504,35 @@ func (s *seqSub) coverAll() (missing uint64) {
 // record is check's work. With s.mu held.
 func (s *seqSub) record(pub []byte, n uint64, mark bool) (lost bool) {
 	p := s.peers[string(pub)]
-	if p == nil {
+	fresh := p == nil
+	if fresh {
 		s.sweep()
-		if !s.startedSince(pub) {
-			s.peers[string(pub)] = &seqPeer{last: n, epoch: s.epoch}
-			return false
+		if len(s.peers) >= s.d.timing.maxPublishers {
+			s.forget(s.oldest)
 		}
-		// Numbers from 1 should all have come: check n as if 0 had.
-		p = &seqPeer{}
-		s.peers[string(pub)] = p
+		p = &seqPeer{id: string(pub)}
+		s.peers[p.id] = p
 	}
 	p.epoch = s.epoch
+	if p != s.recent { // most recently heard: to the front of the list
+		if !fresh {
+			s.unlink(p)
+		}
+		p.older = s.recent
+		if s.recent != nil {
+			s.recent.newer = p
+		}
+		s.recent = p
+		if s.oldest == nil {
+			s.oldest = p
+		}
+	}
+	if fresh && !s.startedSince(pub) {
+		p.last = n
+		return false
+	}
+	// (For a publisher that started since: numbers from 1 should all have
+	// come, so n is checked as if 0 had.)
 	if mark {
 		// Every number up to n was published before the mark: those still
 		// missing are lost (the caller covers every hole at once, so this
@@ -447,6 +566,39 @@ func (s *seqSub) record(pub []byte, n uint64, mark bool) (lost bool) {
 		s.holes += p.fill(n)
 	}
 	return false
+}
+
+// unlink takes p out of the list of peers. With s.mu held.
+func (s *seqSub) unlink(p *seqPeer) {
+	if p.newer != nil {
+		p.newer.older = p.older
+	} else {
+		s.recent = p.older
+	}
+	if p.older != nil {
+		p.older.newer = p.newer
+	} else {
+		s.oldest = p.newer
+	}
+	p.newer, p.older = nil, nil
+}
+
+// forget drops publisher p. Its open holes can no longer be filled: they
+// join the untracked ones, a loss once grace has passed since they opened.
+// With s.mu held.
+func (s *seqSub) forget(p *seqPeer) {
+	for _, h := range p.holes {
+		if s.untracked.IsZero() || h.opened.Before(s.untracked) {
+			s.untracked = h.opened
+		}
+		s.untrackedN += h.to - h.from + 1
+	}
+	if len(p.holes) > 0 {
+		s.holes -= len(p.holes)
+		s.armGrace(max(s.d.timing.grace-time.Since(s.untracked), 0))
+	}
+	s.unlink(p)
+	delete(s.peers, p.id)
 }
 
 // armGrace makes graceDue run after wait, unless it is due already. With
@@ -571,9 +723,9 @@ func (s *seqSub) sweep() {
 	if now.Sub(s.lastSweep) < s.d.timing.forget {
 		return
 	}
-	for id, p := range s.peers {
+	for _, p := range s.peers {
 		if p.epoch != s.epoch && len(p.holes) == 0 {
-			delete(s.peers, id)
+			s.forget(p)
 		}
 	}
 	s.epoch++
@@ -623,6 +775,9 @@ func (d *lossDetector) Close(ctx context.Context) error {
 		s.closed = true
 		if s.timer != nil {
 			s.timer.Stop()
+		}
+		if s.resyncTimer != nil {
+			s.resyncTimer.Stop()
 		}
 		s.mu.Unlock()
 	}

@@ -2,7 +2,12 @@ package esq
 
 import (
 	"context"
+	"fmt"
+	"runtime"
 	"testing"
+	"time"
+
+	logtest "github.com/sirupsen/logrus/hooks/test"
 )
 
 // The stamp and the check alone, per message: Publish's stamping of a key
@@ -19,16 +24,18 @@ func BenchmarkLossDetectStampAndCheck(b *testing.B) {
 	}
 }
 
-// Publish and delivery through the in-process queue, without and with
-// DetectLoss: the difference is what loss detection adds per message,
-// sequence bookkeeping and the marks' timer included.
+// Publish and delivery through the in-process queue, without and with the
+// loss detector (which DetectLoss does not put on that queue, since it
+// cannot lose: the detector is built directly): the difference is what loss
+// detection adds per message, sequence bookkeeping and the marks' timer
+// included.
 func BenchmarkMemoryPublish(b *testing.B) {
 	for _, c := range []struct {
 		name string
 		wrap func(Queue) Queue
 	}{
 		{"plain", func(q Queue) Queue { return q }},
-		{"DetectLoss", func(q Queue) Queue { return DetectLoss(q, nil) }},
+		{"DetectLoss", func(q Queue) Queue { return newLossDetector(q, defaultLossTiming) }},
 	} {
 		b.Run(c.name, func(b *testing.B) {
 			q := c.wrap(NewMemory())
@@ -45,5 +52,38 @@ func BenchmarkMemoryPublish(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// The heap a subscription keeps after 200,000 messages, each from a
+// different (forged) publisher id, as anyone who can publish on the broker
+// can send: reported as heap-MB, with the publishers remembered.
+func BenchmarkLossForgedPublishers(b *testing.B) {
+	const forged = 200_000
+	bodies := make([][]byte, forged)
+	for i := range bodies {
+		bodies[i] = stamp([]byte(`{"entity":"items","id":"1"}`), 26, fmt.Sprintf("forged-%016x", i), 7)
+	}
+	l, _ := logtest.NewNullLogger()
+	for b.Loop() {
+		d := newLossDetector(newFakeBroker(), defaultLossTiming)
+		d.log = l
+		s := &seqSub{d: d, entity: "items", onMessage: func([]byte) {}, onLoss: func() {},
+			peers: make(map[string]*seqPeer), lastSweep: time.Now(), since: time.Now()}
+		var before, after runtime.MemStats
+		runtime.GC()
+		runtime.ReadMemStats(&before)
+		for _, body := range bodies {
+			s.handle(body)
+		}
+		runtime.GC()
+		runtime.ReadMemStats(&after)
+		s.mu.Lock()
+		peers := len(s.peers)
+		s.mu.Unlock()
+		b.ReportMetric(float64(int64(after.HeapAlloc)-int64(before.HeapAlloc))/1e6, "heap-MB")
+		b.ReportMetric(float64(peers), "publishers")
+		runtime.KeepAlive(s)
+		d.Close(context.Background())
 	}
 }

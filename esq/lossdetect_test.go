@@ -416,6 +416,7 @@ func TestLossFirstSightingOfANewPublisherStartsAtOne(t *testing.T) {
 		ev.expect(t, "msg c, loss")
 
 		// All its messages lost: its first mark is the first sighting.
+		time.Sleep(defaultLossTiming.resyncEvery) // past the rate limit's window
 		marked := publisherID(time.Now(), "fedcba9876543210")
 		f.deliver("items", markBody(marked, 2))
 		ev.expect(t, "msg c, loss, loss")
@@ -798,4 +799,162 @@ func TestLossSubscribeErrors(t *testing.T) {
 	if err := d.Close(context.Background()); err != nil {
 		t.Fatalf("second close: %v", err)
 	}
+}
+
+// A subscription tracks at most maxPublishers publishers, however many ids
+// are forged on the broker, forgetting the least recently heard; one heard
+// regularly is kept, and its losses still found. An id too long to track is
+// passed on untracked and logged once.
+func TestLossPublishersTrackedAreBounded(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := newFakeBroker()
+		d := quietDetector(f)
+		l, hook := logtest.NewNullLogger()
+		d.log = l
+		defer d.Close(context.Background())
+		ev := &events{}
+		if err := d.Subscribe("items", ev.onMessage, ev.onLoss); err != nil {
+			t.Fatal(err)
+		}
+		s := d.subs[0]
+		msg := func(pub, id string, n uint64) []byte { return stamp(keyBody(id), len(keyBody(id))-1, pub, n) }
+		alive := uint64(0)
+		for i := 0; i < 5*defaultLossTiming.maxPublishers; i++ {
+			if i%100 == 0 {
+				alive++
+				f.deliver("items", msg("alive", "a", alive))
+			}
+			f.deliver("items", markBody(fmt.Sprint("forged-", i), 7))
+		}
+		s.mu.Lock()
+		peers, kept := len(s.peers), s.peers["alive"] != nil
+		s.mu.Unlock()
+		if peers > defaultLossTiming.maxPublishers || !kept {
+			t.Fatalf("%d publishers tracked (alive among them: %v), want at most %d with alive", peers, kept, defaultLossTiming.maxPublishers)
+		}
+		long := strings.Repeat("x", maxPublisherID+1)
+		for i := uint64(1); i <= 10; i++ {
+			f.deliver("items", msg(long, "long", i*2))
+			f.deliver("items", markBody(long, i*2+100))
+		}
+		s.mu.Lock()
+		_, tracked := s.peers[long]
+		s.mu.Unlock()
+		if tracked {
+			t.Fatal("a publisher id longer than the limit is tracked")
+		}
+		warned := 0
+		for _, e := range hook.AllEntries() {
+			if strings.Contains(e.Message, "publisher id of") {
+				warned++
+			}
+		}
+		if warned != 1 {
+			t.Fatalf("%d warnings for too long publisher ids, want 1", warned)
+		}
+		ev.mu.Lock()
+		got := len(ev.log)
+		ev.mu.Unlock()
+		if want := int(alive) + 10; got != want || strings.Contains(ev.String(), "loss") {
+			t.Fatalf("subscriber saw %d events, want %d messages and no loss: %s", got, want, ev)
+		}
+		// The publisher kept still has its gaps found.
+		f.deliver("items", msg("alive", "gap", alive+2))
+		time.Sleep(defaultLossTiming.grace)
+		synctest.Wait()
+		if !strings.HasSuffix(ev.String(), "msg gap, loss") {
+			t.Fatalf("subscriber saw [...%s], want a loss after alive's gap", ev.String()[max(0, len(ev.String())-40):])
+		}
+	})
+}
+
+// A publisher forgotten for newer ones while it has a hole open cannot have
+// the hole filled any more: it is a loss once grace has passed since it
+// opened, not dropped silently.
+func TestLossForgottenPublishersHolesAreALossAfterGrace(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := newFakeBroker()
+		d := quietDetector(f)
+		defer d.Close(context.Background())
+		ev := &events{}
+		if err := d.Subscribe("items", ev.onMessage, ev.onLoss); err != nil {
+			t.Fatal(err)
+		}
+		s := d.subs[0]
+		msg := func(pub, id string, n uint64) []byte { return stamp(keyBody(id), len(keyBody(id))-1, pub, n) }
+		f.deliver("items", msg("a", "a1", 1))
+		f.deliver("items", msg("a", "a3", 3)) // a's 2 missing
+		time.Sleep(defaultLossTiming.grace / 2)
+		for i := 0; i < defaultLossTiming.maxPublishers; i++ {
+			f.deliver("items", markBody(fmt.Sprint("forged-", i), 7))
+		}
+		s.mu.Lock()
+		peers, kept := len(s.peers), s.peers["a"] != nil
+		s.mu.Unlock()
+		if peers > defaultLossTiming.maxPublishers || kept {
+			t.Fatalf("%d publishers tracked (a among them: %v), want at most %d without a", peers, kept, defaultLossTiming.maxPublishers)
+		}
+		f.deliver("items", msg("a", "a2", 2)) // too late: a is new again
+		time.Sleep(defaultLossTiming.grace/2 - time.Millisecond)
+		synctest.Wait()
+		ev.expect(t, "msg a1, msg a3, msg a2")
+		time.Sleep(time.Millisecond)
+		synctest.Wait()
+		ev.expect(t, "msg a1, msg a3, msg a2, loss")
+		time.Sleep(time.Hour)
+		synctest.Wait()
+		ev.expect(t, "msg a1, msg a3, msg a2, loss")
+	})
+}
+
+// Losses found by the detector (here: forged marks) start at most one
+// resync per resyncEvery per entity type; one found sooner waits for the end
+// of the window, and one resync then covers all found meanwhile. The wrapped
+// queue's own losses pass at once and cover what waits.
+func TestLossResyncsAreRateLimited(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := newFakeBroker()
+		d := quietDetector(f)
+		l, hook := logtest.NewNullLogger()
+		d.log = l
+		defer d.Close(context.Background())
+		ev := &events{}
+		if err := d.Subscribe("items", ev.onMessage, ev.onLoss); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Millisecond)
+		forge := func(i int) { // a mark of a publisher started since: 500 lost
+			f.deliver("items", markBody(publisherID(time.Now(), fmt.Sprintf("%016x", i)), 500))
+		}
+		every := defaultLossTiming.resyncEvery
+		forge(1)
+		forge(2)
+		forge(3)
+		ev.expect(t, "loss")
+		time.Sleep(every - time.Millisecond)
+		synctest.Wait()
+		ev.expect(t, "loss")
+		time.Sleep(time.Millisecond)
+		synctest.Wait()
+		ev.expect(t, "loss, loss")
+		time.Sleep(time.Hour)
+		synctest.Wait()
+		ev.expect(t, "loss, loss")
+		var counts []string
+		for _, e := range hook.AllEntries() {
+			counts = append(counts, strings.Fields(e.Message)[0])
+		}
+		if got := strings.Join(counts, " "); got != "500 1000" {
+			t.Fatalf("losses logged with counts %q, want \"500 1000\"", got)
+		}
+
+		forge(4) // a window has passed: at once
+		forge(5) // waits
+		ev.expect(t, "loss, loss, loss")
+		f.losses["items"]() // the wrapped queue's: at once, and covers 5
+		ev.expect(t, "loss, loss, loss, loss")
+		time.Sleep(time.Hour)
+		synctest.Wait()
+		ev.expect(t, "loss, loss, loss, loss")
+	})
 }
