@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -151,6 +152,10 @@ func FuzzEncodeState(f *testing.F) {
 		"\xff\xfe\x00\n[1,2,3]\n\"x\"\n",
 		"",
 		"{\"bad\":\"\\ud800\"}\n{\"k\":\"\x80\"} \n null",
+		// Frames with 2-, 4- and 10-byte headers.
+		strings.Repeat("x", 100),
+		`"` + strings.Repeat("y", 300) + `"`,
+		`"` + strings.Repeat("z", 70000) + `"`,
 	} {
 		f.Add([]byte(s))
 	}
