@@ -40,7 +40,8 @@ type Config struct {
 	// Queue, if set, is used instead of NSQ or the in-process queue.
 	Queue esq.Queue
 	// DisableLossDetection turns off loss detection (esq.DetectLoss), on by
-	// default for every queue: each notification carries its publisher's
+	// default for every queue but the in-process one (which cannot lose a
+	// notification, so it has none): each notification carries its publisher's
 	// sequence number, and a server that finds one missing re-fetches the
 	// entity type's subscribed keys. Turn it off if other programs consume
 	// the topics and cannot take the extra "_es" field or the marks (small
