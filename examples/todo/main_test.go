@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"database/sql"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -181,6 +182,31 @@ func TestAPIBadInputGets4xxWithAMessage(t *testing.T) {
 	if want := []item{{ID: 1, Title: "Oat milk", Done: true, Version: 2}}; err != nil || !reflect.DeepEqual(got, want) {
 		t.Errorf("items: %v %v, want %v", got, err, want)
 	}
+}
+
+// A database made before items had versions is given the column: its items
+// start at version 1.
+func TestOldDatabaseGetsVersions(t *testing.T) {
+	dir := t.TempDir()
+	old, err := sql.Open("sqlite", "file:"+filepath.Join(dir, "todo.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = old.Exec(`CREATE TABLE todo_lists (id TEXT PRIMARY KEY, title TEXT NOT NULL, created BIGINT NOT NULL);
+		CREATE TABLE todo_items (id INTEGER PRIMARY KEY AUTOINCREMENT, list_id TEXT NOT NULL REFERENCES todo_lists (id) ON DELETE CASCADE,
+			title TEXT NOT NULL, done BOOLEAN NOT NULL DEFAULT FALSE);
+		INSERT INTO todo_lists VALUES ('l', 'Old', 1);
+		INSERT INTO todo_items (list_id, title) VALUES ('l', 'Milk');`)
+	old.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	db := openTestSQLite(t, dir)
+	items, err := db.items(context.Background(), "l")
+	if want := []item{{ID: 1, Title: "Milk", Version: 1}}; err != nil || !reflect.DeepEqual(items, want) {
+		t.Fatalf("items: %v %v, want %v", items, err, want)
+	}
+	openTestSQLite(t, dir) // and again: the column is there now
 }
 
 // A server says at start which queue links it to the others; one on the

@@ -7,7 +7,7 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, execFile } from 'node:child_process';
-import { mkdtemp, mkdir, rm } from 'node:fs/promises';
+import { mkdtemp, mkdir, readdir, readFile, readlink, rm } from 'node:fs/promises';
 import { createServer, connect as tcpConnect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -49,11 +49,13 @@ async function startTodo() {
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let log = '';
+  let out = ''; // its stdout
   child.stderr.on('data', (b) => (log += b));
   const exited = new Promise((res) => child.once('exit', res));
   const urls = [];
   await withTimeout(new Promise((res, rej) => {
     createInterface({ input: child.stdout }).on('line', (line) => {
+      out += `${line}\n`;
       const m = line.match(/^\s+(http:\/\/127\.0\.0\.1:\d+\/)$/);
       if (m && urls.push(m[1]) === 2) res();
     });
@@ -61,7 +63,9 @@ async function startTodo() {
   }), 60000, 'the todo servers to start');
   return {
     urls,
+    pid: child.pid,
     log: () => log,
+    output: () => out,
     async stop() {
       child.kill('SIGINT'); // Ctrl-C: stops both servers
       const timer = setTimeout(() => child.kill('SIGKILL'), 20000);
@@ -71,6 +75,32 @@ async function startTodo() {
       assert.equal(code, 0, `todo exited with ${code} after Ctrl-C:\n${log}`);
     },
   };
+}
+
+/**
+ * The process id of the server listening on url's port: the child of the
+ * launcher (pid) that holds the listening socket (Linux: /proc).
+ */
+async function serverPid(pid, url) {
+  const port = Number(new URL(url).port);
+  const listening = new Set(); // socket inodes
+  for (const table of ['/proc/net/tcp', '/proc/net/tcp6']) {
+    const text = await readFile(table, 'utf8').catch(() => '');
+    for (const line of text.split('\n').slice(1)) {
+      const cols = line.trim().split(/\s+/); // sl local_address rem_address st ... inode (10th)
+      if (cols.length >= 10 && cols[3] === '0A' && parseInt(cols[1].split(':')[1], 16) === port) listening.add(cols[9]);
+    }
+  }
+  for (const child of await readdir('/proc')) {
+    if (!/^\d+$/.test(child)) continue;
+    const stat = await readFile(`/proc/${child}/stat`, 'utf8').catch(() => '');
+    if (Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]) !== pid) continue; // "pid (comm) state ppid"
+    for (const fd of await readdir(`/proc/${child}/fd`).catch(() => [])) {
+      const m = (await readlink(`/proc/${child}/fd/${fd}`).catch(() => '')).match(/^socket:\[(\d+)\]$/);
+      if (m && listening.has(m[1])) return Number(child);
+    }
+  }
+  throw new Error(`no child of ${pid} listens on ${url}`);
 }
 
 /**
@@ -419,5 +449,35 @@ test('the home page is live: a list created on the other server appears without 
   );
   assert.equal(await homeB.textContent('#lists li:first-child a'), 'Created elsewhere');
   assert.equal(await homeB.getAttribute('#lists li:first-child a', 'href'), `/lists/${id}`);
+  assert.deepEqual(problems, []);
+});
+
+test('one server killed: the other serves on, the launcher restarts it, and its page reconnects and catches up', { skip: process.platform !== 'linux' && 'finds the server through /proc' }, async () => {
+  const problems = [];
+  const a = await open(todo.urls[0], problems);
+  await a.fill('#new-list input', 'Survivor');
+  await a.press('#new-list input', 'Enter');
+  await a.waitForURL(/\/lists\/[0-9a-f]+$/);
+  const b = await open(new URL(new URL(a.url()).pathname, todo.urls[1]).href, problems);
+  await inState(a, 'connected');
+  await inState(b, 'connected');
+
+  process.kill(await serverPid(todo.pid, todo.urls[0]), 'SIGKILL');
+  await inState(a, 'disconnected');
+  // B's server serves on meanwhile.
+  await b.bringToFront();
+  await b.fill('#new-item input', 'Added while A was down');
+  await b.press('#new-item input', 'Enter');
+  await showsItems(b, [{ title: 'Added while A was down', done: false }]);
+  assert.equal(await b.getAttribute('#state', 'data-state'), 'connected');
+
+  // A's server is back on its address; A reconnects and catches up.
+  await inState(a, 'connected');
+  await showsItems(a, [{ title: 'Added while A was down', done: false }]);
+  await a.bringToFront();
+  await a.fill('#new-item input', 'Added after');
+  await a.press('#new-item input', 'Enter');
+  await showsItems(b, [{ title: 'Added while A was down', done: false }, { title: 'Added after', done: false }]);
+  assert.match(todo.output(), /todo: the server for 127\.0\.0\.1:\d+ stopped \(signal: killed\); restarting it/);
   assert.deepEqual(problems, []);
 });
