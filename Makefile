@@ -31,7 +31,7 @@ help:
 	@echo 'make bench    run the benchmarks: go run ./bench, bench-queues, bench-collections, bench-peer (about 4 min)'
 	@echo 'make bench-queues  every queue: latency through it, notify throughput (about 20 s)'
 	@echo 'make bench-collections  a 500-row collection: diff vs full per change, reconnects with and without resume (about 10 s)'
-	@echo 'make bench-peer  entity-sync vs Centrifuge on one key and many keys, the TCP floor, the latency breakdown (about 3 min)'
+	@echo 'make bench-peer  entity-sync vs Centrifuge on one key and many keys, the latency breakdown (about 3 min)'
 	@echo 'make fmt      gofmt the tree'
 	@echo 'make vet      go vet the module'
 	@echo 'make nsq      build nsqd and nsqlookupd v1.3.0 into ./bin'
@@ -114,7 +114,7 @@ clean:
 # 20 s with the build). Flags via BENCH_ARGS, e.g. make bench BENCH_ARGS='-profile /tmp/prof'
 # (go run ./bench -h lists them). Then the queue comparison (bench-queues,
 # about 20 s), the collection comparison (bench-collections, about 10 s),
-# then the peer, floor, latency breakdown and many-keys phases
+# then the peer, latency breakdown and many-keys phases
 # (bench-peer), about 3 min more on the project's loaded 2-core machine.
 # All run even if one fails; the target fails if any did. The in-process
 # Go benchmarks are separate:
@@ -152,10 +152,10 @@ bench-collections:
 
 # The peer program alone: entity-sync, used as the seed's README does and
 # through New + Register, vs Centrifuge v0.40.1 (one server, then two through
-# nsqd / Redis at 127.0.0.1:6379) on one key, the plain-TCP floor, the seed
-# path's latency breakdown at a low rate (OnRound), then many keys with a
-# few subscribers each; the same websocket clients for every system; prints
-# markdown tables. It is its own Go module (bench/peer), so Centrifuge never
+# nsqd / Redis at 127.0.0.1:6379) on one key, the seed path's latency
+# breakdown at a low rate (OnRound), then many keys with a few subscribers
+# each (the plain-TCP floor with -phases peer,floor); the same websocket
+# clients for every system; prints markdown tables. It is its own Go module (bench/peer), so Centrifuge never
 # enters the library's go.mod. Flags via BENCH_PEER_ARGS, e.g.
 # make bench-peer BENCH_PEER_ARGS='-systems seed,cf -phases peer -one-server-only'
 # or BENCH_PEER_ARGS='-many-keys-only -profile /tmp/prof'

@@ -11,10 +11,11 @@
 // Centrifuge. Every change of every system comes through the app's HTTP
 // write endpoint (NotifyAllOfChange, or Publish, from the handler).
 //
-// Phases (-phases):
+// Phases (-phases; all but the floor by default):
 //
 //   - peer: one key, 20, 200 and 1,000 clients, one server and two;
-//   - floor: plain loopback TCP writes of the same frame, the limit;
+//   - floor (not run by default): plain loopback TCP writes of the same
+//     frame, the limit;
 //   - breakdown: the seed path's latency at a low rate split into stages
 //     (notify, queue, fetch, fan-out, socket, client);
 //   - manykeys: 10,000 keys with 1-5 subscribers each over 1,000
@@ -90,7 +91,7 @@ func main() {
 	flag.StringVar(&cfg.redis, "redis", "127.0.0.1:6379", "Redis for Centrifuge's two-server half (skipped, and said so, when nothing answers there)")
 	flag.BoolVar(&cfg.skipTwo, "one-server-only", false, "skip the two-server half for both systems")
 	flag.StringVar(&cfg.systems, "systems", "seed,api,cf", "systems to measure, comma-separated: seed (entity-sync as the seed README uses it), api (entitysync.New + Register, envelope dialect), cf (Centrifuge)")
-	flag.StringVar(&cfg.phases, "phases", strings.Join(allPhases, ","), "phases to run, comma-separated: "+strings.Join(allPhases, ", "))
+	flag.StringVar(&cfg.phases, "phases", strings.Join(defaultPhases, ","), "phases to run, comma-separated: "+strings.Join(allPhases, ", "))
 	flag.BoolVar(&cfg.manyKeysOnly, "many-keys-only", false, "run the many-keys phase only (-phases manykeys)")
 	flag.StringVar(&cfg.profile, "profile", "", "directory to write CPU profiles of the entity-sync servers to, one per measured window and process")
 	cfg.many.flags()

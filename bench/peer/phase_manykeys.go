@@ -138,13 +138,13 @@ func (o *orchestrator) runManyKeys(ctx context.Context, sys system, servers int)
 	}
 }
 
-// endpointCost measures the CPU per change of d's write endpoint alone: a
-// second of the phase's rate of requests with noop=1 (the version written,
+// endpointCost measures the CPU per change of d's write endpoint alone:
+// half a second of the phase's rate of requests with noop=1 (the version written,
 // nothing notified) to keys no client holds, in the server taking the
 // changes. 0 when it could not be measured (a note says why).
 func (o *orchestrator) endpointCost(ctx context.Context, d *deployment) int64 {
 	mc := o.cfg.many
-	ids := make([]int, max(1, int(mc.rate)))
+	ids := make([]int, max(1, int(mc.rate/2)))
 	for i := range ids {
 		ids[i] = mc.keys + 1 + i%mc.workers // one unsubscribed key per writer
 	}

@@ -209,7 +209,7 @@ many-keys legend:
   of all server processes over the window, per change. fetches / change: calls of the app's
   fetch function (entity-sync; one per change per server is the guarantee).
 - of which the write endpoint: the CPU per change of the same server taking the same rate of
-  requests with nothing notified (the HTTP request and the version write), measured for 1 s on
+  requests with nothing notified (the HTTP request and the version write), measured for 0.5 s on
   each deployment before its windows: the part of server CPU / change every system pays alike.
 - many-keys targets, per entity-sync row: server CPU per change at most Centrifuge's, visible
   p50 and p99 below Centrifuge's; and the peer phase's one-key 20-client row at most 1.0 x

@@ -61,7 +61,7 @@ func newCFNode(redisAddr, prefix string, verbose bool, cell *versionCell) (*cent
 		var data struct {
 			Keys []int `json:"keys"`
 		}
-		if err := json.Unmarshal(e.Data, &data); err != nil || len(data.Keys) == 0 {
+		if err := json.Unmarshal(e.Data, &data); err != nil {
 			return centrifuge.ConnectReply{}, centrifuge.ErrorBadRequest
 		}
 		subs := make(map[string]centrifuge.SubscribeOptions, len(data.Keys))
