@@ -20,6 +20,7 @@ import (
 	"github.com/entity-sync/entity-sync/entitysync"
 	"github.com/entity-sync/entity-sync/esclient"
 	"github.com/entity-sync/entity-sync/esdb"
+	"github.com/entity-sync/entity-sync/esweb"
 	"github.com/entity-sync/entity-sync/internal/testkit"
 	"github.com/entity-sync/entity-sync/shared"
 )
@@ -58,20 +59,17 @@ func TestCollectionProperty(t *testing.T) {
 	for _, l := range lists {
 		store.Fill(l, 20, 40)
 	}
-	e, err := entitysync.New(entitysync.Config{Logger: testkit.SilentLogger()})
+	// Small send buffers on the server's sockets: a slow reader makes its
+	// writes block after a few KiB, so states wait in the server's
+	// latest-wins queue and newer ones replace them.
+	e, err := entitysync.New(entitysync.Config{Web: esweb.Options{SendBufferSize: 4 << 10}, Logger: testkit.SilentLogger()})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := e.RegisterCollection("lists", store.Fetch, esdb.JSONField("id")); err != nil {
 		t.Fatal(err)
 	}
-	// Small send buffers on the server's sockets: a slow reader makes its
-	// writes block after a few KiB instead of the megabytes loopback
-	// autotuning allows, so states wait in the server's latest-wins queue
-	// and newer ones replace them.
-	srv := httptest.NewUnstartedServer(e.Mux)
-	srv.Listener = smallSendBuffers{srv.Listener}
-	srv.Start()
+	srv := httptest.NewServer(e.Mux)
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), wait)
 		defer cancel()
@@ -310,15 +308,4 @@ func (c *slowConn) Read(b []byte) (int, error) {
 		time.Sleep(c.pause) // the reader's speed, not synchronisation
 	}
 	return c.Conn.Read(b)
-}
-
-// smallSendBuffers gives every accepted connection a 4 KiB send buffer.
-type smallSendBuffers struct{ net.Listener }
-
-func (l smallSendBuffers) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if tc, ok := c.(*net.TCPConn); ok {
-		_ = tc.SetWriteBuffer(4 << 10)
-	}
-	return c, err
 }

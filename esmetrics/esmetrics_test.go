@@ -122,19 +122,6 @@ func awaitMetric(t *testing.T, reg *prometheus.Registry, what string, cond func(
 func atLeast(n float64) func(float64) bool { return func(v float64) bool { return v >= n } }
 func equal(n float64) func(float64) bool   { return func(v float64) bool { return v == n } }
 
-// smallBuffers makes every accepted connection's send buffer small, so a
-// client that stops reading fills it after a few KiB instead of the
-// megabytes loopback autotuning allows.
-type smallBuffers struct{ net.Listener }
-
-func (l smallBuffers) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if tc, ok := c.(*net.TCPConn); ok {
-		_ = tc.SetWriteBuffer(16 << 10)
-	}
-	return c, err
-}
-
 // A real server on a real nsqd, real websocket clients: every family moves
 // the way the traffic says, the user's own round hook still runs, and
 // promlint finds nothing to say about the scrape.
@@ -149,7 +136,10 @@ func TestMetricsFollowRealTraffic(t *testing.T) {
 	cfg := entitysync.Config{
 		NSQAddr: nsqd.TCPAddr(),
 		NSQ:     esq.NSQConfig{ReconnectInterval: 200 * time.Millisecond},
-		Web:     esweb.Options{MaxConnections: 4, MaxSubscriptions: 3, WriteWait: 2 * time.Second},
+		// Small send buffers: a client that stops reading fills its
+		// socket after a few KiB instead of the megabytes loopback
+		// autotuning allows.
+		Web: esweb.Options{MaxConnections: 4, MaxSubscriptions: 3, WriteWait: 2 * time.Second, SendBufferSize: 16 << 10},
 		Bridge: esbridge.Options{
 			Authorize: func(_ context.Context, key shared.EntityKey) error {
 				if key.ID == "forbidden" {
@@ -179,9 +169,7 @@ func TestMetricsFollowRealTraffic(t *testing.T) {
 		t.Error("registering the same metrics twice succeeded")
 	}
 	e.Mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
-	srv := httptest.NewUnstartedServer(e.Mux)
-	srv.Listener = smallBuffers{srv.Listener}
-	srv.Start()
+	srv := httptest.NewServer(e.Mux)
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), wait)
 		defer cancel()

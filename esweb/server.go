@@ -15,6 +15,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"net/url"
 	"path"
@@ -67,6 +68,17 @@ type Options struct {
 	// longer one is read in several chunks. (Frames to clients are encoded
 	// once per update and written without a per-connection buffer.)
 	ReadBufferSize int
+	// SendBufferSize is the kernel send buffer (SO_SNDBUF) of each
+	// connection, in bytes. Frames the socket has taken can no longer be
+	// replaced by a newer state of their key: a small buffer keeps a slow
+	// client's backlog in the server's latest-wins queue, so it gets the
+	// newest state of a key after at most about a buffer's worth of older
+	// frames. Linux would otherwise autotune the buffer up to 4 MiB, seconds
+	// of stale frames for a slow client. The cost: one connection's
+	// throughput is at most about this size per round trip. Default 128 KiB
+	// (Linux doubles the value for its bookkeeping); negative: leave the
+	// kernel's autotuning.
+	SendBufferSize int
 	// Authenticate, if set, checks the upgrade request (cookie, header,
 	// token) before the upgrade and returns the principal the hooks will see
 	// in shared.Connection. An error refuses the request with 401, or with
@@ -128,6 +140,9 @@ func (o *Options) setDefaults() {
 	o.HeartbeatInterval = min(o.HeartbeatInterval, o.PongWait*9/10)
 	if o.ReadBufferSize <= 0 {
 		o.ReadBufferSize = 256
+	}
+	if o.SendBufferSize == 0 {
+		o.SendBufferSize = 128 << 10
 	}
 	if o.Logger == nil {
 		o.Logger = logrus.StandardLogger()
@@ -313,6 +328,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		log.WithError(err).Debug("websocket upgrade failed")
 		return
 	}
+	if s.opts.SendBufferSize > 0 {
+		setSendBuffer(ws.NetConn(), s.opts.SendBufferSize, log)
+	}
 	id := strconv.FormatUint(s.nextID.Add(1), 10)
 	c := &conn{
 		s:        s,
@@ -361,6 +379,21 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			HeartbeatMs: s.opts.HeartbeatInterval.Milliseconds()})
 	}
 	go c.readPump()
+}
+
+// setSendBuffer sets nc's kernel send buffer (Options.SendBufferSize), or
+// that of the connection under it for TLS.
+func setSendBuffer(nc net.Conn, size int, log logrus.FieldLogger) {
+	if tc, ok := nc.(interface{ NetConn() net.Conn }); ok {
+		nc = tc.NetConn()
+	}
+	sc, ok := nc.(interface{ SetWriteBuffer(int) error })
+	if !ok {
+		return // not a socket (a test's pipe, a wrapper): nothing to tune
+	}
+	if err := sc.SetWriteBuffer(size); err != nil {
+		log.WithError(err).Debug("cannot set the connection's send buffer")
+	}
 }
 
 // hookRequest keeps what the hooks may need of the upgrade request for the

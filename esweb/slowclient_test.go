@@ -50,7 +50,9 @@ func TestStuckClientIsDroppedAndOthersKeepUp(t *testing.T) {
 		return [][]byte{bigRow(k, int(version.Load()), rowSize)}, nil
 	}
 
-	e, err := es.New(es.Config{Web: esweb.Options{WriteWait: writeWait}, Logger: testkit.Logger()})
+	// SendBufferSize -1: the server leaves the sockets' buffers alone, and
+	// the test makes only the stuck client's small (below).
+	e, err := es.New(es.Config{Web: esweb.Options{WriteWait: writeWait, SendBufferSize: -1}, Logger: testkit.Logger()})
 	if err != nil {
 		t.Fatal(err)
 	}

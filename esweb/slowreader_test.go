@@ -28,7 +28,7 @@ func TestSteadySlowReaderIsNotDropped(t *testing.T) {
 		rate      = 2e6       // bytes per second the steady reader takes
 		writeWait = 500 * time.Millisecond
 	)
-	e, srv, accepted := serveBig(t, rowSize, esweb.Options{WriteWait: writeWait})
+	e, srv := serveBig(t, rowSize, nil, esweb.Options{WriteWait: writeWait, SendBufferSize: 64 << 10})
 
 	// Small socket buffers on both ends, as on a slow link whose buffers
 	// are full: what the client has not read waits in the server.
@@ -50,11 +50,6 @@ func TestSteadySlowReaderIsNotDropped(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { c.Close() })
-		if sc := accepted.get(c.LocalAddr().String()); sc != nil {
-			_ = sc.SetWriteBuffer(64 << 10)
-		} else {
-			t.Fatalf("server side of %s not found", c.LocalAddr())
-		}
 		subscribed := time.Now()
 		for i := 0; i < keys; i++ {
 			if err := c.WriteJSON(map[string]any{"action": "subscribe", "body": shared.EntityKey{Entity: "big", ID: fmt.Sprint(i)}}); err != nil {
@@ -103,24 +98,24 @@ func TestSteadySlowReaderIsNotDropped(t *testing.T) {
 	})
 }
 
-// serveBig serves entity type "big", whose rows are bigRows of size bytes at
-// version 0, through a listener that lets the test reach the server's side
-// of each connection.
-func serveBig(t *testing.T, size int, web esweb.Options) (*es.EntitySync, *httptest.Server, *trackingListener) {
+// serveBig serves entity type "big", whose rows are bigRows of size bytes
+// at the version version holds (0 if nil).
+func serveBig(t *testing.T, size int, version *atomic.Int64, web esweb.Options) (*es.EntitySync, *httptest.Server) {
 	t.Helper()
 	e, err := es.New(es.Config{Web: web, Logger: testkit.Logger()})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := e.Register("big", func(_ context.Context, k shared.EntityKey) ([][]byte, error) {
-		return [][]byte{bigRow(k, 0, size)}, nil
+		v := 0
+		if version != nil {
+			v = int(version.Load())
+		}
+		return [][]byte{bigRow(k, v, size)}, nil
 	}); err != nil {
 		t.Fatal(err)
 	}
-	srv := httptest.NewUnstartedServer(e.Mux)
-	accepted := &trackingListener{Listener: srv.Listener, conns: make(map[string]*net.TCPConn)}
-	srv.Listener = accepted
-	srv.Start()
+	srv := httptest.NewServer(e.Mux)
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
@@ -129,7 +124,98 @@ func serveBig(t *testing.T, size int, web esweb.Options) (*es.EntitySync, *httpt
 		}
 		srv.Close()
 	})
-	return e, srv, accepted
+	return e, srv
+}
+
+// Latest-wins replaces a slow client's pending state of a key with the
+// newest, but only while the state is still in the server's queue: frames
+// the socket took are read, stale, before the newest. A client reading 30
+// frames a second while its key changes 500 times a second gets the newest
+// state within about a send buffer's worth of frames once the changes stop,
+// not after the megabytes a send buffer autotuned on loopback holds.
+func TestSlowReaderGetsNewestStateSoon(t *testing.T) {
+	const (
+		rowSize   = 16 << 10
+		period    = 2 * time.Millisecond  // between changes
+		changeFor = 2 * time.Second       // long enough to fill every buffer on the way
+		readEvery = 33 * time.Millisecond // the reader's pace
+		// The default send buffer (256 KiB as Linux counts it) holds about
+		// 16 of these frames, the client's receive buffer (loopback's
+		// initial 128 KiB) about 8, the flusher one more.
+		maxStale = 48
+	)
+	var version atomic.Int64
+	e, srv := serveBig(t, rowSize, &version, esweb.Options{})
+	key := shared.EntityKey{Entity: "big", ID: "hot"}
+	c, _, err := websocket.DefaultDialer.Dial(testkit.WSURL(srv), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	type read struct {
+		at time.Time
+		v  int
+	}
+	reads := make(chan read, 1<<16)
+	go func() {
+		defer close(reads)
+		for {
+			_, b, err := c.ReadMessage()
+			if err != nil {
+				return
+			}
+			reads <- read{time.Now(), parseBigRow(b).Version}
+			time.Sleep(readEvery) // the reader's pace, not synchronisation
+		}
+	}()
+	next := func() read {
+		t.Helper()
+		select {
+		case r, ok := <-reads:
+			if !ok {
+				t.Fatal("connection lost")
+			}
+			return r
+		case <-time.After(30 * time.Second):
+			t.Fatal("no frame for 30 s")
+		}
+		panic("unreachable")
+	}
+	if err := c.WriteJSON(map[string]any{"action": "subscribe", "body": key}); err != nil {
+		t.Fatal(err)
+	}
+	next() // the initial state: subscribed
+
+	tick := time.NewTicker(period)
+	for start := time.Now(); time.Since(start) < changeFor; {
+		<-tick.C
+		version.Add(1)
+		if err := e.NotifyAllOfChange(key); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tick.Stop()
+	newest, stopped := int(version.Load()), time.Now()
+
+	stale := 0
+	for {
+		r := next()
+		if r.at.Before(stopped) {
+			continue
+		}
+		if r.v == newest {
+			t.Logf("after %d changes, %d stale frames read before the newest state, %s after the changes stopped",
+				newest, stale, r.at.Sub(stopped).Round(time.Millisecond))
+			break
+		}
+		stale++
+	}
+	if stale > maxStale {
+		t.Errorf("%d stale frames read before the newest state, want at most %d", stale, maxStale)
+	}
+	if n := e.Web.Stats().SlowClients; n != 0 {
+		t.Errorf("%d connections dropped as slow", n)
+	}
 }
 
 // pacedConn is a client on a slow link that keeps reading: it takes at most
