@@ -13,7 +13,6 @@ package esbridge
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"hash/maphash"
@@ -327,8 +326,8 @@ func (b *Bridge) serves(entity shared.EntityType) bool {
 // nothing more than the decode.
 func (b *Bridge) receive(entity shared.EntityType, body []byte) {
 	b.stats.received.Add(1)
-	var n shared.Notification
-	if err := json.Unmarshal(body, &n); err != nil {
+	n, err := decodeNotification(body)
+	if err != nil {
 		b.log.WithError(err).WithField("entity", entity).Warnf("dropping queue message that is not a key: %.200q", body)
 		return
 	}

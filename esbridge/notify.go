@@ -80,7 +80,7 @@ func (b *Bridge) publish(ctx context.Context, keys []shared.EntityKey) error {
 // publishKey sends one key's notification in the seed's form, without the
 // grouping's allocations: the common case.
 func (b *Bridge) publishKey(ctx context.Context, key shared.EntityKey) error {
-	body, err := json.Marshal(key)
+	body, err := encodeKey(key)
 	if err != nil {
 		return fmt.Errorf("esbridge: encode key: %w", err)
 	}
@@ -113,7 +113,7 @@ type message struct {
 // the limit still gets its message: the queue's refusal says why.
 func notifications(keys []shared.EntityKey, limit int) ([]message, error) {
 	if len(keys) == 1 { // the common case: the seed's form, no grouping
-		body, err := json.Marshal(keys[0])
+		body, err := encodeKey(keys[0])
 		if err != nil {
 			return nil, fmt.Errorf("esbridge: encode key: %w", err)
 		}
