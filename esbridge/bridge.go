@@ -155,10 +155,13 @@ const shardCount = 64
 
 // Bridge connects the queue, the fetcher and the local clients.
 type Bridge struct {
-	queue   esq.Queue
-	fetcher Fetcher
-	opts    Options
-	log     logrus.FieldLogger
+	queue esq.Queue
+	// interest is the queue when it routes by key (esq.Routing): a key
+	// is watched from its first local subscriber to its last.
+	interest esq.Interest
+	fetcher  Fetcher
+	opts     Options
+	log      logrus.FieldLogger
 	// filterBadUTF8 is set once Options.Filter returned invalid UTF-8 (see
 	// validUTF8): logged once, not per client and change.
 	filterBadUTF8 atomic.Bool
@@ -257,15 +260,16 @@ func New(queue esq.Queue, fetcher Fetcher, opts Options) *Bridge {
 	opts.setDefaults()
 	ctx, cancel := context.WithCancel(context.Background())
 	b := &Bridge{
-		queue:   queue,
-		fetcher: fetcher,
-		opts:    opts,
-		log:     opts.Logger.WithField("component", "esbridge"),
-		seed:    maphash.MakeSeed(),
-		ctx:     ctx,
-		cancel:  cancel,
-		served:  make(map[shared.EntityType]bool),
-		clients: make(map[*Client]struct{}),
+		queue:    queue,
+		interest: esq.Routing(queue),
+		fetcher:  fetcher,
+		opts:     opts,
+		log:      opts.Logger.WithField("component", "esbridge"),
+		seed:     maphash.MakeSeed(),
+		ctx:      ctx,
+		cancel:   cancel,
+		served:   make(map[shared.EntityType]bool),
+		clients:  make(map[*Client]struct{}),
 	}
 	for i := range b.shards {
 		b.shards[i].keys = make(map[shared.EntityKey]*keyState)
@@ -394,14 +398,16 @@ func (b *Bridge) resync(entity shared.EntityType) {
 }
 
 // index returns the key's state, made if the key had no subscriber, with its
-// lock held.
-func (b *Bridge) index(key shared.EntityKey) *keyState {
+// lock held. created is set when it was made; with a routing queue, the
+// caller must then call watch once it released the lock.
+func (b *Bridge) index(key shared.EntityKey) (ks *keyState, created bool) {
 	sh := b.shard(key)
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	ks := sh.keys[key]
+	ks = sh.keys[key]
 	if ks == nil {
-		ks = &keyState{key: key, perSecret: b.fetcher.PerSecret(key.Entity), groups: make(map[string]*group)}
+		created = true
+		ks = &keyState{key: key, perSecret: b.fetcher.PerSecret(key.Entity), groups: make(map[string]*group), watching: b.interest != nil}
 		if c, ok := b.fetcher.(Collections); ok && !ks.perSecret {
 			if id := c.RowID(key.Entity); id != nil {
 				ks.coll = &collection{rowID: id, log: b.log}
@@ -410,7 +416,31 @@ func (b *Bridge) index(key shared.EntityKey) *keyState {
 		sh.keys[key] = ks
 	}
 	ks.mu.Lock()
-	return ks
+	return ks, created
+}
+
+// watch makes the routing queue listen for the key's notifications, and
+// only then lets the key's first round fetch: a change committed before the
+// fetch is in its rows, one committed after is notified to this server. A
+// Watch that could not be confirmed (broker down) stays registered, and the
+// queue's onLoss re-fetches once it is live. Called without ks.mu, once,
+// by whoever made ks.
+func (b *Bridge) watch(ks *keyState) {
+	err := b.interest.Watch(ks.key)
+	if err != nil && !errors.Is(err, esq.ErrClosed) {
+		b.log.WithError(err).WithField("key", ks.key).Warn("the queue could not confirm it listens for the key yet; fetching anyway, and again once it does")
+	}
+	ks.mu.Lock()
+	ks.watching = false
+	gone := ks.removed
+	if !gone {
+		ks.watched = true
+		b.request(ks, false)
+	}
+	ks.mu.Unlock()
+	if gone { // the last subscriber left meanwhile: maybeRemove left the Unwatch to us
+		b.interest.Unwatch(ks.key)
+	}
 }
 
 // leave takes c out of the key's group, and the key out of the index when

@@ -397,7 +397,13 @@ func (c *Client) SubscribeFrom(key shared.EntityKey, version string) error {
 		ks = s.ks
 		ks.mu.Lock()
 	} else {
-		ks = c.b.index(key) // locked
+		var created bool
+		ks, created = c.b.index(key) // locked
+		defer func() {
+			if created && c.b.interest != nil {
+				c.b.watch(ks) // after ks.mu is released below
+			}
+		}()
 		s = &subscription{c: c, ks: ks, group: ks.groupName(c.Secret())}
 		c.mu.Lock()
 		if c.subs == nil {

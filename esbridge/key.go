@@ -133,8 +133,12 @@ type keyState struct {
 	// arrived (for Options.OnRound).
 	notified time.Time
 	removed  bool // dropped from the index; a new subscriber makes a new keyState
-	retry    time.Duration
-	timer    *time.Timer
+	// watching is set while the routing queue's Watch for the key runs: no
+	// round may fetch before it returns. watched is set once it returned
+	// (maybeRemove then calls Unwatch).
+	watching, watched bool
+	retry             time.Duration
+	timer             *time.Timer
 	// badUTF8 is set once a fetch of the key returned invalid UTF-8, so the
 	// repair is logged once per key (see Bridge.validUTF8).
 	badUTF8 atomic.Bool
@@ -211,7 +215,7 @@ func (ks *keyState) leave(c *Client, name string) {
 // needsRound reports whether some group's rows must be fetched. With ks.mu
 // held.
 func (ks *keyState) needsRound() bool {
-	if ks.nsubs == 0 || ks.removed {
+	if ks.nsubs == 0 || ks.removed || ks.watching {
 		return false
 	}
 	if ks.dirty {

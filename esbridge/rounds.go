@@ -372,6 +372,12 @@ func (b *Bridge) scheduleRetry(ks *keyState) {
 // maybeRemove drops ks from the index once nobody subscribes and no round
 // runs or waits.
 func (b *Bridge) maybeRemove(ks *keyState) {
+	unwatch := false
+	defer func() { // after the locks are released
+		if unwatch {
+			b.interest.Unwatch(ks.key)
+		}
+	}()
 	sh := b.shard(ks.key)
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
@@ -381,6 +387,7 @@ func (b *Bridge) maybeRemove(ks *keyState) {
 		return
 	}
 	ks.removed = true
+	unwatch = ks.watched
 	if ks.timer != nil {
 		ks.timer.Stop()
 		ks.timer = nil

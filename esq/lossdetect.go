@@ -78,11 +78,19 @@ import (
 // every message to its subscriber within Publish and cannot lose one, so
 // there is nothing to detect (with many concurrent writers its messages
 // overtake each other, which detection would only have to tolerate).
+//
+// A queue that routes by key (see Routing) is returned unchanged too: a
+// server that hears only the keys it watches would see every other key's
+// sequence numbers as holes. Such a queue reports its own losses (a
+// reconnect, a slow consumer).
 func DetectLoss(q Queue, log logrus.FieldLogger) Queue {
 	switch q := q.(type) {
 	case *lossDetector:
 		return q
 	case *Memory:
+		return q
+	}
+	if Routing(q) != nil {
 		return q
 	}
 	d := newLossDetector(q, defaultLossTiming)

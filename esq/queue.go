@@ -75,3 +75,40 @@ func CheckLive(q Queue) error {
 	}
 	return nil
 }
+
+// Interest is implemented by a queue that can route: deliver a key's
+// notifications only to the servers that watch the key, instead of every
+// message of an entity type to every server (NATS subjects and Redis
+// channels per key do this; NSQ and Postgres cannot). The bridge watches a
+// key when it gets its first local subscriber, before the key's first fetch,
+// and unwatches it when the last one leaves.
+//
+// While a queue routes, a subscription receives the messages of the keys
+// watched on its entity type, and every message that names no key (or that
+// a producer published on the entity type's own topic), as before.
+type Interest interface {
+	// Routes reports whether the queue routes by key: one that can but is
+	// configured to broadcast returns false, and is then treated as a
+	// broadcast queue (Watch and Unwatch are not called).
+	Routes() bool
+	// Watch adds the key to what this queue receives and returns once the
+	// broker has the interest: a message for the key published after Watch
+	// returns is delivered. Watches are counted: the key is received until
+	// Unwatch was called as often as Watch. An error other than ErrClosed
+	// means the interest could not be confirmed now (the broker connection
+	// is down); it stays registered, and the entity type's onLoss is called
+	// once it is live, as after any reconnect.
+	Watch(key shared.EntityKey) error
+	// Unwatch undoes one Watch. It does not wait for the broker: a message
+	// already on its way may still arrive.
+	Unwatch(key shared.EntityKey)
+}
+
+// Routing returns q as an Interest when q routes by key, or nil when it
+// broadcasts.
+func Routing(q Queue) Interest {
+	if i, ok := q.(Interest); ok && i.Routes() {
+		return i
+	}
+	return nil
+}
