@@ -28,9 +28,10 @@ help:
 	@echo 'make client   run the demo client (subscribes to items/100)'
 	@echo 'make test     run every test: Go with the race detector, then test-js'
 	@echo 'make test-js  run the JavaScript client tests (node + headless Chromium)'
-	@echo 'make bench    run the benchmarks: go run ./bench, bench-queues, bench-collections, bench-peer (about 4 min)'
+	@echo 'make bench    run the benchmarks: go run ./bench, bench-queues, bench-collections, bench-cluster, bench-peer (about 6 min)'
 	@echo 'make bench-queues  every queue: latency through it, notify throughput (about 20 s)'
 	@echo 'make bench-collections  a 500-row collection: diff vs full per change, reconnects with and without resume (about 10 s)'
+	@echo 'make bench-cluster  2 to 16 server processes per queue: notifications, fetches, CPU per change per server (about 2 min)'
 	@echo 'make bench-peer  entity-sync vs Centrifuge on one key and many keys, the latency breakdown (about 3 min)'
 	@echo 'make fmt      gofmt the tree'
 	@echo 'make vet      go vet the module'
@@ -114,7 +115,7 @@ clean:
 # 20 s with the build). Flags via BENCH_ARGS, e.g. make bench BENCH_ARGS='-profile /tmp/prof'
 # (go run ./bench -h lists them). Then the queue comparison (bench-queues,
 # about 20 s), the collection comparison (bench-collections, about 10 s),
-# then the peer, latency breakdown and many-keys phases
+# the cluster benchmark (bench-cluster, about 2 min), then the peer, latency breakdown and many-keys phases
 # (bench-peer), about 3 min more on the project's loaded 2-core machine.
 # All run even if one fails; the target fails if any did. The in-process
 # Go benchmarks are separate:
@@ -126,6 +127,7 @@ bench:
 	$(GO) run ./bench $(BENCH_ARGS) || status=$$?; \
 	$(MAKE) --no-print-directory bench-queues || status=$$?; \
 	$(MAKE) --no-print-directory bench-collections || status=$$?; \
+	$(MAKE) --no-print-directory bench-cluster || status=$$?; \
 	$(MAKE) --no-print-directory bench-peer || status=$$?; \
 	exit $$status
 
@@ -149,6 +151,22 @@ BENCH_COLLECTIONS_ARGS ?=
 .PHONY: bench-collections
 bench-collections:
 	$(GO) run ./bench -collections $(BENCH_COLLECTIONS_ARGS)
+
+# The cluster benchmark alone: per queue (NSQ embedded, and the machine's
+# NATS 127.0.0.1:4222, Redis 127.0.0.1:6379, PostgreSQL 127.0.0.1:5432),
+# 2, 4, 8 and 16 server processes, each with 20 clients watching keys
+# drawn from a Zipf distribution over 10,000 keys, the clients in one more
+# process; 150 changes/s for 3 s per size. Per size: notifications
+# received per server per change against the share of changes its clients
+# watch, fetches and server CPU per change, visible latency; then what a
+# server pays to receive a notification nobody watches. Two markdown tables
+# (about 2 min with the build). A broker that does not answer is skipped.
+# Flags via BENCH_CLUSTER_ARGS, e.g.
+# make bench-cluster BENCH_CLUSTER_ARGS='-cluster-queues nats,redis -cluster-n 2,4'
+BENCH_CLUSTER_ARGS ?=
+.PHONY: bench-cluster
+bench-cluster:
+	$(GO) run ./bench -cluster $(BENCH_CLUSTER_ARGS)
 
 # The peer program alone: entity-sync, used as the seed's README does and
 # through New + Register, vs Centrifuge v0.40.1 (one server, then two through

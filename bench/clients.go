@@ -55,6 +55,7 @@ type bconn struct {
 
 	mu     sync.Mutex
 	keys   map[string]*seen
+	subs   []string // the keys a -cluster connection watches
 	frames int64
 	lat    []int64 // notify -> receive, ns, while recording
 }
@@ -72,7 +73,7 @@ func runClients(cfg config) int {
 		},
 	}
 	hello := clientsHello{}
-	if cfg.servers == "" {
+	if cfg.servers == "" && !cfg.cluster {
 		hello.Err = "clients: -servers is required"
 		_ = json.NewEncoder(os.Stdout).Encode(hello)
 		return 1
@@ -90,6 +91,8 @@ func runClients(cfg config) int {
 	mux.HandleFunc("/record", f.handleRecord)
 	mux.HandleFunc("/closeall", f.handleCloseAll)
 	mux.HandleFunc("/stats", f.handleStats)
+	mux.HandleFunc("/csubscribe", f.handleClusterSubscribe)
+	mux.HandleFunc("/cwait", f.handleClusterWait)
 	coll := newCollFleet(f.servers)
 	coll.routes(mux)
 	mux.Handle("/debug/pprof/", http.DefaultServeMux)

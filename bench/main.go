@@ -30,6 +30,13 @@
 // full, and 1,000 clients holding it reconnecting at once without and with
 // resume. One table.
 //
+// With -cluster (`make bench-cluster`) the orchestrator instead grows a
+// cluster of server processes (-role cserver, one entity-sync server each)
+// on each queue, 2 to 16 servers with Zipf-distributed subscriptions and
+// changes over 10,000 keys, and prints what each server pays per change:
+// notifications received, fetches, CPU, and the latency clients see
+// (cluster.go). Two tables.
+//
 // The entity's fetch function returns one small JSON row holding the key,
 // a version and the UnixNano time of the notify that made that version, so a
 // client computes the notify -> receive latency on the same machine clock.
@@ -54,7 +61,7 @@ const entity = "bench"
 
 func main() {
 	var cfg config
-	flag.StringVar(&cfg.role, "role", "orchestrator", "orchestrator | servers | clients (the last two are started by the orchestrator)")
+	flag.StringVar(&cfg.role, "role", "orchestrator", "orchestrator | servers | clients | cserver (the last three are started by the orchestrator)")
 	flag.StringVar(&cfg.nsqd, "nsqd", "", "servers: nsqd TCP address")
 	flag.StringVar(&cfg.servers, "servers", "", "clients: comma-separated websocket URLs")
 	flag.IntVar(&cfg.fanout, "fanout", 1000, "clients on the hot key (deliveries, latency, burst phases)")
@@ -84,6 +91,18 @@ func main() {
 	flag.IntVar(&cfg.collClients, "coll-clients", 50, "-collections: clients on each server in the bytes-per-change run")
 	flag.IntVar(&cfg.collChanges, "coll-changes", 20, "-collections: changes in the bytes-per-change run")
 	flag.IntVar(&cfg.collReconnect, "coll-reconnect", 1000, "-collections: clients that reconnect at once")
+	flag.BoolVar(&cfg.cluster, "cluster", false, "instead of the phases above, grow a cluster of server processes on each queue and measure what each server pays per change (clients: serve the cluster's /csubscribe and /cwait)")
+	flag.StringVar(&cfg.clusterN, "cluster-n", "2,4,8,16", "-cluster: growing server counts measured on each queue")
+	flag.StringVar(&cfg.clusterQueues, "cluster-queues", "nsq,nats,redis,postgres", "-cluster: queues, in order")
+	flag.IntVar(&cfg.clusterKeys, "cluster-keys", 10000, "-cluster: keys (Zipf ranks)")
+	flag.Float64Var(&cfg.clusterZipf, "cluster-zipf", 1.0, "-cluster: Zipf exponent of subscriptions and changes")
+	flag.IntVar(&cfg.clusterClients, "cluster-clients", 20, "-cluster: clients per server")
+	flag.IntVar(&cfg.clusterSubs, "cluster-subs", 5, "-cluster: distinct keys each client watches")
+	flag.IntVar(&cfg.clusterRate, "cluster-rate", 150, "-cluster: changes per second")
+	flag.DurationVar(&cfg.clusterFor, "cluster-for", 3*time.Second, "-cluster: measured changes per size last this long")
+	flag.DurationVar(&cfg.clusterIdle, "cluster-idle", 500*time.Millisecond, "-cluster: before each size's changes, how long the servers' idle CPU is measured (subtracted from their CPU per change)")
+	flag.DurationVar(&cfg.clusterBurst, "cluster-burst", time.Second, "-cluster: per queue, how long the writer notifies as fast as it can to measure a server's receive cost (0: skip)")
+	flag.StringVar(&cfg.clusterStore, "cluster-store", "", "cserver: the mapped file of key versions (made by the orchestrator)")
 	flag.Parse()
 
 	if err := childproc.RaiseNOFILE(); err != nil {
@@ -97,11 +116,16 @@ func main() {
 		if cfg.collections {
 			os.Exit(runCollections(cfg))
 		}
+		if cfg.cluster {
+			os.Exit(runCluster(cfg))
+		}
 		os.Exit(runOrchestrator(cfg))
 	case "servers":
 		os.Exit(runServers(cfg))
 	case "clients":
 		os.Exit(runClients(cfg))
+	case "cserver":
+		os.Exit(runClusterServer(cfg))
 	default:
 		fmt.Fprintf(os.Stderr, "bench: unknown -role %q\n", cfg.role)
 		os.Exit(2)
@@ -125,6 +149,13 @@ type config struct {
 	// The collection comparison (-collections).
 	collections                                       bool
 	collRows, collClients, collChanges, collReconnect int
+
+	// The cluster benchmark (-cluster).
+	cluster                                               bool
+	clusterN, clusterQueues, clusterStore                 string
+	clusterKeys, clusterClients, clusterSubs, clusterRate int
+	clusterZipf                                           float64
+	clusterFor, clusterIdle, clusterBurst                 time.Duration
 }
 
 func nofile() uint64 {

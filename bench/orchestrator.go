@@ -35,6 +35,7 @@ type orchestrator struct {
 	rows    []row
 	timings []string
 	notes   []string
+	receive []string // -cluster: the receive-cost table's rows
 }
 
 func progress(format string, args ...any) {
