@@ -86,6 +86,7 @@ import (
 
 	"github.com/entity-sync/entity-sync/entitysync"
 	"github.com/entity-sync/entity-sync/esbridge"
+	"github.com/entity-sync/entity-sync/esq"
 	"github.com/entity-sync/entity-sync/internal/childproc"
 	"github.com/entity-sync/entity-sync/internal/nsqtest"
 	"github.com/entity-sync/entity-sync/shared"
@@ -171,7 +172,10 @@ type clusterHello struct {
 	WS  string `json:"ws"`
 	Ctl string `json:"ctl"`
 	Pid int    `json:"pid"`
-	Err string `json:"err,omitempty"`
+	// Routes: the queue delivers a key's notifications only to servers
+	// watching it (esq.Routing), rather than broadcasting.
+	Routes bool   `json:"routes"`
+	Err    string `json:"err,omitempty"`
 }
 
 // runClusterServer is the cserver role: one entity-sync server on -queue,
@@ -198,6 +202,7 @@ func runClusterServer(cfg config) int {
 	if err != nil {
 		return fail(fmt.Errorf("%s queue: %w", cfg.queue, err))
 	}
+	hello.Routes = esq.Routing(q) != nil
 	es, err := entitysync.New(entitysync.Config{Queue: q, Logger: log})
 	if err != nil {
 		return fail(err)
@@ -505,6 +510,10 @@ func (o *orchestrator) clusterQueue(k queueKind, sizes []int, db *clusterStore) 
 			}
 		}
 		r := row(n)
+		r.queue = k.key + " (broadcast)"
+		if servers[0].hello.Routes {
+			r.queue = k.key + " (routed by key)"
+		}
 		r.clients = fmt.Sprintf("%d (%d)", n*cfg.clusterClients, n*cfg.clusterClients*cfg.clusterSubs)
 
 		// Warm-up, not measured.
