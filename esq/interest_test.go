@@ -1,6 +1,9 @@
 package esq_test
 
 import (
+	"encoding/json"
+	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/entity-sync/entity-sync/esq"
@@ -38,5 +41,30 @@ func TestDetectLossLeavesRoutingQueuesAlone(t *testing.T) {
 	}
 	if esq.Routing(esq.NewMemory()) != nil {
 		t.Error("Routing(in-process queue) is not nil")
+	}
+}
+
+func TestRouteByKey(t *testing.T) {
+	one := []byte(`{"entity":"items","id":"a.b*>","_es":{"p":"x","n":1}}`)
+	got := esq.RouteByKey("items", one)
+	if len(got) != 1 || string(got[0].Body) != string(one) || got[0].Token != esq.RouteToken("a.b*>") {
+		t.Errorf("one key: %+v, want the body unchanged on its token", got)
+	}
+	if tok := esq.RouteToken("a.b*>"); len(tok) != 16 || strings.Trim(tok, "0123456789abcdef") != "" {
+		t.Errorf("token %q is not 16 hex digits", tok)
+	}
+	got = esq.RouteByKey("items", []byte(`{"entity":"items","ids":["a","b","a",""]}`))
+	if len(got) != 2 || string(got[0].Body) != `{"entity":"items","id":"a"}` || string(got[1].Body) != `{"entity":"items","id":"b"}` {
+		t.Errorf("batch: %+v, want one body per distinct key", got)
+	}
+	ids := make([]string, esq.MaxRoutedKeys+1)
+	for i := range ids {
+		ids[i] = strconv.Itoa(i)
+	}
+	big, _ := json.Marshal(shared.Notification{Entity: "items", IDs: ids})
+	for _, b := range [][]byte{big, []byte(`{"_es":{"p":"x","n":2}}`), []byte(`not json`), []byte(`{"entity":"other","id":"a"}`)} {
+		if got := esq.RouteByKey("items", b); got != nil {
+			t.Errorf("%.40s: routed %+v, want nil (the entity type's own topic)", b, got)
+		}
 	}
 }

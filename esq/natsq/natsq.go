@@ -16,6 +16,16 @@
 //     subscription. (A server that cuts off a slow client causes a
 //     reconnect.)
 //
+// With Config.RouteByKey, a server receives only the keys its clients
+// watch (esq.Interest): a notification of one key (or of up to
+// esq.MaxRoutedKeys) goes on the key's own subject, the entity type's
+// subject plus ".k." and esq.RouteToken(id), and the bridge subscribes to
+// that subject from the key's first local subscriber to its last. Every
+// server still subscribes to the entity type's subject, which carries
+// larger batches and whatever other producers publish there. All of an
+// entity type's key subscriptions feed one goroutine through a channel of
+// PendingMsgs messages; a full channel is a slow consumer, as above.
+//
 // Use with entitysync:
 //
 //	q, err := natsq.New(ctx, natsq.Config{URL: "nats://127.0.0.1:4222", SubjectPrefix: "myapp.es."})
@@ -82,6 +92,13 @@ type Config struct {
 	Options []nats.Option
 	// Logger receives connection events. Default: logrus's standard logger.
 	Logger logrus.FieldLogger
+	// RouteByKey makes the queue route each key's notifications to the
+	// servers that watch it (see the package comment) instead of
+	// broadcasting them. Set it on every server of a cluster or on none: a
+	// server that broadcasts does not hear what a routing one publishes on
+	// key subjects. Loss detection (esq.DetectLoss) does not apply to a
+	// routing queue; this package's own (reconnect, slow consumer) does.
+	RouteByKey bool
 }
 
 // Queue is an esq.Queue over one NATS connection.
@@ -94,6 +111,7 @@ type Queue struct {
 	mu       sync.RWMutex
 	isClosed bool
 	subs     map[string]*subscription // by subject
+	watches  map[string]*watch        // by key subject, with RouteByKey
 	// running counts callbacks and reconnect confirmations at work. Add
 	// happens under mu's read lock while the queue is open, so every Add
 	// happens before Close's Wait.
@@ -105,9 +123,24 @@ type subscription struct {
 	onMessage func([]byte)
 	onLoss    func()
 	sub       *nats.Subscription
+	// keyMsgs receives the messages of the entity type's key subjects
+	// (RouteByKey), which one goroutine hands to onMessage.
+	keyMsgs chan *nats.Msg
 }
 
-var _ esq.Queue = (*Queue)(nil)
+// watch is one key subject subscribed for Watch.
+type watch struct {
+	s     *subscription
+	count int // Watch calls not undone by Unwatch
+	sub   *nats.Subscription
+	ready chan struct{} // closed once the first Watch's flush returned
+	err   error         // that flush's error, set before ready is closed
+}
+
+var (
+	_ esq.Queue    = (*Queue)(nil)
+	_ esq.Interest = (*Queue)(nil)
+)
 
 // New connects to NATS and returns a Queue. ctx bounds the connection
 // attempt; it is not kept.
@@ -155,10 +188,11 @@ func New(ctx context.Context, cfg Config) (*Queue, error) {
 		return nil, fmt.Errorf("natsq: Config.SubjectPrefix %q: %w", cfg.SubjectPrefix, err)
 	}
 	q := &Queue{
-		cfg:    cfg,
-		log:    cfg.Logger.WithField("component", "esq.natsq"),
-		closed: make(chan struct{}),
-		subs:   make(map[string]*subscription),
+		cfg:     cfg,
+		log:     cfg.Logger.WithField("component", "esq.natsq"),
+		closed:  make(chan struct{}),
+		subs:    make(map[string]*subscription),
+		watches: make(map[string]*watch),
 	}
 	opts := append([]nats.Option(nil), cfg.Options...)
 	opts = append(opts,
@@ -266,6 +300,23 @@ func (q *Queue) Publish(_ context.Context, entity shared.EntityType, body []byte
 	if err != nil {
 		return err
 	}
+	if q.cfg.RouteByKey {
+		if routed := esq.RouteByKey(entity, body); routed != nil {
+			for _, r := range routed {
+				if err := q.publish(keySubject(subject, r.Token), r.Body); err != nil {
+					return err
+				}
+			}
+			return nil
+		}
+	}
+	return q.publish(subject, body)
+}
+
+// keySubject is the subject of the key whose esq.RouteToken is token.
+func keySubject(entitySubject, token string) string { return entitySubject + ".k." + token }
+
+func (q *Queue) publish(subject string, body []byte) error {
 	if max := q.nc.MaxPayload(); max > 0 && int64(len(body)) > max {
 		return fmt.Errorf("natsq: message of %d bytes on subject %q exceeds the NATS server's max_payload of %d bytes", len(body), subject, max)
 	}
@@ -290,6 +341,9 @@ func (q *Queue) Subscribe(entity shared.EntityType, onMessage func([]byte), onLo
 		return err
 	}
 	s := &subscription{subject: subject, onMessage: onMessage, onLoss: onLoss}
+	if q.cfg.RouteByKey {
+		s.keyMsgs = make(chan *nats.Msg, q.cfg.PendingMsgs)
+	}
 	q.mu.Lock()
 	switch {
 	case q.isClosed:
@@ -328,7 +382,122 @@ func (q *Queue) Subscribe(entity shared.EntityType, onMessage func([]byte), onLo
 		return fmt.Errorf("natsq: subscribe to subject %q: %w", subject, err)
 	}
 	s.sub = sub
+	if s.keyMsgs != nil {
+		q.running.Add(1) // under mu while open: before Close's Wait
+		go q.deliverKeys(s)
+	}
 	return nil
+}
+
+// deliverKeys hands the messages of s's key subjects to onMessage, in the
+// order they arrived, until the connection is closed.
+func (q *Queue) deliverKeys(s *subscription) {
+	defer q.running.Done()
+	for {
+		select {
+		case m := <-s.keyMsgs:
+			if !q.enter() {
+				return
+			}
+			s.onMessage(m.Data)
+			q.running.Done()
+		case <-q.closed:
+			return
+		}
+	}
+}
+
+// Routes reports whether Config.RouteByKey is set (see esq.Interest).
+func (q *Queue) Routes() bool { return q.cfg.RouteByKey }
+
+// Watch subscribes to the key's subject, on the entity type's subscription
+// (Subscribe must have returned), and returns once the NATS server has the
+// subscription (a flush round trip). Watches of one key are counted: the
+// first subscribes, later ones wait for its flush. When the flush fails
+// (the connection is down), the subscription stays: nats.go sends it again
+// on reconnect, and the entity type's onLoss is called then.
+func (q *Queue) Watch(key shared.EntityKey) error {
+	if !q.cfg.RouteByKey {
+		return errors.New("natsq: Watch needs Config.RouteByKey")
+	}
+	base, err := Subject(q.cfg.SubjectPrefix, key.Entity)
+	if err != nil {
+		return err
+	}
+	subject := keySubject(base, esq.RouteToken(key.ID))
+	q.mu.Lock()
+	if q.isClosed {
+		q.mu.Unlock()
+		return esq.ErrClosed
+	}
+	s := q.subs[base]
+	if s == nil || s.sub == nil {
+		q.mu.Unlock()
+		return fmt.Errorf("natsq: watch %s: entity type %q is not subscribed", key, key.Entity)
+	}
+	if w := q.watches[subject]; w != nil {
+		w.count++
+		q.mu.Unlock()
+		<-w.ready
+		return w.err
+	}
+	w := &watch{s: s, count: 1, ready: make(chan struct{})}
+	q.watches[subject] = w
+	q.mu.Unlock()
+
+	sub, err := q.nc.ChanSubscribe(subject, s.keyMsgs)
+	if err == nil {
+		err = q.nc.FlushTimeout(q.cfg.LiveTimeout)
+	}
+	q.mu.Lock()
+	w.sub = sub
+	var drop *nats.Subscription
+	switch {
+	case sub == nil && q.watches[subject] == w:
+		delete(q.watches, subject) // nothing to undo: refused outright
+	case sub != nil && w.count == 0:
+		drop = sub // unwatched meanwhile
+	}
+	if err != nil {
+		if errors.Is(err, nats.ErrConnectionClosed) || q.isClosed {
+			err = esq.ErrClosed
+		} else {
+			err = fmt.Errorf("natsq: watch subject %q: %w", subject, err)
+		}
+	}
+	w.err = err
+	close(w.ready)
+	q.mu.Unlock()
+	if drop != nil {
+		_ = drop.Unsubscribe()
+	}
+	return err
+}
+
+// Unwatch undoes one Watch; the last one unsubscribes from the key's
+// subject (the UNSUB goes out with the connection's next write, unawaited).
+func (q *Queue) Unwatch(key shared.EntityKey) {
+	base, err := Subject(q.cfg.SubjectPrefix, key.Entity)
+	if err != nil {
+		return
+	}
+	subject := keySubject(base, esq.RouteToken(key.ID))
+	q.mu.Lock()
+	w := q.watches[subject]
+	if w == nil {
+		q.mu.Unlock()
+		return
+	}
+	if w.count--; w.count > 0 {
+		q.mu.Unlock()
+		return
+	}
+	delete(q.watches, subject)
+	sub := w.sub // nil while the first Watch runs: it unsubscribes
+	q.mu.Unlock()
+	if sub != nil {
+		_ = sub.Unsubscribe()
+	}
 }
 
 // Live returns nil while the connection to NATS is up (nats.go sends the
@@ -398,6 +567,9 @@ func (q *Queue) asyncError(_ *nats.Conn, sub *nats.Subscription, err error) {
 	}
 	q.mu.RLock()
 	s := q.subs[sub.Subject]
+	if w := q.watches[sub.Subject]; s == nil && w != nil {
+		s = w.s
+	}
 	q.mu.RUnlock()
 	if s == nil {
 		return

@@ -299,3 +299,25 @@ func TestSilentConnectionIsReplaced(t *testing.T) {
 		t.Fatal("message published after onLoss not received")
 	}
 }
+
+// The routing contract against the machine's NATS server.
+func TestInterestMachineNATS(t *testing.T) {
+	requireMachineNATS(t)
+	prefix := randomPrefix(t)
+	esqtest.RunInterest(t, esqtest.Factory{
+		NewQueue: func(t testing.TB) esq.Queue {
+			return newQueue(t, natsq.Config{URL: machineURL, SubjectPrefix: prefix, RouteByKey: true})
+		},
+	}, esqtest.Features{})
+}
+
+// The routing contract against an embedded nats-server that is restarted.
+func TestInterestRestartedNATS(t *testing.T) {
+	srv := startServer(t)
+	esqtest.RunInterest(t, esqtest.Factory{
+		NewQueue: func(t testing.TB) esq.Queue {
+			return newQueue(t, natsq.Config{URL: srv.URL(), SubjectPrefix: "es.", ReconnectWait: 50 * time.Millisecond, RouteByKey: true})
+		},
+		Broker: srv,
+	}, esqtest.Features{BrokerGoroutines: []string{"github.com/nats-io/nats-server/v2/"}})
+}
