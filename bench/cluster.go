@@ -310,21 +310,27 @@ func runCluster(cfg config) int {
 	code := 0
 	var rows []clusterRow
 	for _, name := range strings.Split(cfg.clusterQueues, ",") {
-		k, ok := kinds[strings.TrimSpace(name)]
-		if !ok || k.key == "memory" {
-			fmt.Fprintf(os.Stderr, "bench: -cluster-queues: unknown queue %q (nsq | nats | redis | postgres)\n", name)
+		name = strings.TrimSpace(name)
+		base, routed := strings.CutSuffix(name, "-routed")
+		k, ok := kinds[base]
+		if !ok || k.key == "memory" || routed && !routable[base] {
+			fmt.Fprintf(os.Stderr, "bench: -cluster-queues: unknown queue %q (nsq | nats | redis | postgres | nats-routed)\n", name)
 			return 2
 		}
+		if routed {
+			k.prefix += "r" // its own subjects: routed and broadcast servers do not hear each other
+		}
+		k.name = name // the cluster's tables name the variant
 		qstart := time.Now()
-		progress("cluster %s", k.key)
-		got := o.clusterQueue(k, sizes, db)
+		progress("cluster %s", k.name)
+		got := o.clusterQueue(k, routed, sizes, db)
 		for _, r := range got {
 			if r.failed {
 				code = 1
 			}
 		}
 		rows = append(rows, got...)
-		o.timings = append(o.timings, fmt.Sprintf("%s %.1fs", k.key, time.Since(qstart).Seconds()))
+		o.timings = append(o.timings, fmt.Sprintf("%s %.1fs", k.name, time.Since(qstart).Seconds()))
 	}
 	end := readHost()
 
@@ -357,6 +363,9 @@ func runCluster(cfg config) int {
 	return code
 }
 
+// routable is the queues that can route by key (-route-by-key).
+var routable = map[string]bool{"nats": true}
+
 // clusterWarmup is how many changes each size carries before it is measured:
 // new servers' first deliveries open buffers and fill caches.
 const clusterWarmup = 30
@@ -378,14 +387,14 @@ func parseSizes(s string) ([]int, error) {
 
 // clusterQueue measures every size on one queue; every failure ends up in
 // a row.
-func (o *orchestrator) clusterQueue(k queueKind, sizes []int, db *clusterStore) (rows []clusterRow) {
+func (o *orchestrator) clusterQueue(k queueKind, routed bool, sizes []int, db *clusterStore) (rows []clusterRow) {
 	cfg := o.cfg
 	const na = "–"
 	row := func(n int) clusterRow {
-		return clusterRow{queue: k.key, n: strconv.Itoa(n), clients: na, changes: na, received: na, share: na, ratio: na, deliveries: na, fetches: na, cpu: na, observer: na, latency: na}
+		return clusterRow{queue: k.name, n: strconv.Itoa(n), clients: na, changes: na, received: na, share: na, ratio: na, deliveries: na, fetches: na, cpu: na, observer: na, latency: na}
 	}
 	failAt := func(n int, what string, err error) []clusterRow {
-		progress("cluster %s: %d servers: %s: %v", k.key, n, what, err)
+		progress("cluster %s: %d servers: %s: %v", k.name, n, what, err)
 		r := row(n)
 		r.clients = "ERROR: " + what + ": " + oneLine(err.Error())
 		r.failed = true
@@ -394,7 +403,7 @@ func (o *orchestrator) clusterQueue(k queueKind, sizes []int, db *clusterStore) 
 	if k.dial != "" {
 		c, err := net.DialTimeout("tcp", k.dial, 2*time.Second)
 		if err != nil {
-			progress("cluster %s: no broker at %s: %v", k.key, k.dial, err)
+			progress("cluster %s: no broker at %s: %v", k.name, k.dial, err)
 			r := row(sizes[0])
 			r.n = "skipped: no broker answers at " + k.dial
 			return []clusterRow{r}
@@ -407,7 +416,10 @@ func (o *orchestrator) clusterQueue(k queueKind, sizes []int, db *clusterStore) 
 	args := []string{"-queue", k.key, "-queue-prefix", k.prefix, "-pg", cfg.pgDSN, "-nats", cfg.natsURL, "-redis", cfg.redisAddr,
 		"-cluster-store", cfg.clusterStore, "-cluster-keys", strconv.Itoa(cfg.clusterKeys)}
 	wcfg := cfg
-	wcfg.queue, wcfg.queuePrefix = k.key, k.prefix
+	wcfg.queue, wcfg.queuePrefix, wcfg.routeByKey = k.key, k.prefix, routed
+	if routed {
+		args = append(args, "-route-by-key")
+	}
 	if k.key == "nsq" {
 		broker, err := nsqtest.Embed()
 		if err != nil {
@@ -455,7 +467,7 @@ func (o *orchestrator) clusterQueue(k queueKind, sizes []int, db *clusterStore) 
 			go func() {
 				defer wg.Done()
 				if err := s.child.Stop(); err != nil {
-					o.notes = append(o.notes, fmt.Sprintf("%s: server process exit: %v", k.key, err))
+					o.notes = append(o.notes, fmt.Sprintf("%s: server process exit: %v", k.name, err))
 				}
 			}()
 		}
@@ -463,7 +475,7 @@ func (o *orchestrator) clusterQueue(k queueKind, sizes []int, db *clusterStore) 
 	}()
 
 	if cfg.clusterBurst > 0 {
-		o.clusterReceiveCost(ctx, k.key, writer, obs)
+		o.clusterReceiveCost(ctx, k.name, writer, obs)
 	}
 
 	z := newZipf(cfg.clusterKeys, cfg.clusterZipf)
@@ -598,7 +610,7 @@ func (o *orchestrator) clusterQueue(k queueKind, sizes []int, db *clusterStore) 
 			(float64(cpuAfter[n]-cpuBefore[n])-idle*span.Seconds())/c/1e3)
 		r.latency = fmt.Sprintf("%s / %s (%s), %d frames", ms(rec.P50), ms(rec.P99), ms(rec.Max), rec.Frames)
 		rows = append(rows, r)
-		progress("cluster %s: %d servers: received %s, share %s, cpu %s, latency %s", k.key, n, r.received, r.share, r.cpu, r.latency)
+		progress("cluster %s: %d servers: received %s, share %s, cpu %s, latency %s", k.name, n, r.received, r.share, r.cpu, r.latency)
 	}
 	return rows
 }

@@ -63,7 +63,7 @@ func newQueue(cfg config, log logrus.FieldLogger) (esq.Queue, error) {
 	case "postgres":
 		return pgq.New(ctx, pgq.Config{ConnString: cfg.pgDSN, Channel: cfg.queuePrefix, Logger: log})
 	case "nats":
-		return natsq.New(ctx, natsq.Config{URL: cfg.natsURL, SubjectPrefix: cfg.queuePrefix, Logger: log})
+		return natsq.New(ctx, natsq.Config{URL: cfg.natsURL, SubjectPrefix: cfg.queuePrefix, Logger: log, RouteByKey: cfg.routeByKey})
 	case "redis":
 		return redisq.New(ctx, redisq.Config{Addr: cfg.redisAddr, ChannelPrefix: cfg.queuePrefix, Logger: log})
 	}
