@@ -28,7 +28,8 @@ import (
 //     one of them with that key named; one naming more than
 //     esq.MaxRoutedKeys, and a body naming no key, reach every subscriber.
 //   - WatchAfterRestart (with Factory.Broker): once the broker came back
-//     and onLoss was called, a watched key's messages arrive again.
+//     and onLoss was called, the messages of every watched key (200 of
+//     them) arrive again.
 func RunInterest(t *testing.T, factory Factory, features Features) {
 	t.Helper()
 	if factory.NewQueue == nil {
@@ -202,7 +203,12 @@ func (s *suite) watchAfterRestart(t *testing.T) {
 		}
 	}
 	sub, pub := s.routedPair(t, entity, r)
-	watch(t, sub, shared.EntityKey{Entity: entity, ID: "w"})
+	// Many keys, so that the broker confirms them one by one after the
+	// restart: onLoss must wait for all of them.
+	const keys = 200
+	for i := 0; i < keys; i++ {
+		watch(t, sub, shared.EntityKey{Entity: entity, ID: "w" + strconv.Itoa(i)})
+	}
 	if err := s.f.Broker.Stop(); err != nil {
 		t.Fatal(err)
 	}
@@ -215,8 +221,12 @@ func (s *suite) watchAfterRestart(t *testing.T) {
 		t.Fatal("no onLoss after the broker restarted")
 	}
 	deadline := time.Now().Add(s.ft.Timeout)
-	if err := publishRetrying(pub, entity, body(entity, "w"), deadline, nil); err != nil {
-		t.Fatal(err)
+	for i := 0; i < keys; i++ {
+		if err := publishRetrying(pub, entity, body(entity, "w"+strconv.Itoa(i)), deadline, nil); err != nil {
+			t.Fatal(err)
+		}
 	}
-	r.awaitID(t, s.ft.Timeout, "w", 1)
+	for i := 0; i < keys; i++ {
+		r.awaitID(t, s.ft.Timeout, "w"+strconv.Itoa(i), 1)
+	}
 }

@@ -14,6 +14,16 @@
 // All of one Queue's subscriptions share one connection, read by one
 // goroutine that calls the callbacks in order.
 //
+// With Config.RouteByKey, a server receives only the keys its clients
+// watch (esq.Interest): a notification of one key (or of up to
+// esq.MaxRoutedKeys) goes on the key's own channel, the entity type's
+// channel plus ":k:" and esq.RouteToken(id), to which the bridge
+// subscribes from the key's first local subscriber to its last. Every
+// server still subscribes to the entity type's channel, which carries
+// larger batches and whatever other producers publish there. After a
+// reconnect, onLoss waits until Redis has confirmed the entity type's
+// channel and every watched key channel again.
+//
 // Use with entitysync:
 //
 //	q, err := redisq.New(ctx, redisq.Config{Addr: "127.0.0.1:6379", ChannelPrefix: "myapp:es:"})
@@ -76,6 +86,13 @@ type Config struct {
 	PingInterval time.Duration
 	// Logger receives connection events. Default: logrus's standard logger.
 	Logger logrus.FieldLogger
+	// RouteByKey makes the queue route each key's notifications to the
+	// servers that watch it (see the package comment) instead of
+	// broadcasting them. Set it on every server of a cluster or on none: a
+	// server that broadcasts does not hear what a routing one publishes on
+	// key channels. Loss detection (esq.DetectLoss) does not apply to a
+	// routing queue; the reconnect resync above does.
+	RouteByKey bool
 }
 
 // Queue is an esq.Queue over Redis pub/sub.
@@ -88,22 +105,43 @@ type Queue struct {
 	mu     sync.Mutex
 	closed bool
 	subs   map[string]*subscription // by channel
-	ps     *redis.PubSub            // made by the first Subscribe
+	// watches are the key channels Watch subscribed, by channel.
+	watches map[string]*watch
+	ps      *redis.PubSub // made by the first Subscribe
 	// readerDone and pingerDone are closed when the goroutines the first
 	// Subscribe started end.
 	readerDone, pingerDone chan struct{}
 }
 
 type subscription struct {
+	channelState
 	channel   string
 	onMessage func([]byte)
 	onLoss    func()
-	confirmed chan struct{} // closed when Redis first confirms the subscription
-	isLive    bool          // confirmed and not lost since; under Queue.mu
-	lost      bool          // the connection dropped since it was live; under Queue.mu
+	// lost is set when the connection dropped while some channel of the
+	// subscription was live, until they all are again; down counts its
+	// channels (its own and its watches') not live. Under Queue.mu.
+	lost bool
+	down int
 }
 
-var _ esq.Queue = (*Queue)(nil)
+// channelState is one subscribed channel's.
+type channelState struct {
+	confirmed chan struct{} // closed when Redis first confirms the subscription
+	isLive    bool          // confirmed and not lost since; under Queue.mu
+}
+
+// watch is a key channel subscribed for Watch.
+type watch struct {
+	channelState
+	s     *subscription // the key's entity type's
+	count int           // Watch calls not undone by Unwatch
+}
+
+var (
+	_ esq.Queue    = (*Queue)(nil)
+	_ esq.Interest = (*Queue)(nil)
+)
 
 // New checks that Redis answers (ctx bounds the PING) and returns a Queue.
 func New(ctx context.Context, cfg Config) (*Queue, error) {
@@ -155,6 +193,7 @@ func New(ctx context.Context, cfg Config) (*Queue, error) {
 		client:  client,
 		closing: make(chan struct{}),
 		subs:    make(map[string]*subscription),
+		watches: make(map[string]*watch),
 	}, nil
 }
 
@@ -204,6 +243,23 @@ func (q *Queue) Publish(ctx context.Context, entity shared.EntityType, body []by
 	if err != nil {
 		return err
 	}
+	if q.cfg.RouteByKey {
+		if routed := esq.RouteByKey(entity, body); routed != nil {
+			for _, r := range routed {
+				if err := q.publish(ctx, keyChannel(channel, r.Token), r.Body); err != nil {
+					return err
+				}
+			}
+			return nil
+		}
+	}
+	return q.publish(ctx, channel, body)
+}
+
+// keyChannel is the channel of the key whose esq.RouteToken is token.
+func keyChannel(entityChannel, token string) string { return entityChannel + ":k:" + token }
+
+func (q *Queue) publish(ctx context.Context, channel string, body []byte) error {
 	if len(body) > q.cfg.MaxPayload {
 		return fmt.Errorf("redisq: message of %d bytes on channel %q exceeds Config.MaxPayload of %d bytes", len(body), channel, q.cfg.MaxPayload)
 	}
@@ -225,7 +281,8 @@ func (q *Queue) Subscribe(entity shared.EntityType, onMessage func([]byte), onLo
 	if err != nil {
 		return err
 	}
-	s := &subscription{channel: channel, onMessage: onMessage, onLoss: onLoss, confirmed: make(chan struct{})}
+	s := &subscription{channel: channel, onMessage: onMessage, onLoss: onLoss, down: 1,
+		channelState: channelState{confirmed: make(chan struct{})}}
 	q.mu.Lock()
 	switch {
 	case q.closed:
@@ -282,7 +339,7 @@ func (q *Queue) Live() error {
 	}
 	var down []string
 	for _, s := range q.subs {
-		if !s.isLive {
+		if !s.isLive || s.lost {
 			down = append(down, s.channel)
 		}
 	}
@@ -315,6 +372,13 @@ func (q *Queue) read(ps *redis.PubSub, done chan struct{}) {
 			for _, s := range q.subs {
 				if s.isLive {
 					s.isLive, s.lost = false, true
+					s.down++
+				}
+			}
+			for _, w := range q.watches {
+				if w.isLive {
+					w.isLive, w.s.lost = false, true
+					w.s.down++
 				}
 			}
 			q.mu.Unlock()
@@ -333,6 +397,9 @@ func (q *Queue) read(ps *redis.PubSub, done chan struct{}) {
 		case *redis.Message:
 			q.mu.Lock()
 			s := q.subs[m.Channel]
+			if w := q.watches[m.Channel]; s == nil && w != nil {
+				s = w.s
+			}
 			q.mu.Unlock()
 			if s != nil {
 				s.onMessage([]byte(m.Payload))
@@ -342,16 +409,23 @@ func (q *Queue) read(ps *redis.PubSub, done chan struct{}) {
 				continue
 			}
 			q.mu.Lock()
+			var st *channelState
 			s := q.subs[m.Channel]
+			if s != nil {
+				st = &s.channelState
+			} else if w := q.watches[m.Channel]; w != nil {
+				st, s = &w.channelState, w.s
+			}
 			var lossFor *subscription
-			if s != nil && !s.isLive {
-				s.isLive = true
+			if st != nil && !st.isLive {
+				st.isLive = true
 				select {
-				case <-s.confirmed:
+				case <-st.confirmed:
 				default:
-					close(s.confirmed)
+					close(st.confirmed)
 				}
-				if s.lost {
+				s.down--
+				if s.down == 0 && s.lost {
 					s.lost = false
 					lossFor = s
 				}
@@ -365,6 +439,109 @@ func (q *Queue) read(ps *redis.PubSub, done chan struct{}) {
 				lossFor.onLoss()
 			}
 		}
+	}
+}
+
+// Routes reports whether Config.RouteByKey is set (see esq.Interest).
+func (q *Queue) Routes() bool { return q.cfg.RouteByKey }
+
+// Watch subscribes to the key's channel, on the entity type's subscription
+// (Subscribe must have returned), and returns once Redis confirmed it.
+// Watches of one key are counted: the first subscribes, later ones wait for
+// its confirmation. When it does not come within LiveTimeout (the
+// connection is down), the channel stays subscribed: go-redis subscribes
+// it again on reconnect, and the entity type's onLoss is called once Redis
+// confirmed it.
+func (q *Queue) Watch(key shared.EntityKey) error {
+	if !q.cfg.RouteByKey {
+		return errors.New("redisq: Watch needs Config.RouteByKey")
+	}
+	base, err := Channel(q.cfg.ChannelPrefix, key.Entity)
+	if err != nil {
+		return err
+	}
+	channel := keyChannel(base, esq.RouteToken(key.ID))
+	q.mu.Lock()
+	if q.closed {
+		q.mu.Unlock()
+		return esq.ErrClosed
+	}
+	s := q.subs[base]
+	subscribed := s != nil
+	if subscribed {
+		select {
+		case <-s.confirmed:
+		default:
+			subscribed = false
+		}
+	}
+	if !subscribed {
+		q.mu.Unlock()
+		return fmt.Errorf("redisq: watch %s: entity type %q is not subscribed", key, key.Entity)
+	}
+	w := q.watches[channel]
+	first := w == nil
+	if first {
+		w = &watch{s: s, channelState: channelState{confirmed: make(chan struct{})}}
+		q.watches[channel] = w
+		s.down++
+	}
+	w.count++
+	ps := q.ps
+	q.mu.Unlock()
+
+	ctx, cancel := context.WithTimeout(context.Background(), q.cfg.LiveTimeout)
+	defer cancel()
+	if first {
+		err = ps.Subscribe(ctx, channel)
+	}
+	if err == nil {
+		select {
+		case <-w.confirmed:
+			return nil
+		case <-q.closing:
+			return esq.ErrClosed
+		case <-ctx.Done():
+			err = fmt.Errorf("no confirmation within %s", q.cfg.LiveTimeout)
+		}
+	}
+	return fmt.Errorf("redisq: watch channel %q on %s (it stays subscribed): %w", channel, q.cfg.Addr, err)
+}
+
+// Unwatch undoes one Watch; the last one unsubscribes from the key's
+// channel (without waiting for Redis's reply).
+func (q *Queue) Unwatch(key shared.EntityKey) {
+	base, err := Channel(q.cfg.ChannelPrefix, key.Entity)
+	if err != nil {
+		return
+	}
+	channel := keyChannel(base, esq.RouteToken(key.ID))
+	q.mu.Lock()
+	w := q.watches[channel]
+	if w == nil || q.closed {
+		q.mu.Unlock()
+		return
+	}
+	if w.count--; w.count > 0 {
+		q.mu.Unlock()
+		return
+	}
+	delete(q.watches, channel)
+	var lossFor *subscription
+	if !w.isLive {
+		// The one channel a resync may have been waiting for.
+		if w.s.down--; w.s.down == 0 && w.s.lost {
+			w.s.lost = false
+			lossFor = w.s
+		}
+	}
+	ps := q.ps
+	q.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.Background(), q.cfg.LiveTimeout)
+	_ = ps.Unsubscribe(ctx, channel) // a failure drops the connection: it comes back without the channel
+	cancel()
+	if lossFor != nil && lossFor.onLoss != nil {
+		lossFor.onLoss()
 	}
 }
 

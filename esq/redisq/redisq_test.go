@@ -315,3 +315,26 @@ func TestSilentConnectionIsReplaced(t *testing.T) {
 		t.Fatal("message published after onLoss not received")
 	}
 }
+
+// The routing contract against the machine's Redis.
+func TestInterestMachineRedis(t *testing.T) {
+	requireMachineRedis(t)
+	prefix := randomPrefix(t)
+	esqtest.RunInterest(t, esqtest.Factory{
+		NewQueue: func(t testing.TB) esq.Queue {
+			return newQueue(t, redisq.Config{Addr: machineAddr, ChannelPrefix: prefix, RouteByKey: true})
+		},
+	}, esqtest.Features{})
+}
+
+// The routing contract against a redis-server child process that is
+// restarted.
+func TestInterestRestartedRedis(t *testing.T) {
+	srv := startRedis(t)
+	esqtest.RunInterest(t, esqtest.Factory{
+		NewQueue: func(t testing.TB) esq.Queue {
+			return newQueue(t, redisq.Config{Addr: srv.addr, ChannelPrefix: "es:", RetryInterval: 20 * time.Millisecond, RouteByKey: true})
+		},
+		Broker: srv,
+	}, esqtest.Features{})
+}
