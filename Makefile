@@ -156,7 +156,7 @@ bench-collections:
 # NATS 127.0.0.1:4222, Redis 127.0.0.1:6379, PostgreSQL 127.0.0.1:5432),
 # 2, 4, 8 and 16 server processes, each with 20 clients watching keys
 # drawn from a Zipf distribution over 10,000 keys, the clients in one more
-# process; 150 changes/s for 3 s per size. Per size: notifications
+# process; 150 changes/s for 2 s per size. Per size: notifications
 # received per server per change against the share of changes its clients
 # watch, fetches and server CPU per change, visible latency; then what a
 # server pays to receive a notification nobody watches. Two markdown tables

@@ -276,6 +276,14 @@ type cserver struct {
 type clusterRow struct {
 	queue, n, clients, changes, received, share, ratio, deliveries, fetches, cpu, observer, latency string
 	failed                                                                                          bool
+
+	// For the targets: the variant's name, servers, worst received /
+	// interested ratio, fetches and interested shares per change, p99 (ns).
+	variant                        string
+	servers                        int
+	worstRatio, fetchPer, shareSum float64
+	p99                            int64
+	measured                       bool
 }
 
 func runCluster(cfg config) int {
@@ -341,6 +349,9 @@ func runCluster(cfg config) int {
 		fmt.Fprintf(&s, "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n",
 			r.queue, r.n, r.clients, r.changes, r.received, r.share, r.ratio, r.deliveries, r.fetches, r.cpu, r.observer, r.latency)
 	}
+	if t := clusterTargets(rows); t != "" {
+		s.WriteString(t)
+	}
 	if len(o.receive) > 0 {
 		fmt.Fprintf(&s, "\n| queue | notifications of a key nobody watches, 16 goroutines for %s | received by a server with no clients (the only server yet) | its CPU per notification received |\n", cfg.clusterBurst)
 		s.WriteString("| --- | --- | --- | --- |\n")
@@ -365,6 +376,64 @@ func runCluster(cfg config) int {
 
 // routable is the queues that can route by key (-route-by-key).
 var routable = map[string]bool{"nats": true}
+
+// clusterTargets checks each routed variant against its broadcast run: at
+// the largest size, every server receives at most 1.2 times its interested
+// share; fetches per change stay at most one per interested server (the
+// sum of shares, 1% allowed for rounding), at every size; visible p99 at the largest size is no
+// worse than broadcast's at the smallest. "" when no pair ran.
+func clusterTargets(rows []clusterRow) string {
+	byVariant := map[string][]clusterRow{}
+	var names []string
+	for _, r := range rows {
+		if !r.measured {
+			continue
+		}
+		if byVariant[r.variant] == nil {
+			names = append(names, r.variant)
+		}
+		byVariant[r.variant] = append(byVariant[r.variant], r)
+	}
+	var b strings.Builder
+	for _, name := range names {
+		base, routed := strings.CutSuffix(name, "-routed")
+		bc := byVariant[base]
+		if !routed || len(bc) == 0 {
+			continue
+		}
+		rt := byVariant[name]
+		last, first := rt[len(rt)-1], bc[0]
+		verdict := func(ok bool) string {
+			if ok {
+				return "met"
+			}
+			return "**not met**"
+		}
+		fetchOK := true
+		var fetchCells []string
+		for _, r := range rt {
+			// Fewer is fine: changes of one key close together share a fetch.
+			fetchOK = fetchOK && r.fetchPer <= r.shareSum*1.01
+			cell := fmt.Sprintf("%d servers: %.2f (interested %.2f", r.servers, r.fetchPer, r.shareSum)
+			for _, x := range bc {
+				if x.servers == r.servers {
+					cell += fmt.Sprintf(", %s %.2f", base, x.fetchPer)
+				}
+			}
+			fetchCells = append(fetchCells, cell+")")
+		}
+		if b.Len() == 0 {
+			b.WriteString("\n| queue | target | measured | verdict |\n| --- | --- | --- | --- |\n")
+		}
+		fmt.Fprintf(&b, "| %s | received per server per change at most 1.2 x its interested share, at %d servers | worst server %.2f x | %s |\n",
+			name, last.servers, last.worstRatio, verdict(last.worstRatio <= 1.2))
+		fmt.Fprintf(&b, "| %s | fetches per change: at most one per interested server, as with broadcast | %s | %s |\n",
+			name, strings.Join(fetchCells, "; "), verdict(fetchOK))
+		fmt.Fprintf(&b, "| %s | visible p99 at %d servers no worse than %s at %d | %s vs %s | %s |\n",
+			name, last.servers, base, first.servers, ms(last.p99), ms(first.p99), verdict(last.p99 <= first.p99))
+	}
+	return b.String()
+}
 
 // clusterWarmup is how many changes each size carries before it is measured:
 // new servers' first deliveries open buffers and fill caches.
@@ -601,9 +670,11 @@ func (o *orchestrator) clusterQueue(k queueKind, routed bool, sizes []int, db *c
 		r.share = meanRange(shares, "%.2f")
 		if len(ratios) > 0 {
 			r.ratio = fmt.Sprintf("%.2f", slices.Max(ratios))
+			r.worstRatio = slices.Max(ratios)
 		}
 		r.deliveries = fmt.Sprintf("%.2f", recvSum/c)
 		r.fetches = fmt.Sprintf("%.2f (%.2f)", float64(fetches)/c, sum(shares))
+		r.variant, r.servers, r.fetchPer, r.shareSum, r.p99, r.measured = k.name, n, float64(fetches)/c, sum(shares), rec.P99, true
 		r.cpu = fmt.Sprintf("%.0f µs; %.0f µs (idle %.1f ms/s per server subtracted)", mean(cpus)/1e3, sum(cpus)/1e3, mean(idles)/1e6)
 		idle := float64(idle1[n]-idle0[n]) / cfg.clusterIdle.Seconds()
 		r.observer = fmt.Sprintf("%.2f; %.0f µs", float64(after[n].Received-before[n].Received)/c,
