@@ -31,7 +31,9 @@ import (
 // queueBroker is a broker the scenario can stop and start, and how to make
 // one server's queue on it.
 type queueBroker struct {
-	newQueue    func(t testing.TB) esq.Queue
+	newQueue func(t testing.TB) esq.Queue
+	// newRouted makes a queue that routes by key (RouteByKey).
+	newRouted   func(t testing.TB) esq.Queue
 	stop, start func() error
 }
 
@@ -171,18 +173,18 @@ func natsBroker(t *testing.T) queueBroker {
 	}
 	t.Cleanup(func() { stop() })
 	url := fmt.Sprintf("nats://127.0.0.1:%d", port)
-	return queueBroker{
-		newQueue: func(t testing.TB) esq.Queue {
+	mk := func(route bool) func(t testing.TB) esq.Queue {
+		return func(t testing.TB) esq.Queue {
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
-			q, err := natsq.New(ctx, natsq.Config{URL: url, SubjectPrefix: "es.", ReconnectWait: 100 * time.Millisecond, Logger: testkit.SilentLogger()})
+			q, err := natsq.New(ctx, natsq.Config{URL: url, SubjectPrefix: "es.", ReconnectWait: 100 * time.Millisecond, Logger: testkit.SilentLogger(), RouteByKey: route})
 			if err != nil {
 				t.Fatal(err)
 			}
 			return q
-		},
-		stop: stop, start: start,
+		}
 	}
+	return queueBroker{newQueue: mk(false), newRouted: mk(true), stop: stop, start: start}
 }
 
 // redisBroker is a redis-server child process on a random 127.0.0.1 port.
@@ -246,18 +248,18 @@ func redisBroker(t *testing.T) queueBroker {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { stop() })
-	return queueBroker{
-		newQueue: func(t testing.TB) esq.Queue {
+	mk := func(route bool) func(t testing.TB) esq.Queue {
+		return func(t testing.TB) esq.Queue {
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
-			q, err := redisq.New(ctx, redisq.Config{Addr: addr, ChannelPrefix: "es:", RetryInterval: 20 * time.Millisecond, Logger: testkit.SilentLogger()})
+			q, err := redisq.New(ctx, redisq.Config{Addr: addr, ChannelPrefix: "es:", RetryInterval: 20 * time.Millisecond, Logger: testkit.SilentLogger(), RouteByKey: route})
 			if err != nil {
 				t.Fatal(err)
 			}
 			return q
-		},
-		stop: stop, start: start,
+		}
 	}
+	return queueBroker{newQueue: mk(false), newRouted: mk(true), stop: stop, start: start}
 }
 
 func redisPing(addr string) error {
