@@ -20,18 +20,20 @@ import (
 // the reader owns reads for the connection's whole life and, when it ends,
 // cancels the connection's context, closes the client and the socket.
 //
-// Writes (writer.go) bypass gorilla/websocket's writer: frames are encoded
+// gorilla/websocket only does the handshake: frames are read by reader.go,
+// and writes (writer.go) bypass gorilla's writer: frames are encoded
 // once per update and written by whoever has them, the fan-out directly when
 // the socket takes them at once, or the connection's flusher, a goroutine
 // that runs only while a write would block.
 //
 // Idle connections are what a server holds most of, so a conn keeps little:
 // no logger entry (logger builds one when there is something to say), no
-// ticker (the server's heartbeat loop writes pings), no buffers.
+// ticker (the server's heartbeat loop writes pings), no write buffer, and a
+// read buffer of ReadBufferSize (gorilla's Conn is not kept).
 type conn struct {
 	s      *Server
-	ws     *websocket.Conn
 	nc     net.Conn
+	fr     frameReader // only the reader touches it
 	client *esbridge.Client
 	info   *shared.Connection
 	ctx    context.Context // &hctx: carries info, for the hooks; done when the connection ends
@@ -67,45 +69,65 @@ func (c *conn) readPump() {
 		c.s.wg.Done()
 	}()
 	pongWait := c.s.opts.PongWait
-	c.ws.SetReadLimit(c.s.opts.ReadLimit)
-	_ = c.ws.SetReadDeadline(time.Now().Add(pongWait))
-	c.ws.SetPongHandler(func(string) error { return c.ws.SetReadDeadline(time.Now().Add(pongWait)) })
-	// gorilla's default handlers answer with its own writer, which must not
-	// write beside this connection's: answer through it instead.
-	c.ws.SetPingHandler(func(data string) error {
-		c.send(appendFrame(nil, opPong, []byte(data)), true)
-		return nil
-	})
-	c.ws.SetCloseHandler(func(code int, _ string) error {
-		var payload []byte
-		if code != websocket.CloseNoStatusReceived {
-			payload = websocket.FormatCloseMessage(code, "")
-		}
-		c.send(appendFrame(nil, opClose, payload), true)
-		return nil
-	})
+	_ = c.nc.SetReadDeadline(time.Now().Add(pongWait))
+	closing := false // this reader began the close: read only to its end
 	for {
-		_, data, err := c.ws.ReadMessage()
+		op, data, err := c.fr.next()
 		if err != nil {
+			var perr protocolError
 			switch {
-			case errors.Is(err, websocket.ErrReadLimit):
-				c.s.stats.tooLarge.Add(1)
-				c.logger().Warnf("closing connection: frame larger than the %d byte limit", c.s.opts.ReadLimit)
-			case websocket.IsCloseError(err, websocket.CloseNormalClosure, websocket.CloseGoingAway, websocket.CloseNoStatusReceived):
+			case errors.Is(err, errTooBig):
+				if !closing {
+					c.s.stats.tooLarge.Add(1)
+					c.logger().Warnf("closing connection: frame larger than the %d byte limit", c.s.opts.ReadLimit)
+					closing = c.closeFromReader(websocket.CloseMessageTooBig, "")
+				}
+				// Read past the frame, to the client's answer to the
+				// close: a socket closed on unread data is reset, and the
+				// client may lose the close frame before reading it.
+				if closing && c.fr.skip() == nil {
+					continue
+				}
+			case errors.As(err, &perr):
+				c.logger().WithError(err).Warn("closing connection")
+				c.closeFromReader(websocket.CloseProtocolError, string(perr))
+				c.drain() // what follows cannot be read as frames
 			default:
 				c.logger().WithError(err).Debug("connection read ended")
 			}
 			return
 		}
-		if c.kicked {
-			continue // closing: read on until the client answers or the socket is cut
-		}
-		if !c.pace() {
+		switch op {
+		case opPing:
+			c.send(appendFrame(nil, opPong, data), true)
+		case opPong:
+		case opClose:
+			// The client closes, or answers our close. Either way our
+			// close frame (the client's code, as RFC 6455 asks, unless
+			// ours went first) is through before the socket closes; the
+			// client sends nothing after its close frame.
+			code, err := parseClose(data)
+			if err != nil {
+				c.logger().WithError(err).Warn("closing connection")
+				c.closeFromReader(websocket.CloseProtocolError, string(err.(protocolError)))
+			} else {
+				c.closeFromReader(code, "")
+			}
+			c.awaitCloseSent()
 			return
+		default:
+			if c.kicked || closing {
+				continue // closing: read on until the client answers or the socket is cut
+			}
+			if !c.pace() {
+				return
+			}
+			if !c.kicked {
+				c.handleOffStack(data)
+			}
 		}
-		_ = c.ws.SetReadDeadline(time.Now().Add(pongWait))
-		if !c.kicked {
-			c.handleOffStack(data)
+		if !closing {
+			_ = c.nc.SetReadDeadline(time.Now().Add(pongWait))
 		}
 	}
 }

@@ -12,6 +12,7 @@
 package esweb
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -46,8 +47,9 @@ type Options struct {
 	// secret-taking function goes through SetupMuxBridge or
 	// entitysync.Config.WSPassThrough.)
 	PassThrough func(ctx context.Context, frame []byte)
-	// ReadLimit is the largest inbound frame in bytes; a larger one closes
-	// the connection with code 1009. Default 32 KiB.
+	// ReadLimit is the largest inbound message in bytes (a fragmented one
+	// counts whole); a larger one closes the connection with code 1009.
+	// Default 32 KiB.
 	ReadLimit int64
 	// WriteWait is how long a write may make no progress: a client whose
 	// socket takes none of the next 64 KiB within it is disconnected. A
@@ -332,10 +334,12 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		setSendBuffer(ws.NetConn(), s.opts.SendBufferSize, log)
 	}
 	id := strconv.FormatUint(s.nextID.Add(1), 10)
+	// From here on the connection's frames are read and written here (see
+	// reader.go, frame.go): gorilla's Conn is dropped after the handshake.
 	c := &conn{
 		s:        s,
-		ws:       ws,
 		nc:       ws.NetConn(),
+		fr:       frameReader{br: bufio.NewReaderSize(ws.NetConn(), s.opts.ReadBufferSize), limit: s.opts.ReadLimit},
 		envelope: ws.Subprotocol() == shared.Subprotocol,
 		tokens:   float64(s.opts.MessageBurst),
 		refilled: time.Now(),
@@ -359,7 +363,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.mu.Unlock()
 		c.hctx.end()
 		c.client.Close()
-		ws.Close()
+		c.nc.Close()
 		return
 	}
 	s.conns[c] = struct{}{}

@@ -2,8 +2,10 @@ package esweb
 
 import (
 	"errors"
+	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/gorilla/websocket"
@@ -34,6 +36,14 @@ type writeState struct {
 	again        bool   // something arrived while it ran
 	closeFrame   []byte // set once the connection is closing: written last
 	ended        bool   // the socket is closed or failed: write nothing more
+
+	// Once closeFrame is set: closeBy is when the close frame must be
+	// through (WriteWait after the close began; unix nanoseconds, read by
+	// the flusher without wmu), and closeSent is closed when it is (or
+	// when the connection ended first).
+	closeBy       atomic.Int64
+	closeSent     chan struct{}
+	closeSentDone bool
 }
 
 // send writes frame now if nothing is waiting and the socket takes it without
@@ -194,6 +204,15 @@ func (c *conn) flush() {
 			}
 		}
 		if closing != nil {
+			// The close frame is the last thing written: the end of
+			// the stream (FIN) follows it, so that the peer, once it
+			// has read it, sees the server will say nothing more.
+			if cw, ok := c.nc.(interface{ CloseWrite() error }); ok {
+				_ = cw.CloseWrite()
+			}
+			c.wmu.Lock()
+			c.closeSentLocked()
+			c.wmu.Unlock()
 			c.awaitCloseReply()
 			return
 		}
@@ -234,7 +253,11 @@ func (c *conn) writeChunked(bufs net.Buffers, chunk *net.Buffers) error {
 			bufs = bufs[1:]
 		}
 		*chunk = part
-		_ = c.nc.SetWriteDeadline(time.Now().Add(c.s.opts.WriteWait))
+		deadline := time.Now().Add(c.s.opts.WriteWait)
+		if by := c.closeBy.Load(); by != 0 && by < deadline.UnixNano() {
+			deadline = time.Unix(0, by) // closing: the close frame is due then
+		}
+		_ = c.nc.SetWriteDeadline(deadline)
 		if _, err := part.WriteTo(c.nc); err != nil { // consumes part, not *chunk
 			return err
 		}
@@ -243,8 +266,8 @@ func (c *conn) writeChunked(bufs net.Buffers, chunk *net.Buffers) error {
 }
 
 // closeWith closes the connection with a close frame: written after what is
-// already waiting, then the client has WriteWait to answer before the
-// socket is closed.
+// already waiting, all within WriteWait, then the client has WriteWait to
+// answer before the socket is closed.
 func (c *conn) closeWith(code int, reason string) {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
@@ -263,12 +286,69 @@ func (c *conn) closeFrameLocked(code int, reason string) []byte {
 		return nil
 	}
 	if c.closeFrame == nil {
-		c.closeFrame = appendFrame(nil, opClose, websocket.FormatCloseMessage(code, reason))
+		var payload []byte // no code: the answer to a close frame without one
+		if code != websocket.CloseNoStatusReceived {
+			payload = websocket.FormatCloseMessage(code, reason)
+		}
+		c.closeFrame = appendFrame(nil, opClose, payload)
+		c.closeBy.Store(time.Now().Add(c.s.opts.WriteWait).UnixNano())
+		c.closeSent = make(chan struct{})
 		if code == websocket.ClosePolicyViolation {
 			c.s.stats.protocolViolations.Add(1)
 		}
 	}
 	return c.closeFrame
+}
+
+// closeSentLocked tells awaitCloseSent that the close frame is through, or
+// will never be. With wmu held.
+func (c *conn) closeSentLocked() {
+	if c.closeSent != nil && !c.closeSentDone {
+		c.closeSentDone = true
+		close(c.closeSent)
+	}
+}
+
+// closeFromReader starts closing the connection from the reader (the client
+// closed it, or broke the protocol): the close frame goes out after what
+// the writer has begun, within WriteWait, and the reader's reads end by
+// then too. It reports false if the connection has already ended.
+func (c *conn) closeFromReader(code int, reason string) bool {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.closeFrameLocked(code, reason) == nil {
+		return false
+	}
+	c.kickFlusherLocked()
+	_ = c.nc.SetReadDeadline(time.Unix(0, c.closeBy.Load()))
+	return true
+}
+
+// awaitCloseSent waits until the close frame is through, the connection has
+// ended, or the close's time is up.
+func (c *conn) awaitCloseSent() {
+	c.wmu.Lock()
+	by, sent := c.closeBy.Load(), c.closeSent
+	c.wmu.Unlock()
+	if sent == nil {
+		return
+	}
+	t := time.NewTimer(time.Until(time.Unix(0, by)))
+	defer t.Stop()
+	select {
+	case <-sent:
+	case <-t.C:
+	}
+}
+
+// drain reads and discards what the client sends until it closes its end or
+// the close's time is up, then waits for the close frame to be through:
+// closing a socket with unread data resets the connection, and the client
+// may then lose the close frame before reading it (browsers report 1006
+// instead of the code).
+func (c *conn) drain() {
+	_, _ = io.Copy(io.Discard, c.fr.br)
+	c.awaitCloseSent()
 }
 
 // awaitCloseReply gives the client WriteWait to read up to the close frame
@@ -294,6 +374,7 @@ func (c *conn) failLocked(err error) {
 		return
 	}
 	c.ended = true
+	c.closeSentLocked()
 	if err != nil {
 		c.dropped(err)
 	}

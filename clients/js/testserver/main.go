@@ -7,7 +7,12 @@
 //
 // On start it prints one JSON line on stdout:
 //
-//	{"control":"http://127.0.0.1:P","servers":[{"http":"http://127.0.0.1:A","ws":"ws://127.0.0.1:A/ws/entity-sync/"},{...}]}
+//	{"control":"http://127.0.0.1:P","servers":[{"http":"http://127.0.0.1:A","ws":"ws://127.0.0.1:A/ws/entity-sync/",
+//	  "direct":{"http":"http://127.0.0.1:B","ws":"ws://127.0.0.1:B/ws/entity-sync/"}},{...}]}
+//
+// http and ws go through the server's proxy; direct reaches the server
+// itself (as first started: /restart moves it), for tests that watch how a
+// connection ends, which a proxy in between would change.
 //
 // Each server serves the entity type "items" from one shared in-memory
 // store (rows {"entity":"items","id":ID,"v":VERSION}; a deleted item has no
@@ -15,7 +20,9 @@
 // {"id":ITEM,"text":TEXT,"n":WRITES} named by "id"; see lists.go), the
 // entity type "latin1", whose rows hold invalid UTF-8 (key latin1/ID: rows
 // {"id":ID,"name":"caf\xc3"} and {"id":ID,"city":"K\xf6ln"}, as a string
-// cut at a byte count and Latin-1 text would give), and the files under
+// cut at a byte count and Latin-1 text would give), the entity type "big"
+// (key big/N: one row {"id":"N","pad":"xx..."} of N KiB, N from 1 to
+// 16384), and the files under
 // -root at / (so a page and the client module load from the same origin as
 // the websocket). The control API, all GET, answers JSON:
 //
@@ -78,6 +85,25 @@ func fetchLatin1(_ context.Context, key shared.EntityKey) ([][]byte, error) {
 	}, nil
 }
 
+// entityBig serves rows as large as their key asks (see fetchBig).
+const entityBig shared.EntityType = "big"
+
+// fetchBig returns one row of N KiB for key big/N: a frame a client needs
+// a while to read.
+func fetchBig(_ context.Context, key shared.EntityKey) ([][]byte, error) {
+	kib, err := strconv.Atoi(key.ID)
+	if err != nil || kib < 1 || kib > 16<<10 {
+		return nil, fmt.Errorf("big/%s: the id is the row's size in KiB, 1 to 16384", key.ID)
+	}
+	head := fmt.Sprintf(`{"id":%q,"pad":"`, key.ID)
+	row := make([]byte, 0, kib<<10)
+	row = append(row, head...)
+	for len(row) < kib<<10-2 {
+		row = append(row, 'x')
+	}
+	return [][]byte{append(row, '"', '}')}, nil
+}
+
 func main() {
 	root := flag.String("root", "clients/js", "directory served at / on every server (the page and the client module)")
 	servers := flag.Int("servers", 2, "number of entity-sync servers")
@@ -135,17 +161,20 @@ func run(ctx context.Context, root string, n int, logger *logrus.Logger) error {
 	defer ctlSrv.Close()
 
 	type addrs struct {
-		HTTP string `json:"http"`
-		WS   string `json:"ws"`
+		HTTP   string `json:"http"`
+		WS     string `json:"ws"`
+		Direct *addrs `json:"direct,omitempty"`
 	}
+	at := func(a string) *addrs { return &addrs{HTTP: "http://" + a, WS: "ws://" + a + "/ws/entity-sync/"} }
 	out := struct {
-		Control string  `json:"control"`
-		NSQD    string  `json:"nsqd"`
-		Servers []addrs `json:"servers"`
+		Control string   `json:"control"`
+		NSQD    string   `json:"nsqd"`
+		Servers []*addrs `json:"servers"`
 	}{Control: "http://" + ctl.Addr().String(), NSQD: broker.TCPAddr()}
 	for _, s := range h.servers {
-		a := s.proxy.addr()
-		out.Servers = append(out.Servers, addrs{HTTP: "http://" + a, WS: "ws://" + a + "/ws/entity-sync/"})
+		a := at(s.proxy.addr())
+		a.Direct = at(s.proxy.targetAddr())
+		out.Servers = append(out.Servers, a)
 	}
 	b, _ := json.Marshal(out)
 	fmt.Println(string(b))
@@ -207,6 +236,10 @@ func (h *harness) startBackend(s *server) (string, error) {
 		return "", err
 	}
 	if err := es.Register(entityLatin1, fetchLatin1); err != nil {
+		_ = es.Close(context.Background())
+		return "", err
+	}
+	if err := es.Register(entityBig, fetchBig); err != nil {
 		_ = es.Close(context.Background())
 		return "", err
 	}
@@ -449,6 +482,12 @@ func (p *proxy) setDown(down bool) {
 	p.mu.Lock()
 	p.down = down
 	p.mu.Unlock()
+}
+
+func (p *proxy) targetAddr() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.target
 }
 
 func (p *proxy) setTarget(t string) {

@@ -1,0 +1,69 @@
+// How connections end, seen from the ws package talking straight to a real
+// Go server (testserver's direct address: a proxy in between would change
+// how a connection ends): every close the server initiates or answers
+// reaches the client with its code before the socket closes.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import WebSocket from 'ws';
+
+import { startTestServer, withTimeout, WAIT } from '../helpers.js';
+
+let srv;
+before(async () => {
+  srv = await startTestServer();
+});
+after(async () => {
+  await srv?.stop();
+});
+
+/** Opens a connection (the seed's dialect) straight to server 0; resolves once open. */
+async function open() {
+  const ws = new WebSocket(srv.servers[0].direct.ws);
+  ws.errors = [];
+  ws.closed = withTimeout(
+    new Promise((res) => ws.once('close', (code, reason) => res({ code, reason: reason.toString() }))),
+    WAIT,
+    'the connection to close',
+  );
+  ws.on('error', (err) => ws.errors.push(err.message));
+  await withTimeout(new Promise((res) => ws.once('open', res)), WAIT, 'the connection to open');
+  return ws;
+}
+
+test('a client that closes while a large frame is on its way gets its own code back', async () => {
+  const ws = await open();
+  // Two 8 MiB rows: when the first has arrived, the server is writing the
+  // second, far larger than the sockets' buffers, and the close arrives in
+  // the middle of it.
+  let messages = 0;
+  ws.on('message', () => {
+    if (++messages === 1) ws.close(4001, 'leaving');
+  });
+  for (const id of ['8192', '8191']) {
+    ws.send(JSON.stringify({ action: 'subscribe', body: { entity: 'big', id } }));
+  }
+  const { code } = await ws.closed;
+  assert.equal(code, 4001, `closed with ${code} (errors: ${ws.errors.join('; ') || 'none'}), want the client's own 4001 echoed by the server`);
+  assert.deepEqual(ws.errors, []);
+});
+
+for (const size of [40 << 10, 4 << 20]) {
+  test(`a ${size >> 10} KiB frame, over the server's read limit, closes the connection with 1009`, async () => {
+    const ws = await open();
+    // The limit is 32 KiB: 40 KiB, as a page might send, and 4 MiB, which
+    // the client is still sending when the server answers.
+    ws.send('x'.repeat(size));
+    const { code } = await ws.closed;
+    assert.equal(code, 1009, `closed with ${code} (errors: ${ws.errors.join('; ') || 'none'}), want 1009`);
+    assert.deepEqual(ws.errors, []);
+  });
+}
+
+test('a server shutting down closes with 1001', async () => {
+  const ws = await open();
+  await srv.control('/restart?server=0');
+  const { code } = await ws.closed;
+  assert.equal(code, 1001);
+  assert.deepEqual(ws.errors, []);
+});
