@@ -255,7 +255,7 @@ func (n *natsServer) Stop() error {
 
 // requireMachineNATS skips the test when nothing listens on 127.0.0.1:4222,
 // unless CI is set (.ci/run starts the service, so there it must answer).
-func requireMachineNATS(t *testing.T) {
+func requireMachineNATS(t testing.TB) {
 	t.Helper()
 	c, err := net.DialTimeout("tcp", "127.0.0.1:4222", time.Second)
 	if err == nil {

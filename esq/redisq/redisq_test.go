@@ -269,7 +269,7 @@ func (silent) Printf(context.Context, string, ...interface{}) {}
 
 // requireMachineRedis skips the test when nothing listens on 127.0.0.1:6379,
 // unless CI is set (.ci/run starts the service, so there it must answer).
-func requireMachineRedis(t *testing.T) {
+func requireMachineRedis(t testing.TB) {
 	t.Helper()
 	c, err := net.DialTimeout("tcp", "127.0.0.1:6379", time.Second)
 	if err == nil {
