@@ -2,7 +2,6 @@ package esbridge
 
 import (
 	"bytes"
-	"context"
 	"runtime"
 	"slices"
 	"sync"
@@ -213,8 +212,8 @@ func (b *Bridge) endRound(ks *keyState) {
 
 // fetch calls the fetch function for one group of a key.
 func (b *Bridge) fetch(key shared.EntityKey, secret string) ([][]byte, error) {
-	ctx, cancel := context.WithTimeout(b.ctx, b.opts.FetchTimeout)
-	defer cancel()
+	ctx := newFetchContext(b.ctx, b.opts.FetchTimeout)
+	defer ctx.release()
 	b.stats.fetches.Add(1)
 	return b.fetcher.Fetch(ctx, key, secret)
 }
