@@ -214,9 +214,12 @@ type notifyBatch struct {
 // workers that take them (see rounds.go).
 type workQueue struct {
 	mu      sync.Mutex
-	keys    []*keyState
+	keys    []*keyState // the FIFO is keys[head:]
+	head    int
 	workers int // running, at most MaxConcurrentFetches
 	busy    int // of which in a round
+	idle    int // of which lingering and not woken (see worker)
+	wake    chan struct{}
 	closed  bool
 }
 
@@ -543,7 +546,10 @@ func (b *Bridge) Close(ctx context.Context) error {
 	b.cancel()
 	b.work.mu.Lock()
 	b.work.closed = true
-	b.work.keys = nil
+	b.work.keys, b.work.head = nil, 0
+	for ; b.work.idle > 0; b.work.idle-- {
+		b.work.wake <- struct{}{} // lingering workers see closed and end
+	}
 	b.work.mu.Unlock()
 	b.notifier.mu.Lock()
 	publisher := b.notifier.done

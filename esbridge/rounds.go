@@ -19,7 +19,14 @@ import (
 // so however many notifications, subscribes or resyncs arrive, the bridge
 // holds at most MaxConcurrentFetches goroutines for them and at most one
 // queue entry per subscribed key. Workers start when keys wait and none is
-// free, and end when the FIFO is empty: an idle bridge holds no goroutine.
+// free. A worker whose FIFO is empty waits workerLinger for more before it
+// ends: a key changing every few milliseconds then reuses one worker (a
+// goroutine started per round costs its start and, each time, the growth
+// of its stack), and a bridge idle for longer holds no goroutine.
+
+// workerLinger is how long a worker without work waits for more before it
+// ends: longer than the gap between changes of a key updated at 100/s.
+const workerLinger = 20 * time.Millisecond
 
 // request asks for a round of ks: right away if it is idle, or after the
 // running one. all means every group must be fetched again (a notification);
@@ -35,38 +42,95 @@ func (b *Bridge) request(ks *keyState, all bool) {
 		return // the running round re-queues the key when it ends
 	}
 	ks.queued = true
-	b.work.mu.Lock()
-	if b.work.closed {
-		b.work.mu.Unlock()
+	w := &b.work
+	w.mu.Lock()
+	if w.closed {
+		w.mu.Unlock()
 		ks.queued = false
 		return
 	}
-	b.work.keys = append(b.work.keys, ks)
-	if b.work.workers < b.opts.MaxConcurrentFetches && b.work.workers < len(b.work.keys)+b.work.busy {
-		b.work.workers++
+	w.keys = append(w.keys, ks)
+	if w.idle > 0 {
+		w.idle--
+		w.wake <- struct{}{} // never blocks: it holds a slot per lingering worker
+	} else if w.workers < b.opts.MaxConcurrentFetches && w.workers < w.waiting()+w.busy {
+		if w.wake == nil {
+			w.wake = make(chan struct{}, b.opts.MaxConcurrentFetches)
+		}
+		w.workers++
 		b.rounds.Add(1)
 		go b.worker()
 	}
-	b.work.mu.Unlock()
+	w.mu.Unlock()
 }
 
-// worker runs rounds until the FIFO is empty or the bridge closes.
+// waiting returns how many keys are in the FIFO. With w.mu held.
+func (w *workQueue) waiting() int { return len(w.keys) - w.head }
+
+// pop takes the FIFO's first key. The FIFO's array is kept and reused: an
+// empty FIFO starts again at its beginning, and a long one is moved back
+// once half of it has been taken. With w.mu held.
+func (w *workQueue) pop() *keyState {
+	ks := w.keys[w.head]
+	w.keys[w.head] = nil
+	w.head++
+	if w.head == len(w.keys) {
+		w.keys, w.head = w.keys[:0], 0
+	} else if w.head >= 64 && 2*w.head >= len(w.keys) {
+		n := copy(w.keys, w.keys[w.head:])
+		clear(w.keys[n:])
+		w.keys, w.head = w.keys[:n], 0
+	}
+	return ks
+}
+
+// worker runs rounds while keys wait, lingers workerLinger for more when
+// none does, and ends then or when the bridge closes.
 func (b *Bridge) worker() {
 	defer b.rounds.Done()
 	w := &b.work
+	var linger *time.Timer
 	w.mu.Lock()
-	for len(w.keys) > 0 && !w.closed {
-		ks := w.keys[0]
-		w.keys[0] = nil
-		w.keys = w.keys[1:]
-		w.busy++
+	for !w.closed {
+		if w.waiting() > 0 {
+			ks := w.pop()
+			w.busy++
+			w.mu.Unlock()
+			b.round(ks)
+			w.mu.Lock()
+			w.busy--
+			continue
+		}
+		// Linger. w.idle counts the lingering workers that no request has
+		// woken yet: a request takes one off it and puts a token in
+		// w.wake, which any lingering worker may take.
+		w.idle++
 		w.mu.Unlock()
-		b.round(ks)
+		if linger == nil {
+			linger = time.NewTimer(workerLinger)
+		} else {
+			linger.Reset(workerLinger)
+		}
+		select {
+		case <-w.wake:
+			w.mu.Lock()
+			continue
+		case <-linger.C:
+		}
 		w.mu.Lock()
-		w.busy--
+		select {
+		case <-w.wake:
+			continue // a request counted on a lingering worker: be it
+		default:
+		}
+		w.idle--
+		break
 	}
 	w.workers--
 	w.mu.Unlock()
+	if linger != nil {
+		linger.Stop()
+	}
 }
 
 // fetchJob is one group's fetch in a round.
