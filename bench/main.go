@@ -93,7 +93,7 @@ func main() {
 	flag.IntVar(&cfg.collReconnect, "coll-reconnect", 1000, "-collections: clients that reconnect at once")
 	flag.BoolVar(&cfg.cluster, "cluster", false, "instead of the phases above, grow a cluster of server processes on each queue and measure what each server pays per change (clients: serve the cluster's /csubscribe and /cwait)")
 	flag.StringVar(&cfg.clusterN, "cluster-n", "2,4,8,16", "-cluster: growing server counts measured on each queue")
-	flag.StringVar(&cfg.clusterQueues, "cluster-queues", "nsq,nats,nats-routed,redis,postgres", "-cluster: queues, in order (nsq | nats | redis | postgres; nats-routed: NATS routing by key)")
+	flag.StringVar(&cfg.clusterQueues, "cluster-queues", "nsq,nats,nats-routed,redis,redis-routed,postgres", "-cluster: queues, in order (nsq | nats | redis | postgres; nats-routed, redis-routed: routing by key)")
 	flag.IntVar(&cfg.clusterKeys, "cluster-keys", 10000, "-cluster: keys (Zipf ranks)")
 	flag.Float64Var(&cfg.clusterZipf, "cluster-zipf", 1.0, "-cluster: Zipf exponent of subscriptions and changes")
 	flag.IntVar(&cfg.clusterClients, "cluster-clients", 20, "-cluster: clients per server")
@@ -102,7 +102,7 @@ func main() {
 	flag.DurationVar(&cfg.clusterFor, "cluster-for", 2*time.Second, "-cluster: measured changes per size last this long")
 	flag.DurationVar(&cfg.clusterIdle, "cluster-idle", 500*time.Millisecond, "-cluster: before each size's changes, how long the servers' idle CPU is measured (subtracted from their CPU per change)")
 	flag.DurationVar(&cfg.clusterBurst, "cluster-burst", time.Second, "-cluster: per queue, how long the writer notifies as fast as it can to measure a server's receive cost (0: skip)")
-	flag.BoolVar(&cfg.routeByKey, "route-by-key", false, "servers, cserver: with -queue nats, route each key's notifications to the servers that watch it (natsq.Config.RouteByKey) instead of broadcasting")
+	flag.BoolVar(&cfg.routeByKey, "route-by-key", false, "servers, cserver: with -queue nats or redis, route each key's notifications to the servers that watch it (RouteByKey of natsq.Config, redisq.Config) instead of broadcasting")
 	flag.StringVar(&cfg.clusterStore, "cluster-store", "", "cserver: the mapped file of key versions (made by the orchestrator)")
 	flag.Parse()
 

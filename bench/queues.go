@@ -65,7 +65,7 @@ func newQueue(cfg config, log logrus.FieldLogger) (esq.Queue, error) {
 	case "nats":
 		return natsq.New(ctx, natsq.Config{URL: cfg.natsURL, SubjectPrefix: cfg.queuePrefix, Logger: log, RouteByKey: cfg.routeByKey})
 	case "redis":
-		return redisq.New(ctx, redisq.Config{Addr: cfg.redisAddr, ChannelPrefix: cfg.queuePrefix, Logger: log})
+		return redisq.New(ctx, redisq.Config{Addr: cfg.redisAddr, ChannelPrefix: cfg.queuePrefix, Logger: log, RouteByKey: cfg.routeByKey})
 	}
 	return nil, fmt.Errorf("unknown -queue %q (memory | nsq | postgres | nats | redis)", cfg.queue)
 }
