@@ -70,7 +70,7 @@ func (r *frameReader) next() (op byte, payload []byte, err error) {
 			return 0, nil, protocolError("continuation frame without a message to continue")
 		case op != opContinuation && r.msgOp != 0:
 			return 0, nil, protocolError("new message inside a fragmented one")
-		case int64(len(r.msg))+n > r.limit:
+		case n > r.limit-int64(len(r.msg)): // not len+n: that can overflow
 			r.skipN, r.msg = n, nil
 			return 0, nil, errTooBig
 		}
