@@ -153,14 +153,14 @@ bench-collections:
 	$(GO) run ./bench -collections $(BENCH_COLLECTIONS_ARGS)
 
 # The cluster benchmark alone: per queue (NSQ embedded, and the machine's
-# NATS 127.0.0.1:4222, Redis 127.0.0.1:6379, PostgreSQL 127.0.0.1:5432),
-# 2, 4, 8 and 16 server processes, each with 20 clients watching keys
+# NATS 127.0.0.1:4222 and Redis 127.0.0.1:6379 each broadcasting and then
+# routing by key, PostgreSQL 127.0.0.1:5432), 2, 4, 8 and 16 server processes, each with 20 clients watching keys
 # drawn from a Zipf distribution over 10,000 keys, the clients in one more
 # process; 150 changes/s for 2 s per size. Per size: notifications
 # received per server per change against the share of changes its clients
 # watch, fetches and server CPU per change, visible latency; then what a
-# server pays to receive a notification nobody watches. Two markdown tables
-# (about 2 min with the build). A broker that does not answer is skipped.
+# server pays to receive a notification nobody watches, and the routed
+# queues' targets. Markdown tables (about 2 min with the build). A broker that does not answer is skipped.
 # Flags via BENCH_CLUSTER_ARGS, e.g.
 # make bench-cluster BENCH_CLUSTER_ARGS='-cluster-queues nats,redis -cluster-n 2,4'
 BENCH_CLUSTER_ARGS ?=
