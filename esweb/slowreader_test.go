@@ -23,9 +23,9 @@ import (
 // reading is still dropped after WriteWait.
 func TestSteadySlowReaderIsNotDropped(t *testing.T) {
 	const (
-		keys      = 32
-		rowSize   = 256 << 10 // 8 MiB in all, about 4 s at this rate
-		rate      = 2e6       // bytes per second the steady reader takes
+		keys    = 32
+		rowSize = 256 << 10 // 8 MiB in all, about 4 s at this rate
+		rate    = 2e6       // bytes per second the steady reader takes
 		// Long enough that a reader stalled by a loaded machine (the race
 		// detector, other tests) is not taken for one that stopped.
 		writeWait = 1500 * time.Millisecond
