@@ -370,7 +370,9 @@ func (b *Bridge) notified(key shared.EntityKey) {
 	if ks == nil {
 		return
 	}
+	now := time.Now()
 	ks.mu.Lock()
+	ks.noteChange(now)
 	b.request(ks, true)
 	ks.mu.Unlock()
 }

@@ -133,6 +133,10 @@ type keyState struct {
 	// arrived (for Options.OnRound).
 	notified time.Time
 	removed  bool // dropped from the index; a new subscriber makes a new keyState
+	// lastChange is when the last notification arrived, gap the average
+	// time between them (see keyState.pause); zero until known.
+	lastChange time.Time
+	gap        time.Duration
 	// watching is set while the routing queue's Watch for the key runs: no
 	// round may fetch before it returns. watched is set once it returned
 	// (maybeRemove then calls Unwatch).

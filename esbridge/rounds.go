@@ -240,15 +240,14 @@ func (b *Bridge) round(ks *keyState) {
 	} else {
 		ks.retry = 0
 	}
-	if ks.dirty && fanOut >= minPacedFanOut {
-		// Notified during a long fan-out: the key stays busy for half as
-		// long again before its next round, so one key's fan-outs take at
-		// most two thirds of a worker's time. When changes come faster than
-		// that, a round covers several of them (latest-wins, as for a slow
-		// client) instead of spending the machine on states about to be
-		// replaced.
+	if pause := ks.pause(fanOut); pause > 0 {
+		// Changes come faster than the key's fan-outs end: the key stays
+		// busy for half as long again before its next round, so one key's
+		// fan-outs take at most two thirds of a worker's time, and a round
+		// covers the changes meanwhile (latest-wins, as for a slow client)
+		// instead of spending the machine on states about to be replaced.
 		ks.mu.Unlock()
-		time.AfterFunc(fanOut/2, func() { b.endRound(ks) })
+		time.AfterFunc(pause, func() { b.endRound(ks) })
 		return
 	}
 	ks.mu.Unlock()
@@ -256,10 +255,36 @@ func (b *Bridge) round(ks *keyState) {
 }
 
 // minPacedFanOut is the shortest fan-out after which a key's next round
-// waits (see round): below it, changes are never coalesced for time. 2 ms
-// is about 1,000 subscribers on this project's 2-core machine; 200
-// subscribers at 200 changes/s (a 1 ms fan-out) get every state.
+// may wait (see keyState.pause): below it, changes are never coalesced for
+// time. 2 ms is about 1,000 subscribers on this project's 2-core machine.
 const minPacedFanOut = 2 * time.Millisecond
+
+// pause returns how long the key waits before its next round after a
+// fan-out that took fanOut: half of it when the key was notified meanwhile
+// and its changes come faster than its fan-outs take (the key's fan-outs
+// would otherwise run back to back), else nothing. A change that happens
+// to arrive during a fan-out of a key whose changes are further apart than
+// its fan-outs waits for nothing: the workers keep up. With ks.mu held.
+func (ks *keyState) pause(fanOut time.Duration) time.Duration {
+	if !ks.dirty || fanOut < minPacedFanOut || ks.gap == 0 || ks.gap >= fanOut {
+		return 0
+	}
+	return fanOut / 2
+}
+
+// noteChange records that a notification of the key arrived at now, for
+// the average gap between them (the last eight, roughly). With ks.mu held.
+func (ks *keyState) noteChange(now time.Time) {
+	if !ks.lastChange.IsZero() {
+		gap := max(now.Sub(ks.lastChange), 1)
+		if ks.gap == 0 {
+			ks.gap = gap
+		} else {
+			ks.gap += (gap - ks.gap) / 8
+		}
+	}
+	ks.lastChange = now
+}
 
 // endRound releases the key after a round, starting the next one if it was
 // notified meanwhile or a group joined.
