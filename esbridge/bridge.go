@@ -333,7 +333,7 @@ func (b *Bridge) serves(entity shared.EntityType) bool {
 // nothing more than the decode.
 func (b *Bridge) receive(entity shared.EntityType, body []byte) {
 	b.stats.received.Add(1)
-	n, err := decodeNotification(body)
+	n, err := decodeNotification(body, entity)
 	if err != nil {
 		b.log.WithError(err).WithField("entity", entity).Warnf("dropping queue message that is not a key: %.200q", body)
 		return

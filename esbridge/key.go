@@ -45,11 +45,17 @@ type Update struct {
 	// it: a row with the same bytes at the same place has the same id.
 	prev *Update
 
-	memoMu sync.Mutex                  // serialises building
-	memo   atomic.Pointer[[]memoEntry] // copy-on-write: read without the lock
+	memoMu sync.Mutex                // serialises building
+	memo   atomic.Pointer[memoEntry] // the newest entry; read without the lock
 }
 
-type memoEntry struct{ id, value any }
+// memoEntry is one value of an update's Memo, in a list, newest first: an
+// entry is never changed once stored, so readers need no lock, and adding
+// one costs one allocation.
+type memoEntry struct {
+	id, value any
+	next      *memoEntry
+}
 
 // Memo returns the value build made for id on this update, calling build only
 // the first time: transports use it to encode a frame once for all
@@ -65,21 +71,14 @@ func (u *Update) Memo(id any, build func(*Update) any) any {
 		return v
 	}
 	v := build(u)
-	var entries []memoEntry
-	if old := u.memo.Load(); old != nil {
-		entries = append(entries, *old...)
-	}
-	entries = append(entries, memoEntry{id, v})
-	u.memo.Store(&entries)
+	u.memo.Store(&memoEntry{id: id, value: v, next: u.memo.Load()})
 	return v
 }
 
 func (u *Update) memoLookup(id any) (any, bool) {
-	if p := u.memo.Load(); p != nil {
-		for _, e := range *p {
-			if e.id == id {
-				return e.value, true
-			}
+	for e := u.memo.Load(); e != nil; e = e.next {
+		if e.id == id {
+			return e.value, true
 		}
 	}
 	return nil, false

@@ -16,9 +16,10 @@ import (
 // takes encoding/json, so the result is always the one it would give.
 
 // decodeNotification reads a queue message's body as encoding/json reads
-// it into a shared.Notification.
-func decodeNotification(body []byte) (shared.Notification, error) {
-	if n, ok := parseNotification(body); ok {
+// it into a shared.Notification. entity is the type the message came for:
+// a body naming it shares its string.
+func decodeNotification(body []byte, entity shared.EntityType) (shared.Notification, error) {
+	if n, ok := parseNotification(body, entity); ok {
 		return n, nil
 	}
 	var n shared.Notification
@@ -28,7 +29,7 @@ func decodeNotification(body []byte) (shared.Notification, error) {
 
 // parseNotification is decodeNotification's fast path: ok is false for
 // any body it does not fully understand, valid or not.
-func parseNotification(body []byte) (n shared.Notification, ok bool) {
+func parseNotification(body []byte, entity shared.EntityType) (n shared.Notification, ok bool) {
 	p := parser{b: body}
 	if !p.byte('{') {
 		return n, false
@@ -37,17 +38,21 @@ func parseNotification(body []byte) (n shared.Notification, ok bool) {
 		return n, p.end()
 	}
 	for {
-		name, ok := p.plainString()
+		name, ok := p.plainBytes()
 		if !ok || !p.byte(':') {
 			return n, false
 		}
-		switch name {
+		switch string(name) {
 		case "entity":
-			s, ok := p.plainString()
+			s, ok := p.plainBytes()
 			if !ok {
 				return n, false
 			}
-			n.Entity = shared.EntityType(s)
+			if string(s) == string(entity) {
+				n.Entity = entity
+			} else {
+				n.Entity = shared.EntityType(s)
+			}
 		case "id":
 			if n.ID, ok = p.plainString(); !ok {
 				return n, false
@@ -57,7 +62,7 @@ func parseNotification(body []byte) (n shared.Notification, ok bool) {
 				return n, false
 			}
 		default:
-			if !ascii(name) || foldsTo(name, "entity") || foldsTo(name, "id") || foldsTo(name, "ids") {
+			if name := string(name); !ascii(name) || foldsTo(name, "entity") || foldsTo(name, "id") || foldsTo(name, "ids") {
 				return n, false // encoding/json matches field names in any case, Unicode folding included
 			}
 			if !p.skipValue(0) {
@@ -110,8 +115,14 @@ func (p *parser) end() bool {
 // plainString reads a string without escapes, of valid UTF-8: its bytes are
 // its value.
 func (p *parser) plainString() (string, bool) {
+	b, ok := p.plainBytes()
+	return string(b), ok
+}
+
+// plainBytes is plainString without the copy: the bytes are body's.
+func (p *parser) plainBytes() ([]byte, bool) {
 	if !p.byte('"') {
-		return "", false
+		return nil, false
 	}
 	start := p.i
 	for p.i < len(p.b) {
@@ -121,15 +132,15 @@ func (p *parser) plainString() (string, bool) {
 			s := p.b[start:p.i]
 			p.i++
 			if !utf8.Valid(s) {
-				return "", false // encoding/json would replace the bad bytes
+				return nil, false // encoding/json would replace the bad bytes
 			}
-			return string(s), true
+			return s, true
 		case c == '\\' || c < 0x20:
-			return "", false
+			return nil, false
 		}
 		p.i++
 	}
-	return "", false
+	return nil, false
 }
 
 // plainStrings reads an array of plain strings, appended to dst.

@@ -54,7 +54,7 @@ func FuzzDecodeNotification(f *testing.F) {
 	f.Fuzz(func(t *testing.T, body []byte) {
 		var want shared.Notification
 		wantErr := json.Unmarshal(body, &want)
-		got, err := decodeNotification(body)
+		got, err := decodeNotification(body, "items")
 		if (err != nil) != (wantErr != nil) {
 			t.Fatalf("%q: error %v, encoding/json's %v", body, err, wantErr)
 		}
@@ -72,7 +72,7 @@ func TestParseNotificationFastPath(t *testing.T) {
 		`{"entity":"lists","ids":["1","2"]}`,
 		`{"entity":"items","id":"100","_es":{"p":"a1b2","n":17}}`,
 	} {
-		if _, ok := parseNotification([]byte(body)); !ok {
+		if _, ok := parseNotification([]byte(body), "items"); !ok {
 			t.Errorf("%s: not read by the fast path", body)
 		}
 	}

@@ -168,7 +168,14 @@ func (b *Bridge) round(ks *keyState) {
 	if b.opts.OnRound != nil {
 		r.Started = time.Now()
 	}
-	jobs := make([]fetchJob, 0, len(ks.groups))
+	// A key has one group unless its rows depend on the secret: its round
+	// needs no slice on the heap.
+	var jobsBuf [1]fetchJob
+	var pubsBuf [1]publication
+	jobs := jobsBuf[:0]
+	if len(ks.groups) > len(jobsBuf) {
+		jobs = make([]fetchJob, 0, len(ks.groups))
+	}
 	for name, g := range ks.groups {
 		if all || g.stale {
 			g.stale = false
@@ -190,7 +197,10 @@ func (b *Bridge) round(ks *keyState) {
 
 	ks.mu.Lock()
 	failed := false
-	pubs := make([]publication, 0, len(jobs))
+	pubs := pubsBuf[:0]
+	if len(jobs) > len(pubsBuf) {
+		pubs = make([]publication, 0, len(jobs))
+	}
 	for _, j := range jobs {
 		if j.err != nil {
 			failed = true
