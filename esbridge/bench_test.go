@@ -3,6 +3,7 @@ package esbridge_test
 import (
 	"context"
 	"fmt"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -408,4 +409,67 @@ func BenchmarkPacedKey(b *testing.B) {
 	b.ReportMetric(q(0.5), "p50-µs")
 	b.ReportMetric(q(0.99), "p99-µs")
 	b.ReportMetric(float64(rounds)/float64(b.N), "states/change")
+}
+
+// BenchmarkFanOutWrites is BenchmarkChange for bigger groups whose direct
+// writers each make a write system call (to /dev/null), as esweb's do to
+// their sockets: what splitting a fan-out between cores gains (ns/op is
+// the time until the last member has its frame) and costs (cpu-ns/op).
+func BenchmarkFanOutWrites(b *testing.B) {
+	devNull, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer devNull.Close()
+	frame := make([]byte, 128)
+	for _, n := range []int{32, 64, 200} {
+		b.Run("subs="+strconv.Itoa(n), func(b *testing.B) {
+			br := newBenchBridge(b)
+			key := shared.EntityKey{Entity: benchEntity, ID: "doc"}
+			var handed atomic.Int64
+			done := make(chan struct{}, 1)
+			var target atomic.Int64
+			for range n {
+				c := br.ClientBuilder(context.Background())
+				b.Cleanup(c.Close)
+				c.SetDirect(func(*esbridge.Update) bool {
+					if _, err := devNull.Write(frame); err != nil {
+						b.Error(err)
+					}
+					if handed.Add(1) >= target.Load() {
+						select {
+						case done <- struct{}{}:
+						default:
+						}
+					}
+					return true
+				})
+				if err := c.Subscribe(key); err != nil {
+					b.Fatalf("Subscribe: %v", err)
+				}
+			}
+			await := func(want int64) {
+				target.Store(want)
+				for handed.Load() < want {
+					select {
+					case <-done:
+					case <-time.After(10 * time.Second):
+						b.Fatalf("%d of %d deliveries within 10s", handed.Load(), want)
+					}
+				}
+			}
+			await(int64(n))
+			b.ReportAllocs()
+			b.ResetTimer()
+			cpu := childproc.CPUNanos()
+			for i := range b.N {
+				if err := br.NotifyAllOfChange(key); err != nil {
+					b.Fatalf("NotifyAllOfChange: %v", err)
+				}
+				await(int64(n) * int64(i+2))
+			}
+			b.StopTimer()
+			b.ReportMetric(float64(childproc.CPUNanos()-cpu)/float64(b.N), "cpu-ns/op")
+		})
+	}
 }
