@@ -1,6 +1,7 @@
 package esqtest
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"strconv"
@@ -27,6 +28,8 @@ import (
 //   - Batches: a body naming several keys reaches a subscriber watching any
 //     one of them with that key named; one naming more than
 //     esq.MaxRoutedKeys, and a body naming no key, reach every subscriber.
+//   - CloseWatching: once Close returns on an instance watching keys, no
+//     callback runs and none of its goroutines is left.
 //   - WatchAfterRestart (with Factory.Broker): once the broker came back
 //     and onLoss was called, the messages of every watched key (200 of
 //     them) arrive again.
@@ -43,6 +46,7 @@ func RunInterest(t *testing.T, factory Factory, features Features) {
 	t.Run("LiveOnWatchReturn", s.liveOnWatchReturn)
 	t.Run("UnwatchStops", s.unwatchStops)
 	t.Run("Batches", s.batches)
+	t.Run("CloseWatching", s.closeWatching)
 	if factory.Broker != nil {
 		t.Run("WatchAfterRestart", s.watchAfterRestart)
 	}
@@ -229,4 +233,45 @@ func (s *suite) watchAfterRestart(t *testing.T) {
 	for i := 0; i < keys; i++ {
 		r.awaitID(t, s.ft.Timeout, "w"+strconv.Itoa(i), 1)
 	}
+}
+
+func (s *suite) closeWatching(t *testing.T) {
+	const entity shared.EntityType = "rt_close"
+	const keys = 10
+	// Made before the goroutine snapshot: they keep running.
+	helpers := s.queues(t, 2)
+	pub, witness := helpers[0], helpers[1]
+	witnessRec := newRecorder("witness")
+	subscribe(t, witness, entity, witnessRec)
+	for i := 0; i < keys; i++ {
+		watch(t, witness, shared.EntityKey{Entity: entity, ID: "k" + strconv.Itoa(i)})
+	}
+
+	before := goroutineIDs()
+	q := s.queue(t)
+	r := newRecorder("queue under test")
+	subscribe(t, q, entity, r)
+	for i := 0; i < keys; i++ {
+		watch(t, q, shared.EntityKey{Entity: entity, ID: "k" + strconv.Itoa(i)})
+		publish(t, pub, entity, body(entity, "k"+strconv.Itoa(i)))
+	}
+	for i := 0; i < keys; i++ {
+		r.awaitID(t, s.ft.Timeout, "k"+strconv.Itoa(i), 1)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), s.ft.Timeout)
+	defer cancel()
+	if err := q.Close(ctx); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	r.closed.Store(true)
+	for i := 0; i < keys; i++ {
+		publish(t, pub, entity, body(entity, "k"+strconv.Itoa(i)))
+	}
+	for i := 0; i < keys; i++ {
+		witnessRec.awaitID(t, s.ft.Timeout, "k"+strconv.Itoa(i), 2)
+	}
+	if n := r.late.Load(); n > 0 {
+		t.Errorf("%d callbacks ran after Close returned", n)
+	}
+	awaitNoNewGoroutines(t, before, s.ft.BrokerGoroutines, s.ft.Timeout)
 }

@@ -321,3 +321,49 @@ func TestInterestRestartedNATS(t *testing.T) {
 		Broker: srv,
 	}, esqtest.Features{BrokerGoroutines: []string{"github.com/nats-io/nats-server/v2/"}})
 }
+
+// With RouteByKey, a stalled callback past PendingMsgs messages of watched
+// keys makes nats.go drop them; onLoss is called.
+func TestSlowConsumerOnKeySubjectsCallsOnLoss(t *testing.T) {
+	srv := startServer(t)
+	sub := newQueue(t, natsq.Config{URL: srv.URL(), PendingMsgs: 10, RouteByKey: true})
+	pub := newQueue(t, natsq.Config{URL: srv.URL(), RouteByKey: true})
+	first := make(chan struct{})
+	unblock := make(chan struct{})
+	var once sync.Once
+	lost := make(chan struct{}, 16)
+	err := sub.Subscribe("items", func([]byte) {
+		once.Do(func() { close(first); <-unblock })
+	}, func() {
+		select {
+		case lost <- struct{}{}:
+		default:
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer close(unblock)
+	key := shared.EntityKey{Entity: "items", ID: "hot"}
+	if err := sub.Watch(key); err != nil {
+		t.Fatal(err)
+	}
+	body := []byte(`{"entity":"items","id":"hot"}`)
+	for i := 0; i < 200; i++ {
+		if err := pub.Publish(context.Background(), "items", body); err != nil {
+			t.Fatal(err)
+		}
+		if i == 0 {
+			select {
+			case <-first:
+			case <-time.After(10 * time.Second):
+				t.Fatal("first message not received")
+			}
+		}
+	}
+	select {
+	case <-lost:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no loss reported for a key subject's dropped messages")
+	}
+}
