@@ -37,9 +37,10 @@ func TestConvergenceAcrossRedisRestartRouted(t *testing.T) {
 }
 
 // A server receives the notifications of the keys its clients watch and no
-// others, loss detection sees no false gap in what it does not hear, and a
-// key subscribed while it keeps changing on another server ends at its
-// latest version (the server listens for the key before it fetches it).
+// others, loss detection sees no false gap in what it does not hear, a key
+// whose last subscriber left is no longer received, and a key subscribed
+// while it keeps changing on another server ends at its latest version (the
+// server listens for the key before it fetches it).
 func runRouting(t *testing.T, qb queueBroker) {
 	store := testkit.NewStore()
 	var servers [2]*es.EntitySync
@@ -88,6 +89,37 @@ func runRouting(t *testing.T, qb queueBroker) {
 	})
 	if st := a.Bridge.Stats(); st.Received != 1 || st.Resyncs != 0 {
 		t.Errorf("server a received %d notifications and resynced %d times, want 1 (x's) and 0", st.Received, st.Resyncs)
+	}
+
+	// Once x's last subscriber left, x's changes no longer reach server a.
+	// Subscribing to y after the unsubscribe, and waiting for its state,
+	// makes sure server a has handled the unsubscribe; x's change is then
+	// published before y's, on the same connection.
+	if err := tr.Unsubscribe(x); err != nil {
+		t.Fatal(err)
+	}
+	y := shared.EntityKey{Entity: "items", ID: "y"}
+	if err := tr.Subscribe(y); err != nil {
+		t.Fatal(err)
+	}
+	progress.Await(t, 20*time.Second, func() (bool, string) {
+		_, ok := tr.Latest(y)
+		return ok, "no initial state of y"
+	})
+	store.Bump(x)
+	if err := b.NotifyAllOfChange(x); err != nil {
+		t.Fatal(err)
+	}
+	vy := store.Bump(y)
+	if err := b.NotifyAllOfChange(y); err != nil {
+		t.Fatal(err)
+	}
+	progress.Await(t, 20*time.Second, func() (bool, string) {
+		got, _ := tr.Latest(y)
+		return got >= vy, fmt.Sprintf("y at version %d, want %d", got, vy)
+	})
+	if st := a.Bridge.Stats(); st.Received != 2 {
+		t.Errorf("server a received %d notifications, want 2 (x's before the unsubscribe, y's): x's change after its last subscriber left arrived", st.Received)
 	}
 
 	// Subscribing while the key changes on the other server: the last
