@@ -47,8 +47,9 @@ import (
 	"github.com/entity-sync/entity-sync/shared"
 )
 
-// MaxChannelLength is the longest channel name (prefix included) this
-// package uses.
+// MaxChannelLength is the longest channel name (prefix included) of an
+// entity type. With RouteByKey, a key's channel adds 19 bytes to its entity
+// type's (":k:" and the token).
 const MaxChannelLength = 1024
 
 // DefaultMaxPayload is Config.MaxPayload's default: 1 MiB, as NSQ's and
