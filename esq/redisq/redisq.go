@@ -137,6 +137,10 @@ type watch struct {
 	channelState
 	s     *subscription // the key's entity type's
 	count int           // Watch calls not undone by Unwatch
+	// late is set when a Watch gave up waiting for the confirmation:
+	// whoever watches may have fetched meanwhile, so its arrival calls
+	// onLoss. Under Queue.mu.
+	late bool
 }
 
 var (
@@ -418,6 +422,10 @@ func (q *Queue) read(ps *redis.PubSub, done chan struct{}) {
 				st, s = &w.channelState, w.s
 			}
 			var lossFor *subscription
+			if w := q.watches[m.Channel]; w != nil && w.late {
+				w.late = false
+				lossFor = s
+			}
 			if st != nil && !st.isLive {
 				st.isLive = true
 				select {
@@ -450,9 +458,9 @@ func (q *Queue) Routes() bool { return q.cfg.RouteByKey }
 // (Subscribe must have returned), and returns once Redis confirmed it.
 // Watches of one key are counted: the first subscribes, later ones wait for
 // its confirmation. When it does not come within LiveTimeout (the
-// connection is down), the channel stays subscribed: go-redis subscribes
-// it again on reconnect, and the entity type's onLoss is called once Redis
-// confirmed it.
+// connection is down, or Redis is slow), the channel stays subscribed, and
+// the entity type's onLoss is called once Redis confirmed it, on this
+// connection or after a reconnect.
 func (q *Queue) Watch(key shared.EntityKey) error {
 	if !q.cfg.RouteByKey {
 		return errors.New("redisq: Watch needs Config.RouteByKey")
@@ -506,7 +514,12 @@ func (q *Queue) Watch(key shared.EntityKey) error {
 			err = fmt.Errorf("no confirmation within %s", q.cfg.LiveTimeout)
 		}
 	}
-	return fmt.Errorf("redisq: watch channel %q on %s (it stays subscribed): %w", channel, q.cfg.Addr, err)
+	q.mu.Lock()
+	if !w.isLive && q.watches[channel] == w {
+		w.late = true
+	}
+	q.mu.Unlock()
+	return fmt.Errorf("redisq: watch channel %q on %s (it stays subscribed; onLoss follows its confirmation): %w", channel, q.cfg.Addr, err)
 }
 
 // Unwatch undoes one Watch; the last one unsubscribes from the key's

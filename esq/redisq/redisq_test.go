@@ -338,3 +338,44 @@ func TestInterestRestartedRedis(t *testing.T) {
 		Broker: srv,
 	}, esqtest.Features{})
 }
+
+// A Watch that gives up waiting for Redis's confirmation (Redis paused
+// longer than LiveTimeout, the connection up) leaves the channel
+// subscribed, and its late confirmation calls onLoss: the caller fetched
+// without knowing it listened.
+func TestLateWatchConfirmationCallsOnLoss(t *testing.T) {
+	srv := startRedis(t)
+	sub := newQueue(t, redisq.Config{Addr: srv.addr, RouteByKey: true, LiveTimeout: 100 * time.Millisecond})
+	pub := newQueue(t, redisq.Config{Addr: srv.addr, RouteByKey: true})
+	got := make(chan string, 16)
+	lost := make(chan struct{}, 16)
+	if err := sub.Subscribe("items", func(b []byte) { got <- string(b) }, func() { lost <- struct{}{} }); err != nil {
+		t.Fatal(err)
+	}
+	admin := redis.NewClient(&redis.Options{Addr: srv.addr})
+	defer admin.Close()
+	if err := admin.Do(context.Background(), "client", "pause", "500", "all").Err(); err != nil {
+		t.Fatal(err)
+	}
+	key := shared.EntityKey{Entity: "items", ID: "late"}
+	if err := sub.Watch(key); err == nil {
+		t.Fatal("Watch returned no error while Redis was paused")
+	}
+	select {
+	case <-lost:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no onLoss after the late confirmation")
+	}
+	body := `{"entity":"items","id":"late"}`
+	if err := pub.Publish(context.Background(), "items", []byte(body)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case b := <-got:
+		if b != body {
+			t.Fatalf("received %s", b)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the late-confirmed key's message did not arrive")
+	}
+}
