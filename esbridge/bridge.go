@@ -370,9 +370,8 @@ func (b *Bridge) notified(key shared.EntityKey) {
 	if ks == nil {
 		return
 	}
-	now := time.Now()
 	ks.mu.Lock()
-	ks.noteChange(now)
+	ks.changes++
 	b.request(ks, true)
 	ks.mu.Unlock()
 }

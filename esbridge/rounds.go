@@ -84,12 +84,15 @@ func (w *workQueue) pop() *keyState {
 	return ks
 }
 
-// worker runs rounds while keys wait, lingers workerLinger for more when
-// none does, and ends then or when the bridge closes.
+// worker runs rounds while keys wait, lingers for more when none does, and
+// ends after between workerLinger and twice that without a round, or when
+// the bridge closes. Its timer is re-armed once per workerLinger, not per
+// round: a key changing every few milliseconds costs no timer operation.
 func (b *Bridge) worker() {
 	defer b.rounds.Done()
 	w := &b.work
 	var linger *time.Timer
+	worked := false // a round ran since linger was armed
 	w.mu.Lock()
 	for !w.closed {
 		if w.waiting() > 0 {
@@ -99,6 +102,7 @@ func (b *Bridge) worker() {
 			b.round(ks)
 			w.mu.Lock()
 			w.busy--
+			worked = true
 			continue
 		}
 		// Linger. w.idle counts the lingering workers that no request has
@@ -107,9 +111,7 @@ func (b *Bridge) worker() {
 		w.idle++
 		w.mu.Unlock()
 		if linger == nil {
-			linger = time.NewTimer(workerLinger)
-		} else {
-			linger.Reset(workerLinger)
+			linger, worked = time.NewTimer(workerLinger), false
 		}
 		select {
 		case <-w.wake:
@@ -120,10 +122,18 @@ func (b *Bridge) worker() {
 		w.mu.Lock()
 		select {
 		case <-w.wake:
-			continue // a request counted on a lingering worker: be it
+			// A request counted on a lingering worker: be it.
+			linger.Reset(workerLinger)
+			worked = false
+			continue
 		default:
 		}
 		w.idle--
+		if worked {
+			linger.Reset(workerLinger)
+			worked = false
+			continue
+		}
 		break
 	}
 	w.workers--
@@ -250,6 +260,7 @@ func (b *Bridge) round(ks *keyState) {
 	} else {
 		ks.retry = 0
 	}
+	ks.noteRound(fanStart.Add(fanOut))
 	if pause := ks.pause(fanOut); pause > 0 {
 		// Changes come faster than the key's fan-outs end: the key stays
 		// busy for half as long again before its next round, so one key's
@@ -282,18 +293,24 @@ func (ks *keyState) pause(fanOut time.Duration) time.Duration {
 	return fanOut / 2
 }
 
-// noteChange records that a notification of the key arrived at now, for
-// the average gap between them (the last eight, roughly). With ks.mu held.
-func (ks *keyState) noteChange(now time.Time) {
-	if !ks.lastChange.IsZero() {
-		gap := max(now.Sub(ks.lastChange), 1)
+// noteRound ends a sample of the key's change rate at end, the end of a
+// round, from the notifications counted since the last one (a
+// notification only counts, as reading the clock for each would cost more
+// than the rest of its handling): the average gap between them, over the
+// last eight samples roughly. With ks.mu held.
+func (ks *keyState) noteRound(end time.Time) {
+	if ks.changes == 0 {
+		return // the sample goes on until a notification came
+	}
+	if !ks.sampled.IsZero() {
+		gap := max(end.Sub(ks.sampled)/time.Duration(ks.changes), 1)
 		if ks.gap == 0 {
 			ks.gap = gap
 		} else {
 			ks.gap += (gap - ks.gap) / 8
 		}
 	}
-	ks.lastChange = now
+	ks.sampled, ks.changes = end, 0
 }
 
 // endRound releases the key after a round, starting the next one if it was
