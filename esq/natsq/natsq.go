@@ -415,8 +415,9 @@ func (q *Queue) Routes() bool { return q.cfg.RouteByKey }
 // (Subscribe must have returned), and returns once the NATS server has the
 // subscription (a flush round trip). Watches of one key are counted: the
 // first subscribes, later ones wait for its flush. When the flush fails
-// (the connection is down), the subscription stays: nats.go sends it again
-// on reconnect, and the entity type's onLoss is called then.
+// (the connection is down, or the server is slow), the subscription stays:
+// the entity type's onLoss is called once a later flush confirms it, or
+// after the reconnect (nats.go sends it again).
 func (q *Queue) Watch(key shared.EntityKey) error {
 	if !q.cfg.RouteByKey {
 		return errors.New("natsq: Watch needs Config.RouteByKey")
@@ -463,7 +464,11 @@ func (q *Queue) Watch(key shared.EntityKey) error {
 		if errors.Is(err, nats.ErrConnectionClosed) || q.isClosed {
 			err = esq.ErrClosed
 		} else {
-			err = fmt.Errorf("natsq: watch subject %q: %w", subject, err)
+			err = fmt.Errorf("natsq: watch subject %q (it stays subscribed; onLoss follows its confirmation): %w", subject, err)
+			if sub != nil {
+				q.running.Add(1) // under mu while open: before Close's Wait
+				go q.confirmLate(s)
+			}
 		}
 	}
 	w.err = err
@@ -473,6 +478,27 @@ func (q *Queue) Watch(key shared.EntityKey) error {
 		_ = drop.Unsubscribe()
 	}
 	return err
+}
+
+// confirmLate calls s's onLoss once a flush confirms what the connection
+// sent, after a Watch gave up waiting for its own: whoever watched may have
+// fetched without listening yet. A lost connection leaves it to the
+// reconnect, which calls onLoss too.
+func (q *Queue) confirmLate(s *subscription) {
+	defer q.running.Done()
+	for {
+		err := q.nc.FlushTimeout(q.cfg.LiveTimeout)
+		if err == nil {
+			if s.onLoss != nil && q.enter() {
+				s.onLoss()
+				q.running.Done()
+			}
+			return
+		}
+		if errors.Is(err, nats.ErrConnectionClosed) || !q.nc.IsConnected() {
+			return
+		}
+	}
 }
 
 // Unwatch undoes one Watch; the last one unsubscribes from the key's

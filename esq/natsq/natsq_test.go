@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"strings"
@@ -365,5 +366,103 @@ func TestSlowConsumerOnKeySubjectsCallsOnLoss(t *testing.T) {
 	case <-lost:
 	case <-time.After(10 * time.Second):
 		t.Fatal("no loss reported for a key subject's dropped messages")
+	}
+}
+
+// holdProxy forwards TCP connections to target; while held, nothing from
+// the server reaches the client (the connections stay open).
+type holdProxy struct {
+	l    net.Listener
+	held sync.RWMutex
+	mu   sync.Mutex
+	cs   []net.Conn
+}
+
+func startHoldProxy(t *testing.T, target string) *holdProxy {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &holdProxy{l: l}
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			s, err := net.Dial("tcp", target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			p.mu.Lock()
+			p.cs = append(p.cs, c, s)
+			p.mu.Unlock()
+			go func() { _, _ = io.Copy(s, c) }()
+			go func() {
+				buf := make([]byte, 32<<10)
+				for {
+					n, err := s.Read(buf)
+					if err != nil {
+						c.Close()
+						return
+					}
+					p.held.RLock()
+					_, err = c.Write(buf[:n])
+					p.held.RUnlock()
+					if err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		l.Close()
+		p.mu.Lock()
+		for _, c := range p.cs {
+			c.Close()
+		}
+		p.mu.Unlock()
+	})
+	return p
+}
+
+// A Watch whose flush times out with the connection up (the server's
+// replies held back past LiveTimeout) calls onLoss once a later flush goes
+// through: the caller fetched without knowing it listened.
+func TestLateWatchConfirmationCallsOnLoss(t *testing.T) {
+	srv := startServer(t)
+	proxy := startHoldProxy(t, strings.TrimPrefix(srv.URL(), "nats://"))
+	sub := newQueue(t, natsq.Config{URL: "nats://" + proxy.l.Addr().String(), RouteByKey: true, LiveTimeout: 100 * time.Millisecond})
+	pub := newQueue(t, natsq.Config{URL: srv.URL(), RouteByKey: true})
+	got := make(chan string, 16)
+	lost := make(chan struct{}, 16)
+	if err := sub.Subscribe("items", func(b []byte) { got <- string(b) }, func() { lost <- struct{}{} }); err != nil {
+		t.Fatal(err)
+	}
+	proxy.held.Lock()
+	key := shared.EntityKey{Entity: "items", ID: "late"}
+	err := sub.Watch(key)
+	proxy.held.Unlock()
+	if err == nil {
+		t.Fatal("Watch returned no error while the server's replies were held")
+	}
+	select {
+	case <-lost:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no onLoss after the late confirmation")
+	}
+	body := `{"entity":"items","id":"late"}`
+	if err := pub.Publish(context.Background(), "items", []byte(body)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case b := <-got:
+		if b != body {
+			t.Fatalf("received %s", b)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the late-confirmed key's message did not arrive")
 	}
 }
