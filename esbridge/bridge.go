@@ -310,9 +310,14 @@ func (b *Bridge) ServeEntity(entity shared.EntityType) error {
 	b.served[entity] = true
 	b.life.Unlock()
 
-	err := b.queue.Subscribe(entity,
-		func(body []byte) { b.receive(entity, body) },
-		func() { b.resync(entity) })
+	onMessage := func(body []byte) { b.receive(entity, body) }
+	onLoss := func() { b.resync(entity) }
+	var err error
+	if kq, ok := b.queue.(*esq.Memory); ok {
+		err = kq.SubscribeKeys(entity, onMessage, b.receiveKey, onLoss)
+	} else {
+		err = b.queue.Subscribe(entity, onMessage, onLoss)
+	}
 	if err != nil {
 		b.life.Lock()
 		delete(b.served, entity)
@@ -359,6 +364,13 @@ func (b *Bridge) receive(entity shared.EntityType, body []byte) {
 	if empty {
 		b.log.WithField("entity", entity).Warnf("ignoring empty ids in queue message: %.200q", body)
 	}
+}
+
+// receiveKey handles one key the in-process queue delivered as it is: published by
+// publishKey, so already checked.
+func (b *Bridge) receiveKey(key shared.EntityKey) {
+	b.stats.received.Add(1)
+	b.notified(key)
 }
 
 // notified starts a round of key if this server has subscribers for it.

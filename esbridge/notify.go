@@ -80,6 +80,13 @@ func (b *Bridge) publish(ctx context.Context, keys []shared.EntityKey) error {
 // publishKey sends one key's notification in the seed's form, without the
 // grouping's allocations: the common case.
 func (b *Bridge) publishKey(ctx context.Context, key shared.EntityKey) error {
+	if kq, ok := b.queue.(*esq.Memory); ok { // no encoding at all
+		if err := kq.PublishKey(ctx, key); err != nil {
+			return fmt.Errorf("esbridge: notify %s: %w", key, err)
+		}
+		b.stats.notifications.Add(1)
+		return nil
+	}
 	body, err := encodeKey(key)
 	if err != nil {
 		return fmt.Errorf("esbridge: encode key: %w", err)

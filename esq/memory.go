@@ -2,6 +2,8 @@ package esq
 
 import (
 	"context"
+	"encoding/json"
+	"fmt"
 	"sync"
 
 	"github.com/entity-sync/entity-sync/shared"
@@ -9,16 +11,22 @@ import (
 
 // Memory is an in-process Queue: a single server, nothing to install. Publish
 // calls the subscriber's callback synchronously, so a notification is never
-// lost while the process lives.
+// lost while the process lives. With PublishKey and SubscribeKeys, a key
+// goes from publisher to subscriber as it is, never encoded.
 type Memory struct {
 	mu     sync.RWMutex
-	subs   map[shared.EntityType]func([]byte)
+	subs   map[shared.EntityType]memorySub
 	closed bool
+}
+
+type memorySub struct {
+	onMessage func([]byte)
+	onKey     func(shared.EntityKey) // nil: keys are encoded for onMessage
 }
 
 // NewMemory returns an empty in-process queue.
 func NewMemory() *Memory {
-	return &Memory{subs: make(map[shared.EntityType]func([]byte))}
+	return &Memory{subs: make(map[shared.EntityType]memorySub)}
 }
 
 // Publish delivers body to the entity type's subscriber, if any.
@@ -28,15 +36,45 @@ func (m *Memory) Publish(_ context.Context, entity shared.EntityType, body []byt
 	if m.closed {
 		return ErrClosed
 	}
-	if f := m.subs[entity]; f != nil {
-		f(body)
+	if s := m.subs[entity]; s.onMessage != nil {
+		s.onMessage(body)
+	}
+	return nil
+}
+
+// PublishKey delivers key's notification to its entity type's subscriber,
+// if any: the key itself to one that subscribed with SubscribeKeys, the
+// seed's JSON body to any other. The bridge uses it, and SubscribeKeys,
+// when its queue is a *Memory itself (not a type that embeds one, whose
+// Publish may do more): a change then costs no JSON encoding or decoding.
+func (m *Memory) PublishKey(_ context.Context, key shared.EntityKey) error {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	if m.closed {
+		return ErrClosed
+	}
+	switch s := m.subs[key.Entity]; {
+	case s.onKey != nil:
+		s.onKey(key)
+	case s.onMessage != nil:
+		body, err := json.Marshal(key)
+		if err != nil {
+			return fmt.Errorf("esq: encode key: %w", err)
+		}
+		s.onMessage(body)
 	}
 	return nil
 }
 
 // Subscribe registers onMessage for the entity type. onLoss is never called:
 // an in-process queue loses nothing.
-func (m *Memory) Subscribe(entity shared.EntityType, onMessage func([]byte), _ func()) error {
+func (m *Memory) Subscribe(entity shared.EntityType, onMessage func([]byte), onLoss func()) error {
+	return m.SubscribeKeys(entity, onMessage, nil, onLoss)
+}
+
+// SubscribeKeys is Subscribe, with onKey (which may be nil) taking the keys
+// published with PublishKey. onLoss is never called.
+func (m *Memory) SubscribeKeys(entity shared.EntityType, onMessage func([]byte), onKey func(shared.EntityKey), _ func()) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
@@ -45,7 +83,7 @@ func (m *Memory) Subscribe(entity shared.EntityType, onMessage func([]byte), _ f
 	if _, ok := m.subs[entity]; ok {
 		return ErrAlreadySubscribed
 	}
-	m.subs[entity] = onMessage
+	m.subs[entity] = memorySub{onMessage: onMessage, onKey: onKey}
 	return nil
 }
 
