@@ -194,6 +194,12 @@ func computeBreakdown(firstV int64, notifyNs, callNs []int64, raw breakdownRaw) 
 		}
 		first, last, lastRead := int64(math.MaxInt64), int64(0), int64(0)
 		for addr, w := range writes {
+			if _, client := reads[addr]; !client {
+				// Not a subscriber's connection: with one server it is the
+				// writer's HTTP connection, whose next response would
+				// otherwise count as this round's last frame.
+				continue
+			}
 			j, _ := slices.BinarySearch(w, r.Fetched)
 			if j == len(w) || w[j] >= end {
 				continue
