@@ -130,8 +130,8 @@ type Options struct {
 	HandshakeTimeout time.Duration
 	// ReadTimeout is how long the connection may stay silent before the
 	// client gives up on it and reconnects, when the server announces no
-	// heartbeat. The server pings every 54s by default, so the default is
-	// 75s. A server whose welcome frame carries heartbeatMs promises a frame
+	// heartbeat (entity-sync's servers announce one, every 25s by default).
+	// Default 75s. A server whose welcome frame carries heartbeatMs promises a frame
 	// at least that often; the client then gives up after 2 x heartbeatMs +
 	// 1s without any frame instead (docs/protocol.md, "heartbeat").
 	ReadTimeout time.Duration

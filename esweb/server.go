@@ -201,7 +201,7 @@ type Stats struct {
 	RefusedAuth        uint64 // upgrades refused by Authenticate (401/403)
 	RefusedFull        uint64 // upgrades refused at MaxConnections (503)
 	FramesTooLarge     uint64 // connections closed with 1009
-	RateLimited        uint64 // requests dropped over the rate limit
+	RateLimited        uint64 // requests held back until the rate limit allowed them
 	SubscriptionLimit  uint64 // subscribes refused at MaxSubscriptions
 	Forbidden          uint64 // subscribes refused by Authorize
 	SlowClients        uint64 // connections dropped for not reading (write deadline or pending bytes)
