@@ -339,12 +339,23 @@ func (b *Bridge) publishQueued(done chan struct{}) {
 		// leaves its later batch: this retry starts after that queueing,
 		// so it covers it. (Some keys may have been published by a message
 		// before the failed one: publishing them again is harmless.)
+		// One pass over each later batch, not one per key taken back.
+		var taken map[*notifyBatch]map[shared.EntityKey]bool
 		for _, key := range nb.keys {
 			if later := n.waiting[key]; later != nil {
-				later.keys = slices.DeleteFunc(later.keys, func(k shared.EntityKey) bool { return k == key })
+				if taken[later] == nil {
+					if taken == nil {
+						taken = make(map[*notifyBatch]map[shared.EntityKey]bool)
+					}
+					taken[later] = make(map[shared.EntityKey]bool)
+				}
+				taken[later][key] = true
 				n.pending--
 			}
 			n.waiting[key] = nb
+		}
+		for later, keys := range taken {
+			later.keys = slices.DeleteFunc(later.keys, func(k shared.EntityKey) bool { return keys[k] })
 		}
 		n.fifo = slices.Insert(n.fifo, 0, nb)
 		n.mu.Unlock()

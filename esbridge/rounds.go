@@ -393,18 +393,25 @@ func (b *Bridge) deliverAll(u0 *Update, members []*subscription) int {
 func (b *Bridge) filter(c *Client, u *Update) (out *Update) {
 	buf := filterRowsPool.Get().(*[][]byte)
 	own := append((*buf)[:0], u.Rows...)
+	var rows [][]byte
 	defer func() {
 		if r := recover(); r != nil {
 			b.log.WithField("key", u.Key.String()).Errorf("row filter panicked; client gets nothing for this change: %v", r)
 			out = nil
 		}
 		if cap(own) <= maxPooledFilterRows {
-			clear(own[:len(u.Rows)]) // no row stays reachable from the pool
+			// No row stays reachable from the pool, including rows a
+			// filter appended within own's capacity.
+			used := len(u.Rows)
+			if len(rows) > used && len(rows) <= cap(own) {
+				used = len(rows)
+			}
+			clear(own[:used])
 			*buf = own[:0]
 			filterRowsPool.Put(buf)
 		}
 	}()
-	rows := b.opts.Filter(c.ctx, u.Key, own)
+	rows = b.opts.Filter(c.ctx, u.Key, own)
 	if sameRowSlices(rows, u.Rows) {
 		return u
 	}
