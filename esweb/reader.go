@@ -133,11 +133,16 @@ func (r *frameReader) header() (fin bool, op byte, n int64, mask [4]byte, err er
 	return
 }
 
-// payload reads n bytes of payload and unmasks them.
+// payload reads n bytes of payload and unmasks them. The buffer grows as
+// bytes arrive, not to the length a header claims: a client sending headers
+// alone pins no memory.
 func (r *frameReader) payload(n int64, mask [4]byte) ([]byte, error) {
-	p := make([]byte, n)
-	if _, err := io.ReadFull(r.br, p); err != nil {
+	p, err := io.ReadAll(io.LimitReader(r.br, n))
+	if err != nil {
 		return nil, err
+	}
+	if int64(len(p)) < n {
+		return nil, io.ErrUnexpectedEOF
 	}
 	for i := range p {
 		p[i] ^= mask[i&3]

@@ -7,6 +7,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/gorilla/websocket"
 
@@ -283,7 +284,7 @@ func (c *conn) closeFrameLocked(code int, reason string) []byte {
 	if c.closeFrame == nil {
 		var payload []byte // no code: the answer to a close frame without one
 		if code != websocket.CloseNoStatusReceived {
-			payload = websocket.FormatCloseMessage(code, reason)
+			payload = websocket.FormatCloseMessage(code, closeReason(reason))
 		}
 		c.closeFrame = appendFrame(nil, opClose, payload)
 		c.closeBy.Store(time.Now().Add(c.s.opts.WriteWait).UnixNano())
@@ -394,4 +395,21 @@ func (c *conn) dropped(err error) {
 		return
 	}
 	c.logger().WithError(err).Debug("dropping connection: write failed")
+}
+
+// maxCloseReason is the most a close frame's reason may hold: a control
+// frame's payload is at most 125 bytes (RFC 6455, 5.5), 2 of them the code.
+const maxCloseReason = 123
+
+// closeReason cuts reason to maxCloseReason bytes, at a rune boundary so it
+// stays UTF-8.
+func closeReason(reason string) string {
+	if len(reason) <= maxCloseReason {
+		return reason
+	}
+	cut := maxCloseReason
+	for cut > 0 && !utf8.RuneStart(reason[cut]) {
+		cut--
+	}
+	return reason[:cut]
 }
