@@ -18,7 +18,8 @@
 // store (rows {"entity":"items","id":ID,"v":VERSION}; a deleted item has no
 // rows), the collection "lists" (key lists/L: list L's items in order, rows
 // {"id":ITEM,"text":TEXT,"n":WRITES} named by "id"; see lists.go), the
-// entity type "latin1", whose rows hold invalid UTF-8 (key latin1/ID: rows
+// entity type "spaced", whose rows a JSON encoder would rewrite (see
+// fetchSpaced), the entity type "latin1", whose rows hold invalid UTF-8 (key latin1/ID: rows
 // {"id":ID,"name":"caf\xc3"} and {"id":ID,"city":"K\xf6ln"}, as a string
 // cut at a byte count and Latin-1 text would give), the entity type "big"
 // (key big/N: one row {"id":"N","pad":"xx..."} of N KiB, N from 1 to
@@ -68,6 +69,24 @@ import (
 )
 
 const entityItems shared.EntityType = "items"
+
+// entitySpaced serves rows that a JSON encoder would rewrite (see
+// fetchSpaced): the server must send them byte for byte.
+const entitySpaced shared.EntityType = "spaced"
+
+// fetchSpaced returns, for key spaced/ID, {"id":ID, "n": 2} (spaces, as
+// Postgres's jsonb::text writes them) and {"id":ID,"s":"<&>"} followed by a
+// raw U+2028, characters encoding/json would escape.
+func fetchSpaced(_ context.Context, key shared.EntityKey) ([][]byte, error) {
+	id, err := json.Marshal(key.ID)
+	if err != nil {
+		return nil, err
+	}
+	return [][]byte{
+		fmt.Appendf(nil, `{"id":%s, "n": 2}`, id),
+		fmt.Appendf(nil, "{\"id\":%s,\"s\":\"<&>\u2028\"}", id),
+	}, nil
+}
 
 // entityLatin1 serves rows holding invalid UTF-8 (see fetchLatin1).
 const entityLatin1 shared.EntityType = "latin1"
@@ -232,6 +251,10 @@ func (h *harness) startBackend(s *server) (string, error) {
 		return "", err
 	}
 	if err := es.RegisterCollection(entityLists, h.lists.fetch, esdb.JSONField("id")); err != nil {
+		_ = es.Close(context.Background())
+		return "", err
+	}
+	if err := es.Register(entitySpaced, fetchSpaced); err != nil {
 		_ = es.Close(context.Background())
 		return "", err
 	}
