@@ -1,7 +1,9 @@
 // How connections end, seen from the ws package talking straight to a real
 // Go server (testserver's direct address: a proxy in between would change
 // how a connection ends): every close the server initiates or answers
-// reaches the client with its code before the socket closes.
+// reaches the client with its code before the socket closes; and how the
+// server reads what a client sends: fragmented messages (the read limit
+// counted over all fragments), pings, a close without a code.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -60,6 +62,48 @@ for (const size of [40 << 10, 4 << 20]) {
   });
 }
 
+test('a message sent in fragments is read whole: a subscribe split in three gets its rows', async () => {
+  const ws = await open();
+  const first = withTimeout(new Promise((res) => ws.once('message', (data) => res(data.toString()))), WAIT, 'a row');
+  const req = JSON.stringify({ action: 'subscribe', body: { entity: 'big', id: '1' } });
+  const third = Math.ceil(req.length / 3);
+  ws.send(req.slice(0, third), { fin: false });
+  ws.send(req.slice(third, 2 * third), { fin: false });
+  ws.send(req.slice(2 * third), { fin: true });
+  assert.match(await first, /^\{"id":"1","pad":"x+"\}$/);
+  ws.close(1000);
+  assert.equal((await ws.closed).code, 1000);
+  assert.deepEqual(ws.errors, []);
+});
+
+test('fragments adding up to more than the read limit close the connection with 1009', async () => {
+  const ws = await open();
+  // 20 KiB twice: each fragment is under the 32 KiB limit, the message is not.
+  ws.send('x'.repeat(20 << 10), { fin: false });
+  ws.send('x'.repeat(20 << 10), { fin: true });
+  const { code } = await ws.closed;
+  assert.equal(code, 1009, `closed with ${code} (errors: ${ws.errors.join('; ') || 'none'}), want 1009`);
+  assert.deepEqual(ws.errors, []);
+});
+
+test('a ping is answered with a pong carrying its payload', async () => {
+  const ws = await open();
+  const pong = withTimeout(new Promise((res) => ws.once('pong', (data) => res(data.toString()))), WAIT, 'the pong');
+  ws.ping('are you there');
+  assert.equal(await pong, 'are you there');
+  ws.close(1000);
+  await ws.closed;
+});
+
+test('a close without a code is answered with a close without a code (1005)', async () => {
+  const ws = await open();
+  ws.close();
+  const { code } = await ws.closed;
+  assert.equal(code, 1005, `closed with ${code}, want 1005: the server's answer carries no code either`);
+  assert.deepEqual(ws.errors, []);
+});
+
+// Last: the restart moves server 0's direct address.
 test('a server shutting down closes with 1001', async () => {
   const ws = await open();
   await srv.control('/restart?server=0');
