@@ -174,6 +174,7 @@ type Bridge struct {
 
 	work     workQueue
 	rounds   sync.WaitGroup // the workers
+	watchers sync.WaitGroup // the routing queue's Watch calls (startWatch)
 	notifier notifier
 
 	life   sync.RWMutex // guards closed and served
@@ -435,12 +436,28 @@ func (b *Bridge) index(key shared.EntityKey) (ks *keyState, created bool) {
 	return ks, created
 }
 
+// startWatch runs watch for ks, which the caller just made, on a goroutine
+// of its own: the subscribe that made ks returns at once, and the key's
+// first round waits for the Watch (ks.watching). Called without ks.mu.
+func (b *Bridge) startWatch(ks *keyState) {
+	b.life.RLock()
+	defer b.life.RUnlock()
+	if b.closed {
+		return // the queue is closed or closing: no round will fetch
+	}
+	b.watchers.Add(1) // under life while open: before Close's Wait
+	go func() {
+		defer b.watchers.Done()
+		b.watch(ks)
+	}()
+}
+
 // watch makes the routing queue listen for the key's notifications, and
 // only then lets the key's first round fetch: a change committed before the
 // fetch is in its rows, one committed after is notified to this server. A
 // Watch that could not be confirmed (broker down) stays registered, and the
-// queue's onLoss re-fetches once it is live. Called without ks.mu, once,
-// by whoever made ks.
+// queue's onLoss re-fetches once it is live. Called without ks.mu, once
+// per ks (see startWatch).
 func (b *Bridge) watch(ks *keyState) {
 	err := b.interest.Watch(ks.key)
 	if err != nil && !errors.Is(err, esq.ErrClosed) {
@@ -569,6 +586,7 @@ func (b *Bridge) Close(ctx context.Context) error {
 	b.notifier.mu.Unlock()
 	done := make(chan struct{})
 	go func() {
+		b.watchers.Wait() // the queue is closed: Watch returns
 		b.rounds.Wait()
 		if publisher != nil {
 			<-publisher

@@ -399,11 +399,12 @@ func (c *Client) SubscribeFrom(key shared.EntityKey, version string) error {
 	} else {
 		var created bool
 		ks, created = c.b.index(key) // locked
-		defer func() {
-			if created && c.b.interest != nil {
-				c.b.watch(ks) // after ks.mu is released below
-			}
-		}()
+		if created && c.b.interest != nil {
+			// After ks.mu is released below. The Watch runs on its own
+			// goroutine: a broker round trip must hold neither this
+			// client's other requests nor its other keys' watches.
+			defer c.b.startWatch(ks)
+		}
 		s = &subscription{c: c, ks: ks, group: ks.groupName(c.Secret())}
 		c.mu.Lock()
 		if c.subs == nil {

@@ -221,3 +221,69 @@ func TestRoutingQueueWatchesBalanceUnderChurn(t *testing.T) {
 		t.Fatal("no Watch calls")
 	}
 }
+
+// A key's Watch (a broker round trip) holds nothing of the subscribing
+// client: while it waits, the same client subscribes to another key (whose
+// Watch starts at once, alongside), changes its secret and unsubscribes,
+// and each key still gets its first state only once its Watch returned.
+func TestRoutingQueueWatchDoesNotHoldTheClient(t *testing.T) {
+	q := newRoutingQueue()
+	q.release = make(chan struct{})
+	q.started = make(chan shared.EntityKey, 4)
+	f := newVersions()
+	b := routedBridge(t, q, f)
+	c := b.ClientBuilder(nil)
+	k2 := shared.EntityKey{Entity: "items", ID: "2"}
+	k3 := shared.EntityKey{Entity: "items", ID: "3"}
+	released := false
+	defer func() {
+		if !released {
+			close(q.release) // let the blocked calls end so the bridge closes
+		}
+	}()
+	done := make(chan error, 1)
+	go func() {
+		for _, k := range []shared.EntityKey{k1, k2, k3} {
+			if err := c.Subscribe(k); err != nil {
+				done <- err
+				return
+			}
+		}
+		c.SetSecret("s")
+		c.Unsubscribe(k3)
+		done <- nil
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(unitWait):
+		t.Fatal("the client's requests waited for a Watch")
+	}
+	watching := map[shared.EntityKey]bool{}
+	for len(watching) < 3 {
+		select {
+		case k := <-q.started:
+			watching[k] = true
+		case <-time.After(unitWait):
+			t.Fatalf("Watch started for %v only, want all three keys at once", watching)
+		}
+	}
+	if n := f.fetches.Load(); n != 0 {
+		t.Fatalf("%d fetches before the watches returned, want 0", n)
+	}
+	close(q.release)
+	released = true
+	got := map[shared.EntityKey]bool{}
+	for len(got) < 2 {
+		for _, u := range next(t, c) {
+			got[u.Key] = true
+		}
+	}
+	if !got[k1] || !got[k2] || got[k3] {
+		t.Fatalf("first states of %v, want %s and %s", got, k1, k2)
+	}
+	q.await(t, k3, 0) // unsubscribed while its Watch ran: unwatched after it
+	q.await(t, k1, 1)
+}
