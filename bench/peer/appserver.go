@@ -79,7 +79,8 @@ type serverStats struct {
 
 // serverControl is the control mux every server under test has: /stats for
 // its CPU time, allocations and fetches (fetches may be nil), and
-// /profile/start?path= and /profile/stop for a CPU profile of the process.
+// /profile/start?path= and /profile/stop for a CPU profile of the process
+// and its allocation profiles at both ends.
 func serverControl(fetches *atomic.Int64) *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/stats", func(w http.ResponseWriter, _ *http.Request) {
@@ -125,7 +126,26 @@ func (p *profiler) start(path string) error {
 		return err
 	}
 	p.f = f
-	return nil
+	return writeAllocs(path + ".allocs-start")
+}
+
+// writeAllocs writes the process's allocation profile (cumulative since it
+// started) to path: the window's allocations are the difference between the
+// one at its stop and the one at its start (go tool pprof -base). Sampled
+// at runtime.MemProfileRate; GODEBUG=memprofilerate=1 in the orchestrator's
+// environment, which its children inherit, records every allocation.
+// The GC it runs makes profiled windows no place to read CPU figures from.
+func writeAllocs(path string) error {
+	runtime.GC() // the profile shows allocations as of the last GC
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if err := pprof.Lookup("allocs").WriteTo(f, 0); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 func (p *profiler) stop() error {
@@ -136,6 +156,7 @@ func (p *profiler) stop() error {
 	}
 	pprof.StopCPUProfile()
 	err := p.f.Close()
+	path := p.f.Name()
 	p.f = nil
-	return err
+	return errors.Join(err, writeAllocs(path+".allocs-stop"))
 }

@@ -93,7 +93,7 @@ func main() {
 	flag.StringVar(&cfg.systems, "systems", "seed,api,cf", "systems to measure, comma-separated: seed (entity-sync as the seed README uses it), api (entitysync.New + Register, envelope dialect), cf (Centrifuge)")
 	flag.StringVar(&cfg.phases, "phases", strings.Join(defaultPhases, ","), "phases to run, comma-separated: "+strings.Join(allPhases, ", "))
 	flag.BoolVar(&cfg.manyKeysOnly, "many-keys-only", false, "run the many-keys phase only (-phases manykeys)")
-	flag.StringVar(&cfg.profile, "profile", "", "directory to write CPU profiles of the entity-sync servers to, one per measured window and process")
+	flag.StringVar(&cfg.profile, "profile", "", "directory to write CPU and allocation profiles of the entity-sync servers to, one per measured window and process (GODEBUG=memprofilerate=1 records every allocation)")
 	cfg.many.flags()
 	flag.StringVar(&cfg.nsqd, "nsqd", "", "seed, api roles: nsqd TCP address (none: in-process queue)")
 	flag.StringVar(&cfg.redisAddr, "redis-addr", "", "cf role: Redis address (none: memory broker)")
