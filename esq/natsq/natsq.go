@@ -109,6 +109,9 @@ type Queue struct {
 	nc     *nats.Conn
 	closed chan struct{} // closed by nats.go's ClosedHandler
 
+	// subscribeKey is nc.ChanSubscribe; a test makes it refuse.
+	subscribeKey func(subject string, ch chan *nats.Msg) (*nats.Subscription, error)
+
 	mu       sync.RWMutex
 	isClosed bool
 	subs     map[string]*subscription // by subject
@@ -129,13 +132,23 @@ type subscription struct {
 	keyMsgs chan *nats.Msg
 }
 
-// watch is one key subject subscribed for Watch.
+// watch is one key subject subscribed for Watch. It stays in
+// Queue.watches from the key's first Watch to the Unwatch that undoes the
+// last, whatever the broker said: every Watch is counted, a refused one
+// too (its caller unwatches it like any other).
 type watch struct {
 	s     *subscription
-	count int // Watch calls not undone by Unwatch
-	sub   *nats.Subscription
-	ready chan struct{} // closed once the first Watch's flush returned
-	err   error         // that flush's error, set before ready is closed
+	count int                // Watch calls not undone by Unwatch
+	sub   *nats.Subscription // nil until subscribed, and after a refusal
+	try   *watchTry          // the latest attempt to subscribe
+}
+
+// watchTry is one attempt to subscribe to a key subject, which the Watch
+// calls that arrive while it runs wait for.
+type watchTry struct {
+	ready   chan struct{} // closed once the attempt's flush returned
+	err     error         // its error, set before ready is closed
+	refused bool          // nats.go refused the subscription: the next Watch tries again
 }
 
 var (
@@ -219,6 +232,7 @@ func New(ctx context.Context, cfg Config) (*Queue, error) {
 		return nil, fmt.Errorf("natsq: connect to %s: %w", cfg.URL, err)
 	}
 	q.nc = nc
+	q.subscribeKey = nc.ChanSubscribe
 	return q, nil
 }
 
@@ -417,7 +431,10 @@ func (q *Queue) Routes() bool { return q.cfg.RouteByKey }
 // first subscribes, later ones wait for its flush. When the flush fails
 // (the connection is down, or the server is slow), the subscription stays:
 // the entity type's onLoss is called once a later flush confirms it, or
-// after the reconnect (nats.go sends it again).
+// after the reconnect (nats.go sends it again). When nats.go refuses the
+// subscription (its connection is closed or draining), the Watch calls
+// waiting on it return the error and still count; the key's next Watch
+// subscribes again.
 func (q *Queue) Watch(key shared.EntityKey) error {
 	if !q.cfg.RouteByKey {
 		return errors.New("natsq: Watch needs Config.RouteByKey")
@@ -437,28 +454,35 @@ func (q *Queue) Watch(key shared.EntityKey) error {
 		q.mu.Unlock()
 		return fmt.Errorf("natsq: watch %s: entity type %q is not subscribed", key, key.Entity)
 	}
-	if w := q.watches[subject]; w != nil {
-		w.count++
-		q.mu.Unlock()
-		<-w.ready
-		return w.err
+	w := q.watches[subject]
+	if w == nil {
+		w = &watch{s: s}
+		q.watches[subject] = w
 	}
-	w := &watch{s: s, count: 1, ready: make(chan struct{})}
-	q.watches[subject] = w
+	w.count++
+	if try := w.try; try != nil && !try.refused {
+		q.mu.Unlock()
+		<-try.ready
+		return try.err
+	}
+	// The key's first Watch, or the first since nats.go refused one.
+	try := &watchTry{ready: make(chan struct{})}
+	w.try = try
 	q.mu.Unlock()
 
-	sub, err := q.nc.ChanSubscribe(subject, s.keyMsgs)
+	sub, err := q.subscribeKey(subject, s.keyMsgs)
 	if err == nil {
 		err = q.nc.FlushTimeout(q.cfg.LiveTimeout)
 	}
 	q.mu.Lock()
-	w.sub = sub
 	var drop *nats.Subscription
 	switch {
-	case sub == nil && q.watches[subject] == w:
-		delete(q.watches, subject) // nothing to undo: refused outright
-	case sub != nil && w.count == 0:
-		drop = sub // unwatched meanwhile
+	case sub == nil:
+		try.refused = true // w stays: the callers waiting on try count on it
+	case w.count == 0:
+		drop = sub // unwatched meanwhile (and out of q.watches)
+	default:
+		w.sub = sub
 	}
 	if err != nil {
 		if errors.Is(err, nats.ErrConnectionClosed) || q.isClosed {
@@ -471,8 +495,8 @@ func (q *Queue) Watch(key shared.EntityKey) error {
 			}
 		}
 	}
-	w.err = err
-	close(w.ready)
+	try.err = err
+	close(try.ready)
 	q.mu.Unlock()
 	if drop != nil {
 		_ = drop.Unsubscribe()
@@ -520,7 +544,7 @@ func (q *Queue) Unwatch(key shared.EntityKey) {
 		return
 	}
 	delete(q.watches, subject)
-	sub := w.sub // nil while the first Watch runs: it unsubscribes
+	sub := w.sub // nil while a Watch subscribes (it unsubscribes), or after a refusal
 	q.mu.Unlock()
 	if sub != nil {
 		_ = sub.Unsubscribe()
