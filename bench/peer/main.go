@@ -32,7 +32,7 @@
 // Every server under test runs in its own OS process, so its CPU time
 // (getrusage RUSAGE_SELF) and allocations are its own; the websocket
 // clients run in one more process; the orchestrator (this process when run
-// without -role) embeds the nsqd, starts the others, drives the changes,
+// without -role) starts the nsqd and the others, drives the changes,
 // and prints the tables. Roles:
 //
 //   - seed, api: one entity-sync server (in-process queue, or -nsqd;
@@ -40,7 +40,8 @@
 //   - cf: one Centrifuge node (memory broker, or -redis-addr);
 //   - floor: a plain TCP server writing one pre-encoded frame per change to
 //     every connection;
-//   - clients: the websocket (and floor TCP) clients.
+//   - clients: the websocket (and floor TCP) clients;
+//   - nsqd: the nsqd entity-sync's two-server rows publish through.
 package main
 
 import (
@@ -84,7 +85,7 @@ type config struct {
 
 func main() {
 	var cfg config
-	flag.StringVar(&cfg.role, "role", "orchestrator", "orchestrator | seed | api | cf | floor | clients (all but the first are started by the orchestrator)")
+	flag.StringVar(&cfg.role, "role", "orchestrator", "orchestrator | seed | api | cf | floor | clients | nsqd (all but the first are started by the orchestrator)")
 	flag.BoolVar(&cfg.verbose, "v", false, "let the children log more")
 	flag.StringVar(&cfg.rows, "rows", defaultRows, "rows as clients:changes/s:changes, comma-separated")
 	flag.DurationVar(&cfg.budget, "budget", 240*time.Second, "time budget for the whole run: a row still running when it ends fails, and says so")
@@ -118,6 +119,8 @@ func main() {
 		code = runFloor(cfg)
 	case "clients":
 		code = runClients(cfg)
+	case "nsqd":
+		code = runNSQD(cfg)
 	default:
 		fmt.Fprintf(os.Stderr, "peer: unknown -role %q\n", cfg.role)
 		code = 2

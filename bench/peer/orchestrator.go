@@ -12,8 +12,6 @@ import (
 	"strconv"
 	"strings"
 	"time"
-
-	"github.com/entity-sync/entity-sync/internal/nsqtest"
 )
 
 // defaultRows are the peer phase's rows: 20 clients at 100 changes/s
@@ -174,13 +172,13 @@ func runOrchestrator(cfg config) int {
 		o.note("setup: %v", err)
 		return 1
 	}
-	broker, err := nsqtest.Embed()
+	broker, err := spawn("nsqd", 30*time.Second)
 	if err != nil {
-		o.note("setup: embedded nsqd: %v", err)
+		o.note("setup: nsqd: %v", err)
 		return 1
 	}
-	defer broker.Close()
-	o.nsqd = broker.TCPAddr()
+	defer broker.Stop()
+	o.nsqd = broker.hello.WS
 	if o.clients, err = spawn("clients", 30*time.Second); err != nil {
 		o.note("setup: %v", err)
 		return 1

@@ -292,7 +292,7 @@ const breakdownLegend = `
 breakdown legend:
 - one row, entity-sync only: 1 server = the clients' server also publishes, through its
   in-process queue; 2 servers = every client on one server, the changes published by the other
-  and carried by the embedded nsqd. Each server is its own OS process, the clients another.
+  and carried by nsqd (a process of its own). Each server is its own OS process, the clients another.
 - times are wall clock (UnixNano) of this one machine, taken in three processes: the publisher
   (notify call start, the zero point, and its duration), the clients' server (esbridge
   Options.OnRound: Notified, Started, Fetched, Delivered; and a timestamp after every write to a

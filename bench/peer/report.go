@@ -167,7 +167,7 @@ legend:
   (Centrifuge); the requests come from the orchestrator process at a fixed rate.
 - servers 1: the clients' server also takes the changes: entity-sync with its in-process queue,
   Centrifuge with its memory broker. servers 2: every client on one server, the changes made on
-  the other and carried by an nsqd embedded in the orchestrator (entity-sync) or by the Redis at
+  the other and carried by nsqd v1.3.0 in a process of its own (entity-sync) or by the Redis at
   127.0.0.1:6379 (Centrifuge's Redis broker). Each server is an OS process of its own, the
   clients are one more; the brokers' CPU is in none.
 - clients: plain gorilla/websocket connections and one read loop for every system: entity-sync's
