@@ -7,6 +7,7 @@ replace github.com/entity-sync/entity-sync => ../..
 require (
 	github.com/centrifugal/centrifuge v0.40.1
 	github.com/entity-sync/entity-sync v0.0.0-00010101000000-000000000000
+	github.com/google/pprof v0.0.0-20261105003125-4bf881d7fb0b
 	github.com/gorilla/mux v1.8.1
 	github.com/gorilla/websocket v1.5.3
 	github.com/sirupsen/logrus v1.9.3

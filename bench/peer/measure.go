@@ -112,7 +112,7 @@ type window struct {
 	ids     []int   // the entity each change writes, in order
 	rate    float64 // changes per second
 	workers int     // driver goroutines
-	profile string  // with -profile, the CPU profile's file name stem (entity-sync only)
+	profile string  // with -profile, the CPU profile's file name stem
 	raw     *breakdownRaw
 }
 
@@ -168,7 +168,7 @@ func (o *orchestrator) measure(ctx context.Context, d *deployment, w window) mea
 			return m
 		}
 	}
-	profiling := o.cfg.profile != "" && w.profile != "" && d.sys.role != "cf"
+	profiling := o.cfg.profile != "" && w.profile != ""
 	if profiling {
 		for i, p := range d.procs() {
 			path := filepath.Join(o.cfg.profile, fmt.Sprintf("%s-%s.pprof", w.profile, []string{"holder", "publisher"}[i]))
@@ -184,8 +184,12 @@ func (o *orchestrator) measure(ctx context.Context, d *deployment, w window) mea
 	}
 	waitErr := call(ctx, 62*time.Second, cl, "/wait", nil, lastVersions(m.drive.Changes), &wr)
 	if profiling {
-		for _, p := range d.procs() {
-			_ = call(ctx, 10*time.Second, p.hello.Ctl, "/profile/stop", nil, nil, nil)
+		for i, p := range d.procs() {
+			if err := call(ctx, 10*time.Second, p.hello.Ctl, "/profile/stop", nil, nil, nil); err != nil {
+				continue
+			}
+			name := fmt.Sprintf("%s-%s", w.profile, []string{"holder", "publisher"}[i])
+			o.profiles = append(o.profiles, profiled{name: name, path: filepath.Join(o.cfg.profile, name+".pprof"), changes: len(m.drive.Changes)})
 		}
 	}
 	after, err := o.stats(ctx, d)

@@ -120,6 +120,8 @@ type orchestrator struct {
 	many    []manyResult
 	notes   []string
 
+	profiles []profiled // the CPU profiles written (-profile)
+
 	breakdown       []breakdownResult
 	breakdownFailed bool // -breakdown could not be read
 }

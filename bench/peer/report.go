@@ -28,6 +28,7 @@ func (o *orchestrator) print(total time.Duration, host hostSample) {
 	}
 	o.printNotes(&b)
 	o.printBreakdown(&b)
+	o.printProfiles(&b)
 
 	fmt.Fprintf(&b, "\ncommand: `%s`; %s %s/%s, GOMAXPROCS=%d, NumCPU=%d; total %.0f s\n",
 		strings.Join(append([]string{"cd bench/peer && go run ."}, os.Args[1:]...), " "), runtime.Version(), runtime.GOOS, runtime.GOARCH,
