@@ -39,6 +39,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -111,6 +112,9 @@ type Queue struct {
 
 	// subscribeKey is nc.ChanSubscribe; a test makes it refuse.
 	subscribeKey func(subject string, ch chan *nats.Msg) (*nats.Subscription, error)
+	// subscribed numbers the key subscriptions nats.go took, in order: a
+	// flush started once n was drawn confirms subscription n.
+	subscribed atomic.Uint64
 
 	mu       sync.RWMutex
 	isClosed bool
@@ -130,6 +134,13 @@ type subscription struct {
 	// keyMsgs receives the messages of the entity type's key subjects
 	// (RouteByKey), which one goroutine hands to onMessage.
 	keyMsgs chan *nats.Msg
+	// late is the highest number (Queue.subscribed) of a key subscription
+	// whose Watch gave up waiting for its flush and that no onLoss has
+	// covered since, 0 for none; confirming is set while confirmLate runs
+	// for s. Under Queue.mu. However many Watches give up in one outage,
+	// one onLoss covers them.
+	late       uint64
+	confirming bool
 }
 
 // watch is one key subject subscribed for Watch. It stays in
@@ -431,7 +442,8 @@ func (q *Queue) Routes() bool { return q.cfg.RouteByKey }
 // first subscribes, later ones wait for its flush. When the flush fails
 // (the connection is down, or the server is slow), the subscription stays:
 // the entity type's onLoss is called once a later flush confirms it, or
-// after the reconnect (nats.go sends it again). When nats.go refuses the
+// after the reconnect (nats.go sends it again): once for every Watch of
+// the entity type that gave up meanwhile, not once per key. When nats.go refuses the
 // subscription (its connection is closed or draining), the Watch calls
 // waiting on it return the error and still count; the key's next Watch
 // subscribes again.
@@ -471,7 +483,9 @@ func (q *Queue) Watch(key shared.EntityKey) error {
 	q.mu.Unlock()
 
 	sub, err := q.subscribeKey(subject, s.keyMsgs)
+	var n uint64
 	if err == nil {
+		n = q.subscribed.Add(1)
 		err = q.nc.FlushTimeout(q.cfg.LiveTimeout)
 	}
 	q.mu.Lock()
@@ -490,8 +504,7 @@ func (q *Queue) Watch(key shared.EntityKey) error {
 		} else {
 			err = fmt.Errorf("natsq: watch subject %q (it stays subscribed; onLoss follows its confirmation): %w", subject, err)
 			if sub != nil {
-				q.running.Add(1) // under mu while open: before Close's Wait
-				go q.confirmLate(s)
+				q.lateLocked(s, n)
 			}
 		}
 	}
@@ -504,24 +517,52 @@ func (q *Queue) Watch(key shared.EntityKey) error {
 	return err
 }
 
-// confirmLate calls s's onLoss once a flush confirms what the connection
-// sent, after a Watch gave up waiting for its own: whoever watched may have
-// fetched without listening yet. A lost connection leaves it to the
-// reconnect, which calls onLoss too.
+// lateLocked records that the Watch of key subscription n on s gave up
+// waiting for its flush, and has confirmLate run for s if it does not
+// already. With q.mu held.
+func (q *Queue) lateLocked(s *subscription, n uint64) {
+	if n > s.late {
+		s.late = n
+	}
+	if !s.confirming {
+		s.confirming = true
+		q.running.Add(1) // under mu while open: before Close's Wait
+		go q.confirmLate(s)
+	}
+}
+
+// confirmLate calls s's onLoss once a flush confirms the key subscriptions
+// whose Watch gave up waiting for its own: whoever watched may have
+// fetched without listening yet. One onLoss covers every such
+// subscription the flush confirms. A lost connection leaves it to the
+// reconnect, whose onLoss covers them too (see reconnected).
 func (q *Queue) confirmLate(s *subscription) {
 	defer q.running.Done()
 	for {
+		upTo := q.subscribed.Load()
 		err := q.nc.FlushTimeout(q.cfg.LiveTimeout)
-		if err == nil {
-			if s.onLoss != nil && q.enter() {
+		q.mu.Lock()
+		switch {
+		case err == nil && s.late > upTo:
+			// A Watch that subscribed after the flush started gave up
+			// too: the next flush confirms both, for one onLoss.
+			q.mu.Unlock()
+			continue
+		case err == nil:
+			owed := s.late != 0 // 0: a reconnect's onLoss covered them
+			s.late, s.confirming = 0, false
+			q.mu.Unlock()
+			if owed && s.onLoss != nil && q.enter() {
 				s.onLoss()
 				q.running.Done()
 			}
 			return
-		}
-		if errors.Is(err, nats.ErrConnectionClosed) || !q.nc.IsConnected() {
+		case errors.Is(err, nats.ErrConnectionClosed) || !q.nc.IsConnected():
+			s.confirming = false
+			q.mu.Unlock()
 			return
 		}
+		q.mu.Unlock()
 	}
 }
 
@@ -593,6 +634,7 @@ func (q *Queue) reconnected(nc *nats.Conn) {
 	q.mu.RUnlock()
 	go func() {
 		defer q.running.Done()
+		upTo := q.subscribed.Load()
 		if err := nc.FlushTimeout(q.cfg.LiveTimeout); err != nil {
 			// Disconnected again (the next reconnect reports the loss) or
 			// closed.
@@ -600,6 +642,13 @@ func (q *Queue) reconnected(nc *nats.Conn) {
 			return
 		}
 		q.log.WithField("server", nc.ConnectedUrlRedacted()).Infof("reconnected to NATS; resyncing %d subscriptions", len(subs))
+		q.mu.Lock()
+		for _, s := range subs {
+			if s.late <= upTo {
+				s.late = 0 // confirmed by the flush: the onLoss below covers them
+			}
+		}
+		q.mu.Unlock()
 		for _, s := range subs {
 			if s.onLoss != nil && q.enter() {
 				s.onLoss()

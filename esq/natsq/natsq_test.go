@@ -466,3 +466,65 @@ func TestLateWatchConfirmationCallsOnLoss(t *testing.T) {
 		t.Fatal("the late-confirmed key's message did not arrive")
 	}
 }
+
+// Watches of many keys that all give up waiting for their flush (the
+// server's replies held back past LiveTimeout, the connection up) cost the
+// entity type one onLoss once the replies come, not one per key.
+func TestLateWatchesCallOnLossOnce(t *testing.T) {
+	srv := startServer(t)
+	proxy := startHoldProxy(t, strings.TrimPrefix(srv.URL(), "nats://"))
+	sub := newQueue(t, natsq.Config{URL: "nats://" + proxy.l.Addr().String(), RouteByKey: true, LiveTimeout: 100 * time.Millisecond, PingInterval: time.Minute})
+	pub := newQueue(t, natsq.Config{URL: srv.URL(), RouteByKey: true})
+	got := make(chan string, 16)
+	var losses atomic.Int32
+	lost := make(chan struct{}, 64)
+	if err := sub.Subscribe("items", func(b []byte) { got <- string(b) }, func() {
+		losses.Add(1)
+		lost <- struct{}{}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	const keys = 20
+	proxy.held.Lock()
+	var wg sync.WaitGroup
+	var confirmed atomic.Int32
+	for i := 0; i < keys; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if sub.Watch(shared.EntityKey{Entity: "items", ID: fmt.Sprint("late-", i)}) == nil {
+				confirmed.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	proxy.held.Unlock()
+	if n := confirmed.Load(); n != 0 {
+		t.Fatalf("%d Watches returned no error while the server's replies were held", n)
+	}
+	select {
+	case <-lost:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no onLoss after the late confirmations")
+	}
+	// Two more round trips (a Watch's flush, a message through the
+	// server) let any further late confirmation come in first.
+	if err := sub.Watch(shared.EntityKey{Entity: "items", ID: "barrier"}); err != nil {
+		t.Fatal(err)
+	}
+	body := `{"entity":"items","id":"late-0"}`
+	if err := pub.Publish(context.Background(), "items", []byte(body)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case b := <-got:
+		if b != body {
+			t.Fatalf("received %s", b)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("a late-confirmed key's message did not arrive")
+	}
+	if n := losses.Load(); n != 1 {
+		t.Fatalf("%d onLoss calls for %d late Watches, want 1", n, keys)
+	}
+}

@@ -121,9 +121,28 @@ type subscription struct {
 	onLoss    func()
 	// lost is set when the connection dropped while some channel of the
 	// subscription was live, until they all are again; down counts its
-	// channels (its own and its watches') not live. Under Queue.mu.
+	// channels (its own and its watches') not live. late counts its
+	// watches whose Watch gave up waiting for the confirmation and that
+	// are not confirmed yet; owed is set once one of them, or every
+	// channel after a drop, is: onLoss is then due once lost and late are
+	// clear, one call for them all (see due). Under Queue.mu.
 	lost bool
 	down int
+	late int
+	owed bool
+}
+
+// due reports whether s's onLoss is to be called now, and then clears
+// what the call covers. With Queue.mu held.
+func (s *subscription) due() bool {
+	if s.lost && s.down == 0 {
+		s.lost, s.owed = false, true
+	}
+	if s.owed && !s.lost && s.late == 0 {
+		s.owed = false
+		return true
+	}
+	return false
 }
 
 // channelState is one subscribed channel's.
@@ -138,8 +157,8 @@ type watch struct {
 	s     *subscription // the key's entity type's
 	count int           // Watch calls not undone by Unwatch
 	// late is set when a Watch gave up waiting for the confirmation:
-	// whoever watches may have fetched meanwhile, so its arrival calls
-	// onLoss. Under Queue.mu.
+	// whoever watches may have fetched meanwhile, so its arrival makes
+	// onLoss due (see subscription.due). Under Queue.mu.
 	late bool
 }
 
@@ -424,7 +443,8 @@ func (q *Queue) read(ps *redis.PubSub, done chan struct{}) {
 			var lossFor *subscription
 			if w := q.watches[m.Channel]; w != nil && w.late {
 				w.late = false
-				lossFor = s
+				s.late--
+				s.owed = true
 			}
 			if st != nil && !st.isLive {
 				st.isLive = true
@@ -434,10 +454,9 @@ func (q *Queue) read(ps *redis.PubSub, done chan struct{}) {
 					close(st.confirmed)
 				}
 				s.down--
-				if s.down == 0 && s.lost {
-					s.lost = false
-					lossFor = s
-				}
+			}
+			if s != nil && s.due() {
+				lossFor = s
 			}
 			q.mu.Unlock()
 			if down {
@@ -460,7 +479,8 @@ func (q *Queue) Routes() bool { return q.cfg.RouteByKey }
 // its confirmation. When it does not come within LiveTimeout (the
 // connection is down, or Redis is slow), the channel stays subscribed, and
 // the entity type's onLoss is called once Redis confirmed it, on this
-// connection or after a reconnect.
+// connection or after a reconnect: once for all the channels of the entity
+// type whose Watch gave up meanwhile, not once per key.
 func (q *Queue) Watch(key shared.EntityKey) error {
 	if !q.cfg.RouteByKey {
 		return errors.New("redisq: Watch needs Config.RouteByKey")
@@ -515,8 +535,9 @@ func (q *Queue) Watch(key shared.EntityKey) error {
 		}
 	}
 	q.mu.Lock()
-	if !w.isLive && q.watches[channel] == w {
+	if !w.isLive && !w.late && q.watches[channel] == w {
 		w.late = true
+		s.late++
 	}
 	q.mu.Unlock()
 	return fmt.Errorf("redisq: watch channel %q on %s (it stays subscribed; onLoss follows its confirmation): %w", channel, q.cfg.Addr, err)
@@ -544,8 +565,11 @@ func (q *Queue) Unwatch(key shared.EntityKey) {
 	var lossFor *subscription
 	if !w.isLive {
 		// The one channel a resync may have been waiting for.
-		if w.s.down--; w.s.down == 0 && w.s.lost {
-			w.s.lost = false
+		w.s.down--
+		if w.late {
+			w.s.late--
+		}
+		if w.s.due() {
 			lossFor = w.s
 		}
 	}

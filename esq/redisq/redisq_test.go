@@ -379,3 +379,146 @@ func TestLateWatchConfirmationCallsOnLoss(t *testing.T) {
 		t.Fatal("the late-confirmed key's message did not arrive")
 	}
 }
+
+// Watches of many keys that all give up waiting for Redis's confirmation
+// (Redis paused longer than LiveTimeout, the connection up) cost the
+// entity type one onLoss once the confirmations come, not one per key.
+func TestLateWatchesCallOnLossOnce(t *testing.T) {
+	srv := startRedis(t)
+	sub := newQueue(t, redisq.Config{Addr: srv.addr, RouteByKey: true, LiveTimeout: 100 * time.Millisecond})
+	pub := newQueue(t, redisq.Config{Addr: srv.addr, RouteByKey: true})
+	got := make(chan string, 16)
+	var mu sync.Mutex
+	losses := 0
+	lost := make(chan struct{}, 64)
+	if err := sub.Subscribe("items", func(b []byte) { got <- string(b) }, func() {
+		mu.Lock()
+		losses++
+		mu.Unlock()
+		lost <- struct{}{}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	admin := redis.NewClient(&redis.Options{Addr: srv.addr})
+	defer admin.Close()
+	if err := admin.Do(context.Background(), "client", "pause", "1000", "all").Err(); err != nil {
+		t.Fatal(err)
+	}
+	const keys = 20
+	var wg sync.WaitGroup
+	errs := make(chan error, keys)
+	for i := 0; i < keys; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs <- sub.Watch(shared.EntityKey{Entity: "items", ID: "late-" + strconv.Itoa(i)})
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err == nil {
+			t.Fatal("a Watch returned no error while Redis was paused")
+		}
+	}
+	select {
+	case <-lost:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no onLoss after the late confirmations")
+	}
+	// A message through the subscriber connection comes after every
+	// confirmation, and the callbacks run in order.
+	body := `{"entity":"items","id":"late-0"}`
+	if err := pub.Publish(context.Background(), "items", []byte(body)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case b := <-got:
+		if b != body {
+			t.Fatalf("received %s", b)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("a late-confirmed key's message did not arrive")
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if losses != 1 {
+		t.Fatalf("%d onLoss calls for %d late Watches, want 1", losses, keys)
+	}
+}
+
+// Keys watched while Redis is down (their Watch gives up) cost the entity
+// type one onLoss once Redis is back and has confirmed every channel, not
+// one per key on top of the reconnect's.
+func TestWatchesDuringOutageCallOnLossOnce(t *testing.T) {
+	srv := startRedis(t)
+	sub := newQueue(t, redisq.Config{Addr: srv.addr, RouteByKey: true, LiveTimeout: 100 * time.Millisecond, RetryInterval: 20 * time.Millisecond})
+	pub := newQueue(t, redisq.Config{Addr: srv.addr, RouteByKey: true})
+	got := make(chan string, 16)
+	var mu sync.Mutex
+	losses := 0
+	lost := make(chan struct{}, 64)
+	if err := sub.Subscribe("items", func(b []byte) { got <- string(b) }, func() {
+		mu.Lock()
+		losses++
+		mu.Unlock()
+		lost <- struct{}{}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	watch := func(id string) error { return sub.Watch(shared.EntityKey{Entity: "items", ID: id}) }
+	if err := watch("before"); err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); sub.Live() == nil; {
+		if time.Now().After(deadline) {
+			t.Fatal("the queue still says live with Redis stopped")
+		}
+		time.Sleep(5 * time.Millisecond) // polls Live: no event to await
+	}
+	const keys = 20
+	var wg sync.WaitGroup
+	errs := make(chan error, keys)
+	for i := 0; i < keys; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs <- watch("down-" + strconv.Itoa(i))
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err == nil {
+			t.Fatal("a Watch returned no error while Redis was down")
+		}
+	}
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-lost:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no onLoss after Redis came back")
+	}
+	body := `{"entity":"items","id":"down-0"}`
+	if err := pub.Publish(context.Background(), "items", []byte(body)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case b := <-got:
+		if b != body {
+			t.Fatalf("received %s", b)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("a key watched during the outage: its message did not arrive")
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if losses != 1 {
+		t.Fatalf("%d onLoss calls for one outage with %d keys watched during it, want 1", losses, keys)
+	}
+}
