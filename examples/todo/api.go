@@ -26,7 +26,10 @@ import (
 //	GET    /api/lists                      the newest lists
 //	POST   /api/lists            {title}   create a list
 //	GET    /api/lists/{id}                 one list (404 if unknown)
-//	POST   /api/lists/{id}/items {title}   add an item
+//	POST   /api/lists/{id}/items {title, key?}   add an item
+//	       (key: any string of up to 100 bytes the client makes unique, e.g.
+//	       random; an add whose key the list already holds saves nothing
+//	       and answers, as a success, with the item that key added)
 //	PATCH  /api/lists/{id}/items/{item} {title?, done?, version?}   edit or tick an item
 //	       (with version: only if the item is still at that version, else 409
 //	       with {"error", "item"}: the item as someone else left it)
@@ -43,6 +46,9 @@ const (
 	maxTitle = 200
 	// maxBody bounds a request body; anything larger is refused unread.
 	maxBody = 16 << 10
+	// maxAddKey bounds an add's key, in bytes: room for any random id a
+	// client may make, and no room to store anything else in it.
+	maxAddKey = 100
 )
 
 // api serves the HTTP API over the store and tells entity-sync about writes.
@@ -100,15 +106,26 @@ func (a *api) getList(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, l)
 }
 
+// addItem adds an item. A page sends an add again when it got no answer,
+// which does not mean the first attempt was not saved: each add carries a
+// key, the same on every attempt, and an attempt whose key was saved
+// already gets the item saved then, so the item is added once. It is
+// answered as the first was (201), and notified again: the first attempt's
+// notification may be the part that failed (503 below).
 func (a *api) addItem(w http.ResponseWriter, r *http.Request) {
 	var req struct {
 		Title string `json:"title"`
+		Key   string `json:"key"`
 	}
 	if !readJSON(w, r, &req) || !validTitle(w, &req.Title) {
 		return
 	}
+	if len(req.Key) > maxAddKey {
+		writeError(w, http.StatusBadRequest, "the key is too long: %d bytes, at most %d", len(req.Key), maxAddKey)
+		return
+	}
 	listID := mux.Vars(r)["list"]
-	it, err := a.db.addItem(writeContext(r), listID, req.Title)
+	it, err := a.db.addItem(writeContext(r), listID, req.Title, req.Key)
 	if err != nil {
 		a.fail(w, r, err)
 		return

@@ -184,8 +184,8 @@ func TestAPIBadInputGets4xxWithAMessage(t *testing.T) {
 	}
 }
 
-// A database made before items had versions is given the column: its items
-// start at version 1.
+// A database made before items had versions or add keys is given the
+// columns: its items start at version 1.
 func TestOldDatabaseGetsVersions(t *testing.T) {
 	dir := t.TempDir()
 	old, err := sql.Open("sqlite", "file:"+filepath.Join(dir, "todo.db"))
@@ -206,7 +206,15 @@ func TestOldDatabaseGetsVersions(t *testing.T) {
 	if want := []item{{ID: 1, Title: "Milk", Version: 1}}; err != nil || !reflect.DeepEqual(items, want) {
 		t.Fatalf("items: %v %v, want %v", items, err, want)
 	}
-	openTestSQLite(t, dir) // and again: the column is there now
+	// And add keys (the unique index needs the column).
+	first, err := db.addItem(context.Background(), "l", "Eggs", "k")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again, err := db.addItem(context.Background(), "l", "Eggs", "k"); err != nil || again != first {
+		t.Errorf("an add sent again with its key: %v %v, want %v", again, err, first)
+	}
+	openTestSQLite(t, dir) // and again: the columns are there now
 }
 
 // A server says at start which queue links it to the others; one on the
@@ -296,6 +304,93 @@ func editConflicts(t *testing.T, a string, db *store) {
 func TestEditOfAChangedItemConflicts(t *testing.T) {
 	db := openTestSQLite(t, t.TempDir())
 	editConflicts(t, runTestServer(t, db, ""), db)
+}
+
+// addsOnce checks, through server a, that an add sent again with the same
+// key (a page that got no answer retries) saves nothing more and is
+// answered with the item the key first added, while another key adds
+// another item.
+func addsOnce(t *testing.T, a string, db *store) {
+	t.Helper()
+	listID := mustCall(t, "POST", a+"/api/lists", `{"title":"Retries"}`)["id"].(string)
+	items := a + "/api/lists/" + listID + "/items"
+	add := func(body string) map[string]any {
+		t.Helper()
+		status, v := call(t, "POST", items, body)
+		if status != http.StatusCreated {
+			t.Fatalf("POST %s: %d %v, want 201", body, status, v)
+		}
+		return v
+	}
+	first := add(`{"title":"Milk","key":"k1"}`)
+	if again := add(`{"title":"Milk","key":"k1"}`); !reflect.DeepEqual(again, first) {
+		t.Errorf("the add sent again with its key: %v, want the first answer %v", again, first)
+	}
+	other := add(`{"title":"Milk","key":"k2"}`)
+	if other["id"] == first["id"] {
+		t.Errorf("another key: %v, want another item than %v", other, first)
+	}
+	id1, id2 := int64(first["id"].(float64)), int64(other["id"].(float64))
+	want := []item{{ID: id1, Title: "Milk", Version: 1}, {ID: id2, Title: "Milk", Version: 1}}
+	if got, err := db.items(context.Background(), listID); err != nil || !reflect.DeepEqual(got, want) {
+		t.Errorf("items: %v %v, want %v", got, err, want)
+	}
+
+	// A retry that comes after an edit gets the item as it is now.
+	mustCall(t, "PATCH", fmt.Sprint(items, "/", id1), `{"done":true}`)
+	if again := add(`{"title":"Milk","key":"k1"}`); again["done"] != true || again["version"] != 2.0 || again["id"] != first["id"] {
+		t.Errorf("the add sent again after a tick: %v, want item %v done at version 2", again, first["id"])
+	}
+	// Adds without a key are each saved; a key is the list's own.
+	add(`{"title":"Bread"}`)
+	add(`{"title":"Bread"}`)
+	otherList := mustCall(t, "POST", a+"/api/lists", `{"title":"Other"}`)["id"].(string)
+	if v := mustCall(t, "POST", a+"/api/lists/"+otherList+"/items", `{"title":"Milk","key":"k1"}`); v["id"] == first["id"] {
+		t.Errorf("the same key in another list: %v, want an item of its own", v)
+	}
+
+	// Attempts racing each other (a retry sent while the first is still
+	// running) save one item too, and all get it.
+	const n = 8
+	answers := make(chan map[string]any, n)
+	for range n {
+		go func() { // not call: it may stop the test, which only the test's goroutine may
+			var v map[string]any
+			res, err := http.Post(items, "application/json", strings.NewReader(`{"title":"Eggs","key":"k3"}`))
+			if err == nil {
+				err = json.NewDecoder(res.Body).Decode(&v)
+				res.Body.Close()
+			}
+			if err != nil {
+				v = map[string]any{"error": err.Error()}
+			}
+			answers <- v
+		}()
+	}
+	var eggs any
+	for range n {
+		v := <-answers
+		if eggs == nil {
+			eggs = v["id"]
+		}
+		if v["id"] != eggs || v["title"] != "Eggs" {
+			t.Errorf("racing adds with one key: %v, want item %v", v, eggs)
+		}
+	}
+	got, err := db.items(context.Background(), listID)
+	if err != nil || len(got) != 5 {
+		t.Errorf("items after the racing adds: %v %v, want 5 (Milk twice, Bread twice, Eggs)", got, err)
+	}
+
+	status, v := call(t, "POST", items, `{"title":"Milk","key":"`+strings.Repeat("k", 101)+`"}`)
+	if msg, _ := v["error"].(string); status != 400 || !strings.Contains(msg, "the key is too long: 101 bytes, at most 100") {
+		t.Errorf("a key of 101 bytes: %d %v, want 400", status, v)
+	}
+}
+
+func TestAddSentAgainWithItsKeyIsSavedOnce(t *testing.T) {
+	db := openTestSQLite(t, t.TempDir())
+	addsOnce(t, runTestServer(t, db, ""), db)
 }
 
 // watch subscribes to a list on the server at base, as the page does, and
@@ -585,6 +680,7 @@ func TestTwoServersSharePostgres(t *testing.T) {
 	pgtest.Exec(t, pool, "INSERT INTO "+schema+".todo_items (list_id, title, done) VALUES ($1, 'Eggs', true)", listID)
 	awaitItems(t, onA, item{ID: 2, Title: "Rye bread"}, item{ID: 3, Title: "Eggs", Done: true})
 	editConflicts(t, a, dbA)
+	addsOnce(t, a, dbA)
 }
 
 // With Postgres the home page is live too, renames made with SQL included:

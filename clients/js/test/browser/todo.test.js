@@ -382,6 +382,51 @@ test('cut off, the badge counts down to the next retry with a Retry now button; 
   assert.deepEqual(problems, []);
 });
 
+test('an add whose answer was lost is sent again with its key and saved once', async () => {
+  const problems = [];
+  const a = await open(todo.urls[0], problems);
+  await a.fill('#new-list input', 'Once');
+  await a.press('#new-list input', 'Enter');
+  await a.waitForURL(/\/lists\/[0-9a-f]+$/);
+  const b = await open(new URL(new URL(a.url()).pathname, todo.urls[1]).href, problems);
+  await inState(b, 'connected');
+
+  // The first add reaches the server, which saves it, but the connection is
+  // cut before the answer comes back: the page cannot tell it was saved.
+  const sent = []; // the adds' bodies, as sent
+  let cut = true;
+  await a.route('**/api/lists/*/items', async (route) => {
+    sent.push(route.request().postDataJSON());
+    if (!cut) return route.continue();
+    cut = false;
+    await route.fetch();
+    await route.abort('connectionreset');
+  });
+  await a.bringToFront();
+  await a.fill('#new-item input', 'Milk');
+  await a.press('#new-item input', 'Enter');
+  await a.waitForSelector('#pending li.failed', { timeout: WAIT });
+  await showsError(a, 'cannot reach the server');
+  await showsItems(b, [{ title: 'Milk', done: false }]); // saved all the same
+
+  // Sent again, with the same key: the server answers with the item it
+  // saved, and adds none.
+  await a.click('#pending li.failed .retry');
+  await a.waitForFunction(() => document.querySelectorAll('#pending li').length === 0, null, { timeout: WAIT, polling: 20 });
+  await a.waitForSelector('#error', { state: 'hidden', timeout: WAIT });
+  // Another add after it: once it shows, a second Milk would have too.
+  await a.fill('#new-item input', 'Bread');
+  await a.press('#new-item input', 'Enter');
+  const want = [{ title: 'Milk', done: false }, { title: 'Bread', done: false }];
+  await showsItems(a, want);
+  await showsItems(b, want);
+  assert.equal(sent.length, 3);
+  assert.match(sent[0].key, /^[0-9a-f]{32}$/);
+  assert.deepEqual(sent[1], sent[0], 'the retry is the same add, key included');
+  assert.notEqual(sent[2].key, sent[0].key, 'another add, another key');
+  assert.deepEqual(problems, []);
+});
+
 test('an edit of an item someone changed meanwhile shows their change instead of overwriting it', async () => {
   const problems = [];
   const a = await open(todo.urls[0], problems);
