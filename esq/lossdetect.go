@@ -35,10 +35,20 @@ import (
 //
 // Subscribe's wrapper tracks, per entity type and publisher, the highest
 // number received. A number beyond the next one leaves a hole; a hole still
-// open one second after it opened (messages published concurrently may
-// arrive a little out of order), or below the number of a mark that
-// arrives, means messages were lost: onLoss is called, once for every hole open at that moment, of
-// every publisher (the resync it starts covers them all). Numbers at or below
+// open after a second's grace (messages published concurrently may arrive
+// a little out of order), or below the number of a mark that arrives, means
+// messages were lost: onLoss is called, once for every hole open at that
+// moment, of every publisher (the resync it starts covers them all).
+//
+// The grace is a second in which the subscription could have received the
+// missing message: a late message may be waiting behind one that onMessage
+// is slow to handle, or for a goroutine the scheduler of a loaded machine
+// does not run. So it counts from when the hole opened or, if later, from
+// when the subscription last stalled: when onMessage returns from a call
+// that took over 100 ms, or when the timer that checks the holes runs over
+// 100 ms late (the process itself was not running). A hole is not judged
+// while onMessage has been running for over 100 ms, and is a loss 10 seconds
+// after it opened in any case, however slow onMessage is. Numbers at or below
 // the highest (late or duplicate messages) are passed on and fill their hole.
 // The first message or mark heard from a publisher opens no hole, unless the
 // publisher started after the subscription (the publisher id begins with its
@@ -59,8 +69,9 @@ import (
 // --mem-queue-size, or find what stalls the server).
 //
 // At most 4,096 holes are tracked per entity type: beyond that, the numbers
-// of a new hole are not recorded, and they count as lost one second after
-// the first of them went untracked (a late message cannot fill them).
+// of a new hole are not recorded, and they count as lost once the grace of
+// the first of them to go untracked has passed (a late message cannot fill
+// them).
 //
 // Whoever can publish on the broker can forge stamps, so what a subscription
 // keeps and does for them is bounded: at most 1,024 publishers are tracked
@@ -106,8 +117,15 @@ type lossTiming struct {
 	// quiet on the entity type for marks[0] (checked every marks[0]), each
 	// next one marks[i]-marks[i-1] after the previous.
 	marks []time.Duration
-	// grace is how long a hole may wait for late messages.
+	// grace is how long a hole may wait for late messages, counted from
+	// when it opened or the subscription last stalled.
 	grace time.Duration
+	// stall is the longest onMessage call, and the most the grace timer
+	// may run late, that is not a stall of the subscription.
+	stall time.Duration
+	// maxGrace is how long a hole may wait however often the subscription
+	// stalls.
+	maxGrace time.Duration
 	// forget is how long a silent publisher is remembered (between one and
 	// two times forget).
 	forget time.Duration
@@ -130,6 +148,8 @@ const maxPublisherID = 64
 var defaultLossTiming = lossTiming{
 	marks:         []time.Duration{200 * time.Millisecond, 2 * time.Second, 15 * time.Second, 60 * time.Second},
 	grace:         time.Second,
+	stall:         100 * time.Millisecond,
+	maxGrace:      10 * time.Second,
 	forget:        time.Hour,
 	maxHoles:      4096,
 	maxPublishers: 1024,
@@ -378,9 +398,17 @@ type seqSub struct {
 	untrackedN uint64
 	epoch      uint64 // advanced by each sweep
 	lastSweep  time.Time
-	timer      *time.Timer // confirms holes that outlive grace
-	armed      bool
-	closed     bool
+	// busy counts the onMessage calls running; busySince is when the
+	// count last left 0.
+	busy      int
+	busySince time.Time
+	// resumed is when the subscription last came out of a stall (see
+	// DetectLoss): no hole's grace counts from before it.
+	resumed time.Time
+	timer   *time.Timer // confirms holes that outlive grace
+	timerAt time.Time   // when the timer is due, while armed
+	armed   bool
+	closed  bool
 }
 
 // seqPeer is what a subscriber knows of one publisher.
@@ -410,17 +438,42 @@ func (s *seqSub) handle(body []byte) {
 			s.d.log.WithField("entity", s.entity).Warnf("a message stamped by a publisher id of %d bytes (at most %d are tracked): such messages are passed on untracked and such marks dropped; none of this process's publishers makes them", len(pub), maxPublisherID)
 		}
 	}
-	if !ok {
-		if !mark {
-			s.onMessage(body)
-		}
-		return
-	}
 	if !mark {
+		s.enter()
+		defer s.exit()
 		s.onMessage(body)
+	}
+	if !ok {
+		return
 	}
 	if missing := s.check(pub, n, mark); missing > 0 {
 		s.lost(missing, "a mark sent after them")
+	}
+}
+
+// enter and exit bracket an onMessage call: while it runs, the
+// subscription cannot take the next message, which may be the one a hole
+// waits for.
+func (s *seqSub) enter() {
+	s.mu.Lock()
+	if s.busy == 0 {
+		s.busySince = time.Now()
+	}
+	s.busy++
+	s.mu.Unlock()
+}
+
+func (s *seqSub) exit() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.busy--; s.busy > 0 {
+		return
+	}
+	if now := time.Now(); now.Sub(s.busySince) > s.d.timing.stall {
+		// A stall: the messages that queued up meanwhile get their grace
+		// from now (graceDue, which found it stalling, left the holes to
+		// the timer it armed).
+		s.resumed = now
 	}
 }
 
@@ -603,7 +656,7 @@ func (s *seqSub) forget(p *seqPeer) {
 	}
 	if len(p.holes) > 0 {
 		s.holes -= len(p.holes)
-		s.armGrace(max(s.d.timing.grace-time.Since(s.untracked), 0))
+		s.armGrace(0) // graceDue works out when they are due
 	}
 	s.unlink(p)
 	delete(s.peers, p.id)
@@ -616,6 +669,7 @@ func (s *seqSub) armGrace(wait time.Duration) {
 		return
 	}
 	s.armed = true
+	s.timerAt = time.Now().Add(wait)
 	if s.timer == nil {
 		s.timer = time.AfterFunc(wait, s.graceDue)
 	} else {
@@ -680,7 +734,7 @@ func (p *seqPeer) fill(n uint64) int {
 	return 0
 }
 
-// graceDue reports the holes open for grace or longer as a loss and arms the
+// graceDue reports the holes whose grace has passed as a loss and arms the
 // timer for the rest.
 func (s *seqSub) graceDue() {
 	s.mu.Lock()
@@ -690,10 +744,23 @@ func (s *seqSub) graceDue() {
 		return
 	}
 	now := time.Now()
+	tm := s.d.timing
+	if now.Sub(s.timerAt) > tm.stall {
+		// This timer ran late, so the subscription's goroutine may not
+		// have run either: its grace starts again.
+		s.resumed = now
+	}
+	stalling := s.busy > 0 && now.Sub(s.busySince) > tm.stall
 	lost := false
 	var next time.Duration
 	due := func(opened time.Time) {
-		if wait := s.d.timing.grace - now.Sub(opened); wait > 0 {
+		wait := tm.grace - now.Sub(later(opened, s.resumed))
+		if stalling {
+			// Not judged while onMessage stalls: looked at again in a
+			// grace, by when exit has set resumed.
+			wait = max(wait, tm.grace)
+		}
+		if wait = min(wait, tm.maxGrace-now.Sub(opened)); wait > 0 {
 			if next == 0 || wait < next {
 				next = wait
 			}
@@ -720,7 +787,15 @@ func (s *seqSub) graceDue() {
 	s.d.running.Add(1)
 	s.mu.Unlock()
 	defer s.d.running.Done()
-	s.lost(missing, fmt.Sprintf("a gap in the sequence still open after %s", s.d.timing.grace))
+	s.lost(missing, fmt.Sprintf("a gap in the sequence still open after %s of grace", tm.grace))
+}
+
+// later returns the later of a and b.
+func later(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
 }
 
 // sweep forgets the publishers not heard from since the previous sweep, at

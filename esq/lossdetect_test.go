@@ -958,3 +958,127 @@ func TestLossResyncsAreRateLimited(t *testing.T) {
 		ev.expect(t, "loss, loss, loss, loss")
 	})
 }
+
+// stalledSetup is setup(t, 4) with a subscriber whose onMessage for message
+// 4 takes hold (a slow handler, or its goroutine not run by a loaded
+// machine's scheduler): until hold returns, the subscription takes no next
+// message. Messages 1 and 3 are delivered, opening a hole at 2, and message
+// 4 is being handled when it returns.
+func stalledSetup(t *testing.T, hold func()) (*lossDetector, *fakeBroker, *events, [][]byte, <-chan struct{}) {
+	t.Helper()
+	d, f, ev, m := setup(t, 4)
+	d.subs[0].onMessage = func(b []byte) {
+		ev.onMessage(b)
+		if _, n, _, _ := parseStamp(b); n == 4 {
+			hold()
+		}
+	}
+	f.deliver("items", m[0])
+	f.deliver("items", m[2]) // 2 comes late, behind 4
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f.deliver("items", m[3])
+	}()
+	synctest.Wait()
+	return d, f, ev, m, done
+}
+
+// A late message waiting behind one the subscriber is slow to handle is no
+// loss, though it arrives after more than grace: the grace counts from when
+// the subscriber could take messages again.
+func TestLossGraceWaitsForAStalledSubscriber(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		grace := defaultLossTiming.grace
+		d, f, ev, m, done := stalledSetup(t, func() { time.Sleep(grace * 3 / 2) })
+		defer d.Close(context.Background())
+		<-done
+		f.deliver("items", m[1])
+		time.Sleep(time.Hour)
+		synctest.Wait()
+		ev.expect(t, "msg 1, msg 3, msg 4, msg 2")
+	})
+}
+
+// A hole that never fills is still a loss: grace after the subscriber's
+// stall ended.
+func TestLossAfterAStalledSubscriberIsALossAfterGrace(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		grace := defaultLossTiming.grace
+		start := time.Now()
+		d, _, ev, _, done := stalledSetup(t, func() { time.Sleep(grace * 3 / 2) })
+		defer d.Close(context.Background())
+		<-done // 2 never comes
+		time.Sleep(grace - time.Millisecond)
+		synctest.Wait()
+		ev.expect(t, "msg 1, msg 3, msg 4")
+		time.Sleep(time.Millisecond)
+		synctest.Wait()
+		ev.expect(t, "msg 1, msg 3, msg 4, loss")
+		if took := time.Since(start); took != grace*5/2 {
+			t.Fatalf("loss reported after %s, want %s", took, grace*5/2)
+		}
+	})
+}
+
+// A subscriber stuck in onMessage does not hold a loss back for ever: a hole
+// is a loss maxGrace after it opened, whatever the subscriber does.
+func TestLossWithAStuckSubscriberAfterMaxGrace(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		unstick := make(chan struct{})
+		start := time.Now()
+		d, _, ev, _, done := stalledSetup(t, func() { <-unstick })
+		defer d.Close(context.Background())
+		defer func() { close(unstick); <-done }()
+		limit := defaultLossTiming.maxGrace
+		time.Sleep(limit - time.Millisecond)
+		synctest.Wait()
+		ev.expect(t, "msg 1, msg 3, msg 4")
+		time.Sleep(time.Millisecond)
+		synctest.Wait()
+		ev.expect(t, "msg 1, msg 3, msg 4, loss")
+		if took := time.Since(start); took != limit {
+			t.Fatalf("loss reported after %s, want %s", took, limit)
+		}
+	})
+}
+
+// The grace timer running late means the process was not running (a loaded
+// machine), the subscriber's goroutine included: a hole gets its grace
+// again from then, so the late message the subscriber then takes is no
+// loss, and one that never comes is a loss grace later.
+func TestLossGraceStartsAgainAfterTheTimerRanLate(t *testing.T) {
+	for _, fills := range []bool{true, false} {
+		t.Run(fmt.Sprintf("filled=%v", fills), func(t *testing.T) {
+			synctest.Test(t, func(t *testing.T) {
+				grace := defaultLossTiming.grace
+				d, f, ev, m := setup(t, 3)
+				defer d.Close(context.Background())
+				s := d.subs[0]
+				f.deliver("items", m[0])
+				f.deliver("items", m[2])
+				// The timer does not run when due, but a second late.
+				s.mu.Lock()
+				s.timer.Stop()
+				s.mu.Unlock()
+				time.Sleep(2 * grace)
+				s.graceDue()
+				synctest.Wait()
+				ev.expect(t, "msg 1, msg 3")
+				if fills {
+					f.deliver("items", m[1])
+					time.Sleep(time.Hour)
+					synctest.Wait()
+					ev.expect(t, "msg 1, msg 3, msg 2")
+					return
+				}
+				time.Sleep(grace - time.Millisecond)
+				synctest.Wait()
+				ev.expect(t, "msg 1, msg 3")
+				time.Sleep(time.Millisecond)
+				synctest.Wait()
+				ev.expect(t, "msg 1, msg 3, loss")
+			})
+		})
+	}
+}
