@@ -335,8 +335,12 @@ func (b *Bridge) fetch(key shared.EntityKey, secret string) ([][]byte, error) {
 }
 
 // fanOutShare is the fewest members worth a goroutine of their own in a
-// fan-out: below it, starting the goroutine costs more than it saves.
-const fanOutShare = 128
+// fan-out. A member's frame is mostly a socket write of 5-10 µs (TCP on
+// loopback, where the kernel also does the receiving side's work), so 50
+// members take a quarter to half a millisecond, well worth waking another
+// core for; with fewer, the wake-up (a futex, a thread that spins looking
+// for work) would be a noticeable share of a change's CPU.
+const fanOutShare = 50
 
 // fanOut hands p's state to every member that does not have it yet. A large
 // group is split between as many goroutines as there are cores: with direct
