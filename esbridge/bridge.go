@@ -159,9 +159,12 @@ type Bridge struct {
 	// interest is the queue when it routes by key (esq.Routing): a key
 	// is watched from its first local subscriber to its last.
 	interest esq.Interest
-	fetcher  Fetcher
-	opts     Options
-	log      logrus.FieldLogger
+	// keys is the queue when it takes keys as they are (esq.Keys): a
+	// notification of one key is not encoded here, nor decoded there.
+	keys    esq.KeyQueue
+	fetcher Fetcher
+	opts    Options
+	log     logrus.FieldLogger
 	// filterBadUTF8 is set once Options.Filter returned invalid UTF-8 (see
 	// validUTF8): logged once, not per client and change.
 	filterBadUTF8 atomic.Bool
@@ -266,6 +269,7 @@ func New(queue esq.Queue, fetcher Fetcher, opts Options) *Bridge {
 	b := &Bridge{
 		queue:    queue,
 		interest: esq.Routing(queue),
+		keys:     esq.Keys(queue),
 		fetcher:  fetcher,
 		opts:     opts,
 		log:      opts.Logger.WithField("component", "esbridge"),
@@ -314,8 +318,8 @@ func (b *Bridge) ServeEntity(entity shared.EntityType) error {
 	onMessage := func(body []byte) { b.receive(entity, body) }
 	onLoss := func() { b.resync(entity) }
 	var err error
-	if kq, ok := b.queue.(*esq.Memory); ok {
-		err = kq.SubscribeKeys(entity, onMessage, b.receiveKey, onLoss)
+	if b.keys != nil {
+		err = b.keys.SubscribeKeys(entity, onMessage, b.receiveKey, onLoss)
 	} else {
 		err = b.queue.Subscribe(entity, onMessage, onLoss)
 	}
@@ -367,8 +371,8 @@ func (b *Bridge) receive(entity shared.EntityType, body []byte) {
 	}
 }
 
-// receiveKey handles one key the in-process queue delivered as it is: published by
-// publishKey, so already checked.
+// receiveKey handles one key the queue delivered as it is (esq.KeyQueue):
+// published by publishKey, so already checked.
 func (b *Bridge) receiveKey(key shared.EntityKey) {
 	b.stats.received.Add(1)
 	b.notified(key)

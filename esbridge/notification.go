@@ -331,30 +331,3 @@ func foldsTo(name, field string) bool {
 	}
 	return true
 }
-
-// encodeKey returns key's notification in the seed's form,
-// {"entity":"items","id":"100"}, byte for byte as json.Marshal writes it.
-func encodeKey(key shared.EntityKey) ([]byte, error) {
-	if !plainJSON(string(key.Entity)) || !plainJSON(key.ID) {
-		return json.Marshal(key)
-	}
-	b := make([]byte, 0, len(`{"entity":"","id":""}`)+len(key.Entity)+len(key.ID))
-	b = append(b, `{"entity":"`...)
-	b = append(b, key.Entity...)
-	b = append(b, `","id":"`...)
-	b = append(b, key.ID...)
-	return append(b, `"}`...), nil
-}
-
-// plainJSON reports whether json.Marshal writes s between quotes as it is:
-// printable ASCII other than the quote, the backslash and the characters
-// it escapes for HTML.
-func plainJSON(s string) bool {
-	for i := range len(s) {
-		switch c := s[i]; {
-		case c < 0x20 || c >= 0x7f, c == '"', c == '\\', c == '<', c == '>', c == '&':
-			return false
-		}
-	}
-	return true
-}

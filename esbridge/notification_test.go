@@ -77,24 +77,3 @@ func TestParseNotificationFastPath(t *testing.T) {
 		}
 	}
 }
-
-// TestEncodeKey checks that encodeKey writes what json.Marshal writes.
-func TestEncodeKey(t *testing.T) {
-	for _, key := range []shared.EntityKey{
-		{Entity: "items", ID: "100"},
-		{Entity: "items", ID: `a"b\c`},
-		{Entity: "items", ID: "<&>"},
-		{Entity: "items", ID: "été"},
-		{Entity: "items", ID: "a\u2028b"},
-		{Entity: "items", ID: "\x7f"},
-	} {
-		want, err := json.Marshal(key)
-		if err != nil {
-			t.Fatal(err)
-		}
-		got, err := encodeKey(key)
-		if err != nil || string(got) != string(want) {
-			t.Errorf("encodeKey(%q) = %s, %v; json.Marshal: %s", key, got, err, want)
-		}
-	}
-}

@@ -78,20 +78,17 @@ func (b *Bridge) publish(ctx context.Context, keys []shared.EntityKey) error {
 }
 
 // publishKey sends one key's notification in the seed's form, without the
-// grouping's allocations: the common case.
+// grouping's allocations: the common case. A queue that takes keys as they
+// are (esq.KeyQueue) encodes it itself, or not at all.
 func (b *Bridge) publishKey(ctx context.Context, key shared.EntityKey) error {
-	if kq, ok := b.queue.(*esq.Memory); ok { // no encoding at all
-		if err := kq.PublishKey(ctx, key); err != nil {
+	if b.keys != nil {
+		if err := b.keys.PublishKey(ctx, key); err != nil {
 			return fmt.Errorf("esbridge: notify %s: %w", key, err)
 		}
 		b.stats.notifications.Add(1)
 		return nil
 	}
-	body, err := encodeKey(key)
-	if err != nil {
-		return fmt.Errorf("esbridge: encode key: %w", err)
-	}
-	return b.send(ctx, message{entity: key.Entity, body: body, keys: 1, first: key.ID})
+	return b.send(ctx, message{entity: key.Entity, body: esq.KeyBody(key), keys: 1, first: key.ID})
 }
 
 // send publishes one message.
@@ -120,11 +117,7 @@ type message struct {
 // the limit still gets its message: the queue's refusal says why.
 func notifications(keys []shared.EntityKey, limit int) ([]message, error) {
 	if len(keys) == 1 { // the common case: the seed's form, no grouping
-		body, err := encodeKey(keys[0])
-		if err != nil {
-			return nil, fmt.Errorf("esbridge: encode key: %w", err)
-		}
-		return []message{{entity: keys[0].Entity, body: body, keys: 1, first: keys[0].ID}}, nil
+		return []message{{entity: keys[0].Entity, body: esq.KeyBody(keys[0]), keys: 1, first: keys[0].ID}}, nil
 	}
 	var types []shared.EntityType
 	ids := make(map[shared.EntityType][]string)

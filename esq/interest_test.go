@@ -68,3 +68,20 @@ func TestRouteByKey(t *testing.T) {
 		}
 	}
 }
+
+// Keys takes a queue by key only when it is an esq.KeyQueue itself: a type
+// that embeds one (here *esq.Memory) to do more in Publish or Subscribe
+// gets PublishKey and SubscribeKeys promoted, and must not have them used
+// in place of its own methods.
+func TestKeysOnlyForTheQueueItself(t *testing.T) {
+	m := esq.NewMemory()
+	if k := esq.Keys(m); k == nil || k.KeyQueue() != esq.Queue(m) {
+		t.Errorf("Keys(*Memory) = %v, want the queue itself", k)
+	}
+	if k := esq.Keys(interestQueue{Memory: m}); k != nil {
+		t.Errorf("Keys of a type embedding *Memory = %T, want nil", k)
+	}
+	if k := esq.Keys(esq.DetectLoss(esq.NewMemory(), nil)); k == nil {
+		t.Error("Keys(DetectLoss(*Memory)) is nil: DetectLoss returns the in-process queue unchanged")
+	}
+}

@@ -2,8 +2,6 @@ package esq
 
 import (
 	"context"
-	"encoding/json"
-	"fmt"
 	"sync"
 
 	"github.com/entity-sync/entity-sync/shared"
@@ -11,8 +9,9 @@ import (
 
 // Memory is an in-process Queue: a single server, nothing to install. Publish
 // calls the subscriber's callback synchronously, so a notification is never
-// lost while the process lives. With PublishKey and SubscribeKeys, a key
-// goes from publisher to subscriber as it is, never encoded.
+// lost while the process lives. It is a KeyQueue: with PublishKey and
+// SubscribeKeys, a key goes from publisher to subscriber as it is, never
+// encoded.
 type Memory struct {
 	mu     sync.RWMutex
 	subs   map[shared.EntityType]memorySub
@@ -42,11 +41,15 @@ func (m *Memory) Publish(_ context.Context, entity shared.EntityType, body []byt
 	return nil
 }
 
+var _ KeyQueue = (*Memory)(nil)
+
+// KeyQueue returns m (see KeyQueue).
+func (m *Memory) KeyQueue() Queue { return m }
+
 // PublishKey delivers key's notification to its entity type's subscriber,
-// if any: the key itself to one that subscribed with SubscribeKeys, the
-// seed's JSON body to any other. The bridge uses it, and SubscribeKeys,
-// when its queue is a *Memory itself (not a type that embeds one, whose
-// Publish may do more): a change then costs no JSON encoding or decoding.
+// if any: the key itself to one that subscribed with an onKey, the seed's
+// JSON body (KeyBody) to any other. A change published by the bridge on a
+// *Memory itself (see Keys) then costs no JSON encoding or decoding.
 func (m *Memory) PublishKey(_ context.Context, key shared.EntityKey) error {
 	m.mu.RLock()
 	defer m.mu.RUnlock()
@@ -57,11 +60,7 @@ func (m *Memory) PublishKey(_ context.Context, key shared.EntityKey) error {
 	case s.onKey != nil:
 		s.onKey(key)
 	case s.onMessage != nil:
-		body, err := json.Marshal(key)
-		if err != nil {
-			return fmt.Errorf("esq: encode key: %w", err)
-		}
-		s.onMessage(body)
+		s.onMessage(KeyBody(key))
 	}
 	return nil
 }

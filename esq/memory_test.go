@@ -2,6 +2,7 @@ package esq
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"testing"
 
@@ -48,5 +49,26 @@ func TestMemoryPublishKey(t *testing.T) {
 	}
 	if err := m.PublishKey(ctx, shared.EntityKey{Entity: "items", ID: "1"}); !errors.Is(err, ErrClosed) {
 		t.Errorf("PublishKey after Close: %v", err)
+	}
+}
+
+// KeyBody writes what json.Marshal writes for a key.
+func TestKeyBody(t *testing.T) {
+	for _, key := range []shared.EntityKey{
+		{Entity: "items", ID: "100"},
+		{Entity: "items", ID: `a"b\c`},
+		{Entity: "items", ID: "<&>"},
+		{Entity: "items", ID: "été"},
+		{Entity: "items", ID: "a\u2028b"},
+		{Entity: "items", ID: "\x7f"},
+		{Entity: `it"ems`, ID: "1"},
+	} {
+		want, err := json.Marshal(key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := KeyBody(key); string(got) != string(want) {
+			t.Errorf("KeyBody(%q) = %s; json.Marshal: %s", key, got, want)
+		}
 	}
 }

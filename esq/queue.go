@@ -76,6 +76,38 @@ func CheckLive(q Queue) error {
 	return nil
 }
 
+// KeyQueue is implemented by a queue that carries a key's notification
+// from the key itself, without the bridge encoding it and the queue
+// decoding it again: the in-process queue hands the key over as it is, and
+// a queue that routes by key needs the id to pick the key's topic. The
+// bridge uses it for its notifications of one key, and asks the queue for
+// its messages with SubscribeKeys, when Keys returns the queue.
+type KeyQueue interface {
+	Queue
+	// PublishKey publishes key's notification: what Publish sends for the
+	// body KeyBody(key) on key.Entity, which is also what subscribers of
+	// other processes receive.
+	PublishKey(ctx context.Context, key shared.EntityKey) error
+	// SubscribeKeys is Subscribe, with onKey, if the queue hands some keys
+	// over as they are (as the in-process queue does those published with
+	// PublishKey), taking those; every other message goes to onMessage.
+	SubscribeKeys(entity shared.EntityType, onMessage func(body []byte), onKey func(shared.EntityKey), onLoss func()) error
+	// KeyQueue returns the receiver itself (a pointer). A type that embeds
+	// a KeyQueue gets its PublishKey and SubscribeKeys too, which bypass
+	// its own Publish and Subscribe; its KeyQueue returns the embedded
+	// queue, which tells Keys not to use them.
+	KeyQueue() Queue
+}
+
+// Keys returns q as a KeyQueue when it is one itself (see
+// KeyQueue.KeyQueue), or nil.
+func Keys(q Queue) KeyQueue {
+	if k, ok := q.(KeyQueue); ok && k.KeyQueue() == q {
+		return k
+	}
+	return nil
+}
+
 // Interest is implemented by a queue that can route: deliver a key's
 // notifications only to the servers that watch the key, instead of every
 // message of an entity type to every server (NATS subjects and Redis

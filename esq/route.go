@@ -19,6 +19,35 @@ func RouteToken(id string) string {
 	return hex.EncodeToString(sum[:8])
 }
 
+// KeyBody returns key's notification as one message body, the seed's
+// form {"entity":"items","id":"100"}, byte for byte as json.Marshal writes
+// it (by hand when nothing needs escaping, the common case).
+func KeyBody(key shared.EntityKey) []byte {
+	if !plainJSON(string(key.Entity)) || !plainJSON(key.ID) {
+		b, _ := json.Marshal(key) // a struct of strings always encodes
+		return b
+	}
+	b := make([]byte, 0, len(`{"entity":"","id":""}`)+len(key.Entity)+len(key.ID))
+	b = append(b, `{"entity":"`...)
+	b = append(b, key.Entity...)
+	b = append(b, `","id":"`...)
+	b = append(b, key.ID...)
+	return append(b, `"}`...)
+}
+
+// plainJSON reports whether json.Marshal writes s between quotes as it is:
+// printable ASCII other than the quote, the backslash and the characters
+// it escapes for HTML.
+func plainJSON(s string) bool {
+	for i := range len(s) {
+		switch c := s[i]; {
+		case c < 0x20 || c >= 0x7f, c == '"', c == '\\', c == '<', c == '>', c == '&':
+			return false
+		}
+	}
+	return true
+}
+
 // MaxRoutedKeys is the most keys a notification may name and still be
 // routed per key. One that names more (a large NotifyKeys batch) goes as it
 // is, once, on the entity type's own topic, which every server hears: one

@@ -28,6 +28,10 @@ import (
 //   - Batches: a body naming several keys reaches a subscriber watching any
 //     one of them with that key named; one naming more than
 //     esq.MaxRoutedKeys, and a body naming no key, reach every subscriber.
+//   - PublishKey (for an esq.KeyQueue, see esq.Keys): a key published
+//     with PublishKey reaches a subscriber watching it as esq.KeyBody,
+//     what Publish of that body would send, and not one watching another
+//     key.
 //   - CloseWatching: once Close returns on an instance watching keys, no
 //     callback runs and none of its goroutines is left.
 //   - WatchAfterRestart (with Factory.Broker): once the broker came back
@@ -46,6 +50,7 @@ func RunInterest(t *testing.T, factory Factory, features Features) {
 	t.Run("LiveOnWatchReturn", s.liveOnWatchReturn)
 	t.Run("UnwatchStops", s.unwatchStops)
 	t.Run("Batches", s.batches)
+	t.Run("PublishKey", s.publishKey)
 	t.Run("CloseWatching", s.closeWatching)
 	if factory.Broker != nil {
 		t.Run("WatchAfterRestart", s.watchAfterRestart)
@@ -193,6 +198,35 @@ func (s *suite) batches(t *testing.T) {
 	}
 	if n := idle.namedIDs()["b"]; n != 0 {
 		t.Errorf("a subscriber watching nothing received the small batch's key b %d times", n)
+	}
+}
+
+func (s *suite) publishKey(t *testing.T) {
+	const entity shared.EntityType = "rt_key"
+	r := newRecorder("subscriber watching k")
+	sub, pub := s.routedPair(t, entity, r)
+	kq := esq.Keys(pub)
+	if kq == nil {
+		t.Skipf("%T is not an esq.KeyQueue", pub)
+	}
+	other := newRecorder("subscriber watching another key")
+	osub := s.queue(t)
+	subscribe(t, osub, entity, other)
+	watch(t, osub, shared.EntityKey{Entity: entity, ID: "other"})
+	k := shared.EntityKey{Entity: entity, ID: "k"}
+	watch(t, sub, k)
+	if err := kq.PublishKey(context.Background(), k); err != nil {
+		t.Fatalf("PublishKey(%s): %v", k, err)
+	}
+	r.awaitAll(t, s.ft.Timeout, [][]byte{esq.KeyBody(k)}, ": PublishKey sends esq.KeyBody on the key's route")
+	// Then a message for the other subscriber, after which k's would have
+	// arrived there too.
+	if err := kq.PublishKey(context.Background(), shared.EntityKey{Entity: entity, ID: "other"}); err != nil {
+		t.Fatal(err)
+	}
+	other.awaitID(t, s.ft.Timeout, "other", 1)
+	if n := other.namedIDs()["k"]; n != 0 {
+		t.Errorf("a subscriber watching another key received k %d times", n)
 	}
 }
 

@@ -165,6 +165,7 @@ type watchTry struct {
 var (
 	_ esq.Queue    = (*Queue)(nil)
 	_ esq.Interest = (*Queue)(nil)
+	_ esq.KeyQueue = (*Queue)(nil)
 )
 
 // New connects to NATS and returns a Queue. ctx bounds the connection
@@ -316,13 +317,7 @@ func (q *Queue) enter() bool {
 // re-established, up to ReconnectBufSize bytes are buffered and sent on
 // reconnect. A body larger than the server's max_payload is refused.
 func (q *Queue) Publish(_ context.Context, entity shared.EntityType, body []byte) error {
-	q.mu.RLock()
-	closed := q.isClosed
-	q.mu.RUnlock()
-	if closed {
-		return esq.ErrClosed
-	}
-	subject, err := Subject(q.cfg.SubjectPrefix, entity)
+	subject, err := q.publishSubject(entity)
 	if err != nil {
 		return err
 	}
@@ -337,6 +332,42 @@ func (q *Queue) Publish(_ context.Context, entity shared.EntityType, body []byte
 		}
 	}
 	return q.publish(subject, body)
+}
+
+// PublishKey publishes key's notification as Publish does the body
+// esq.KeyBody(key), which is what subscribers receive. With RouteByKey, it
+// goes on the key's own subject without the body being decoded to find
+// the key (see esq.KeyQueue).
+func (q *Queue) PublishKey(_ context.Context, key shared.EntityKey) error {
+	subject, err := q.publishSubject(key.Entity)
+	if err != nil {
+		return err
+	}
+	if q.cfg.RouteByKey && key.ID != "" {
+		subject = keySubject(subject, esq.RouteToken(key.ID))
+	}
+	return q.publish(subject, esq.KeyBody(key))
+}
+
+// SubscribeKeys is Subscribe: every message reaches onMessage as its
+// body, and onKey is not called (see esq.KeyQueue).
+func (q *Queue) SubscribeKeys(entity shared.EntityType, onMessage func([]byte), _ func(shared.EntityKey), onLoss func()) error {
+	return q.Subscribe(entity, onMessage, onLoss)
+}
+
+// KeyQueue returns q (see esq.KeyQueue).
+func (q *Queue) KeyQueue() esq.Queue { return q }
+
+// publishSubject returns the entity type's subject, or ErrClosed once the
+// queue is closed.
+func (q *Queue) publishSubject(entity shared.EntityType) (string, error) {
+	q.mu.RLock()
+	closed := q.isClosed
+	q.mu.RUnlock()
+	if closed {
+		return "", esq.ErrClosed
+	}
+	return Subject(q.cfg.SubjectPrefix, entity)
 }
 
 // keySubject is the subject of the key whose esq.RouteToken is token.

@@ -165,6 +165,7 @@ type watch struct {
 var (
 	_ esq.Queue    = (*Queue)(nil)
 	_ esq.Interest = (*Queue)(nil)
+	_ esq.KeyQueue = (*Queue)(nil)
 )
 
 // New checks that Redis answers (ctx bounds the PING) and returns a Queue.
@@ -257,13 +258,7 @@ func checkChannel(s string) error {
 // Publish sends body on the entity type's channel with PUBLISH and returns
 // once Redis accepted it.
 func (q *Queue) Publish(ctx context.Context, entity shared.EntityType, body []byte) error {
-	q.mu.Lock()
-	closed := q.closed
-	q.mu.Unlock()
-	if closed {
-		return esq.ErrClosed
-	}
-	channel, err := Channel(q.cfg.ChannelPrefix, entity)
+	channel, err := q.publishChannel(entity)
 	if err != nil {
 		return err
 	}
@@ -278,6 +273,42 @@ func (q *Queue) Publish(ctx context.Context, entity shared.EntityType, body []by
 		}
 	}
 	return q.publish(ctx, channel, body)
+}
+
+// PublishKey publishes key's notification as Publish does the body
+// esq.KeyBody(key), which is what subscribers receive. With RouteByKey, it
+// goes on the key's own channel without the body being decoded to find
+// the key (see esq.KeyQueue).
+func (q *Queue) PublishKey(ctx context.Context, key shared.EntityKey) error {
+	channel, err := q.publishChannel(key.Entity)
+	if err != nil {
+		return err
+	}
+	if q.cfg.RouteByKey && key.ID != "" {
+		channel = keyChannel(channel, esq.RouteToken(key.ID))
+	}
+	return q.publish(ctx, channel, esq.KeyBody(key))
+}
+
+// SubscribeKeys is Subscribe: every message reaches onMessage as its
+// body, and onKey is not called (see esq.KeyQueue).
+func (q *Queue) SubscribeKeys(entity shared.EntityType, onMessage func([]byte), _ func(shared.EntityKey), onLoss func()) error {
+	return q.Subscribe(entity, onMessage, onLoss)
+}
+
+// KeyQueue returns q (see esq.KeyQueue).
+func (q *Queue) KeyQueue() esq.Queue { return q }
+
+// publishChannel returns the entity type's channel, or ErrClosed once the
+// queue is closed.
+func (q *Queue) publishChannel(entity shared.EntityType) (string, error) {
+	q.mu.Lock()
+	closed := q.closed
+	q.mu.Unlock()
+	if closed {
+		return "", esq.ErrClosed
+	}
+	return Channel(q.cfg.ChannelPrefix, entity)
 }
 
 // keyChannel is the channel of the key whose esq.RouteToken is token.
