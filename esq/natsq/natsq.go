@@ -46,6 +46,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/entity-sync/entity-sync/esq"
+	"github.com/entity-sync/entity-sync/esq/internal/watches"
 	"github.com/entity-sync/entity-sync/shared"
 )
 
@@ -119,7 +120,7 @@ type Queue struct {
 	mu       sync.RWMutex
 	isClosed bool
 	subs     map[string]*subscription // by subject
-	watches  map[string]*watch        // by key subject, with RouteByKey
+	watches  watches.Set[*watch]      // by key subject, with RouteByKey
 	// running counts callbacks and reconnect confirmations at work. Add
 	// happens under mu's read lock while the queue is open, so every Add
 	// happens before Close's Wait.
@@ -143,15 +144,12 @@ type subscription struct {
 	confirming bool
 }
 
-// watch is one key subject subscribed for Watch. It stays in
-// Queue.watches from the key's first Watch to the Unwatch that undoes the
-// last, whatever the broker said: every Watch is counted, a refused one
-// too (its caller unwatches it like any other).
+// watch is one key subject subscribed for Watch (package watches counts
+// them).
 type watch struct {
-	s     *subscription
-	count int                // Watch calls not undone by Unwatch
-	sub   *nats.Subscription // nil until subscribed, and after a refusal
-	try   *watchTry          // the latest attempt to subscribe
+	s   *subscription
+	sub *nats.Subscription // nil until subscribed, and after a refusal
+	try *watchTry          // the latest attempt to subscribe
 }
 
 // watchTry is one attempt to subscribe to a key subject, which the Watch
@@ -214,11 +212,10 @@ func New(ctx context.Context, cfg Config) (*Queue, error) {
 		return nil, fmt.Errorf("natsq: Config.SubjectPrefix %q: %w", cfg.SubjectPrefix, err)
 	}
 	q := &Queue{
-		cfg:     cfg,
-		log:     cfg.Logger.WithField("component", "esq.natsq"),
-		closed:  make(chan struct{}),
-		subs:    make(map[string]*subscription),
-		watches: make(map[string]*watch),
+		cfg:    cfg,
+		log:    cfg.Logger.WithField("component", "esq.natsq"),
+		closed: make(chan struct{}),
+		subs:   make(map[string]*subscription),
 	}
 	opts := append([]nats.Option(nil), cfg.Options...)
 	opts = append(opts,
@@ -474,10 +471,10 @@ func (q *Queue) Routes() bool { return q.cfg.RouteByKey }
 // (the connection is down, or the server is slow), the subscription stays:
 // the entity type's onLoss is called once a later flush confirms it, or
 // after the reconnect (nats.go sends it again): once for every Watch of
-// the entity type that gave up meanwhile, not once per key. When nats.go refuses the
-// subscription (its connection is closed or draining), the Watch calls
-// waiting on it return the error and still count; the key's next Watch
-// subscribes again.
+// the entity type that gave up meanwhile, not once per key. When nats.go
+// refuses the subscription (its connection is closed or draining), the
+// Watch calls waiting on it return the error and still count; the key's
+// next Watch subscribes again.
 func (q *Queue) Watch(key shared.EntityKey) error {
 	if !q.cfg.RouteByKey {
 		return errors.New("natsq: Watch needs Config.RouteByKey")
@@ -497,12 +494,8 @@ func (q *Queue) Watch(key shared.EntityKey) error {
 		q.mu.Unlock()
 		return fmt.Errorf("natsq: watch %s: entity type %q is not subscribed", key, key.Entity)
 	}
-	w := q.watches[subject]
-	if w == nil {
-		w = &watch{s: s}
-		q.watches[subject] = w
-	}
-	w.count++
+	r, _ := q.watches.Watch(subject, func() *watch { return &watch{s: s} })
+	w := r.State
 	if try := w.try; try != nil && !try.refused {
 		q.mu.Unlock()
 		<-try.ready
@@ -523,8 +516,8 @@ func (q *Queue) Watch(key shared.EntityKey) error {
 	var drop *nats.Subscription
 	switch {
 	case sub == nil:
-		try.refused = true // w stays: the callers waiting on try count on it
-	case w.count == 0:
+		try.refused = true // the route stays: the callers waiting on try count on it
+	case !r.Watched():
 		drop = sub // unwatched meanwhile (and out of q.watches)
 	default:
 		w.sub = sub
@@ -606,17 +599,11 @@ func (q *Queue) Unwatch(key shared.EntityKey) {
 	}
 	subject := keySubject(base, esq.RouteToken(key.ID))
 	q.mu.Lock()
-	w := q.watches[subject]
-	if w == nil {
-		q.mu.Unlock()
-		return
+	r := q.watches.Unwatch(subject)
+	var sub *nats.Subscription
+	if r != nil { // the last
+		sub = r.State.sub // nil while a Watch subscribes (it unsubscribes), or after a refusal
 	}
-	if w.count--; w.count > 0 {
-		q.mu.Unlock()
-		return
-	}
-	delete(q.watches, subject)
-	sub := w.sub // nil while a Watch subscribes (it unsubscribes), or after a refusal
 	q.mu.Unlock()
 	if sub != nil {
 		_ = sub.Unsubscribe()
@@ -698,8 +685,8 @@ func (q *Queue) asyncError(_ *nats.Conn, sub *nats.Subscription, err error) {
 	}
 	q.mu.RLock()
 	s := q.subs[sub.Subject]
-	if w := q.watches[sub.Subject]; s == nil && w != nil {
-		s = w.s
+	if r := q.watches.Get(sub.Subject); s == nil && r != nil {
+		s = r.State.s
 	}
 	q.mu.RUnlock()
 	if s == nil {

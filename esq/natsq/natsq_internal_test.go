@@ -42,10 +42,7 @@ func (q *Queue) watchers(key shared.EntityKey) int {
 	base, _ := Subject(q.cfg.SubjectPrefix, key.Entity)
 	q.mu.RLock()
 	defer q.mu.RUnlock()
-	if w := q.watches[keySubject(base, esq.RouteToken(key.ID))]; w != nil {
-		return w.count
-	}
-	return 0
+	return q.watches.Count(keySubject(base, esq.RouteToken(key.ID)))
 }
 
 // A key's first Watch that nats.go refuses (as it does on a draining

@@ -44,6 +44,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/entity-sync/entity-sync/esq"
+	"github.com/entity-sync/entity-sync/esq/internal/watches"
 	"github.com/entity-sync/entity-sync/shared"
 )
 
@@ -107,7 +108,7 @@ type Queue struct {
 	closed bool
 	subs   map[string]*subscription // by channel
 	// watches are the key channels Watch subscribed, by channel.
-	watches map[string]*watch
+	watches watches.Set[*watch]
 	ps      *redis.PubSub // made by the first Subscribe
 	// readerDone and pingerDone are closed when the goroutines the first
 	// Subscribe started end.
@@ -151,11 +152,11 @@ type channelState struct {
 	isLive    bool          // confirmed and not lost since; under Queue.mu
 }
 
-// watch is a key channel subscribed for Watch.
+// watch is a key channel subscribed for Watch (package watches counts
+// them).
 type watch struct {
 	channelState
-	s     *subscription // the key's entity type's
-	count int           // Watch calls not undone by Unwatch
+	s *subscription // the key's entity type's
 	// late is set when a Watch gave up waiting for the confirmation:
 	// whoever watches may have fetched meanwhile, so its arrival makes
 	// onLoss due (see subscription.due). Under Queue.mu.
@@ -218,7 +219,6 @@ func New(ctx context.Context, cfg Config) (*Queue, error) {
 		client:  client,
 		closing: make(chan struct{}),
 		subs:    make(map[string]*subscription),
-		watches: make(map[string]*watch),
 	}, nil
 }
 
@@ -430,12 +430,12 @@ func (q *Queue) read(ps *redis.PubSub, done chan struct{}) {
 					s.down++
 				}
 			}
-			for _, w := range q.watches {
+			q.watches.All(func(w *watch) {
 				if w.isLive {
 					w.isLive, w.s.lost = false, true
 					w.s.down++
 				}
-			}
+			})
 			q.mu.Unlock()
 			if !down {
 				q.log.WithError(err).Warn("Redis subscriber connection lost; reconnecting (changes published meanwhile will be recovered by a resync)")
@@ -452,8 +452,8 @@ func (q *Queue) read(ps *redis.PubSub, done chan struct{}) {
 		case *redis.Message:
 			q.mu.Lock()
 			s := q.subs[m.Channel]
-			if w := q.watches[m.Channel]; s == nil && w != nil {
-				s = w.s
+			if r := q.watches.Get(m.Channel); s == nil && r != nil {
+				s = r.State.s
 			}
 			q.mu.Unlock()
 			if s != nil {
@@ -465,14 +465,16 @@ func (q *Queue) read(ps *redis.PubSub, done chan struct{}) {
 			}
 			q.mu.Lock()
 			var st *channelState
+			var w *watch
 			s := q.subs[m.Channel]
 			if s != nil {
 				st = &s.channelState
-			} else if w := q.watches[m.Channel]; w != nil {
+			} else if r := q.watches.Get(m.Channel); r != nil {
+				w = r.State
 				st, s = &w.channelState, w.s
 			}
 			var lossFor *subscription
-			if w := q.watches[m.Channel]; w != nil && w.late {
+			if w != nil && w.late {
 				w.late = false
 				s.late--
 				s.owed = true
@@ -539,14 +541,11 @@ func (q *Queue) Watch(key shared.EntityKey) error {
 		q.mu.Unlock()
 		return fmt.Errorf("redisq: watch %s: entity type %q is not subscribed", key, key.Entity)
 	}
-	w := q.watches[channel]
-	first := w == nil
-	if first {
-		w = &watch{s: s, channelState: channelState{confirmed: make(chan struct{})}}
-		q.watches[channel] = w
+	r, first := q.watches.Watch(channel, func() *watch {
 		s.down++
-	}
-	w.count++
+		return &watch{s: s, channelState: channelState{confirmed: make(chan struct{})}}
+	})
+	w := r.State
 	ps := q.ps
 	q.mu.Unlock()
 
@@ -566,7 +565,7 @@ func (q *Queue) Watch(key shared.EntityKey) error {
 		}
 	}
 	q.mu.Lock()
-	if !w.isLive && !w.late && q.watches[channel] == w {
+	if !w.isLive && !w.late && r.Watched() {
 		w.late = true
 		s.late++
 	}
@@ -583,16 +582,16 @@ func (q *Queue) Unwatch(key shared.EntityKey) {
 	}
 	channel := keyChannel(base, esq.RouteToken(key.ID))
 	q.mu.Lock()
-	w := q.watches[channel]
-	if w == nil || q.closed {
+	if q.closed {
 		q.mu.Unlock()
 		return
 	}
-	if w.count--; w.count > 0 {
+	r := q.watches.Unwatch(channel)
+	if r == nil { // not the last
 		q.mu.Unlock()
 		return
 	}
-	delete(q.watches, channel)
+	w := r.State
 	var lossFor *subscription
 	if !w.isLive {
 		// The one channel a resync may have been waiting for.
