@@ -388,7 +388,6 @@ func (b *Bridge) notified(key shared.EntityKey) {
 		return
 	}
 	ks.mu.Lock()
-	ks.changes++
 	b.request(ks, true)
 	ks.mu.Unlock()
 }
