@@ -388,6 +388,7 @@ func (b *Bridge) notified(key shared.EntityKey) {
 		return
 	}
 	ks.mu.Lock()
+	ks.changes++
 	b.request(ks, true)
 	ks.mu.Unlock()
 }

@@ -132,6 +132,12 @@ type keyState struct {
 	// arrived (for Options.OnRound).
 	notified time.Time
 	removed  bool // dropped from the index; a new subscriber makes a new keyState
+	// changes counts the notifications since sampled, the end of the
+	// round that last measured the key's change rate; gap is the average
+	// time between notifications (see keyState.pause), zero until known.
+	changes int
+	sampled time.Time
+	gap     time.Duration
 	// watching is set while the routing queue's Watch for the key runs: no
 	// round may fetch before it returns. watched is set once it returned
 	// (maybeRemove then calls Unwatch).

@@ -244,26 +244,79 @@ func (b *Bridge) round(ks *keyState) {
 			p.u.viewFrom(p.prev) // the diff most members need, made once
 		}
 	}
+	fanStart := time.Now()
 	for _, p := range pubs {
 		r.Deliveries += b.fanOut(p)
 	}
+	fanOut := time.Since(fanStart)
 	if b.opts.OnRound != nil {
 		r.Delivered = time.Now()
 		b.opts.OnRound(r)
 	}
 
-	// The key is released, and a key notified during its fan-out gets its
-	// next round at once: that round fetches the newest state, so the
-	// changes meanwhile cost one round, not one each (latest-wins), and no
-	// change waits longer than a fan-out before its own begins. A key
-	// changing faster than it can be fanned out has rounds back to back on
-	// one worker; other keys have the others.
 	ks.mu.Lock()
 	if failed {
 		b.scheduleRetry(ks)
 	} else {
 		ks.retry = 0
 	}
+	ks.noteRound(fanStart.Add(fanOut))
+	if pause := ks.pause(fanOut); pause > 0 {
+		// Changes come faster than the key's fan-outs end: the key stays
+		// busy for half as long again before its next round, so one key's
+		// fan-outs take at most two thirds of a worker's time, and a round
+		// covers the changes meanwhile (latest-wins, as for a slow client)
+		// instead of spending the machine on states about to be replaced.
+		ks.mu.Unlock()
+		time.AfterFunc(pause, func() { b.endRound(ks) })
+		return
+	}
+	ks.mu.Unlock()
+	b.endRound(ks)
+}
+
+// minPacedFanOut is the shortest fan-out after which a key's next round
+// may wait (see keyState.pause): below it, changes are never coalesced for
+// time. 2 ms is about 1,000 subscribers on this project's 2-core machine.
+const minPacedFanOut = 2 * time.Millisecond
+
+// pause returns how long the key waits before its next round after a
+// fan-out that took fanOut: half of it when the key was notified meanwhile
+// and its changes come faster than its fan-outs take (the key's fan-outs
+// would otherwise run back to back), else nothing. A change that happens
+// to arrive during a fan-out of a key whose changes are further apart than
+// its fan-outs waits for nothing: the workers keep up. With ks.mu held.
+func (ks *keyState) pause(fanOut time.Duration) time.Duration {
+	if !ks.dirty || fanOut < minPacedFanOut || ks.gap == 0 || ks.gap >= fanOut {
+		return 0
+	}
+	return fanOut / 2
+}
+
+// noteRound ends a sample of the key's change rate at end, the end of a
+// round, from the notifications counted since the last one (a
+// notification only counts, as reading the clock for each would cost more
+// than the rest of its handling): the average gap between them, over the
+// last eight samples roughly. With ks.mu held.
+func (ks *keyState) noteRound(end time.Time) {
+	if ks.changes == 0 {
+		return // the sample goes on until a notification came
+	}
+	if !ks.sampled.IsZero() {
+		gap := max(end.Sub(ks.sampled)/time.Duration(ks.changes), 1)
+		if ks.gap == 0 {
+			ks.gap = gap
+		} else {
+			ks.gap += (gap - ks.gap) / 8
+		}
+	}
+	ks.sampled, ks.changes = end, 0
+}
+
+// endRound releases the key after a round, starting the next one if it was
+// notified meanwhile or a group joined.
+func (b *Bridge) endRound(ks *keyState) {
+	ks.mu.Lock()
 	ks.running = false
 	b.request(ks, false)
 	empty := ks.nsubs == 0
