@@ -28,11 +28,11 @@ help:
 	@echo 'make client   run the demo client (subscribes to items/100)'
 	@echo 'make test     run every test: Go with the race detector, then test-js'
 	@echo 'make test-js  run the JavaScript client tests (node + headless Chromium)'
-	@echo 'make bench    run the benchmarks: go run ./bench, bench-queues, bench-collections, bench-cluster, bench-peer (about 6 min)'
+	@echo 'make bench    run the benchmarks: go run ./bench, bench-queues, bench-collections, bench-cluster, bench-peer (about 7 min)'
 	@echo 'make bench-queues  every queue: latency through it, notify throughput (about 20 s)'
 	@echo 'make bench-collections  a 500-row collection: diff vs full per change, reconnects with and without resume (about 10 s)'
 	@echo 'make bench-cluster  2 to 16 server processes per queue: notifications, fetches, CPU per change per server (about 2 min)'
-	@echo 'make bench-peer  entity-sync vs Centrifuge on one key and many keys, the latency breakdown (about 3 min)'
+	@echo 'make bench-peer  entity-sync vs Centrifuge on one key and many keys, the latency breakdown (about 4 min)'
 	@echo 'make fmt      gofmt the tree'
 	@echo 'make vet      go vet the module'
 	@echo 'make nsq      build nsqd and nsqlookupd v1.3.0 into ./bin'
@@ -116,7 +116,7 @@ clean:
 # (go run ./bench -h lists them). Then the queue comparison (bench-queues,
 # about 20 s), the collection comparison (bench-collections, about 10 s),
 # the cluster benchmark (bench-cluster, about 2 min), then the peer, latency breakdown and many-keys phases
-# (bench-peer), about 3 min more on the project's loaded 2-core machine.
+# (bench-peer), about 4 min more on the project's loaded 2-core machine.
 # All run even if one fails; the target fails if any did. The in-process
 # Go benchmarks are separate:
 # go test -run xxx -bench . ./esbridge/

@@ -88,7 +88,7 @@ func main() {
 	flag.StringVar(&cfg.role, "role", "orchestrator", "orchestrator | seed | api | cf | floor | clients | nsqd (all but the first are started by the orchestrator)")
 	flag.BoolVar(&cfg.verbose, "v", false, "let the children log more")
 	flag.StringVar(&cfg.rows, "rows", defaultRows, "rows as clients:changes/s:changes, comma-separated")
-	flag.DurationVar(&cfg.budget, "budget", 240*time.Second, "time budget for the whole run: a row still running when it ends fails, and says so")
+	flag.DurationVar(&cfg.budget, "budget", 300*time.Second, "time budget for the whole run: a row still running when it ends fails, and says so")
 	flag.StringVar(&cfg.redis, "redis", "127.0.0.1:6379", "Redis for Centrifuge's two-server half (skipped, and said so, when nothing answers there)")
 	flag.BoolVar(&cfg.skipTwo, "one-server-only", false, "skip the two-server half for both systems")
 	flag.StringVar(&cfg.systems, "systems", "seed,api,cf", "systems to measure, comma-separated: seed (entity-sync as the seed README uses it), api (entitysync.New + Register, envelope dialect), cf (Centrifuge)")

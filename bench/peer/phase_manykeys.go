@@ -36,7 +36,7 @@ func (m *manyConfig) flags() {
 	flag.IntVar(&m.conns, "mk-conns", 1000, "many-keys phase: websocket connections the subscriptions are spread over")
 	flag.StringVar(&m.subs, "mk-subs", "1:5", "many-keys phase: subscribers per key, min:max (uniform)")
 	flag.Float64Var(&m.rate, "mk-rate", 2000, "many-keys phase: changes per second over all keys")
-	flag.IntVar(&m.changes, "mk-changes", 4000, "many-keys phase: changes per distribution")
+	flag.IntVar(&m.changes, "mk-changes", 8000, "many-keys phase: changes per distribution")
 	flag.StringVar(&m.dists, "mk-dists", "zipf,uniform", "many-keys phase: how changes pick their key, comma-separated: zipf, uniform")
 	flag.Float64Var(&m.zipfS, "mk-zipf-s", 1.1, "many-keys phase: the Zipf distribution's exponent (> 1)")
 	flag.IntVar(&m.workers, "mk-workers", 8, "many-keys phase: concurrent writers making the changes (one key's changes stay with one)")
