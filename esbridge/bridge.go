@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/maphash"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -389,8 +390,18 @@ func (b *Bridge) notified(key shared.EntityKey) {
 	}
 	ks.mu.Lock()
 	ks.changes++
-	b.request(ks, true)
+	woke := b.request(ks, true)
 	ks.mu.Unlock()
+	if woke {
+		// The worker just woken waits in this goroutine's run slot (the
+		// scheduler's runnext) until this goroutine blocks: with the
+		// in-process queue that is the app's HTTP handler, which would
+		// first write its response. Yielding starts the round now, and
+		// this goroutine goes on on another core. bench/peer, 20 clients,
+		// one server: visible p50 0.63-0.84 of Centrifuge's with it,
+		// 0.85-1.13 without, no more CPU.
+		runtime.Gosched()
+	}
 }
 
 // resync re-fetches every locally subscribed key of the entity type: called

@@ -30,8 +30,9 @@ const workerLinger = 20 * time.Millisecond
 
 // request asks for a round of ks: right away if it is idle, or after the
 // running one. all means every group must be fetched again (a notification);
-// otherwise only new groups are. With ks.mu held.
-func (b *Bridge) request(ks *keyState, all bool) {
+// otherwise only new groups are. It reports whether it woke or started a
+// worker for the key. With ks.mu held.
+func (b *Bridge) request(ks *keyState, all bool) (woke bool) {
 	if all {
 		ks.dirty = true
 	}
@@ -39,7 +40,7 @@ func (b *Bridge) request(ks *keyState, all bool) {
 		ks.notified = time.Now()
 	}
 	if ks.running || ks.queued || !ks.needsRound() {
-		return // the running round re-queues the key when it ends
+		return false // the running round re-queues the key when it ends
 	}
 	ks.queued = true
 	w := &b.work
@@ -47,12 +48,13 @@ func (b *Bridge) request(ks *keyState, all bool) {
 	if w.closed {
 		w.mu.Unlock()
 		ks.queued = false
-		return
+		return false
 	}
 	w.keys = append(w.keys, ks)
 	if w.idle > 0 {
 		w.idle--
 		w.wake <- struct{}{} // never blocks: it holds a slot per lingering worker
+		woke = true
 	} else if w.workers < b.opts.MaxConcurrentFetches && w.workers < w.waiting()+w.busy {
 		if w.wake == nil {
 			w.wake = make(chan struct{}, b.opts.MaxConcurrentFetches)
@@ -60,8 +62,10 @@ func (b *Bridge) request(ks *keyState, all bool) {
 		w.workers++
 		b.rounds.Add(1)
 		go b.worker()
+		woke = true
 	}
 	w.mu.Unlock()
+	return woke
 }
 
 // waiting returns how many keys are in the FIFO. With w.mu held.
