@@ -391,15 +391,19 @@ func (b *Bridge) notified(key shared.EntityKey) {
 	ks.mu.Lock()
 	ks.changes++
 	woke := b.request(ks, true)
+	small := ks.nsubs <= fanOutShare
 	ks.mu.Unlock()
-	if woke {
+	if woke && small {
 		// The worker just woken waits in this goroutine's run slot (the
 		// scheduler's runnext) until this goroutine blocks: with the
 		// in-process queue that is the app's HTTP handler, which would
 		// first write its response. Yielding starts the round now, and
-		// this goroutine goes on on another core. bench/peer, 20 clients,
-		// one server: visible p50 0.63-0.84 of Centrifuge's with it,
-		// 0.85-1.13 without, no more CPU.
+		// this goroutine goes on when a core is free, at worst after the
+		// round: so only for a key whose fan-out is short (not split
+		// between cores), where those 0.1 ms are a large share of the
+		// latency. bench/peer, 20 clients, one server: visible p50
+		// 0.63-0.84 of Centrifuge's with it, 0.85-1.13 without, no more
+		// CPU.
 		runtime.Gosched()
 	}
 }

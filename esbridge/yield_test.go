@@ -71,3 +71,49 @@ func TestNotificationRoundStartsBeforeTheNotifierGoesOn(t *testing.T) {
 		t.Errorf("%d of %d rounds had fetched when NotifyAllOfChange returned on one core, want nearly all", early, changes)
 	}
 }
+
+// A key with more subscribers than one core's share of a fan-out is not
+// yielded to: its round would keep the notifier (the app's HTTP handler)
+// waiting for the whole fan-out, and the round's start matters little next
+// to its length. On one core, NotifyAllOfChange returns before the round.
+func TestLargeKeyRoundDoesNotHoldTheNotifier(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
+	log := logrus.New()
+	log.SetLevel(logrus.WarnLevel)
+	f := &countingFetcher{}
+	notifiedRounds := make(chan struct{}, 16)
+	br := esbridge.New(esq.NewMemory(), f, esbridge.Options{Logger: log, OnRound: func(r esbridge.Round) {
+		if !r.Notified.IsZero() {
+			notifiedRounds <- struct{}{}
+		}
+	}})
+	defer br.Close(context.Background())
+	if err := br.ServeEntity(benchEntity); err != nil {
+		t.Fatalf("ServeEntity: %v", err)
+	}
+	const subscribers = 200
+	key := shared.EntityKey{Entity: benchEntity, ID: "1"}
+	for range subscribers {
+		c := br.ClientBuilder(context.Background())
+		defer c.Close()
+		c.SetDirect(func(*esbridge.Update) bool { return true })
+		if err := c.Subscribe(key); err != nil {
+			t.Fatalf("Subscribe: %v", err)
+		}
+	}
+	// A first change, whose round also waits for the subscribes' ones.
+	if err := br.NotifyAllOfChange(key); err != nil {
+		t.Fatalf("NotifyAllOfChange: %v", err)
+	}
+	<-notifiedRounds
+	for range 5 {
+		before := f.calls.Load()
+		if err := br.NotifyAllOfChange(key); err != nil {
+			t.Fatalf("NotifyAllOfChange: %v", err)
+		}
+		if f.calls.Load() != before {
+			t.Fatalf("NotifyAllOfChange of a key with %d subscribers returned after its round had begun, on one core", subscribers)
+		}
+		<-notifiedRounds
+	}
+}
