@@ -62,11 +62,30 @@ type cpuCategory struct {
 }
 
 // cpuCategories are checked in order: a sample goes to the first category
-// one of whose functions is on its stack, so the specific ones (a fetch
-// inside a round, a notification inside an HTTP handler) come before the
-// ones that hold them.
+// one of whose functions is on its stack, so the specific ones (a socket
+// write inside a round, a notification inside an HTTP handler) come before
+// the ones that hold them.
 var cpuCategories = []cpuCategory{
 	{"GC and heap", []string{"runtime.gcBgMarkWorker", "runtime.gcAssistAlloc", "runtime.bgsweep", "runtime.bgscavenge", "runtime.mallocgc"}},
+	{"socket writes to clients", []string{
+		"github.com/entity-sync/entity-sync/esweb.(*conn).send",
+		"github.com/entity-sync/entity-sync/esweb.(*conn).flush",
+		"github.com/centrifugal/centrifuge.(*writer)",
+		"github.com/centrifugal/centrifuge.(*websocketTransport)",
+		"github.com/centrifugal/centrifuge/internal/websocket."}},
+	{"encoding frames", []string{
+		"github.com/entity-sync/entity-sync/esweb.(*conn).frames",
+		"github.com/entity-sync/entity-sync/esbridge.(*Update).Memo",
+		"github.com/centrifugal/protocol."}},
+	{"fetch (the app's fetch function through the bridge)", []string{
+		"github.com/entity-sync/entity-sync/esbridge.(*Bridge).fetch"}},
+	// Centrifuge's broadcast runs inside Publish (memory broker) or its
+	// handling of a Redis message, so it comes before those two.
+	{"fan-out and rounds (choosing who gets what, handing it over)", []string{
+		"github.com/entity-sync/entity-sync/esbridge.(*Bridge).worker",
+		"github.com/entity-sync/entity-sync/esbridge.(*Bridge).fanOut",
+		"github.com/centrifugal/centrifuge.(*Hub)",
+		"github.com/centrifugal/centrifuge.(*subShard)"}},
 	{"notify call in the write handler (encode, publish, wait for the queue)", []string{
 		"github.com/entity-sync/entity-sync/esbridge.(*Bridge).NotifyAllOfChange",
 		"github.com/entity-sync/entity-sync/esbridge.(*Bridge).NotifyKeys",
@@ -75,26 +94,10 @@ var cpuCategories = []cpuCategory{
 		"github.com/entity-sync/entity-sync/esbridge.(*Bridge).receive",
 		"github.com/entity-sync/entity-sync/esq.(*nsqSubscription).handle",
 		"github.com/entity-sync/entity-sync/esq.(*seqSub).handle",
-		"github.com/centrifugal/centrifuge.(*Node).handlePublication"}},
+		"github.com/centrifugal/centrifuge.(*Node).handlePublication",
+		"github.com/centrifugal/centrifuge.(*Node).HandlePublication"}},
 	{"queue client (go-nsq / rueidis connections and hand-offs)", []string{
 		"github.com/nsqio/go-nsq.", "github.com/redis/rueidis."}},
-	{"fetch (the app's fetch function through the bridge)", []string{
-		"github.com/entity-sync/entity-sync/esbridge.(*Bridge).fetch"}},
-	{"encoding frames", []string{
-		"github.com/entity-sync/entity-sync/esweb.(*conn).frames",
-		"github.com/entity-sync/entity-sync/esbridge.(*Update).Memo",
-		"github.com/centrifugal/protocol."}},
-	{"socket writes to clients", []string{
-		"github.com/entity-sync/entity-sync/esweb.(*conn).send",
-		"github.com/entity-sync/entity-sync/esweb.(*conn).flush",
-		"github.com/centrifugal/centrifuge.(*writer)",
-		"github.com/centrifugal/centrifuge.(*websocketTransport)",
-		"github.com/centrifugal/centrifuge.(*websocketConn)"}},
-	{"fan-out and rounds (choosing who gets what)", []string{
-		"github.com/entity-sync/entity-sync/esbridge.",
-		"github.com/centrifugal/centrifuge.(*Hub)",
-		"github.com/centrifugal/centrifuge.(*subShard)",
-		"github.com/centrifugal/centrifuge.(*Client)"}},
 	{"websocket reads (requests, pings)", []string{
 		"github.com/entity-sync/entity-sync/esweb.(*conn).readPump"}},
 	{"write endpoint (HTTP request, version write)", []string{"net/http.(*conn).serve"}},
