@@ -28,7 +28,7 @@ help:
 	@echo 'make client   run the demo client (subscribes to items/100)'
 	@echo 'make test     run every test: Go with the race detector, then test-js'
 	@echo 'make test-js  run the JavaScript client tests (node + headless Chromium)'
-	@echo 'make bench    run the benchmarks: go run ./bench, bench-queues, bench-collections, bench-cluster, bench-peer (about 7 min)'
+	@echo 'make bench    run the benchmarks: go run ./bench, bench-queues, bench-collections, bench-cluster, bench-peer (about 6 min)'
 	@echo 'make bench-queues  every queue: latency through it, notify throughput (about 20 s)'
 	@echo 'make bench-collections  a 500-row collection: diff vs full per change, reconnects with and without resume (about 10 s)'
 	@echo 'make bench-cluster  2 to 16 server processes per queue: notifications, fetches, CPU per change per server (about 2 min)'

@@ -22,7 +22,11 @@ var ErrNotifyBacklog = errors.New("esbridge: too many notifications waiting to b
 // NotifyAllOfChange tells every server that the entity behind key changed.
 // Call it after the change is committed. It returns once the queue has
 // accepted the notification (for NSQ, nsqd's acknowledgement), or with the
-// error that prevented it.
+// error that prevented it. With the in-process queue, this server's round
+// for a key with few subscribers (at most 50) starts at once on the
+// caller's core, and the call may return only after it (a fetch and a
+// fan-out, typically a fraction of a millisecond): the subscribers see the
+// change sooner, the caller's response goes a little later.
 func (b *Bridge) NotifyAllOfChange(key shared.EntityKey) error {
 	if err := key.Validate(); err != nil {
 		return err
