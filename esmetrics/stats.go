@@ -82,8 +82,9 @@ var descs = []metric{
 		}),
 	webCounter("entitysync_slow_clients_dropped_total", "Connections dropped for not reading: a write waited WriteWait, or updates waiting passed MaxPendingBytes.",
 		func(w *esweb.Stats) uint64 { return w.SlowClients }),
-	webCounterBy("entitysync_connections_closed_by_server_total", "Connections the server closed with a close code: 1008 (policy: request rate kept exceeded, or too far behind) or 1009 (a frame over ReadLimit).", "code",
+	webCounterBy("entitysync_connections_closed_by_server_total", "Connections the server closed with a close code: 1002 (a frame broke the websocket protocol), 1008 (policy: request rate kept exceeded, or too far behind) or 1009 (a frame over ReadLimit).", "code",
 		map[string]func(*esweb.Stats) uint64{
+			"1002": func(w *esweb.Stats) uint64 { return w.ProtocolErrors },
 			"1008": func(w *esweb.Stats) uint64 { return w.ProtocolViolations },
 			"1009": func(w *esweb.Stats) uint64 { return w.FramesTooLarge },
 		}),

@@ -107,7 +107,7 @@ func TestTooBigFrameClosesWith1009(t *testing.T) {
 }
 
 // Frames that break RFC 6455 are answered with close code 1002 and a
-// reason, written by the connection's own writer.
+// reason, written by the connection's own writer, and counted.
 func TestProtocolErrorClosesWith1002(t *testing.T) {
 	for name, frame := range map[string][]byte{
 		"unmasked":           {0x81, 0x02, '{', '}'},
@@ -117,7 +117,7 @@ func TestProtocolErrorClosesWith1002(t *testing.T) {
 		"stray continuation": maskedFrame(0x80, []byte("{}")),
 	} {
 		t.Run(name, func(t *testing.T) {
-			_, srv := testkit.Serve(t, es.Config{})
+			e, srv := testkit.Serve(t, es.Config{})
 			c, _, err := websocket.DefaultDialer.Dial(testkit.WSURL(srv), nil)
 			if err != nil {
 				t.Fatal(err)
@@ -131,6 +131,9 @@ func TestProtocolErrorClosesWith1002(t *testing.T) {
 			var ce *websocket.CloseError
 			if !errors.As(err, &ce) || ce.Code != websocket.CloseProtocolError || ce.Text == "" {
 				t.Fatalf("got %v, want close 1002 with a reason", err)
+			}
+			if n := e.Web.Stats().ProtocolErrors; n != 1 {
+				t.Errorf("ProtocolErrors = %d, want 1", n)
 			}
 		})
 	}

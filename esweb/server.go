@@ -190,7 +190,7 @@ type Server struct {
 
 type counters struct {
 	accepted, refusedOrigin, refusedAuth, refusedFull, tooLarge, rateLimited,
-	subscriptionLimit, forbidden, slowClients, protocolViolations atomic.Uint64
+	subscriptionLimit, forbidden, slowClients, protocolViolations, protocolErrors atomic.Uint64
 }
 
 // Stats counts what the transport accepted and refused since it started.
@@ -206,6 +206,7 @@ type Stats struct {
 	Forbidden          uint64 // subscribes refused by Authorize
 	SlowClients        uint64 // connections dropped for not reading (write deadline or pending bytes)
 	ProtocolViolations uint64 // connections closed with 1008
+	ProtocolErrors     uint64 // connections closed with 1002: a frame broke RFC 6455
 }
 
 // Stats returns the transport's counters.
@@ -222,6 +223,7 @@ func (s *Server) Stats() Stats {
 		Forbidden:          s.stats.forbidden.Load(),
 		SlowClients:        s.stats.slowClients.Load(),
 		ProtocolViolations: s.stats.protocolViolations.Load(),
+		ProtocolErrors:     s.stats.protocolErrors.Load(),
 	}
 }
 

@@ -289,8 +289,11 @@ func (c *conn) closeFrameLocked(code int, reason string) []byte {
 		c.closeFrame = appendFrame(nil, opClose, payload)
 		c.closeBy.Store(time.Now().Add(c.s.opts.WriteWait).UnixNano())
 		c.closeSent = make(chan struct{})
-		if code == websocket.ClosePolicyViolation {
+		switch code {
+		case websocket.ClosePolicyViolation:
 			c.s.stats.protocolViolations.Add(1)
+		case websocket.CloseProtocolError:
+			c.s.stats.protocolErrors.Add(1)
 		}
 	}
 	return c.closeFrame
