@@ -29,13 +29,13 @@ type protocol interface {
 }
 
 // protocolFor names the protocols as the systems' roles: seed (entity-sync's
-// raw dialect), api (entity-sync's envelope dialect), cf (Centrifuge's JSON
-// protocol).
+// raw dialect), api and api-redis (entity-sync's envelope dialect), cf
+// (Centrifuge's JSON protocol).
 func protocolFor(name string) (protocol, error) {
 	switch name {
 	case "seed":
 		return rawProtocol{}, nil
-	case "api":
+	case "api", "api-redis":
 		return envelopeProtocol{}, nil
 	case "cf":
 		return cfProtocol{}, nil

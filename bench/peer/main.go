@@ -38,6 +38,7 @@
 //   - seed, api: one entity-sync server (in-process queue, or -nsqd;
 //     -stamp adds the breakdown's instruments);
 //   - cf: one Centrifuge node (memory broker, or -redis-addr);
+//   - api-redis: api with redisq (routed by key) on -redis-addr;
 //   - floor: a plain TCP server writing one pre-encoded frame per change to
 //     every connection;
 //   - clients: the websocket (and floor TCP) clients;
@@ -67,8 +68,8 @@ type config struct {
 
 	// servers
 	nsqd      string // es: consume and publish through this nsqd
-	redisAddr string // cf: use the Redis broker at this address
-	prefix    string // cf: Redis key prefix, unique per run
+	redisAddr string // cf, api-redis: use the Redis at this address
+	prefix    string // cf, api-redis: Redis key prefix, unique per run
 	cell      string // es, cf: path of the shared version cell
 	stamp     bool   // es: record rounds and socket writes (the breakdown phase)
 
@@ -91,14 +92,14 @@ func main() {
 	flag.DurationVar(&cfg.budget, "budget", 300*time.Second, "time budget for the whole run: a row still running when it ends fails, and says so")
 	flag.StringVar(&cfg.redis, "redis", "127.0.0.1:6379", "Redis for Centrifuge's two-server half (skipped, and said so, when nothing answers there)")
 	flag.BoolVar(&cfg.skipTwo, "one-server-only", false, "skip the two-server half for both systems")
-	flag.StringVar(&cfg.systems, "systems", "seed,api,cf", "systems to measure, comma-separated: seed (entity-sync as the seed README uses it), api (entitysync.New + Register, envelope dialect), cf (Centrifuge)")
+	flag.StringVar(&cfg.systems, "systems", "seed,api,cf,api-redis", "systems to measure, comma-separated: seed (entity-sync as the seed README uses it), api (entitysync.New + Register, envelope dialect), cf (Centrifuge), api-redis (api with two servers over Redis, redisq routed by key)")
 	flag.StringVar(&cfg.phases, "phases", strings.Join(defaultPhases, ","), "phases to run, comma-separated: "+strings.Join(allPhases, ", "))
 	flag.BoolVar(&cfg.manyKeysOnly, "many-keys-only", false, "run the many-keys phase only (-phases manykeys)")
 	flag.StringVar(&cfg.profile, "profile", "", "directory to write CPU and allocation profiles of the entity-sync servers to, one per measured window and process (GODEBUG=memprofilerate=1 records every allocation)")
 	cfg.many.flags()
 	flag.StringVar(&cfg.nsqd, "nsqd", "", "seed, api roles: nsqd TCP address (none: in-process queue)")
-	flag.StringVar(&cfg.redisAddr, "redis-addr", "", "cf role: Redis address (none: memory broker)")
-	flag.StringVar(&cfg.prefix, "prefix", "", "cf role: Redis key prefix")
+	flag.StringVar(&cfg.redisAddr, "redis-addr", "", "cf role: Redis address (none: memory broker); api-redis role: the Redis redisq uses")
+	flag.StringVar(&cfg.prefix, "prefix", "", "cf, api-redis roles: Redis key prefix")
 	flag.StringVar(&cfg.cell, "cell", "", "seed, api, cf roles: shared version cell file")
 	flag.BoolVar(&cfg.stamp, "stamp", false, "seed, api roles: record fetch rounds (OnRound) and socket write times for the breakdown phase")
 	flag.StringVar(&cfg.breakdown, "breakdown", defaultBreakdown, "the latency breakdown's row, clients:changes/s:changes, for entity-sync's seed path with one server and with two through nsqd (\"\": skip)")
@@ -111,7 +112,7 @@ func main() {
 	switch cfg.role {
 	case "orchestrator":
 		code = runOrchestrator(cfg)
-	case "seed", "api":
+	case "seed", "api", "api-redis":
 		code = runES(cfg)
 	case "cf":
 		code = runCF(cfg)

@@ -24,14 +24,15 @@ type deployment struct {
 }
 
 // deploy starts sys's server process(es). With two, the changes cross the
-// broker between them: nsqd (entity-sync), Redis (Centrifuge).
+// broker between them: nsqd (entity-sync), Redis (Centrifuge, and
+// entity-sync's api-redis).
 func (o *orchestrator) deploy(sys system, servers int, extra ...string) (*deployment, error) {
 	args := []string{"-cell", o.cell}
 	if servers == 2 {
 		switch sys.role {
 		case "seed", "api":
 			args = append(args, "-nsqd", o.nsqd)
-		case "cf":
+		case "cf", "api-redis":
 			args = append(args, "-redis-addr", o.cfg.redis, "-prefix", o.prefix)
 		}
 	}

@@ -15,6 +15,8 @@ import (
 
 	"github.com/gorilla/websocket"
 	"github.com/sirupsen/logrus"
+
+	"github.com/entity-sync/entity-sync/entitysync"
 )
 
 // TestProtocols runs each system's handshake and the shared read loop
@@ -46,7 +48,7 @@ func TestProtocols(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer seed.es.Close(context.Background())
-	api, err := newAPI("", cell, log)
+	api, err := newAPI(entitysync.Config{Logger: log}, cell)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -17,6 +17,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/entity-sync/entity-sync/entitysync"
+	"github.com/entity-sync/entity-sync/esq/redisq"
 	"github.com/entity-sync/entity-sync/internal/childproc"
 	"github.com/entity-sync/entity-sync/shared"
 )
@@ -80,8 +81,8 @@ func newSeed(nsqd string, cell *versionCell, log logrus.FieldLogger, st *stamps)
 // defaults: entitysync.New, Register with a fetch function, and
 // NotifyAllOfChange from the app's HTTP handler (on the same router, the
 // EntitySync's Mux). Clients speak the envelope dialect.
-func newAPI(nsqd string, cell *versionCell, log logrus.FieldLogger) (*esServer, error) {
-	es, err := entitysync.New(entitysync.Config{NSQAddr: nsqd, Logger: log})
+func newAPI(config entitysync.Config, cell *versionCell) (*esServer, error) {
+	es, err := entitysync.New(config)
 	if err != nil {
 		return nil, err
 	}
@@ -103,7 +104,7 @@ func newAPI(nsqd string, cell *versionCell, log logrus.FieldLogger) (*esServer, 
 }
 
 // runES runs one entity-sync server (newSeed for role seed, newAPI for
-// role api) on its own listener, with the control endpoints on another,
+// roles api and api-redis) on its own listener, with the control endpoints on another,
 // until the orchestrator lets go.
 func runES(cfg config) int {
 	log := logrus.New()
@@ -126,10 +127,19 @@ func runES(cfg config) int {
 		st = newStamps()
 	}
 	var s *esServer
-	if cfg.role == "seed" {
+	switch cfg.role {
+	case "seed":
 		s, err = newSeed(cfg.nsqd, cell, log, st)
-	} else {
-		s, err = newAPI(cfg.nsqd, cell, log)
+	case "api-redis":
+		// Centrifuge's broker, routed by key as Centrifuge's is by channel:
+		// a server hears only the keys its clients watch.
+		var q *redisq.Queue
+		q, err = redisq.New(context.Background(), redisq.Config{Addr: cfg.redisAddr, ChannelPrefix: cfg.prefix + "es:", RouteByKey: true, Logger: log})
+		if err == nil {
+			s, err = newAPI(entitysync.Config{Queue: q, Logger: log}, cell)
+		}
+	default:
+		s, err = newAPI(entitysync.Config{NSQAddr: cfg.nsqd, Logger: log}, cell)
 	}
 	if err != nil {
 		return fail(err)
