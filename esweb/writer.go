@@ -261,17 +261,18 @@ func (c *conn) writeChunked(bufs net.Buffers, chunk *net.Buffers) error {
 	return nil
 }
 
-// closeWith closes the connection with a close frame: written after what is
-// already waiting, all within WriteWait, then the client has WriteWait to
-// answer before the socket is closed.
-func (c *conn) closeWith(code int, reason string) {
+// closeWith closes the connection with a close frame (unless one is set
+// already): written after what is already waiting, all within WriteWait,
+// then the client has WriteWait to answer before the socket is closed. It
+// reports false if the connection has already ended.
+func (c *conn) closeWith(code int, reason string) bool {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	if c.ended || c.closeFrame != nil {
-		return
+	if c.closeFrameLocked(code, reason) == nil {
+		return false
 	}
-	c.closeFrameLocked(code, reason)
 	c.kickFlusherLocked()
+	return true
 }
 
 // closeFrameLocked sets the connection's close frame unless one is set, and
@@ -309,16 +310,13 @@ func (c *conn) closeSentLocked() {
 }
 
 // closeFromReader starts closing the connection from the reader (the client
-// closed it, or broke the protocol): the close frame goes out after what
-// the writer has begun, within WriteWait, and the reader's reads end by
-// then too. It reports false if the connection has already ended.
+// closed it, or broke the protocol), as closeWith does, and ends the
+// reader's reads by the time the close frame is due too. It reports false
+// if the connection has already ended.
 func (c *conn) closeFromReader(code int, reason string) bool {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	if c.closeFrameLocked(code, reason) == nil {
+	if !c.closeWith(code, reason) {
 		return false
 	}
-	c.kickFlusherLocked()
 	_ = c.nc.SetReadDeadline(time.Unix(0, c.closeBy.Load()))
 	return true
 }
