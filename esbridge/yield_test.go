@@ -3,7 +3,6 @@ package esbridge_test
 import (
 	"context"
 	"runtime"
-	"sync/atomic"
 	"testing"
 
 	"github.com/sirupsen/logrus"
@@ -12,16 +11,6 @@ import (
 	"github.com/entity-sync/entity-sync/esq"
 	"github.com/entity-sync/entity-sync/shared"
 )
-
-// countingFetcher counts its calls.
-type countingFetcher struct{ calls atomic.Int64 }
-
-func (f *countingFetcher) Fetch(context.Context, shared.EntityKey, string) ([][]byte, error) {
-	n := f.calls.Add(1)
-	return [][]byte{[]byte(`{"v":` + string(rune('0'+n%10)) + `}`)}, nil
-}
-
-func (*countingFetcher) PerSecret(shared.EntityType) bool { return false }
 
 // A notification's round starts while the notifying goroutine (with the
 // in-process queue, the app's HTTP handler) still runs, not once it blocks:
@@ -33,8 +22,7 @@ func TestNotificationRoundStartsBeforeTheNotifierGoesOn(t *testing.T) {
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
 	log := logrus.New()
 	log.SetLevel(logrus.WarnLevel)
-	f := &countingFetcher{}
-	br := esbridge.New(esq.NewMemory(), f, esbridge.Options{Logger: log})
+	br := esbridge.New(esq.NewMemory(), newFlipFetcher(), esbridge.Options{Logger: log})
 	defer br.Close(context.Background())
 	if err := br.ServeEntity(benchEntity); err != nil {
 		t.Fatalf("ServeEntity: %v", err)
@@ -58,11 +46,11 @@ func TestNotificationRoundStartsBeforeTheNotifierGoesOn(t *testing.T) {
 	const changes = 20
 	early := 0
 	for range changes {
-		before := f.calls.Load()
+		before := br.Stats().Fetches
 		if err := br.NotifyAllOfChange(key); err != nil {
 			t.Fatalf("NotifyAllOfChange: %v", err)
 		}
-		if f.calls.Load() > before {
+		if br.Stats().Fetches > before {
 			early++
 		}
 		<-got // this change's round is over before the next change
@@ -80,9 +68,8 @@ func TestLargeKeyRoundDoesNotHoldTheNotifier(t *testing.T) {
 	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(1))
 	log := logrus.New()
 	log.SetLevel(logrus.WarnLevel)
-	f := &countingFetcher{}
 	notifiedRounds := make(chan struct{}, 16)
-	br := esbridge.New(esq.NewMemory(), f, esbridge.Options{Logger: log, OnRound: func(r esbridge.Round) {
+	br := esbridge.New(esq.NewMemory(), newFlipFetcher(), esbridge.Options{Logger: log, OnRound: func(r esbridge.Round) {
 		if !r.Notified.IsZero() {
 			notifiedRounds <- struct{}{}
 		}
@@ -107,11 +94,11 @@ func TestLargeKeyRoundDoesNotHoldTheNotifier(t *testing.T) {
 	}
 	<-notifiedRounds
 	for range 5 {
-		before := f.calls.Load()
+		before := br.Stats().Fetches
 		if err := br.NotifyAllOfChange(key); err != nil {
 			t.Fatalf("NotifyAllOfChange: %v", err)
 		}
-		if f.calls.Load() != before {
+		if br.Stats().Fetches != before {
 			t.Fatalf("NotifyAllOfChange of a key with %d subscribers returned after its round had begun, on one core", subscribers)
 		}
 		<-notifiedRounds
