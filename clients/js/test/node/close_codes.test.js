@@ -3,7 +3,8 @@
 // how a connection ends): every close the server initiates or answers
 // reaches the client with its code before the socket closes; and how the
 // server reads what a client sends: fragmented messages (the read limit
-// counted over all fragments), pings, a close without a code.
+// counted over all fragments), pings, a close without a code, a malformed
+// frame.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -48,6 +49,16 @@ test('a client that closes while a large frame is on its way gets its own code b
   const { code } = await ws.closed;
   assert.equal(code, 4001, `closed with ${code} (errors: ${ws.errors.join('; ') || 'none'}), want the client's own 4001 echoed by the server`);
   assert.deepEqual(ws.errors, []);
+});
+
+test('a frame that breaks the protocol (unmasked) closes the connection with 1002', async () => {
+  const ws = await open();
+  // ws never sends a malformed frame: this one goes on its socket as raw
+  // bytes, a text frame "{}" without the mask every client frame must have.
+  ws._socket.write(Buffer.from([0x81, 0x02, 0x7b, 0x7d]));
+  const { code, reason } = await ws.closed;
+  assert.equal(code, 1002, `closed with ${code} (errors: ${ws.errors.join('; ') || 'none'}), want 1002`);
+  assert.match(reason, /mask/, 'the close reason names what was wrong');
 });
 
 for (const size of [40 << 10, 4 << 20]) {
