@@ -141,10 +141,8 @@ type Features struct {
 	Timeout time.Duration
 }
 
-// Run runs the whole suite as subtests of t. The subtests run one after the
-// other and use entity types whose names start with their own (e.g.
-// "bcast", "iso_items"), so the queues' prefix keeps parallel runs apart.
-func Run(t *testing.T, factory Factory, features Features) {
+// newSuite checks factory and fills in features' defaults.
+func newSuite(t *testing.T, factory Factory, features Features) *suite {
 	t.Helper()
 	if factory.NewQueue == nil {
 		t.Fatal("esqtest: Factory.NewQueue is nil")
@@ -152,7 +150,15 @@ func Run(t *testing.T, factory Factory, features Features) {
 	if features.Timeout <= 0 {
 		features.Timeout = 10 * time.Second
 	}
-	s := &suite{f: factory, ft: features}
+	return &suite{f: factory, ft: features}
+}
+
+// Run runs the whole suite as subtests of t. The subtests run one after the
+// other and use entity types whose names start with their own (e.g.
+// "bcast", "iso_items"), so the queues' prefix keeps parallel runs apart.
+func Run(t *testing.T, factory Factory, features Features) {
+	t.Helper()
+	s := newSuite(t, factory, features)
 	t.Run("Broadcast", s.broadcast)
 	t.Run("TopicIsolation", s.topicIsolation)
 	t.Run("LiveOnReturn", s.liveOnReturn)

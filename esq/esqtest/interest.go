@@ -39,13 +39,7 @@ import (
 //     them) arrive again.
 func RunInterest(t *testing.T, factory Factory, features Features) {
 	t.Helper()
-	if factory.NewQueue == nil {
-		t.Fatal("esqtest: Factory.NewQueue is nil")
-	}
-	if features.Timeout <= 0 {
-		features.Timeout = 10 * time.Second
-	}
-	s := &suite{f: factory, ft: features}
+	s := newSuite(t, factory, features)
 	t.Run("WatchedOnly", s.watchedOnly)
 	t.Run("LiveOnWatchReturn", s.liveOnWatchReturn)
 	t.Run("UnwatchStops", s.unwatchStops)
