@@ -15,7 +15,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/nsqio/go-nsq"
@@ -41,13 +40,14 @@ type NSQConfig struct {
 	TopicPrefix string
 	// MaxInFlight is how many messages nsqd may send this server before it
 	// acknowledges them. Default 64. nsqd's output buffering is always
-	// disabled, so a value above 1 adds no latency.
+	// disabled, so a value above 1 adds no latency; acknowledgements go in
+	// batches of up to half of it (or 10ms after the first).
 	MaxInFlight int
-	// ReconnectInterval is how long go-nsq waits between attempts to reach a
-	// lost nsqd, and how often it polls nsqlookupd. Default 5s (go-nsq's
-	// default of 60s would leave a server deaf for a minute after nsqd
-	// restarts). Between 10ms and 5m (go-nsq's bounds), and at least twice
-	// WatchInterval.
+	// ReconnectInterval is how long a consumer waits between attempts to
+	// reach a lost nsqd, and how often it polls nsqlookupd. Default 5s
+	// (go-nsq's default of 60s would leave a server deaf for a minute after
+	// nsqd restarts). Between 10ms and 5m (go-nsq's bounds, kept), and at
+	// least twice WatchInterval.
 	ReconnectInterval time.Duration
 	// WatchInterval is how often each consumer's connection count is checked
 	// to detect a lost and regained nsqd. Default 100ms. Negative durations
@@ -68,7 +68,7 @@ const (
 	defaultWatchInterval     = 100 * time.Millisecond
 	defaultLiveTimeout       = 10 * time.Second
 	probeRetryInterval       = 50 * time.Millisecond
-	minReconnectInterval     = 10 * time.Millisecond // go-nsq's LookupdPollInterval bounds
+	minReconnectInterval     = 10 * time.Millisecond // go-nsq's LookupdPollInterval bounds, kept
 	maxReconnectInterval     = 5 * time.Minute
 	maxTopicLength           = 64
 )
@@ -133,8 +133,9 @@ func (c *NSQConfig) setDefaults() error {
 	if c.LiveTimeout == 0 {
 		c.LiveTimeout = defaultLiveTimeout
 	}
-	// go-nsq's own bounds for LookupdPollInterval, which ReconnectInterval
-	// sets: checked here so the error names our field, not go-nsq's.
+	// go-nsq's bounds for its LookupdPollInterval, which ReconnectInterval
+	// was before the consumers were our own: configurations valid then are
+	// valid now, and no other.
 	if c.ReconnectInterval < minReconnectInterval || c.ReconnectInterval > maxReconnectInterval {
 		return fmt.Errorf("esq: NSQConfig.ReconnectInterval is %s, must be between %s and %s",
 			c.ReconnectInterval, minReconnectInterval, maxReconnectInterval)
@@ -174,13 +175,9 @@ type NSQ struct {
 
 type nsqSubscription struct {
 	topic     string
-	consumer  *nsq.Consumer
+	consumer  *nsqConsumer
 	onMessage func([]byte)
 	onLoss    func()
-	// closes counts the consumer's lost connections, as go-nsq reports
-	// them to its logger: a connection lost and regained between two of
-	// the watcher's ticks leaves the count of connections unchanged.
-	closes atomic.Uint64
 
 	probeMu sync.Mutex
 	probes  map[string]chan struct{}
@@ -192,16 +189,9 @@ func NewNSQ(cfg NSQConfig) (*NSQ, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
+	// The producers' connections (go-nsq's Conn); the consumers speak the
+	// protocol themselves (nsqConsumer).
 	nc := nsq.NewConfig()
-	nc.MaxInFlight = cfg.MaxInFlight
-	// Disable nsqd's output buffering. With MaxInFlight > 1 the default
-	// (16 KiB flushed every 250ms) holds each message back up to 250ms, and
-	// a timeout of -1 alone is worse: nsqd then never flushes on a timer.
-	// A size of -1 makes nsqd write every message straight to the socket.
-	nc.OutputBufferSize = -1
-	nc.OutputBufferTimeout = -1
-	nc.LookupdPollInterval = cfg.ReconnectInterval
-	nc.LookupdPollJitter = 0.1
 	if err := nc.Validate(); err != nil {
 		return nil, fmt.Errorf("esq: go-nsq rejected the configuration: %w", err)
 	}
@@ -337,24 +327,18 @@ func firstConnected(ctx context.Context, ps []*producer) (*producer, error) {
 
 // Subscribe consumes the entity type's topic on this server's ephemeral
 // channel and returns once a probe message published through each nsqd has
-// come back, which proves the subscription is live there (go-nsq's connect
-// returns before nsqd has processed the SUB). Probes are ignored by every
-// other server.
+// come back, which proves the subscription is live on every nsqd holding
+// the topic (with nsqlookupd, the consumer may not have found them all yet).
+// Probes are ignored by every other server.
 func (q *NSQ) Subscribe(entity shared.EntityType, onMessage func([]byte), onLoss func()) error {
 	topic, err := TopicName(q.cfg.TopicPrefix, entity)
 	if err != nil {
 		return err
 	}
-	consumer, err := nsq.NewConsumer(topic, q.channel, q.nsqCfg)
-	if err != nil {
-		return fmt.Errorf("esq: consumer for topic %q: %w", topic, err)
-	}
-	// Our client, so Close can drop its idle keep-alive connections.
-	consumer.SetLookupdHttpClient(q.http)
-	s := &nsqSubscription{topic: topic, consumer: consumer, onMessage: onMessage, onLoss: onLoss,
+	s := &nsqSubscription{topic: topic, onMessage: onMessage, onLoss: onLoss,
 		probes: make(map[string]chan struct{})}
-	consumer.SetLogger(nsqLogger{log: q.log.WithField("topic", topic), closes: &s.closes}, nsq.LogLevelInfo)
-	consumer.AddHandler(nsq.HandlerFunc(s.handle))
+	s.consumer = newNSQConsumer(topic, q.channel, q.cfg.MaxInFlight, q.cfg.ReconnectInterval,
+		func() ([]string, error) { return q.targets(s) }, s.handle, q.log.WithField("topic", topic))
 
 	q.mu.Lock()
 	var refused error
@@ -367,17 +351,14 @@ func (q *NSQ) Subscribe(entity shared.EntityType, onMessage func([]byte), onLoss
 	}
 	q.mu.Unlock()
 	if refused != nil {
-		consumer.Stop() // NewConsumer and AddHandler already started goroutines
-		<-consumer.StopChan
-		return refused
+		return refused // the consumer has not started anything yet
 	}
 
 	if err := q.connect(s); err != nil {
 		q.mu.Lock()
 		delete(q.subs, entity)
 		q.mu.Unlock()
-		consumer.Stop()
-		<-consumer.StopChan
+		s.consumer.stop()
 		return err
 	}
 	q.watchers.Add(1)
@@ -387,7 +368,7 @@ func (q *NSQ) Subscribe(entity shared.EntityType, onMessage func([]byte), onLoss
 
 func (q *NSQ) connect(s *nsqSubscription) error {
 	if len(q.cfg.LookupdHTTPAddrs) == 0 {
-		if err := s.consumer.ConnectToNSQDs(q.cfg.NSQDAddrs); err != nil {
+		if err := s.consumer.start(true); err != nil {
 			return fmt.Errorf("esq: connect to nsqd for topic %q: %w", s.topic, err)
 		}
 		return q.waitLive(s)
@@ -397,8 +378,8 @@ func (q *NSQ) connect(s *nsqSubscription) error {
 	if err := q.ensureTopic(s); err != nil {
 		return err
 	}
-	if err := s.consumer.ConnectToNSQLookupds(q.cfg.LookupdHTTPAddrs); err != nil {
-		return fmt.Errorf("esq: connect to nsqlookupd for topic %q: %w", s.topic, err)
+	if err := s.consumer.start(false); err != nil {
+		return fmt.Errorf("esq: connect to the nsqd nsqlookupd lists for topic %q: %w", s.topic, err)
 	}
 	q.redialConfigured(s) // from now on the watcher keeps these connected
 	return q.waitLive(s)
@@ -570,14 +551,14 @@ func (q *NSQ) isClosing() bool {
 	}
 }
 
-// watch detects a lost and regained nsqd connection (go-nsq reconnects on its
-// own but says nothing), waits until the subscription is live again and then
+// watch detects a lost and regained nsqd connection (the consumer redials on
+// its own but says nothing), waits until the subscription is live again and then
 // reports the possible loss.
 func (q *NSQ) watch(s *nsqSubscription) {
 	defer q.watchers.Done()
 	ticker := time.NewTicker(q.cfg.WatchInterval)
 	defer ticker.Stop()
-	last, lastCloses := s.consumer.Stats().Connections, s.closes.Load()
+	last, lastCloses := s.consumer.connections(), s.consumer.closes.Load()
 	for {
 		select {
 		case <-q.closing:
@@ -587,9 +568,9 @@ func (q *NSQ) watch(s *nsqSubscription) {
 		// A redial can lose and regain a connection between two ticks, so
 		// it counts as regained whatever the count says.
 		regained := len(q.cfg.LookupdHTTPAddrs) > 0 && q.redialConfigured(s)
-		n, closes := s.consumer.Stats().Connections, s.closes.Load()
+		n, closes := s.consumer.connections(), s.consumer.closes.Load()
 		// Lost and regained since the last tick: the count is back where
-		// it was, but go-nsq said a connection closed.
+		// it was, but the consumer counted a connection closed.
 		if closes != lastCloses && n >= last && n > 0 {
 			regained = true
 		}
@@ -613,19 +594,19 @@ func (q *NSQ) watch(s *nsqSubscription) {
 }
 
 // redialConfigured connects the consumer to each of NSQDAddrs it is not
-// connected to. With nsqlookupd, go-nsq reconnects to a lost nsqd only once
-// nsqlookupd lists it again: an nsqd that restarts while nsqlookupd is
+// connected to. With nsqlookupd, the consumer reconnects to a lost nsqd only
+// once nsqlookupd lists it again: an nsqd that restarts while nsqlookupd is
 // unreachable would stay unheard for as long (the soak run saw 30 s). The
 // configured nsqds are known without nsqlookupd, so they are dialled
-// directly; go-nsq answers ErrAlreadyConnected for those it holds. It
-// reports whether it made a connection.
+// directly, every tick of the watcher. It reports whether it made a
+// connection.
 func (q *NSQ) redialConfigured(s *nsqSubscription) (regained bool) {
 	for _, addr := range q.cfg.NSQDAddrs {
-		err := s.consumer.ConnectToNSQD(addr)
+		err := s.consumer.connect(addr)
 		if err == nil {
 			regained = true
 		}
-		if err != nil && !errors.Is(err, nsq.ErrAlreadyConnected) && !q.isClosing() {
+		if err != nil && !errors.Is(err, errAlreadyConnected) && !q.isClosing() {
 			q.log.WithField("topic", s.topic).WithError(err).Debugf("nsqd %s still unreachable", addr)
 		}
 	}
@@ -649,10 +630,13 @@ func newProbe() (body []byte, token string, err error) {
 	return body, token, err
 }
 
-func (s *nsqSubscription) handle(m *nsq.Message) error {
-	if bytes.HasPrefix(m.Body, probePrefix) {
+// handle is the consumer's handler, called on a connection's reading
+// goroutine: it answers the queue's own probes and passes every other
+// message on.
+func (s *nsqSubscription) handle(body []byte) {
+	if bytes.HasPrefix(body, probePrefix) {
 		var p probeMessage
-		if json.Unmarshal(m.Body, &p) == nil {
+		if json.Unmarshal(body, &p) == nil {
 			s.probeMu.Lock()
 			if ch, ok := s.probes[p.Probe]; ok {
 				close(ch)
@@ -660,14 +644,13 @@ func (s *nsqSubscription) handle(m *nsq.Message) error {
 			}
 			s.probeMu.Unlock()
 		}
-		return nil
+		return
 	}
-	s.onMessage(m.Body)
-	return nil
+	s.onMessage(body)
 }
 
 // Live returns nil while every subscription holds at least one nsqd
-// connection. A subscription with none hears nothing (go-nsq redials every
+// connection. A subscription with none hears nothing (its consumer redials every
 // ReconnectInterval; the watcher resyncs once a connection is back).
 // Losing one of several nsqd connections is not reported here: the others
 // still carry what is published to them, the watcher logs the loss, and the
@@ -685,7 +668,7 @@ func (q *NSQ) Live() error {
 	q.mu.Unlock()
 	var deaf []string
 	for _, s := range subs {
-		if s.consumer.Stats().Connections == 0 {
+		if s.consumer.connections() == 0 {
 			deaf = append(deaf, s.topic)
 		}
 	}
@@ -712,11 +695,11 @@ func (q *NSQ) Close(ctx context.Context) error {
 	q.mu.Unlock()
 
 	for _, s := range subs {
-		s.consumer.Stop()
+		go s.consumer.stop()
 	}
 	for _, s := range subs {
 		select {
-		case <-s.consumer.StopChan:
+		case <-s.consumer.done:
 		case <-ctx.Done():
 			return fmt.Errorf("esq: close: consumer for %q did not stop: %w", s.topic, ctx.Err())
 		}
@@ -735,24 +718,15 @@ func (q *NSQ) Close(ctx context.Context) error {
 	}
 }
 
-// nsqLogger routes go-nsq's log lines ("INF    1 [topic/channel] ...") into
-// logrus at the matching level.
-// A consumer's logger also counts its lost connections (go-nsq says "there
-// are N connections left alive" once per closed connection) in closes.
+// nsqLogger routes the producers' go-nsq log lines ("INF    1 (addr) ...")
+// into logrus at the matching level.
 type nsqLogger struct {
-	log    logrus.FieldLogger
-	closes *atomic.Uint64
+	log logrus.FieldLogger
 }
 
 func (l nsqLogger) Output(_ int, s string) error {
 	level, msg, _ := strings.Cut(s, " ")
 	msg = strings.TrimSpace(msg)
-	if strings.Contains(msg, "connections left alive") {
-		if l.closes != nil {
-			l.closes.Add(1)
-		}
-		level = "DBG" // said on every clean stop; watch() reports real losses
-	}
 	switch level {
 	case "DBG", "INF": // go-nsq narrates every connection step at INF
 		l.log.Debug(msg)

@@ -96,8 +96,12 @@ var cpuCategories = []cpuCategory{
 		"github.com/entity-sync/entity-sync/esq.(*seqSub).handle",
 		"github.com/centrifugal/centrifuge.(*Node).handlePublication",
 		"github.com/centrifugal/centrifuge.(*Node).HandlePublication"}},
-	{"queue client (go-nsq / rueidis connections and hand-offs)", []string{
-		"github.com/nsqio/go-nsq.", "github.com/redis/rueidis."}},
+	{"queue client (NSQ or Redis connections and hand-offs)", []string{
+		"github.com/nsqio/go-nsq.",
+		"github.com/entity-sync/entity-sync/esq.(*nsqConsumer)",
+		"github.com/entity-sync/entity-sync/esq.(*consumerConn)",
+		"github.com/entity-sync/entity-sync/esq.readFrame",
+		"github.com/redis/rueidis."}},
 	{"websocket reads (requests, pings)", []string{
 		"github.com/entity-sync/entity-sync/esweb.(*conn).readPump"}},
 	{"write endpoint (HTTP request, version write)", []string{"net/http.(*conn).serve"}},
