@@ -17,7 +17,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/nsqio/go-nsq"
 	"github.com/sirupsen/logrus"
 
 	"github.com/entity-sync/entity-sync/shared"
@@ -57,7 +56,7 @@ type NSQConfig struct {
 	// live on every nsqd (and how long a resync waits after a reconnect).
 	// Default 10s.
 	LiveTimeout time.Duration
-	// Logger receives this package's and go-nsq's log lines. Default: logrus's
+	// Logger receives this package's log lines. Default: logrus's
 	// standard logger.
 	Logger logrus.FieldLogger
 }
@@ -162,7 +161,6 @@ type NSQ struct {
 	cfg     NSQConfig
 	log     logrus.FieldLogger
 	channel string
-	nsqCfg  *nsq.Config
 	http    *http.Client
 
 	mu        sync.Mutex
@@ -189,12 +187,6 @@ func NewNSQ(cfg NSQConfig) (*NSQ, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, err
 	}
-	// The producers' connections (go-nsq's Conn); the consumers speak the
-	// protocol themselves (nsqConsumer).
-	nc := nsq.NewConfig()
-	if err := nc.Validate(); err != nil {
-		return nil, fmt.Errorf("esq: go-nsq rejected the configuration: %w", err)
-	}
 	id, err := randomHex(8)
 	if err != nil {
 		return nil, err
@@ -203,7 +195,6 @@ func NewNSQ(cfg NSQConfig) (*NSQ, error) {
 		cfg:       cfg,
 		log:       cfg.Logger.WithField("component", "esq.nsq"),
 		channel:   "es-" + id + "#ephemeral",
-		nsqCfg:    nc,
 		http:      &http.Client{Timeout: 5 * time.Second},
 		producers: make(map[string]*producer),
 		subs:      make(map[shared.EntityType]*nsqSubscription),
@@ -223,7 +214,7 @@ func (q *NSQ) producer(addr string) (*producer, error) {
 	}
 	p, ok := q.producers[addr]
 	if !ok {
-		p = newProducer(addr, q.nsqCfg, nsqLogger{log: q.log.WithField("nsqd", addr)})
+		p = newProducer(addr, q.log.WithField("nsqd", addr))
 		q.producers[addr] = p
 	}
 	return p, nil
@@ -233,7 +224,7 @@ func (q *NSQ) producer(addr string) (*producer, error) {
 // NSQDAddrs that accepts it, and returns once nsqd has acknowledged it.
 //
 // An nsqd that is being dialed by another publish, whose last dial failed,
-// or that does not complete a connection within go-nsq's dial timeout (1s)
+// or that does not complete a connection (dial and IDENTIFY) within 1s
 // is passed over for the next one; only when every nsqd failed does Publish
 // come back to the passed-over ones and wait for their connection. It gives
 // up when ctx ends, returning an error that wraps ctx.Err(); a message
@@ -716,26 +707,6 @@ func (q *NSQ) Close(ctx context.Context) error {
 	case <-ctx.Done():
 		return fmt.Errorf("esq: close: watchers did not stop: %w", ctx.Err())
 	}
-}
-
-// nsqLogger routes the producers' go-nsq log lines ("INF    1 (addr) ...")
-// into logrus at the matching level.
-type nsqLogger struct {
-	log logrus.FieldLogger
-}
-
-func (l nsqLogger) Output(_ int, s string) error {
-	level, msg, _ := strings.Cut(s, " ")
-	msg = strings.TrimSpace(msg)
-	switch level {
-	case "DBG", "INF": // go-nsq narrates every connection step at INF
-		l.log.Debug(msg)
-	case "WRN":
-		l.log.Warn(msg)
-	default:
-		l.log.Error(msg)
-	}
-	return nil
 }
 
 func randomHex(n int) (string, error) {

@@ -9,13 +9,14 @@ import (
 )
 
 // TestNSQReconnectsToRestartedNSQDWhileLookupdIsDown is a regression test
-// from the soak run (soak/, `make soak`): with LookupdHTTPAddrs set, go-nsq
-// reconnects to a lost nsqd only through nsqlookupd. When an nsqd restarts
-// while nsqlookupd is unreachable, the server stays deaf to everything
-// published to that nsqd until nsqlookupd answers again and lists the nsqd
-// (after a real nsqlookupd restart, up to 15 s more while nsqd registers
-// again): in the soak, a server that never went down received no
-// notification for about 30 s and its clients stayed stale until a resync.
+// from the soak run (soak/, `make soak`): with LookupdHTTPAddrs set, the
+// consumer (go-nsq's, then) reconnected to a lost nsqd only through
+// nsqlookupd. An nsqd that restarted while nsqlookupd was unreachable left
+// the server deaf to everything published to it until nsqlookupd answered
+// again and listed the nsqd (after a real nsqlookupd restart, up to 15 s
+// more while nsqd registers again): in the soak, a server that never went
+// down received no notification for about 30 s and its clients stayed
+// stale until a resync.
 // The nsqd's address is in NSQDAddrs, so the queue could reconnect to it
 // directly, as it does without nsqlookupd.
 // The watcher now also dials NSQDAddrs directly.
@@ -52,7 +53,7 @@ func TestNSQReconnectsToRestartedNSQDWhileLookupdIsDown(t *testing.T) {
 	rec.awaitMessage(t, `{"n":"after restart"}`)
 }
 
-// TestNSQLossWithinOneWatchTickIsReported: with nsqlookupd, go-nsq
+// TestNSQLossWithinOneWatchTickIsReported: with nsqlookupd, the consumer
 // reconnects as soon as nsqlookupd lists the restarted nsqd again, which
 // can be between two ticks of the watcher: the count of connections is
 // then unchanged, but the restart lost what nsqd held, so onLoss must be

@@ -16,8 +16,8 @@ import (
 
 // blackHole listens on a random port, takes every TCP connection and never
 // answers on it: an nsqd that hangs, or a host behind a firewall that
-// accepts but forwards nothing. go-nsq's connect then waits for nsqd's
-// IDENTIFY answer until its read timeout (60s). release (also run when the
+// accepts but forwards nothing. A dial then waits for nsqd's IDENTIFY
+// answer until the dial timeout (1s). release (also run when the
 // test ends) closes the connections, which ends any dial still waiting;
 // call it before closing a queue, whose Close waits a while for its dials.
 func blackHole(t *testing.T) (addr string, release func()) {
@@ -77,8 +77,8 @@ func TestNSQPublishGivesUpWhenCtxEnds(t *testing.T) {
 		if !errors.Is(err, context.DeadlineExceeded) {
 			t.Fatalf("Publish returned %v, want an error wrapping context.DeadlineExceeded", err)
 		}
-		// The deadline is 100ms; go-nsq's dial timeout is 1s and its read
-		// timeout 60s. Anything near those means ctx was not heeded.
+		// The deadline is 100ms; the dial timeout is 1s. Anything near it
+		// means ctx was not heeded.
 		if d := time.Since(start); d > 900*time.Millisecond {
 			t.Fatalf("Publish took %s after a 100ms deadline", d)
 		}

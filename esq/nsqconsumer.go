@@ -3,14 +3,11 @@ package esq
 import (
 	"bufio"
 	"bytes"
-	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"math/rand/v2"
 	"net"
-	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -62,13 +59,8 @@ type nsqConsumer struct {
 	closes atomic.Uint64
 }
 
-const (
-	nsqDialTimeout   = time.Second // go-nsq's default
-	nsqWriteTimeout  = time.Second // go-nsq's default
-	nsqHeartbeat     = 30 * time.Second
-	finDelay         = 10 * time.Millisecond
-	maxNSQFrameBytes = 16 << 20 // nsqd's --max-msg-size default is 1 MiB
-)
+// finDelay is how long a FIN may wait in the buffer for others.
+const finDelay = 10 * time.Millisecond
 
 var errAlreadyConnected = errors.New("esq: already connected to this nsqd")
 
@@ -196,71 +188,41 @@ type identifyResponse struct {
 	MaxRdyCount int64 `json:"max_rdy_count"`
 }
 
-// dial connects to addr and goes through the handshake: the protocol's
-// magic, IDENTIFY (no output buffering: a message is written to the socket
-// as nsqd takes it), SUB, and RDY.
+// dial connects to addr and goes through the handshake: IDENTIFY (no output
+// buffering: a message is written to the socket as nsqd takes it), SUB, and
+// RDY.
 func (c *nsqConsumer) dial(addr string) (*consumerConn, error) {
-	nc, err := net.DialTimeout("tcp", addr, nsqDialTimeout)
+	s, err := dialNSQ(addr, c.heartbeat, map[string]any{
+		"output_buffer_size":    -1,
+		"output_buffer_timeout": -1,
+	})
 	if err != nil {
 		return nil, err
 	}
-	cc := &consumerConn{addr: addr, nc: nc, r: bufio.NewReaderSize(nc, 16<<10), w: bufio.NewWriterSize(nc, 4<<10)}
-	if err := c.handshake(cc); err != nil {
-		nc.Close()
+	cc := &consumerConn{addr: addr, nc: s.nc, r: s.r, w: s.w}
+	if err := c.subscribe(cc, s); err != nil {
+		s.nc.Close()
 		return nil, err
 	}
 	return cc, nil
 }
 
-func (c *nsqConsumer) handshake(cc *consumerConn) error {
-	// The whole handshake within the dial timeout: an nsqd that accepts and
-	// never answers must not hold the caller for longer.
-	if err := cc.nc.SetDeadline(time.Now().Add(nsqDialTimeout)); err != nil {
-		return err
-	}
-	hostname, _ := os.Hostname()
-	identify, err := nsq.Identify(map[string]any{
-		"client_id":             hostname,
-		"hostname":              hostname,
-		"user_agent":            "entity-sync",
-		"feature_negotiation":   true,
-		"heartbeat_interval":    c.heartbeat.Milliseconds(),
-		"output_buffer_size":    -1,
-		"output_buffer_timeout": -1,
-	})
-	if err != nil {
-		return err
-	}
-	cc.w.Write(nsq.MagicV2)
-	if _, err := identify.WriteTo(cc.w); err != nil {
-		return err
-	}
-	if err := cc.w.Flush(); err != nil {
-		return err
-	}
-	data, err := c.expectResponse(cc, "IDENTIFY")
-	if err != nil {
-		return err
-	}
+// subscribe sends SUB and RDY, still within the dial's deadline.
+func (c *nsqConsumer) subscribe(cc *consumerConn, s *nsqSession) error {
 	rdy := int64(c.maxInFlight)
-	if len(data) > 0 && data[0] == '{' {
+	if len(s.identified) > 0 && s.identified[0] == '{' {
 		var resp identifyResponse
-		if err := json.Unmarshal(data, &resp); err != nil {
+		if err := json.Unmarshal(s.identified, &resp); err != nil {
 			return fmt.Errorf("IDENTIFY: nsqd's answer: %w", err)
 		}
 		if resp.MaxRdyCount > 0 && resp.MaxRdyCount < rdy {
 			rdy = resp.MaxRdyCount
 		}
 	}
-	if _, err := nsq.Subscribe(c.topic, c.channel).WriteTo(cc.w); err != nil {
+	if _, err := s.command(nsq.Subscribe(c.topic, c.channel)); err != nil {
 		return err
 	}
-	if err := cc.w.Flush(); err != nil {
-		return err
-	}
-	if _, err := c.expectResponse(cc, "SUB"); err != nil {
-		return err
-	}
+	// RDY has no response.
 	if _, err := nsq.Ready(int(rdy)).WriteTo(cc.w); err != nil {
 		return err
 	}
@@ -272,39 +234,6 @@ func (c *nsqConsumer) handshake(cc *consumerConn) error {
 	cc.timer.Stop()
 	return cc.nc.SetDeadline(time.Time{})
 }
-
-// expectResponse reads one frame and returns its data if it is a response,
-// or an error naming the command nsqd refused.
-func (c *nsqConsumer) expectResponse(cc *consumerConn, command string) ([]byte, error) {
-	frameType, data, err := readFrame(cc.r)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", command, err)
-	}
-	if frameType != nsq.FrameTypeResponse {
-		return nil, fmt.Errorf("%s refused by nsqd: %s", command, data)
-	}
-	return data, nil
-}
-
-// readFrame reads one frame: its size, its type and its data. The data is
-// a new slice (the handler may keep a message body).
-func readFrame(r *bufio.Reader) (frameType int32, data []byte, err error) {
-	var head [8]byte
-	if _, err := io.ReadFull(r, head[:]); err != nil {
-		return 0, nil, err
-	}
-	size := int32(binary.BigEndian.Uint32(head[:4]))
-	if size < 4 || size > maxNSQFrameBytes {
-		return 0, nil, fmt.Errorf("nsqd sent a frame of %d bytes", size)
-	}
-	data = make([]byte, size-4)
-	if _, err := io.ReadFull(r, data); err != nil {
-		return 0, nil, err
-	}
-	return int32(binary.BigEndian.Uint32(head[4:])), data, nil
-}
-
-var heartbeat = []byte("_heartbeat_")
 
 // read handles cc's frames until the connection fails or the consumer
 // stops: messages go to the handler and are acknowledged, heartbeats are
@@ -330,17 +259,10 @@ func (c *nsqConsumer) read(cc *consumerConn) {
 }
 
 func (c *nsqConsumer) readFrames(cc *consumerConn) error {
-	// The read deadline is pushed back at most every quarter of the
-	// heartbeat interval rather than per frame: nsqd writes at least one
-	// heartbeat per interval, so twice the interval of silence means a dead
-	// connection either way.
 	var deadlineSet time.Time
 	for {
-		if now := time.Now(); now.Sub(deadlineSet) > c.heartbeat/4 {
-			if err := cc.nc.SetReadDeadline(now.Add(2 * c.heartbeat)); err != nil {
-				return err
-			}
-			deadlineSet = now
+		if err := readDeadline(cc.nc, c.heartbeat, &deadlineSet); err != nil {
+			return err
 		}
 		frameType, data, err := readFrame(cc.r)
 		if err != nil {

@@ -9,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nsqio/go-nsq"
 	"github.com/sirupsen/logrus"
 	logtest "github.com/sirupsen/logrus/hooks/test"
 
@@ -68,7 +67,7 @@ func channelStats(t *testing.T, nsqd *nsqtest.NSQD, topic string) (inFlight, fin
 
 func publishN(t *testing.T, nsqd *nsqtest.NSQD, topic string, n int) {
 	t.Helper()
-	p := newProducer(nsqd.TCPAddr(), nsq.NewConfig(), nsqLogger{log: silentLogger()})
+	p := newProducer(nsqd.TCPAddr(), silentLogger())
 	defer p.Stop(context.Background())
 	var wg sync.WaitGroup
 	errs := make(chan error, n)

@@ -1,21 +1,28 @@
 package esq
 
 import (
+	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"sync"
 	"time"
 
 	"github.com/nsqio/go-nsq"
+	"github.com/sirupsen/logrus"
 )
 
-// producer publishes to one nsqd over go-nsq's Conn. It exists instead of
-// go-nsq's Producer because that one, in v1.1.0, races with itself when it
-// reconnects after nsqd dropped an idle connection (connect writes the
-// connection its exiting router goroutine still reads). Here a connection
-// is never reconnected: once it fails, everything waiting on it fails and
-// the next publish dials a new one.
+// producer publishes to one nsqd, speaking NSQ's protocol itself (see
+// nsqwire.go) rather than through go-nsq's Producer, which in v1.1.0 races
+// with itself when it reconnects after nsqd dropped an idle connection
+// (connect writes the connection its exiting router goroutine still reads),
+// or its Conn, which reads each response in two reads and allocates a
+// Command per publish. Here a connection is never reconnected: once it
+// fails, everything waiting on it fails and the next publish dials a new
+// one. A PUB is written in one write; a goroutine per connection reads
+// nsqd's answers through a buffer, hands each to the oldest waiting
+// publish and answers heartbeats.
 //
 // Dialing happens on its own goroutine, never under a lock, and at most one
 // dial per nsqd is in flight: an nsqd that does not answer (a black-holed
@@ -23,15 +30,15 @@ import (
 // it is in flight, other publishes either fail over to the next nsqd or
 // wait for it, bounded by their ctx (see publish).
 type producer struct {
-	addr string
-	cfg  *nsq.Config
-	log  nsqLogger
+	addr      string
+	log       logrus.FieldLogger
+	heartbeat time.Duration // asked of nsqd; a connection silent for twice as long is dead
 
 	// wsem orders writes, so pending is in the order nsqd answers. A
 	// one-slot semaphore rather than a mutex, so that a publish waiting for
-	// its turn can give up when its ctx ends. It is not mu: go-nsq calls
-	// OnIOError from inside a failed WriteCommand, and that callback takes
-	// mu.
+	// its turn can give up when its ctx ends. It is not mu, so that a write
+	// stuck on a full socket (up to the write timeout) holds up other
+	// writes only, not the answers being handed out.
 	wsem chan struct{}
 
 	mu       sync.Mutex // guards the fields below and each connection's pending
@@ -45,10 +52,14 @@ type producer struct {
 // producerConn is one connection's life: the publishes awaiting nsqd's
 // answer, in the order they were written.
 type producerConn struct {
-	c       *nsq.Conn
-	pending []chan error
-	dead    bool // retired: nothing more may be written to it
-	closed  chan struct{}
+	*nsqSession // w is written with the producer's wsem held
+	// writeDeadline is the write deadline set on the connection, moved
+	// with wsem held (see producerConn.publish).
+	writeDeadline time.Time
+
+	pending []chan error  // guarded by the producer's mu
+	dead    bool          // retired: nothing more may be written to it; guarded by mu
+	closed  chan struct{} // closed when its reading goroutine has ended
 }
 
 // dialAttempt is one dial in flight; done is closed when it ends, after pc
@@ -75,8 +86,8 @@ func (s *skipped) Unwrap() error { return s.err }
 
 var errDialInFlight = errors.New("a dial to this nsqd is in flight")
 
-func newProducer(addr string, cfg *nsq.Config, log nsqLogger) *producer {
-	return &producer{addr: addr, cfg: cfg, log: log, wsem: make(chan struct{}, 1)}
+func newProducer(addr string, log logrus.FieldLogger) *producer {
+	return &producer{addr: addr, log: log, heartbeat: nsqHeartbeat, wsem: make(chan struct{}, 1)}
 }
 
 // publish sends body to topic and waits for nsqd's answer or ctx's end.
@@ -84,10 +95,8 @@ func newProducer(addr string, cfg *nsq.Config, log nsqLogger) *producer {
 // With lastResort false, the publish prefers another nsqd to waiting: it
 // returns a *skipped error at once when another publish's dial is in
 // flight or the last dial failed (starting a background redial now and
-// then), and waits for a dial it started itself at most the dial timeout
-// (go-nsq's connect can otherwise hang for its 60s read timeout on an nsqd
-// that accepts but never answers). With lastResort true, it waits for the
-// connection as long as ctx allows.
+// then), and waits for a dial it started itself at most the dial timeout.
+// With lastResort true, it waits for the connection as long as ctx allows.
 func (p *producer) publish(ctx context.Context, topic string, body []byte, lastResort bool) error {
 	pc, err := p.conn(ctx, lastResort)
 	if err != nil {
@@ -107,13 +116,13 @@ func (p *producer) publish(ctx context.Context, topic string, body []byte, lastR
 	}
 	pc.pending = append(pc.pending, done)
 	p.mu.Unlock()
-	err = pc.c.WriteCommand(nsq.Publish(topic, body))
+	err = pc.publish(topic, body)
 	<-p.wsem
 	if err != nil {
+		pc.nc.Close() // a write that failed half way leaves the stream unusable
 		p.mu.Lock()
-		p.retire(pc, &skipped{err}) // go-nsq's OnIOError has usually done it already
+		p.retire(pc, &skipped{err})
 		p.mu.Unlock()
-		pc.c.Close()
 	}
 	select {
 	case err := <-done:
@@ -155,7 +164,7 @@ func (p *producer) conn(ctx context.Context, lastResort bool) (*producerConn, er
 
 	var slow <-chan time.Time
 	if !lastResort {
-		t := time.NewTimer(p.cfg.DialTimeout)
+		t := time.NewTimer(nsqDialTimeout)
 		defer t.Stop()
 		slow = t.C
 	}
@@ -166,7 +175,7 @@ func (p *producer) conn(ctx context.Context, lastResort bool) (*producerConn, er
 		}
 		return d.pc, nil
 	case <-slow:
-		return nil, &skipped{fmt.Errorf("no connection within %s (the dial goes on in the background)", p.cfg.DialTimeout)}
+		return nil, &skipped{fmt.Errorf("no connection within %s (the dial goes on in the background)", nsqDialTimeout)}
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
@@ -181,12 +190,17 @@ func (p *producer) startDialLocked() *dialAttempt {
 }
 
 func (p *producer) dial(d *dialAttempt) {
-	pc := &producerConn{closed: make(chan struct{})}
-	pc.c = nsq.NewConn(p.addr, p.cfg, &producerDelegate{p, pc})
-	pc.c.SetLogger(p.log, nsq.LogLevelInfo, "(%s)")
-	_, err := pc.c.Connect()
-	if err != nil {
-		pc.c.Close()
+	var pc *producerConn
+	s, err := dialNSQ(p.addr, p.heartbeat, nil)
+	if err == nil {
+		err = s.nc.SetDeadline(time.Time{})
+		if err != nil {
+			s.nc.Close()
+		}
+	}
+	if err == nil {
+		pc = &producerConn{nsqSession: s, closed: make(chan struct{})}
+		go p.read(pc)
 	}
 	p.mu.Lock()
 	p.dialing = nil
@@ -203,13 +217,89 @@ func (p *producer) dial(d *dialAttempt) {
 	d.err = err
 	p.mu.Unlock()
 	if discard {
-		pc.c.Close()
-		select { // let its goroutines end before Stop returns
-		case <-pc.closed:
-		case <-time.After(5 * time.Second):
-		}
+		pc.nc.Close()
+		<-pc.closed // the read fails at once
 	}
 	close(d.done)
+}
+
+// publish writes one PUB, in one write.
+func (pc *producerConn) publish(topic string, body []byte) error {
+	// A write blocks only while the socket's buffer is full (nsqd not
+	// reading): the deadline bounds that. Moved at most once per write
+	// timeout rather than per write, it leaves each write between one and
+	// two write timeouts.
+	if now := time.Now(); pc.writeDeadline.Sub(now) < nsqWriteTimeout {
+		pc.writeDeadline = now.Add(2 * nsqWriteTimeout)
+		if err := pc.nc.SetWriteDeadline(pc.writeDeadline); err != nil {
+			return err
+		}
+	}
+	var size [4]byte
+	binary.BigEndian.PutUint32(size[:], uint32(len(body)))
+	pc.w.WriteString("PUB ")
+	pc.w.WriteString(topic)
+	pc.w.WriteByte('\n')
+	pc.w.Write(size[:])
+	pc.w.Write(body)
+	return pc.w.Flush()
+}
+
+// read hands nsqd's answers on pc to the publishes waiting for them, and
+// answers heartbeats, until the connection fails; then it retires pc.
+func (p *producer) read(pc *producerConn) {
+	defer close(pc.closed)
+	err := p.readFrames(pc)
+	pc.nc.Close()
+	p.mu.Lock()
+	stopped := p.stopped
+	p.retire(pc, &skipped{fmt.Errorf("esq: nsqd connection lost: %w", err)})
+	p.mu.Unlock()
+	if !stopped {
+		p.log.WithError(err).Debug("lost the connection to nsqd; the next publish dials again")
+	}
+}
+
+func (p *producer) readFrames(pc *producerConn) error {
+	var deadlineSet time.Time
+	for {
+		if err := readDeadline(pc.nc, p.heartbeat, &deadlineSet); err != nil {
+			return err
+		}
+		frameType, data, err := readFrame(pc.r)
+		if err != nil {
+			return err
+		}
+		switch frameType {
+		case nsq.FrameTypeResponse:
+			if bytes.Equal(data, heartbeat) {
+				if err := p.nop(pc); err != nil {
+					return err
+				}
+				continue
+			}
+			p.answer(pc, nil)
+		case nsq.FrameTypeError:
+			// nsqd closes the connection after a fatal error: the read
+			// that follows fails.
+			p.answer(pc, fmt.Errorf("nsqd refused: %w", nsq.ErrProtocol{Reason: string(data)}))
+		default:
+			return fmt.Errorf("nsqd sent a frame of type %d to a producer", frameType)
+		}
+	}
+}
+
+// nop answers a heartbeat. It waits for a write in progress, which its
+// deadline bounds.
+func (p *producer) nop(pc *producerConn) error {
+	p.wsem <- struct{}{}
+	defer func() { <-p.wsem }()
+	if err := pc.nc.SetWriteDeadline(time.Now().Add(nsqWriteTimeout)); err != nil {
+		return err
+	}
+	pc.writeDeadline = time.Time{} // the next publish sets its own
+	pc.w.WriteString("NOP\n")
+	return pc.w.Flush()
 }
 
 // retire stops using pc and fails every publish waiting on it. With p.mu
@@ -238,10 +328,8 @@ func (p *producer) answer(pc *producerConn, err error) {
 }
 
 // Stop fails waiting publishes, closes the connection and waits for its
-// goroutines and for a dial in flight, until ctx ends or at most 5s. A
-// dial to an nsqd that accepts but never answers cannot be interrupted
-// (go-nsq's Conn offers no way); Stop gives up on it, and it ends with
-// go-nsq's read timeout.
+// reading goroutine and for a dial in flight (at most the dial timeout),
+// until ctx ends or at most 5s.
 func (p *producer) Stop(ctx context.Context) {
 	p.mu.Lock()
 	p.stopped = true
@@ -253,7 +341,7 @@ func (p *producer) Stop(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	if pc != nil {
-		pc.c.Close()
+		pc.nc.Close()
 		select {
 		case <-pc.closed:
 		case <-ctx.Done():
@@ -265,37 +353,4 @@ func (p *producer) Stop(ctx context.Context) {
 		case <-ctx.Done():
 		}
 	}
-}
-
-// producerDelegate receives one connection's events. Heartbeats are
-// answered by go-nsq's Conn itself.
-type producerDelegate struct {
-	p  *producer
-	pc *producerConn
-}
-
-func (d *producerDelegate) OnResponse(*nsq.Conn, []byte) { d.p.answer(d.pc, nil) }
-func (d *producerDelegate) OnError(_ *nsq.Conn, b []byte) {
-	d.p.answer(d.pc, fmt.Errorf("nsqd refused: %w", nsq.ErrProtocol{Reason: string(b)}))
-}
-func (d *producerDelegate) OnMessage(*nsq.Conn, *nsq.Message)         {}
-func (d *producerDelegate) OnMessageFinished(*nsq.Conn, *nsq.Message) {}
-func (d *producerDelegate) OnMessageRequeued(*nsq.Conn, *nsq.Message) {}
-func (d *producerDelegate) OnBackoff(*nsq.Conn)                       {}
-func (d *producerDelegate) OnContinue(*nsq.Conn)                      {}
-func (d *producerDelegate) OnResume(*nsq.Conn)                        {}
-func (d *producerDelegate) OnHeartbeat(*nsq.Conn)                     {}
-
-func (d *producerDelegate) OnIOError(c *nsq.Conn, err error) {
-	d.p.mu.Lock()
-	d.p.retire(d.pc, &skipped{err})
-	d.p.mu.Unlock()
-	c.Close()
-}
-
-func (d *producerDelegate) OnClose(*nsq.Conn) {
-	d.p.mu.Lock()
-	d.p.retire(d.pc, &skipped{errors.New("esq: nsqd connection closed")})
-	d.p.mu.Unlock()
-	close(d.pc.closed)
 }

@@ -97,10 +97,10 @@ var cpuCategories = []cpuCategory{
 		"github.com/centrifugal/centrifuge.(*Node).handlePublication",
 		"github.com/centrifugal/centrifuge.(*Node).HandlePublication"}},
 	{"queue client (NSQ or Redis connections and hand-offs)", []string{
-		"github.com/nsqio/go-nsq.",
 		"github.com/entity-sync/entity-sync/esq.(*nsqConsumer)",
 		"github.com/entity-sync/entity-sync/esq.(*consumerConn)",
 		"github.com/entity-sync/entity-sync/esq.readFrame",
+		"github.com/entity-sync/entity-sync/esq.(*producer).read",
 		"github.com/redis/rueidis."}},
 	{"websocket reads (requests, pings)", []string{
 		"github.com/entity-sync/entity-sync/esweb.(*conn).readPump"}},
