@@ -210,6 +210,9 @@ func (p *producer) dial(d *dialAttempt) {
 		p.failed, p.failedAt = err, time.Now()
 	case p.stopped: // Stop ran while we dialed
 		err, discard = ErrClosed, true
+	case pc.dead: // its reader failed already (retire found it not current yet)
+		err = errors.New("esq: nsqd closed the connection right after the handshake")
+		p.failed, p.failedAt = err, time.Now()
 	default:
 		p.cur, p.failed = pc, nil
 		d.pc = pc
