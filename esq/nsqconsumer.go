@@ -1,13 +1,10 @@
 package esq
 
 import (
-	"bufio"
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"net"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -172,13 +169,11 @@ func (c *nsqConsumer) connect(addr string) error {
 // consumerConn is one subscribed connection to an nsqd.
 type consumerConn struct {
 	addr string
-	nc   net.Conn
-	r    *bufio.Reader
+	*nsqSession
 
-	wmu   sync.Mutex // guards w, fins, armed
-	w     *bufio.Writer
-	fins  int  // FINs in w, not flushed yet
-	armed bool // the flush timer is set
+	wmu   sync.Mutex // guards the session's w, and fins and armed
+	fins  int        // FINs in w, not flushed yet
+	armed bool       // the flush timer is set
 	timer *time.Timer
 	finAt int // flush once this many FINs wait
 }
@@ -199,8 +194,8 @@ func (c *nsqConsumer) dial(addr string) (*consumerConn, error) {
 	if err != nil {
 		return nil, err
 	}
-	cc := &consumerConn{addr: addr, nc: s.nc, r: s.r, w: s.w}
-	if err := c.subscribe(cc, s); err != nil {
+	cc := &consumerConn{addr: addr, nsqSession: s}
+	if err := c.subscribe(cc); err != nil {
 		s.nc.Close()
 		return nil, err
 	}
@@ -208,18 +203,18 @@ func (c *nsqConsumer) dial(addr string) (*consumerConn, error) {
 }
 
 // subscribe sends SUB and RDY, still within the dial's deadline.
-func (c *nsqConsumer) subscribe(cc *consumerConn, s *nsqSession) error {
+func (c *nsqConsumer) subscribe(cc *consumerConn) error {
 	rdy := int64(c.maxInFlight)
-	if len(s.identified) > 0 && s.identified[0] == '{' {
+	if len(cc.identified) > 0 && cc.identified[0] == '{' {
 		var resp identifyResponse
-		if err := json.Unmarshal(s.identified, &resp); err != nil {
+		if err := json.Unmarshal(cc.identified, &resp); err != nil {
 			return fmt.Errorf("IDENTIFY: nsqd's answer: %w", err)
 		}
 		if resp.MaxRdyCount > 0 && resp.MaxRdyCount < rdy {
 			rdy = resp.MaxRdyCount
 		}
 	}
-	if _, err := s.command(nsq.Subscribe(c.topic, c.channel)); err != nil {
+	if _, err := cc.command(nsq.Subscribe(c.topic, c.channel)); err != nil {
 		return err
 	}
 	// RDY has no response.
@@ -259,15 +254,7 @@ func (c *nsqConsumer) read(cc *consumerConn) {
 }
 
 func (c *nsqConsumer) readFrames(cc *consumerConn) error {
-	var deadlineSet time.Time
-	for {
-		if err := readDeadline(cc.nc, c.heartbeat, &deadlineSet); err != nil {
-			return err
-		}
-		frameType, data, err := readFrame(cc.r)
-		if err != nil {
-			return err
-		}
+	return cc.readLoop(cc.nop, func(frameType int32, data []byte) error {
 		switch frameType {
 		case nsq.FrameTypeMessage:
 			// timestamp (8 bytes), attempts (2), id (16), body
@@ -275,23 +262,18 @@ func (c *nsqConsumer) readFrames(cc *consumerConn) error {
 				return fmt.Errorf("nsqd sent a message frame of %d bytes", len(data))
 			}
 			c.handle(data[26:])
-			if err := cc.fin(data[10:26]); err != nil {
-				return err
-			}
+			return cc.fin(data[10:26])
 		case nsq.FrameTypeResponse:
-			if bytes.Equal(data, heartbeat) {
-				if err := cc.nop(); err != nil {
-					return err
-				}
-			}
+			return nil // an answer to nothing we wait for
 		case nsq.FrameTypeError:
 			// nsqd closes the connection after a fatal error; the others
 			// (a FIN for a message that timed out, say) are only reported.
 			c.log.Warnf("nsqd %s: %s", cc.addr, data)
+			return nil
 		default:
 			return fmt.Errorf("nsqd sent a frame of unknown type %d", frameType)
 		}
-	}
+	})
 }
 
 // fin acknowledges the message id, in a batch (see nsqConsumer).

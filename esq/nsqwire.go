@@ -2,6 +2,7 @@ package esq
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/binary"
 	"fmt"
 	"io"
@@ -31,6 +32,9 @@ type nsqSession struct {
 	nc net.Conn
 	r  *bufio.Reader
 	w  *bufio.Writer
+	// heartbeat is the interval asked of nsqd: a connection silent for
+	// twice as long is dead.
+	heartbeat time.Duration
 	// identified is nsqd's answer to IDENTIFY: JSON with feature
 	// negotiation, "OK" from an nsqd without it.
 	identified []byte
@@ -48,15 +52,15 @@ func dialNSQ(addr string, heartbeatInterval time.Duration, fields map[string]any
 	if err != nil {
 		return nil, err
 	}
-	s := &nsqSession{nc: nc, r: bufio.NewReaderSize(nc, 16<<10), w: bufio.NewWriterSize(nc, 4<<10)}
-	if s.identified, err = s.identify(deadline, heartbeatInterval, fields); err != nil {
+	s := &nsqSession{nc: nc, r: bufio.NewReaderSize(nc, 16<<10), w: bufio.NewWriterSize(nc, 4<<10), heartbeat: heartbeatInterval}
+	if s.identified, err = s.identify(deadline, fields); err != nil {
 		nc.Close()
 		return nil, err
 	}
 	return s, nil
 }
 
-func (s *nsqSession) identify(deadline time.Time, heartbeatInterval time.Duration, fields map[string]any) ([]byte, error) {
+func (s *nsqSession) identify(deadline time.Time, fields map[string]any) ([]byte, error) {
 	if err := s.nc.SetDeadline(deadline); err != nil {
 		return nil, err
 	}
@@ -66,7 +70,7 @@ func (s *nsqSession) identify(deadline time.Time, heartbeatInterval time.Duratio
 		"hostname":            hostname,
 		"user_agent":          "entity-sync",
 		"feature_negotiation": true,
-		"heartbeat_interval":  heartbeatInterval.Milliseconds(),
+		"heartbeat_interval":  s.heartbeat.Milliseconds(),
 	}
 	for k, v := range fields {
 		all[k] = v
@@ -127,15 +131,33 @@ func readFrame(r *bufio.Reader) (frameType int32, data []byte, err error) {
 	return int32(binary.BigEndian.Uint32(head[4:])), data, nil
 }
 
-// readDeadline pushes a connection's read deadline back to twice the
-// heartbeat interval, at most every quarter of it rather than per frame:
-// nsqd writes at least one heartbeat per interval, so twice the interval
-// of silence means a dead connection either way. set is when it last did.
-func readDeadline(nc net.Conn, heartbeatInterval time.Duration, set *time.Time) error {
-	now := time.Now()
-	if now.Sub(*set) <= heartbeatInterval/4 {
-		return nil
+// readLoop reads frames until one fails to read or handle returns an
+// error, and returns that error. Heartbeats are answered with nop (the
+// caller's writer has its own lock) and not passed to handle. The read
+// deadline is pushed back to twice the heartbeat interval at most every
+// quarter of it rather than per frame: nsqd writes at least one heartbeat
+// per interval, so twice the interval of silence means a dead connection
+// either way.
+func (s *nsqSession) readLoop(nop func() error, handle func(frameType int32, data []byte) error) error {
+	var deadlineSet time.Time
+	for {
+		if now := time.Now(); now.Sub(deadlineSet) > s.heartbeat/4 {
+			if err := s.nc.SetReadDeadline(now.Add(2 * s.heartbeat)); err != nil {
+				return err
+			}
+			deadlineSet = now
+		}
+		frameType, data, err := readFrame(s.r)
+		if err != nil {
+			return err
+		}
+		if frameType == nsq.FrameTypeResponse && bytes.Equal(data, heartbeat) {
+			err = nop()
+		} else {
+			err = handle(frameType, data)
+		}
+		if err != nil {
+			return err
+		}
 	}
-	*set = now
-	return nc.SetReadDeadline(now.Add(2 * heartbeatInterval))
 }

@@ -1,7 +1,6 @@
 package esq
 
 import (
-	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -264,23 +263,9 @@ func (p *producer) read(pc *producerConn) {
 }
 
 func (p *producer) readFrames(pc *producerConn) error {
-	var deadlineSet time.Time
-	for {
-		if err := readDeadline(pc.nc, p.heartbeat, &deadlineSet); err != nil {
-			return err
-		}
-		frameType, data, err := readFrame(pc.r)
-		if err != nil {
-			return err
-		}
+	return pc.readLoop(func() error { return p.nop(pc) }, func(frameType int32, data []byte) error {
 		switch frameType {
 		case nsq.FrameTypeResponse:
-			if bytes.Equal(data, heartbeat) {
-				if err := p.nop(pc); err != nil {
-					return err
-				}
-				continue
-			}
 			p.answer(pc, nil)
 		case nsq.FrameTypeError:
 			// nsqd closes the connection after a fatal error: the read
@@ -289,7 +274,8 @@ func (p *producer) readFrames(pc *producerConn) error {
 		default:
 			return fmt.Errorf("nsqd sent a frame of type %d to a producer", frameType)
 		}
-	}
+		return nil
+	})
 }
 
 // nop answers a heartbeat. It waits for a write in progress, which its
